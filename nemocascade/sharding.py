@@ -1,0 +1,145 @@
+"""Device mesh construction and the one logical-axis -> mesh-axis table.
+
+Layers name logical axes on their parameters (`nnx.Param(..., axes=("embed", "mlp"))`) and on
+activations; only this module knows mesh axes. The mesh has four axes:
+
+  data    pure data parallelism (batch)
+  fsdp    batch and parameter sharding (ZeRO-3 style: params gathered per layer by XLA)
+  expert  MoE experts (expert parallelism; tokens exchanged with all-to-all), also a batch axis
+  tensor  Megatron-style tensor parallelism (heads, MLP width, vocabulary)
+
+Their product must equal the number of devices used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
+LOGICAL_RULES: dict[str, Any] = {
+    # activations
+    "batch": ("data", "fsdp", "expert"),
+    "seq": None,
+    "act_embed": None,
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "experts": "expert",
+    "ssm_proj": "tensor",
+    "ssm_conv": "tensor",
+    "ssm_inner": "tensor",
+    "ssm_heads": "tensor",
+    "conv_kernel": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; -1 on one axis means 'all remaining devices'."""
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        sizes = [self.data, self.fsdp, self.expert, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"mesh {self}: at most one axis may be -1")
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"mesh {self}: {num_devices} devices not divisible by {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if int(np.prod(sizes)) != num_devices:
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, sizes))}: product {int(np.prod(sizes))} != {num_devices} devices")
+        return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig | Mapping[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `Mesh` with axes `MESH_AXES` over `devices` (default: all devices)."""
+    if cfg is None:
+        cfg = MeshConfig()
+    elif not isinstance(cfg, MeshConfig):
+        unknown = set(cfg) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"mesh config: unknown axes {sorted(unknown)}; use {MESH_AXES}")
+        cfg = MeshConfig(**{k: int(v) for k, v in cfg.items()})
+    devices = list(jax.devices() if devices is None else devices)
+    shape = cfg.shape(len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, rules: Mapping[str, Any] = LOGICAL_RULES,
+                    mesh: Mesh | None = None) -> P:
+    """PartitionSpec for a tuple of logical axis names; mesh axes of size 1 are dropped."""
+    if axes is None:
+        return P()
+    out, used = [], set()
+    for name in axes:
+        target = None if name is None else rules.get(name, None)
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule in the sharding table")
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        if mesh is not None:
+            targets = tuple(t for t in targets if mesh.shape[t] > 1)
+        targets = tuple(t for t in targets if t not in used)  # a mesh axis may appear once
+        used.update(targets)
+        out.append(None if not targets else (targets[0] if len(targets) == 1 else targets))
+    return P(*out)
+
+
+def _axes_of(leaf) -> Sequence[str | None] | None:
+    if isinstance(leaf, nnx.Variable):
+        return leaf.get_metadata().get("axes")
+    return None
+
+
+def state_specs(state: Any, rules: Mapping[str, Any] = LOGICAL_RULES, mesh: Mesh | None = None):
+    """PartitionSpecs for an nnx.State (or any pytree of Variables / arrays) from `axes` metadata.
+
+    Arrays without axes metadata are replicated. Dimensions that do not divide evenly over their mesh
+    axes are replicated (so any tiny test model fits any mesh).
+    """
+
+    def spec(leaf):
+        axes = _axes_of(leaf)
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        shape = getattr(value, "shape", ())
+        if axes is None or len(axes) != len(shape):
+            return P()
+        p = logical_to_spec(axes, rules, mesh)
+        if mesh is not None:
+            fixed = []
+            for dim, entry in zip(shape, tuple(p) + (None,) * (len(shape) - len(p))):
+                names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+                size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+                fixed.append(entry if dim % size == 0 else None)
+            p = P(*fixed)
+        return p
+
+    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Mapping[str, Any] = LOGICAL_RULES):
+    """NamedShardings for every leaf of `state` (see `state_specs`)."""
+    specs = state_specs(state, rules, mesh)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping[str, Any] = LOGICAL_RULES) -> NamedSharding:
+    """Sharding of a `[batch, ...]` array: batch over the data-like axes, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
