@@ -1,0 +1,168 @@
+"""The Nemotron-3-Nano chat template (ChatML with think blocks), as token ids plus a loss mask.
+
+Rendered text (this follows the released Hugging Face template of
+Nemotron-3-Nano / Cascade-2, read through tinker-cookbook's `nemotron3`
+renderer and `reference/nemotron_h_architecture.md` §7):
+
+    <|im_start|>system\\n{system}<|im_end|>\\n          always emitted; {system} = "" if none
+    <|im_start|>user\\n{content}<|im_end|>\\n
+    <|im_start|>user\\n<tool_response>\\n{c}\\n</tool_response>\\n...<|im_end|>\\n
+                                                     one block per run of consecutive tool messages
+    <|im_start|>assistant\\n{body}<|im_end|>\\n
+
+An assistant message carries reasoning either in `reasoning_content` or as a
+`<think>...</think>` prefix of `content`. Its `{body}` is:
+
+- current turn (after the last user message) with reasoning, `thinking=True`:
+  `<think>\\n{reasoning}\\n</think>\\n{content}`;
+- no reasoning, or `thinking=False` (non-thinking mode drops it):
+  `<think></think>{content}`;
+- an earlier turn (before the last user message): reasoning is stripped
+  (`truncate_history_thinking`). Documented choice, matching the HF
+  template byte for byte: a turn that had reasoning keeps the newline that
+  followed `</think>`, i.e. `<think></think>\\n{content}`; a turn without
+  reasoning is `<think></think>{content}`.
+
+Reasoning is stripped of surrounding newlines and content of leading newlines
+before rendering. Tool calls are expected inline in `content` (Nemotron's XML
+`<tool_call><function=...>` text); no `tool_calls` field is rendered.
+
+Generation prefix (`add_generation_prompt=True`, and `render_prompt`):
+`<|im_start|>assistant\\n<think>\\n` in thinking mode, `<|im_start|>assistant\\n<think></think>`
+in non-thinking mode (no trailing newline).
+
+Loss mask: 1 on exactly the tokens the model generates after that prefix:
+for a turn rendered with reasoning, `{reasoning}\\n</think>\\n{content}<|im_end|>`;
+otherwise `{content}<|im_end|>` (plus the history newline above). Never the
+`<|im_start|>assistant\\n` header, the opening think tokens, or the `\\n` after
+`<|im_end|>`. With `train_history=False` only the turns after the last user
+message are trained.
+
+Token ids come from encoding the whole rendered text at once (as
+`apply_chat_template(tokenize=True)` does); the mask is assigned per token by
+the character where the token starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from nemocascade.data.tokenizer import IM_END, IM_START, THINK, THINK_END, Tokenizer
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def split_reasoning(message: Mapping) -> tuple[str | None, str]:
+    """(reasoning or None, content) of an assistant message, both stripped of edge newlines."""
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning_content")
+    if reasoning is None and THINK_END in content:
+        head, content = content.split(THINK_END, 1)
+        reasoning = head.split(THINK, 1)[1] if THINK in head else head
+    if reasoning is None:
+        return None, content
+    return reasoning.strip("\n"), content.lstrip("\n")
+
+
+def _assistant_body(message: Mapping, *, current: bool, thinking: bool) -> tuple[str, str]:
+    """(untrained prefix, trained text without <|im_end|>) of one assistant turn's body."""
+    reasoning, content = split_reasoning(message)
+    if current and thinking and reasoning is not None:
+        return f"{THINK}\n", f"{reasoning}\n{THINK_END}\n{content}"
+    if not current and reasoning is not None:
+        return f"{THINK}{THINK_END}", f"\n{content}"
+    return f"{THINK}{THINK_END}", content
+
+
+def _pieces(
+    messages: Sequence[Mapping], *, thinking: bool, add_generation_prompt: bool, train_history: bool
+) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, trained) pieces, in order."""
+    if not messages and not add_generation_prompt:
+        raise ValueError("cannot render an empty conversation")
+    system, offset = "", 0  # offset: index of messages[0] in the caller's list
+    if messages and messages[0].get("role") == "system":
+        system, messages, offset = messages[0].get("content") or "", messages[1:], 1
+    pieces = [(f"{IM_START}system\n{system}{IM_END}\n", False)]
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    i = 0
+    while i < len(messages):
+        role = messages[i].get("role")
+        if role == "user":
+            pieces.append((f"{IM_START}user\n{messages[i].get('content') or ''}{IM_END}\n", False))
+        elif role == "tool":
+            text = f"{IM_START}user\n"
+            while i < len(messages) and messages[i].get("role") == "tool":
+                text += f"<tool_response>\n{messages[i].get('content') or ''}\n</tool_response>\n"
+                i += 1
+            pieces.append((text + f"{IM_END}\n", False))
+            continue
+        elif role == "assistant":
+            current = i > last_user
+            prefix, body = _assistant_body(messages[i], current=current, thinking=thinking)
+            trained = current or train_history
+            pieces.append((f"{IM_START}assistant\n{prefix}", False))
+            pieces.append((f"{body}{IM_END}", trained))
+            pieces.append(("\n", False))
+        elif role == "system":
+            raise ValueError(f"messages[{i + offset}]: a system message may only come first")
+        else:
+            raise ValueError(f"messages[{i + offset}].role: expected one of {list(ROLES)}, got {role!r}")
+        i += 1
+    if add_generation_prompt:
+        pieces.append((f"{IM_START}assistant\n" + (f"{THINK}\n" if thinking else f"{THINK}{THINK_END}"), False))
+    return pieces
+
+
+def render_text(
+    messages: Sequence[Mapping], *, thinking: bool = True, add_generation_prompt: bool = False
+) -> str:
+    """The conversation rendered as template text (no tokenisation)."""
+    pieces = _pieces(messages, thinking=thinking, add_generation_prompt=add_generation_prompt, train_history=True)
+    return "".join(text for text, _ in pieces)
+
+
+def render_chat(
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping],
+    *,
+    thinking: bool = True,
+    add_generation_prompt: bool = False,
+    train_history: bool = True,
+) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and a 0/1 loss mask over them.
+
+    The mask covers the tokens an assistant generates (see module docstring);
+    `thinking` selects thinking mode (reasoning of the current turn rendered)
+    or non-thinking mode (empty `<think></think>`).
+    """
+    pieces = _pieces(
+        messages, thinking=thinking, add_generation_prompt=add_generation_prompt, train_history=train_history
+    )
+    text = "".join(t for t, _ in pieces)
+    char_mask = bytearray(len(text))
+    pos = 0
+    for piece, trained in pieces:
+        if trained:
+            char_mask[pos : pos + len(piece)] = b"\x01" * len(piece)
+        pos += len(piece)
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    mask = [int(char_mask[start]) if start < len(text) else 0 for start, _ in offsets]
+    return ids, mask
+
+
+def render_prompt(
+    tokenizer: Tokenizer, messages_or_prompt: str | Sequence[Mapping], *, thinking: bool = True
+) -> list[int]:
+    """Token ids of an RL prompt, ending with the generation prefix of the chosen mode.
+
+    A string is a single user message. The conversation must not end with an
+    assistant message.
+    """
+    if isinstance(messages_or_prompt, str):
+        messages = [{"role": "user", "content": messages_or_prompt}]
+    else:
+        messages = list(messages_or_prompt)
+    if messages and messages[-1].get("role") == "assistant":
+        raise ValueError("an RL prompt must not end with an assistant message")
+    return tokenizer.encode(render_text(messages, thinking=thinking, add_generation_prompt=True))

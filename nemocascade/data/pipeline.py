@@ -1,0 +1,185 @@
+"""grain pipelines: chat records -> packed, batched numpy arrays for SFT.
+
+Order of operations (`sft_dataset`)::
+
+    records --shard [shard_index::shard_count]--> --shuffle(seed), reshuffled per epoch-->
+    --repeat(num_epochs)--> --render + tokenise--> --overlong: truncate | split-->
+    --grain FirstFitPackIterDataset--> --rename--> --batch(batch_size)
+
+Target convention (no target ever crosses a document boundary): each document's
+tokens `t[0..L-1]` and loss mask `m` (from `render_chat`) become, BEFORE packing,
+
+    inputs  = t[:-1]      targets = t[1:]      loss_mask = m[1:]
+
+so `input_ids[b, j]` is trained to predict `targets[b, j]` with weight
+`loss_mask[b, j]` (the mask of the target token). A loss is therefore
+`sum(loss_mask * ce(logits(input_ids), targets)) / sum(loss_mask)` with no shift.
+
+Batch (`T = seq_len`)::
+
+    input_ids    [B, T] int32    token ids, 0 on padding
+    targets      [B, T] int32    next token of the same document, 0 on padding
+    loss_mask    [B, T] float32  1.0 where the target is an assistant token
+    segment_ids  [B, T] int32    1, 2, ... per document in the row; 0 = padding
+    positions    [B, T] int32    position within its document, restarting at 0
+    num_overlong [B]    int32    documents in the row that were longer than T
+    num_dropped  [B]    int32    tokens those documents lost to truncation
+
+Documents longer than the row (`len(inputs) > seq_len`) are never silently
+lost: `overlong="truncate"` keeps the first `seq_len` positions and counts the
+dropped ones; `overlong="split"` cuts the document into consecutive chunks of
+at most `seq_len`, each packed as its own segment (positions restart at 0,
+attention does not cross chunks). Both count the document in `num_overlong`
+(on the row that holds its first chunk).
+
+Packing is grain's first-fit packing (`grain.experimental.FirstFitPackIterDataset`):
+`num_packing_bins` rows are filled in order, each document going to the first
+row with room; when one does not fit, all rows are emitted (in a seeded
+shuffled order when `shuffle`) and packing restarts. grain packs every
+sequence feature independently; `loss_mask` and `targets` are simply packed as
+features of the same length as `inputs`, so their segment ids and positions
+equal those of `inputs` (only the latter are returned).
+
+The iterator (`iter(ds)`) is a grain `DatasetIterator`: `get_state()` returns a
+JSON-serialisable dict and `set_state(state)` resumes exactly after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import grain.experimental as grain_exp
+import numpy as np
+
+from nemocascade.data.chat import render_chat
+from nemocascade.data.tokenizer import Tokenizer
+
+PACKED_FEATURES = ("inputs", "targets", "loss_mask")
+OVERLONG_MODES = ("truncate", "split")
+
+
+def tokenize_chat_record(
+    record: Mapping, tokenizer: Tokenizer, *, thinking: bool = True
+) -> dict[str, np.ndarray]:
+    """One chat record as `inputs`, `targets`, `loss_mask` ([L-1] int32 each); see module doc."""
+    ids, mask = render_chat(tokenizer, record["messages"], thinking=thinking)
+    if len(ids) < 2:
+        raise ValueError(f"record renders to {len(ids)} token(s); need at least 2")
+    ids_L = np.asarray(ids, dtype=np.int32)
+    mask_L = np.asarray(mask, dtype=np.int32)
+    return {"inputs": ids_L[:-1], "targets": ids_L[1:], "loss_mask": mask_L[1:]}
+
+
+class _HandleOverlong(grain_exp.FlatMapTransform):
+    """Truncates or splits documents longer than `seq_len`, and counts them."""
+
+    max_fan_out = 1 << 20  # only used by MapDataset flat maps; splits are unbounded here
+
+    def __init__(self, seq_len: int, mode: str):
+        self.seq_len, self.mode = seq_len, mode
+
+    def flat_map(self, doc: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+        n = len(doc["inputs"])
+        overlong = n > self.seq_len
+        if not overlong or self.mode == "split":
+            starts = range(0, n, self.seq_len)
+            dropped = 0
+        else:  # truncate
+            starts = range(0, 1)
+            dropped = n - self.seq_len
+        chunks = []
+        for k, s in enumerate(starts):
+            chunk = {f: doc[f][s : s + self.seq_len] for f in PACKED_FEATURES}
+            chunk["overlong"] = np.int32(overlong and k == 0)
+            chunk["dropped"] = np.int32(dropped if k == 0 else 0)
+            chunks.append(chunk)
+        return chunks
+
+
+def _finalize_row(row: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Renames grain's packed features to the batch layout of the module docstring."""
+    return {
+        "input_ids": row["inputs"],
+        "targets": row["targets"],
+        "loss_mask": row["loss_mask"].astype(np.float32),
+        "segment_ids": row["inputs_segment_ids"],
+        "positions": row["inputs_positions"],
+        "num_overlong": np.int32(sum(int(x) for x in row["overlong"])),
+        "num_dropped": np.int32(sum(int(x) for x in row["dropped"])),
+    }
+
+
+def pack_documents(
+    docs: grain.IterDataset,
+    *,
+    seq_len: int,
+    num_packing_bins: int,
+    seed: int,
+    shuffle_bins: bool = True,
+    overlong: str = "truncate",
+) -> grain.IterDataset:
+    """Packs documents (dicts of `inputs`/`targets`/`loss_mask` [L] int32) into rows of `seq_len`.
+
+    Yields unbatched rows with the keys of the module docstring (shapes [T] and []).
+    """
+    if overlong not in OVERLONG_MODES:
+        raise ValueError(f"overlong={overlong!r}: expected one of {list(OVERLONG_MODES)}")
+    if seq_len < 1 or num_packing_bins < 1:
+        raise ValueError(f"need seq_len >= 1 and num_packing_bins >= 1, got {seq_len}, {num_packing_bins}")
+    docs = grain_exp.FlatMapIterDataset(docs, _HandleOverlong(seq_len, overlong))
+    packed = grain_exp.FirstFitPackIterDataset(
+        docs,
+        length_struct={f: seq_len for f in PACKED_FEATURES},
+        num_packing_bins=num_packing_bins,
+        seed=seed,
+        shuffle_bins=shuffle_bins,
+        meta_features=("overlong", "dropped"),
+    )
+    return packed.map(_finalize_row)
+
+
+def sft_dataset(
+    records: Sequence[Mapping],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    thinking: bool = True,
+    overlong: str = "truncate",
+    num_packing_bins: int | None = None,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+    """A grain dataset of packed SFT batches from validated chat records (see module doc).
+
+    `shard_index`/`shard_count` (normally `jax.process_index()`/`jax.process_count()`)
+    give each process the disjoint slice `records[shard_index::shard_count]`,
+    shuffled with `seed` (a new order each epoch). `num_epochs=None` repeats
+    forever. `num_packing_bins` defaults to `batch_size`.
+    """
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs={num_epochs} must be >= 1 or None")
+    ds = grain.MapDataset.source(list(records))[shard_index::shard_count]
+    if len(ds) == 0:
+        raise ValueError(f"shard {shard_index}/{shard_count} of {len(records)} records is empty")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    ds = ds.map(lambda r: tokenize_chat_record(r, tokenizer, thinking=thinking))
+    rows = pack_documents(
+        ds.to_iter_dataset(),
+        seq_len=seq_len,
+        num_packing_bins=num_packing_bins or batch_size,
+        seed=seed,
+        shuffle_bins=shuffle,
+        overlong=overlong,
+    )
+    return rows.batch(batch_size, drop_remainder=drop_remainder)
