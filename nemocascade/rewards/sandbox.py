@@ -1,0 +1,263 @@
+"""Run untrusted Python in a bubblewrap sandbox and collect its output under hard limits.
+
+Containment, outermost first:
+  * bubblewrap (`bwrap`): new user, PID, network, IPC, UTS and cgroup namespaces
+    (`--unshare-all --unshare-user --disable-userns`), all capabilities dropped, uid/gid 65534 inside,
+    `--die-with-parent`, `--new-session`. The filesystem is a read-only root holding only read-only
+    binds of `/usr` (+ the `/lib*`, `/bin` links), `/etc/ld.so.cache`, and the running interpreter's
+    installation (`sys.base_prefix` when outside `/usr`); a fresh `/proc` and read-only `/dev`; the
+    only writable place is a private size-limited tmpfs at `/tmp`. The project checkout, the home
+    directory and the host's `/tmp` are never bound. The network namespace has no interfaces but
+    its own loopback, so no host listener is reachable.
+  * seccomp (`seccomp.py`): no fork/vfork/non-thread clone, no ptrace, unshare, setns, io_uring.
+    This matters when the grader is root: the kernel does not enforce RLIMIT_NPROC for host uid 0,
+    which is what the sandbox user maps to.
+  * rlimits set inside the sandbox before any untrusted code runs (`limits_prelude`): CPU seconds,
+    address space, processes, file size, open files, no core dumps.
+  * host side: a wall-clock deadline after which the whole process group is SIGKILLed (bwrap is
+    PID 1 of the sandbox's PID namespace, so every process inside dies with it), and a cap on the
+    bytes read from stdout + stderr (exceeding it kills the sandbox too).
+
+Without bwrap, `run_sandboxed` refuses (`sandbox_error`) unless `SandboxConfig.allow_weak` is set:
+then it runs the interpreter directly with the rlimits only (no namespaces, no seccomp), after
+logging one loud warning per process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from nemocascade.rewards import seccomp
+
+log = logging.getLogger(__name__)
+_SHOUTED = False
+RESULT_FD = "@RESULT_FD@"
+_RESULT_CAP = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxConfig:
+    """Limits for one sandboxed run. Memory/file sizes are bytes; times are seconds."""
+    memory_bytes: int = 1 << 30          # RLIMIT_AS
+    max_processes: int = 16              # RLIMIT_NPROC (see module docstring for uid 0)
+    file_size_bytes: int = 16 << 20      # RLIMIT_FSIZE
+    open_files: int = 64                 # RLIMIT_NOFILE
+    tmpfs_bytes: int = 64 << 20          # size of the writable /tmp
+    output_bytes: int = 4 << 20          # cap on stdout + stderr read by the host
+    allow_weak: bool = False             # without bwrap: run with rlimits only instead of refusing
+    bwrap_path: str | None = None        # default: `bwrap` on PATH
+
+
+@dataclasses.dataclass
+class SandboxRun:
+    """What one sandboxed process did. `result` is what it wrote on the private result pipe."""
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+    result: bytes
+    timed_out: bool
+    output_exceeded: bool
+    wall_s: float
+    sandbox_error: str | None = None
+
+
+def limits_prelude(cfg: SandboxConfig, cpu_s: float) -> str:
+    """Python source that lowers this process's rlimits; runs inside the sandbox before user code."""
+    cpu = max(1, int(cpu_s) + 1)
+    pairs = [("RLIMIT_CPU", cpu), ("RLIMIT_AS", cfg.memory_bytes),
+             ("RLIMIT_NPROC", cfg.max_processes), ("RLIMIT_FSIZE", cfg.file_size_bytes),
+             ("RLIMIT_NOFILE", cfg.open_files), ("RLIMIT_CORE", 0)]
+    lines = ["import resource as _r"]
+    lines += [f"_r.setrlimit(_r.{name}, ({value}, {value}))" for name, value in pairs]
+    lines.append("del _r")
+    return "\n".join(lines) + "\n"
+
+
+def interpreter() -> tuple[str, str]:
+    """(path of the real python binary, installation prefix to bind) for the running interpreter."""
+    exe = os.path.realpath(sys.executable)
+    prefix = os.path.realpath(sys.base_prefix)
+    return exe, prefix
+
+
+def find_bwrap(cfg: SandboxConfig) -> str | None:
+    """Path of the bwrap binary, or None when it is not installed."""
+    return cfg.bwrap_path or shutil.which("bwrap")
+
+
+def _bwrap_argv(bwrap: str, cfg: SandboxConfig, seccomp_fd: int | None) -> list[str]:
+    """bwrap options (up to, not including, the command) for the layout in the module docstring."""
+    exe, prefix = interpreter()
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--cap-drop", "ALL", "--uid", "65534", "--gid", "65534",
+            "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+    for top in ("/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin"):
+        if os.path.islink(top):
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+    argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    if not prefix.startswith("/usr/"):
+        argv += ["--ro-bind", prefix, prefix]
+    if not exe.startswith(prefix + os.sep) and not exe.startswith("/usr/"):
+        argv += ["--ro-bind", exe, exe]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+             "--size", str(cfg.tmpfs_bytes), "--tmpfs", "/tmp", "--remount-ro", "/",
+             "--chdir", "/tmp", "--clearenv", "--setenv", "HOME", "/tmp",
+             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
+    return argv
+
+
+def run_sandboxed(python_args: list[str], *, stdin: bytes, timeout_s: float,
+                  cfg: SandboxConfig) -> SandboxRun:
+    """Run `python -I -S -B -X utf8 <python_args>` sandboxed and collect what it did.
+
+    The token RESULT_FD in `python_args` is replaced by the number of a write-only pipe that only the
+    host reads (the result channel). `stdin` is fed to the process; stdout + stderr are collected up
+    to `cfg.output_bytes`. The process group is killed at `timeout_s` (wall clock) or when the output
+    cap is exceeded.
+    """
+    exe, _ = interpreter()
+    bwrap = find_bwrap(cfg)
+    if bwrap is None and not cfg.allow_weak:
+        _shout_once("bwrap not found: refusing to run untrusted code (SandboxConfig.allow_weak=True "
+                    "runs it with rlimits only)")
+        return SandboxRun(None, b"", b"", b"", False, False, 0.0,
+                          sandbox_error="bwrap not found and allow_weak is False")
+    res_r, res_w = os.pipe()
+    to_close = [res_w]
+    tmpdir = None
+    try:
+        py = [exe, "-I", "-S", "-B", "-X", "utf8",
+              *[a.replace(RESULT_FD, str(res_w)) for a in python_args]]
+        if bwrap is not None:
+            bpf = seccomp.build_filter()
+            sc_fd = None
+            if bpf is not None:
+                sc_fd = _filter_fd(bpf)
+                to_close.append(sc_fd)
+            argv = _bwrap_argv(bwrap, cfg, sc_fd) + py
+            cwd, env = "/", {"PATH": "/usr/bin:/bin"}
+        else:
+            _shout_once("bwrap not found: running untrusted code with rlimits ONLY (no namespaces, "
+                        "no seccomp; host files and network are visible) because "
+                        "SandboxConfig.allow_weak=True. Never do this for RL training.")
+            tmpdir = tempfile.mkdtemp(prefix="nemocascade_weak_")
+            argv, cwd = py, tmpdir
+            env = {"PATH": "/usr/bin:/bin", "HOME": tmpdir, "LANG": "C.UTF-8"}
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, pass_fds=tuple(to_close), cwd=cwd,
+                                    env=env, start_new_session=True)
+        except OSError as e:
+            return SandboxRun(None, b"", b"", b"", False, False, 0.0, sandbox_error=repr(e))
+        for fd in to_close:
+            os.close(fd)
+        to_close = []
+        run = _communicate(proc, res_r, stdin, t0 + timeout_s, cfg.output_bytes)
+        run.wall_s = time.monotonic() - t0
+        return run
+    finally:
+        for fd in to_close:
+            os.close(fd)
+        os.close(res_r)
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _shout_once(msg: str) -> None:
+    """Log `msg` loudly (logging error + stderr), once per process."""
+    global _SHOUTED
+    if not _SHOUTED:
+        _SHOUTED = True
+        log.error("!!! %s !!!", msg)
+        print(f"!!! {msg} !!!", file=sys.stderr, flush=True)
+
+
+def _filter_fd(bpf: bytes) -> int:
+    """A readable fd holding `bpf` (a pipe; the filter is a few hundred bytes, below PIPE_BUF)."""
+    r, w = os.pipe()
+    os.write(w, bpf)
+    os.close(w)
+    return r
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _communicate(proc: subprocess.Popen, res_r: int, stdin: bytes, deadline: float,
+                 cap: int) -> SandboxRun:
+    """Feed stdin, read stdout/stderr/result with a deadline and an output cap; reap the process."""
+    out_fd, err_fd, win = proc.stdout.fileno(), proc.stderr.fileno(), proc.stdin.fileno()
+    bufs = {out_fd: bytearray(), err_fd: bytearray(), res_r: bytearray()}
+    sel = selectors.DefaultSelector()
+    for fd in bufs:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+    if stdin:
+        os.set_blocking(win, False)
+        sel.register(win, selectors.EVENT_WRITE)
+    else:
+        proc.stdin.close()
+    pos, timed_out, exceeded = 0, False, False
+    while sel.get_map() and not exceeded:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        for key, _ in sel.select(timeout=min(left, 0.5)):
+            if key.fd == win:
+                try:
+                    pos += os.write(win, stdin[pos:pos + 65536])
+                except BlockingIOError:
+                    continue
+                except BrokenPipeError:
+                    pos = len(stdin)
+                if pos >= len(stdin):
+                    sel.unregister(win)
+                    proc.stdin.close()
+                continue
+            try:
+                chunk = os.read(key.fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                sel.unregister(key.fd)
+                continue
+            if key.fd == res_r:
+                chunk = chunk[:_RESULT_CAP - len(bufs[res_r])]
+            bufs[key.fd] += chunk
+            if len(bufs[out_fd]) + len(bufs[err_fd]) > cap:
+                exceeded = True
+                break
+    sel.close()
+    if timed_out or exceeded:
+        _kill_group(proc)
+    try:
+        rc = proc.wait(timeout=max(0.5, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        rc = proc.wait()
+        timed_out = True
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        try:
+            f.close()
+        except OSError:
+            pass
+    return SandboxRun(rc, bytes(bufs[out_fd][:cap]), bytes(bufs[err_fd][:cap]), bytes(bufs[res_r]),
+                      timed_out, exceeded, 0.0)
