@@ -1,7 +1,12 @@
 """Data: tokenizer and chat template, validated JSONL sources, grain packing pipelines."""
 
 from nemocascade.data.chat import render_chat, render_prompt, render_text, split_reasoning
-from nemocascade.data.pipeline import pack_documents, sft_dataset, tokenize_chat_record
+from nemocascade.data.pipeline import (
+    pack_documents,
+    prompt_dataset,
+    sft_dataset,
+    tokenize_chat_record,
+)
 from nemocascade.data.sources import (
     DataError,
     read_chat_jsonl,
@@ -16,6 +21,7 @@ __all__ = [
     "MissingSpecialTokensError",
     "Tokenizer",
     "pack_documents",
+    "prompt_dataset",
     "read_chat_jsonl",
     "read_prompt_jsonl",
     "render_chat",

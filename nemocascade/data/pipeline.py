@@ -1,4 +1,5 @@
-"""grain pipelines: chat records -> packed, batched numpy arrays for SFT.
+"""grain pipelines: chat records -> packed, batched numpy arrays for SFT (`sft_dataset`);
+RL prompt records -> batches of prompt token ids (`prompt_dataset`).
 
 Order of operations (`sft_dataset`)::
 
@@ -53,7 +54,7 @@ import grain
 import grain.experimental as grain_exp
 import numpy as np
 
-from nemocascade.data.chat import render_chat
+from nemocascade.data.chat import render_chat, render_prompt
 from nemocascade.data.tokenizer import Tokenizer
 
 PACKED_FEATURES = ("inputs", "targets", "loss_mask")
@@ -152,6 +153,7 @@ def sft_dataset(
     shard_index: int = 0,
     shard_count: int = 1,
     thinking: bool = True,
+    non_thinking_fraction: float = 0.0,
     overlong: str = "truncate",
     num_packing_bins: int | None = None,
     drop_remainder: bool = True,
@@ -162,7 +164,42 @@ def sft_dataset(
     give each process the disjoint slice `records[shard_index::shard_count]`,
     shuffled with `seed` (a new order each epoch). `num_epochs=None` repeats
     forever. `num_packing_bins` defaults to `batch_size`.
+
+    `thinking=False` renders every record in non-thinking mode. With
+    `thinking=True`, a seeded random `non_thinking_fraction` of the samples is
+    rendered in non-thinking mode instead (Nemotron-3-Nano's SFT stripped the
+    reasoning of 10% of samples to teach the on/off switch).
     """
+    ds = _shuffled_shard(records, seed, shuffle, num_epochs, shard_index, shard_count)
+    if not 0.0 <= non_thinking_fraction <= 1.0:
+        raise ValueError(f"non_thinking_fraction={non_thinking_fraction} must be in [0, 1]")
+    if thinking and non_thinking_fraction > 0:
+        docs = ds.random_map(
+            lambda r, rng: tokenize_chat_record(r, tokenizer, thinking=rng.random() >= non_thinking_fraction),
+            seed=seed,
+        )
+    else:
+        docs = ds.map(lambda r: tokenize_chat_record(r, tokenizer, thinking=thinking))
+    rows = pack_documents(
+        docs.to_iter_dataset(),
+        seq_len=seq_len,
+        num_packing_bins=num_packing_bins or batch_size,
+        seed=seed,
+        shuffle_bins=shuffle,
+        overlong=overlong,
+    )
+    return rows.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def _shuffled_shard(
+    records: Sequence[Mapping],
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    shard_index: int,
+    shard_count: int,
+) -> grain.MapDataset:
+    """`records[shard_index::shard_count]`, shuffled by `seed` (anew each epoch), repeated."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
     if num_epochs is not None and num_epochs < 1:
@@ -172,14 +209,34 @@ def sft_dataset(
         raise ValueError(f"shard {shard_index}/{shard_count} of {len(records)} records is empty")
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
-    ds = ds.map(lambda r: tokenize_chat_record(r, tokenizer, thinking=thinking))
-    rows = pack_documents(
-        ds.to_iter_dataset(),
-        seq_len=seq_len,
-        num_packing_bins=num_packing_bins or batch_size,
-        seed=seed,
-        shuffle_bins=shuffle,
-        overlong=overlong,
-    )
-    return rows.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.repeat(num_epochs)
+
+
+def prompt_dataset(
+    records: Sequence[Mapping],
+    tokenizer: Tokenizer,
+    *,
+    batch_size: int,
+    seed: int,
+    thinking: bool = True,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+    """A grain dataset of RL prompt batches from validated prompt records.
+
+    Each batch is a list of `batch_size` dicts `{"prompt_ids": list[int],
+    "record": dict}` (ragged prompts, the record kept for its domain and
+    verifier); `prompt_ids` ends with the generation prefix of the mode
+    (`render_prompt`). Shuffling, sharding, epochs and the checkpointable
+    iterator state work as in `sft_dataset`.
+    """
+    ds = _shuffled_shard(records, seed, shuffle, num_epochs, shard_index, shard_count)
+
+    def tokenize(record: Mapping) -> dict[str, Any]:
+        source = record["prompt"] if "prompt" in record else record["messages"]
+        return {"prompt_ids": render_prompt(tokenizer, source, thinking=thinking), "record": record}
+
+    return ds.map(tokenize).to_iter_dataset().batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)

@@ -179,3 +179,46 @@ def test_state_restore_resumes_exactly(records, tokenizer, skip):
         next(it2)
     it2.set_state(state)
     _assert_same([next(it2) for _ in range(12)], expected)
+
+
+def test_non_thinking_fraction(records, tokenizer):
+    with_reasoning = [r for r in records if any("reasoning_content" in m for m in r["messages"])]
+    kw = {"seq_len": 1024, "drop_remainder": False}
+
+    def segs(**k):
+        return collections.Counter(segments(_rows(_batches(with_reasoning, tokenizer, **kw, **k))))
+
+    on, off = segs(thinking=True), segs(thinking=False)
+    assert not (on & off)
+    assert segs(non_thinking_fraction=1.0) == off
+    mixed = segs(non_thinking_fraction=0.5)
+    assert mixed == segs(non_thinking_fraction=0.5)  # seeded
+    assert sum(mixed.values()) == len(with_reasoning)
+    assert (mixed & on) and (mixed & off) and mixed == (mixed & on) + (mixed & off)
+
+
+def test_prompt_dataset(prompt_path, tokenizer):
+    from nemocascade.data import prompt_dataset, read_prompt_jsonl, render_prompt
+
+    prompts, _ = read_prompt_jsonl(prompt_path)
+    prompts = [{**p, "idx": i} for i, p in enumerate(prompts * 3)]  # 12 distinct records
+    kw = {"batch_size": 2, "seed": 0, "num_epochs": 1}
+    batches = list(prompt_dataset(prompts, tokenizer, thinking=False, **kw))
+    assert len(batches) == 6 and all(len(b) == 2 for b in batches)
+    for item in (x for b in batches for x in b):
+        src = item["record"].get("prompt") or item["record"]["messages"]
+        assert item["prompt_ids"] == render_prompt(tokenizer, src, thinking=False)
+        assert item["prompt_ids"][-2:] == [tokenizer.think_id, tokenizer.think_end_id]
+    order = [x["record"]["idx"] for b in batches for x in b]
+    assert sorted(order) == list(range(12)) and order != list(range(12))
+    shards = [
+        [x["record"]["idx"] for b in prompt_dataset(prompts, tokenizer, shard_index=i, shard_count=2, **kw) for x in b]
+        for i in range(2)
+    ]
+    assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == sorted(order)
+    it = iter(prompt_dataset(prompts, tokenizer, batch_size=2, seed=0))
+    next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    want = [[x["prompt_ids"] for x in next(it)] for _ in range(8)]
+    it.set_state(state)
+    assert [[x["prompt_ids"] for x in next(it)] for _ in range(8)] == want
