@@ -7,14 +7,29 @@ Every backend computes, for tokens `x_TD` routed to experts `idx_TK` with weight
 with `up_EDF` [experts, hidden, width] and `down_EFD` [experts, width, hidden] (non-gated
 squared-ReLU experts, as in Nemotron-3-Nano). The weighted sum is accumulated in fp32 and cast
 back to `x_TD.dtype`. Backends are chosen by name from the model config, never by platform.
+An index outside `[0, n_experts)` (e.g. `n_experts`) means "no expert": that slot contributes
+zero. The expert-parallel exchange (`moe_ep.py`) uses this for padding and dropped tokens.
 
-`dense` is the oracle: every token through every expert, masked by the one-hot routing weights.
-It costs `n_experts / top_k` times the useful FLOPs; other backends must agree with it.
+All backends are dropless. The layer is split into steps:
+
+    route (moe.py) -> permute (`permute`) -> expert matmuls (grouped) -> unpermute (`unpermute`)
+
+Backends:
+  dense       the oracle: every token through every expert, masked by the one-hot routing
+              weights. Costs `n_experts / top_k` times the useful FLOPs.
+  ragged_dot  sorted rows, `jax.lax.ragged_dot` (on XLA:CPU this lowers to a dense masked
+              product costing `n_experts` times the useful work; fast on TPU/GPU).
+  pallas      sorted rows, `pallas_kernels.gmm` (interpret mode off TPU/GPU).
+  sorted      sorted rows padded so each tile of `tile_rows` rows belongs to one expert; a
+              loop over the *active* tiles does one small matmul per tile against its expert's
+              weights (hand-written backward). Cost = active FLOPs + at most `n_experts *
+              tile_rows` padding rows; the fast choice on CPU.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import functools
+from typing import Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -43,14 +58,20 @@ def get_backend(name: str) -> ExpertBackend:
     return _BACKENDS[name]
 
 
+def available_backends() -> tuple[str, ...]:
+    return tuple(sorted(_BACKENDS))
+
+
 def relu2(x: jax.Array) -> jax.Array:
     return jnp.square(jax.nn.relu(x))
 
 
+# --------------------------------------------------------------------------- dense (oracle)
 @register_backend("dense")
 def dense_experts(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
     """One-hot reference: all experts on all tokens, combined with a dense [T, E] weight matrix."""
     num_experts = up_EDF.shape[0]
+    # one_hot of an out-of-range index is a zero row: "no expert" slots drop out here.
     combine_TE = jnp.sum(jax.nn.one_hot(idx_TK, num_experts, dtype=jnp.float32)
                          * w_TK[..., None].astype(jnp.float32), axis=1)
     h_TEF = relu2(jnp.einsum("td,edf->tef", x_TD, up_EDF))
@@ -59,6 +80,201 @@ def dense_experts(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
     return y_TD.astype(x_TD.dtype)
 
 
+# --------------------------------------------------------------------------- permute / unpermute
+class Permutation(NamedTuple):
+    """Where each (token, k) assignment lives in the expert-sorted row buffer.
+
+    pos_TK:        row of assignment (t, k) in the buffer; `num_rows` (out of range) if it has no
+                   expert.
+    src_N:         token feeding buffer row n; `T` (out of range -> zero row) for padding rows.
+    group_sizes_E: rows per expert in the buffer (including tile padding for `sorted`).
+    tile_expert_G: expert of each tile (only for the tiled layout; else None).
+    num_tiles:     number of tiles that hold rows (dynamic scalar; tiled layout only).
+    """
+    pos_TK: jax.Array
+    src_N: jax.Array
+    group_sizes_E: jax.Array
+    tile_expert_G: jax.Array | None
+    num_tiles: jax.Array | None
+
+
+def permute(idx_TK: jax.Array, num_experts: int, tile_rows: int | None = None) -> Permutation:
+    """Sort the T*K assignments by expert (stable, so token order is kept within an expert).
+
+    Without `tile_rows` the buffer has exactly T*K rows, experts contiguous in order, assignments
+    without an expert at the end. With `tile_rows = m`, each expert's group is padded up to a
+    multiple of m so every tile of m rows belongs to one expert; the buffer has a static
+    `(ceil(T*K/m) + E) * m` rows (the worst case), of which only the first `num_tiles` tiles
+    are used.
+    """
+    T, K = idx_TK.shape
+    A = T * K
+    e_A = idx_TK.reshape(A).astype(jnp.int32)
+    valid_A = (e_A >= 0) & (e_A < num_experts)
+    key_A = jnp.where(valid_A, e_A, num_experts)  # "no expert" sorts last
+    order_A = jnp.argsort(key_A, stable=True)  # sorted position -> assignment
+    key_sorted = key_A[order_A]
+    counts = jnp.zeros((num_experts + 1,), jnp.int32).at[key_A].add(1)
+    group_sizes_E = counts[:num_experts]
+    start_E1 = jnp.cumsum(counts) - counts  # exclusive cumsum, [E+1]
+    rank_A = jnp.arange(A, dtype=jnp.int32) - start_E1[key_sorted]  # rank within its expert
+    if tile_rows is None:
+        num_rows = A
+        row_sorted = jnp.arange(A, dtype=jnp.int32)
+        tile_expert, num_tiles = None, None
+        padded_sizes = group_sizes_E
+    else:
+        m = int(tile_rows)
+        num_tiles_static = -(-A // m) + num_experts
+        num_rows = num_tiles_static * m
+        tiles_E = (group_sizes_E + m - 1) // m
+        padded_sizes = tiles_E * m
+        pstart_E = jnp.cumsum(padded_sizes) - padded_sizes
+        pstart_E1 = jnp.concatenate([pstart_E, jnp.array([num_rows], jnp.int32)])
+        row_sorted = pstart_E1[key_sorted] + rank_A
+        tile_end_E = jnp.cumsum(tiles_E)
+        num_tiles = tile_end_E[-1]
+        tile_ids = jnp.arange(num_tiles_static, dtype=jnp.int32)
+        tile_expert = jnp.minimum(jnp.searchsorted(tile_end_E, tile_ids, side="right"),
+                                  num_experts - 1).astype(jnp.int32)
+    row_sorted = jnp.where(key_sorted < num_experts, row_sorted, num_rows)
+    pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(row_sorted)
+    token_sorted = (order_A // K).astype(jnp.int32)
+    src_N = jnp.full((num_rows,), T, jnp.int32).at[row_sorted].set(token_sorted, mode="drop")
+    return Permutation(pos_A.reshape(T, K), src_N, padded_sizes, tile_expert, num_tiles)
+
+
+def gather_rows(x_TD: jax.Array, perm: Permutation) -> jax.Array:
+    """Buffer rows `x_ND[n] = x_TD[src_N[n]]` (zero for padding rows)."""
+    return jnp.take(x_TD, perm.src_N, axis=0, mode="fill", fill_value=0)
+
+
+def unpermute(y_ND: jax.Array, perm: Permutation, w_TK: jax.Array, dtype) -> jax.Array:
+    """`y_t = sum_k w_tk * y_ND[pos_tk]`, summed in fp32, cast to `dtype`."""
+    y_TKD = jnp.take(y_ND, perm.pos_TK, axis=0, mode="fill", fill_value=0)
+    y_TD = jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), w_TK.astype(jnp.float32))
+    return y_TD.astype(dtype)
+
+
+def _grouped_expert_mlp(gmm: Callable, x_TD, idx_TK, w_TK, up_EDF, down_EFD):
+    """permute -> gmm(up) -> relu^2 -> gmm(down) -> unpermute, for row-grouped matmuls."""
+    perm = permute(idx_TK, up_EDF.shape[0])
+    x_ND = gather_rows(x_TD, perm)
+    h_NF = relu2(gmm(x_ND, up_EDF, perm.group_sizes_E))
+    y_ND = gmm(h_NF.astype(x_TD.dtype), down_EFD, perm.group_sizes_E)
+    return unpermute(y_ND, perm, w_TK, x_TD.dtype)
+
+
+# --------------------------------------------------------------------------- ragged_dot / pallas
+def _ragged_gmm(lhs_ND, rhs_EKN, group_sizes_E):
+    return jax.lax.ragged_dot(lhs_ND, rhs_EKN, group_sizes_E)
+
+
+@register_backend("ragged_dot")
+def ragged_dot_experts(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
+    """Sorted rows through `jax.lax.ragged_dot` (rows past sum(group_sizes) give zeros)."""
+    return _grouped_expert_mlp(_ragged_gmm, x_TD, idx_TK, w_TK, up_EDF, down_EFD)
+
+
+def _pallas_gmm(lhs_ND, rhs_EKN, group_sizes_E):
+    import pallas_kernels  # imported lazily: the kernel package is optional for other backends
+    return pallas_kernels.gmm(lhs_ND, rhs_EKN, group_sizes_E)
+
+
+@register_backend("pallas")
+def pallas_experts(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
+    """Sorted rows through the Pallas grouped matmul `pallas_kernels.gmm`."""
+    return _grouped_expert_mlp(_pallas_gmm, x_TD, idx_TK, w_TK, up_EDF, down_EFD)
+
+
+# --------------------------------------------------------------------------- sorted (tiled)
+DEFAULT_TILE_ROWS = 128
+
+
+def _tile_loop(n, body, init):
+    return jax.lax.fori_loop(0, n, body, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=())
+def tiled_gmm(lhs_GMK: jax.Array, rhs_EKN: jax.Array, tile_expert_G: jax.Array,
+              num_tiles: jax.Array) -> jax.Array:
+    """`out[g] = lhs[g] @ rhs[tile_expert[g]]` for tiles g < num_tiles; zeros for the rest.
+
+    A loop over the active tiles only, so the cost tracks the rows actually routed.
+    """
+    G, M, _ = lhs_GMK.shape
+    out = jnp.zeros((G, M, rhs_EKN.shape[2]), lhs_GMK.dtype)
+
+    def body(g, out):
+        w_KN = jax.lax.dynamic_index_in_dim(rhs_EKN, tile_expert_G[g], 0, keepdims=False)
+        x_MK = jax.lax.dynamic_index_in_dim(lhs_GMK, g, 0, keepdims=False)
+        y_MN = jnp.dot(x_MK, w_KN, preferred_element_type=jnp.float32).astype(out.dtype)
+        return jax.lax.dynamic_update_index_in_dim(out, y_MN, g, 0)
+
+    return _tile_loop(num_tiles, body, out)
+
+
+def _tiled_gmm_fwd(lhs_GMK, rhs_EKN, tile_expert_G, num_tiles):
+    return tiled_gmm(lhs_GMK, rhs_EKN, tile_expert_G, num_tiles), (lhs_GMK, rhs_EKN, tile_expert_G,
+                                                                  num_tiles)
+
+
+def _tiled_gmm_bwd(res, dout_GMN):
+    lhs_GMK, rhs_EKN, tile_expert_G, num_tiles = res
+    dlhs = jnp.zeros_like(lhs_GMK)
+    drhs = jnp.zeros(rhs_EKN.shape, jnp.float32)
+
+    def body(g, carry):
+        dlhs, drhs = carry
+        e = tile_expert_G[g]
+        w_KN = jax.lax.dynamic_index_in_dim(rhs_EKN, e, 0, keepdims=False)
+        x_MK = jax.lax.dynamic_index_in_dim(lhs_GMK, g, 0, keepdims=False)
+        dy_MN = jax.lax.dynamic_index_in_dim(dout_GMN, g, 0, keepdims=False)
+        dx_MK = jnp.dot(dy_MN, w_KN.T, preferred_element_type=jnp.float32)
+        dlhs = jax.lax.dynamic_update_index_in_dim(dlhs, dx_MK.astype(dlhs.dtype), g, 0)
+        dw_KN = jnp.dot(x_MK.T, dy_MN, preferred_element_type=jnp.float32)
+        prev = jax.lax.dynamic_index_in_dim(drhs, e, 0, keepdims=False)
+        drhs = jax.lax.dynamic_update_index_in_dim(drhs, prev + dw_KN, e, 0)
+        return dlhs, drhs
+
+    dlhs, drhs = _tile_loop(num_tiles, body, (dlhs, drhs))
+    return dlhs, drhs.astype(rhs_EKN.dtype), None, None
+
+
+tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
+
+
+def sorted_experts_tiled(x_TD, idx_TK, w_TK, up_EDF, down_EFD, *, tile_rows: int = DEFAULT_TILE_ROWS):
+    """The `sorted` backend with an explicit tile size (rows per single-expert tile)."""
+    T, K = idx_TK.shape
+    m = max(1, min(int(tile_rows), T * K))
+    perm = permute(idx_TK, up_EDF.shape[0], tile_rows=m)
+    G = perm.src_N.shape[0] // m
+    x_GMD = gather_rows(x_TD, perm).reshape(G, m, -1)
+    h_GMF = relu2(tiled_gmm(x_GMD, up_EDF, perm.tile_expert_G, perm.num_tiles))
+    y_GMD = tiled_gmm(h_GMF.astype(x_TD.dtype), down_EFD, perm.tile_expert_G, perm.num_tiles)
+    return unpermute(y_GMD.reshape(G * m, -1), perm, w_TK, x_TD.dtype)
+
+
+@register_backend("sorted")
+def sorted_experts(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
+    """Dropless tiles of sorted rows; cost tracks the active FLOPs (the fast backend on CPU)."""
+    return sorted_experts_tiled(x_TD, idx_TK, w_TK, up_EDF, down_EFD, tile_rows=DEFAULT_TILE_ROWS)
+
+
+# --------------------------------------------------------------------------- entry point
 def expert_mlp(x_TD, idx_TK, w_TK, up_EDF, down_EFD, *, backend: str = "dense"):
-    """Routed expert MLP with the named backend (see module docstring)."""
+    """Routed expert MLP with the named backend (see module docstring).
+
+    x_TD [T, D]; idx_TK int [T, K] expert ids (out of range = no expert); w_TK [T, K] combine
+    weights; up_EDF [E, D, F]; down_EFD [E, F, D]. Returns [T, D] in x's dtype.
+    """
+    E, D, F = up_EDF.shape
+    if x_TD.ndim != 2 or x_TD.shape[1] != D:
+        raise ValueError(f"moe_backends.expert_mlp: x_TD {x_TD.shape} does not match up_EDF {up_EDF.shape}")
+    if down_EFD.shape != (E, F, D):
+        raise ValueError(f"moe_backends.expert_mlp: down_EFD {down_EFD.shape} != {(E, F, D)}")
+    if idx_TK.shape != w_TK.shape or idx_TK.shape[0] != x_TD.shape[0] or idx_TK.ndim != 2:
+        raise ValueError(f"moe_backends.expert_mlp: idx_TK {idx_TK.shape} / w_TK {w_TK.shape} "
+                         f"do not match x_TD {x_TD.shape}")
     return get_backend(backend)(x_TD, idx_TK, w_TK, up_EDF, down_EFD)

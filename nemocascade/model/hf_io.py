@@ -1,0 +1,275 @@
+"""Hugging Face checkpoint I/O (safetensors only) for NemotronH.
+
+Two on-disk layouts are read:
+  released:   `backbone.*` keys, one tensor per expert (`mixer.experts.{j}.up_proj.weight`);
+  in-memory:  transformers 5.x names, `model.*` keys, stacked experts (`mixer.experts.up_proj`).
+`save_hf_checkpoint` writes the released layout + `config.json`, which
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+Loading streams tensor by tensor into a model built abstractly (`nnx.eval_shape`), so host memory
+holds the model once plus one tensor (one MoE layer's experts while stacking them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from nemocascade.model.config import ModelConfig
+from nemocascade.model.nemotron_h import NemotronH
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+IGNORED_PREFIXES = ("mtp.",)  # multi-token-prediction heads of other family members
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model: names every offending key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# name mapping: our parameter path -> (HF keys, function from HF tensors to our array)
+# ---------------------------------------------------------------------------------------------
+def _t(w):  # Linear weight [out, in] -> ours [in, out]
+    return w.T
+
+
+def _param_plan(cfg: ModelConfig, prefix: str, stacked: bool):
+    """Yields (our_path tuple, [hf keys], to_ours(list of arrays) -> array, to_hf(array) -> [arrays])."""
+    d = cfg.hidden_size
+    yield ("embed_VD",), [f"{prefix}.embeddings.weight"], lambda ws: ws[0], lambda a: [a]
+    yield ("norm_f", "weight"), [f"{prefix}.norm_f.weight"], lambda ws: ws[0], lambda a: [a]
+    if not cfg.tie_word_embeddings:
+        yield ("lm_head_DV",), ["lm_head.weight"], lambda ws: _t(ws[0]), lambda a: [_t(a)]
+    n, kv, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    e = cfg.n_routed_experts
+    for i, kind in enumerate(cfg.block_types):
+        lp = f"{prefix}.layers.{i}"
+        mp = f"{lp}.mixer"
+        our = ("layers", i)
+        yield our + ("norm", "weight"), [f"{lp}.norm.weight"], lambda ws: ws[0], lambda a: [a]
+        m = our + ("mixer",)
+        if kind == "mamba":
+            yield m + ("in_proj_DP",), [f"{mp}.in_proj.weight"], lambda ws: _t(ws[0]), lambda a: [_t(a)]
+            yield (m + ("conv_w_KC",), [f"{mp}.conv1d.weight"], lambda ws: ws[0][:, 0, :].T,
+                   lambda a: [a.T[:, None, :]])
+            if cfg.use_conv_bias:
+                yield m + ("conv_b_C",), [f"{mp}.conv1d.bias"], lambda ws: ws[0], lambda a: [a]
+            for ours, theirs in (("dt_bias_H", "dt_bias"), ("A_log_H", "A_log"), ("D_H", "D"),
+                                 ("norm_I", "norm.weight")):
+                yield m + (ours,), [f"{mp}.{theirs}"], lambda ws: ws[0], lambda a: [a]
+            yield m + ("out_proj_ID",), [f"{mp}.out_proj.weight"], lambda ws: _t(ws[0]), lambda a: [_t(a)]
+        elif kind == "attention":
+            for ours, theirs, heads in (("q_DNH", "q_proj", n), ("k_DKH", "k_proj", kv), ("v_DKH", "v_proj", kv)):
+                yield (m + (ours,), [f"{mp}.{theirs}.weight"],
+                       (lambda hh: lambda ws: ws[0].T.reshape(d, hh, h))(heads),
+                       lambda a: [a.reshape(d, -1).T])
+            yield (m + ("o_NHD",), [f"{mp}.o_proj.weight"], lambda ws: ws[0].T.reshape(n, h, d),
+                   lambda a: [a.reshape(-1, d).T])
+        elif kind == "moe":
+            yield m + ("router_DE",), [f"{mp}.gate.weight"], lambda ws: _t(ws[0]), lambda a: [_t(a)]
+            yield (m + ("bias_E",), [f"{mp}.gate.e_score_correction_bias"], lambda ws: ws[0],
+                   lambda a: [a])
+            for ours, theirs in (("up_EDF", "up_proj"), ("down_EFD", "down_proj")):
+                if stacked:
+                    yield (m + (ours,), [f"{mp}.experts.{theirs}"],
+                           lambda ws: np.swapaxes(ws[0], 1, 2), lambda a: [np.swapaxes(a, 1, 2)])
+                else:
+                    yield (m + (ours,), [f"{mp}.experts.{j}.{theirs}.weight" for j in range(e)],
+                           lambda ws: np.stack([w.T for w in ws]), lambda a: [w.T for w in a])
+            for ours, theirs in (("up_DF", "up_proj"), ("down_FD", "down_proj")):
+                yield (m + ("shared", ours), [f"{mp}.shared_experts.{theirs}.weight"],
+                       lambda ws: _t(ws[0]), lambda a: [_t(a)])
+        elif kind == "mlp":
+            for ours, theirs in (("up_DF", "up_proj"), ("down_FD", "down_proj")):
+                yield m + (ours,), [f"{mp}.{theirs}.weight"], lambda ws: _t(ws[0]), lambda a: [_t(a)]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+def _safetensor_files(path: Path) -> dict[str, Path]:
+    """Map every tensor name to the file that holds it."""
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{path}: pickle checkpoints are refused; convert it to safetensors")
+        return {k: path for k in _keys_of(path)}
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        out = {k: path / f for k, f in weight_map.items()}
+        missing_files = sorted({str(f) for f in out.values() if not f.exists()})
+        if missing_files:
+            raise CheckpointError(f"{index}: shard files missing: {missing_files}")
+        return out
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(f"{path}: only pickle checkpoints found ({pickles}); they are refused "
+                                  "(arbitrary code execution). Convert them to safetensors.")
+        raise CheckpointError(f"{path}: no *.safetensors files")
+    return {k: f for f in files for k in _keys_of(f)}
+
+
+def _keys_of(file: Path) -> list[str]:
+    with safe_open(str(file), framework="flax") as f:
+        return list(f.keys())
+
+
+def _shape_of(file: Path, key: str) -> tuple[int, ...]:
+    with safe_open(str(file), framework="flax") as f:
+        return tuple(f.get_slice(key).get_shape())
+
+
+def _read(file: Path, key: str) -> np.ndarray:
+    with safe_open(str(file), framework="flax") as f:
+        arr = f.get_tensor(key)
+    return np.asarray(arr.astype(jnp.float32)) if arr.dtype == jnp.bfloat16 else np.asarray(arr)
+
+
+def _detect_layout(keys) -> tuple[str, bool]:
+    if any(k.startswith("backbone.") for k in keys):
+        prefix = "backbone"
+    elif any(k.startswith("model.") for k in keys):
+        prefix = "model"
+    else:
+        raise CheckpointError("checkpoint has neither 'backbone.*' nor 'model.*' tensors")
+    stacked = any(".mixer.experts.up_proj" in k and ".experts.up_proj.weight" not in k
+                  and k.endswith("experts.up_proj") for k in keys)
+    return prefix, stacked
+
+
+def _get_path(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def load_hf_checkpoint(path, *, dtype=jnp.float32, config: ModelConfig | None = None,
+                       **config_overrides) -> NemotronH:
+    """Loads a NemotronH safetensors checkpoint directory (config.json + weights) into our model.
+
+    `dtype` sets the parameter and compute dtype (router, A_log, D, dt_bias stay fp32).
+    Raises `CheckpointError` naming every missing, unexpected or wrongly-shaped tensor.
+    """
+    path = Path(path)
+    if config is None:
+        cfg_file = path / "config.json" if path.is_dir() else path.with_name("config.json")
+        if not cfg_file.exists():
+            raise CheckpointError(f"{cfg_file}: missing (needed to build the model)")
+        name = jnp.dtype(dtype).name
+        config = ModelConfig.from_json_file(cfg_file, param_dtype=name, compute_dtype=name,
+                                            **config_overrides)
+    files = _safetensor_files(path)
+    keys = {k: f for k, f in files.items()}
+    # the older Mamba spelling `backbone.embedding.weight`
+    if "backbone.embedding.weight" in keys and "backbone.embeddings.weight" not in keys:
+        keys["backbone.embeddings.weight"] = keys.pop("backbone.embedding.weight")
+        renamed = {"backbone.embeddings.weight": "backbone.embedding.weight"}
+    else:
+        renamed = {}
+    prefix, stacked = _detect_layout(keys)
+    if config.tie_word_embeddings:
+        keys.pop("lm_head.weight", None)
+
+    abstract = nnx.eval_shape(lambda: NemotronH(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    plan = list(_param_plan(config, prefix, stacked))
+
+    # validate everything before reading any tensor
+    expected = {k for _, hf_keys, _, _ in plan for k in hf_keys}
+    missing = sorted(expected - set(keys))
+    unexpected = sorted(k for k in set(keys) - expected if not k.startswith(IGNORED_PREFIXES))
+    bad_shapes = []
+    for our_path, hf_keys, to_ours, _ in plan:
+        want = _get_path(state, our_path).get_value().shape
+        shapes = [_shape_of(keys[k], renamed.get(k, k)) for k in hf_keys if k in keys]
+        if len(shapes) != len(hf_keys):
+            continue
+        got = to_ours([np.empty(s, np.float32) for s in shapes]).shape
+        if tuple(got) != tuple(want):
+            bad_shapes.append(f"{hf_keys[0] if len(hf_keys) == 1 else hf_keys[0] + ' (+experts)'}: "
+                              f"shape {shapes[0]} does not fit {'/'.join(map(str, our_path))} {tuple(want)}")
+    if missing or unexpected or bad_shapes:
+        lines = [f"checkpoint {path} does not match config ({config.num_layers} layers, "
+                 f"pattern {config.pattern}):"]
+        lines += [f"  missing: {k}" for k in missing]
+        lines += [f"  unexpected: {k}" for k in unexpected]
+        lines += [f"  wrong shape: {s}" for s in bad_shapes]
+        raise CheckpointError("\n".join(lines))
+
+    for our_path, hf_keys, to_ours, _ in plan:
+        var = _get_path(state, our_path)
+        target = var.get_value()
+        arr = to_ours([_read(keys[k], renamed.get(k, k)) for k in hf_keys])
+        var.set_value(jnp.asarray(arr, dtype=target.dtype))
+    # statistics variables (expert load) start at zero
+    for path_, var in nnx.to_flat_state(state):
+        if isinstance(var.get_value(), jax.ShapeDtypeStruct):
+            v = var.get_value()
+            var.set_value(jnp.zeros(v.shape, v.dtype))
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+def iter_hf_tensors(model: NemotronH, prefix: str = "backbone") -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF key, array) in the released layout, one tensor at a time."""
+    state = nnx.state(model)
+    for our_path, hf_keys, _, to_hf in _param_plan(model.cfg, prefix, stacked=False):
+        value = _get_path(state, our_path).get_value()
+        for k, arr in zip(hf_keys, to_hf(np.asarray(jax.device_get(value)))):
+            yield k, np.ascontiguousarray(arr)
+
+
+def save_hf_checkpoint(model: NemotronH, path, *, max_shard_bytes: int = 4 << 30,
+                       dtype: str | None = None) -> Path:
+    """Writes `config.json` + safetensors shards (+ index) in the released `backbone.*` layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    out_dtype = jnp.dtype(dtype or model.cfg.param_dtype)
+    hf_cfg = model.cfg.to_hf_config()
+    hf_cfg["torch_dtype"] = out_dtype.name
+    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+
+    fp32_keys = ("A_log", ".D", "dt_bias", "e_score_correction_bias", "gate.weight")
+    # Shards are written as soon as they fill (no second copy of the model), then renamed.
+    shard: dict[str, jax.Array] = {}
+    written: list[tuple[Path, list[str], int]] = []
+
+    def flush():
+        tmp = path / f".shard-{len(written):05d}.safetensors.tmp"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        written.append((tmp, list(shard), sum(a.nbytes for a in shard.values())))
+        shard.clear()
+
+    size = 0
+    for k, arr in iter_hf_tensors(model):
+        keep32 = any(k.endswith(s) for s in fp32_keys)
+        a = jnp.asarray(arr, jnp.float32 if keep32 else out_dtype)
+        if size and size + a.nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shard[k] = a
+        size += a.nbytes
+    flush()
+    n = len(written)
+    weight_map = {}
+    for i, (tmp, names, _) in enumerate(written):
+        final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        tmp.rename(path / final)
+        weight_map.update({k: final for k in names})
+    if n > 1:
+        total = sum(b for _, _, b in written)
+        (path / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return path
