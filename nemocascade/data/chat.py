@@ -107,10 +107,17 @@ def _pieces(
         elif role == "system":
             raise ValueError(f"messages[{i + offset}]: a system message may only come first")
         else:
-            raise ValueError(f"messages[{i + offset}].role: expected one of {list(ROLES)}, got {role!r}")
+            raise ValueError(
+                f"messages[{i + offset}].role: expected one of {list(ROLES)}, got {role!r}"
+            )
         i += 1
     if add_generation_prompt:
-        pieces.append((f"{IM_START}assistant\n" + (f"{THINK}\n" if thinking else f"{THINK}{THINK_END}"), False))
+        pieces.append(
+            (
+                f"{IM_START}assistant\n" + (f"{THINK}\n" if thinking else f"{THINK}{THINK_END}"),
+                False,
+            )
+        )
     return pieces
 
 
@@ -118,7 +125,9 @@ def render_text(
     messages: Sequence[Mapping], *, thinking: bool = True, add_generation_prompt: bool = False
 ) -> str:
     """The conversation rendered as template text (no tokenisation)."""
-    pieces = _pieces(messages, thinking=thinking, add_generation_prompt=add_generation_prompt, train_history=True)
+    pieces = _pieces(
+        messages, thinking=thinking, add_generation_prompt=add_generation_prompt, train_history=True
+    )
     return "".join(text for text, _ in pieces)
 
 
@@ -137,7 +146,10 @@ def render_chat(
     or non-thinking mode (empty `<think></think>`).
     """
     pieces = _pieces(
-        messages, thinking=thinking, add_generation_prompt=add_generation_prompt, train_history=train_history
+        messages,
+        thinking=thinking,
+        add_generation_prompt=add_generation_prompt,
+        train_history=train_history,
     )
     text = "".join(t for t, _ in pieces)
     char_mask = bytearray(len(text))

@@ -88,7 +88,7 @@ class _HandleOverlong(grain_exp.FlatMapTransform):
             starts = range(0, n, self.seq_len)
             dropped = 0
         else:  # truncate
-            starts = range(0, 1)
+            starts = range(1)
             dropped = n - self.seq_len
         chunks = []
         for k, s in enumerate(starts):
@@ -128,7 +128,9 @@ def pack_documents(
     if overlong not in OVERLONG_MODES:
         raise ValueError(f"overlong={overlong!r}: expected one of {list(OVERLONG_MODES)}")
     if seq_len < 1 or num_packing_bins < 1:
-        raise ValueError(f"need seq_len >= 1 and num_packing_bins >= 1, got {seq_len}, {num_packing_bins}")
+        raise ValueError(
+            f"need seq_len >= 1 and num_packing_bins >= 1, got {seq_len}, {num_packing_bins}"
+        )
     docs = grain_exp.FlatMapIterDataset(docs, _HandleOverlong(seq_len, overlong))
     packed = grain_exp.FirstFitPackIterDataset(
         docs,
@@ -175,7 +177,9 @@ def sft_dataset(
         raise ValueError(f"non_thinking_fraction={non_thinking_fraction} must be in [0, 1]")
     if thinking and non_thinking_fraction > 0:
         docs = ds.random_map(
-            lambda r, rng: tokenize_chat_record(r, tokenizer, thinking=rng.random() >= non_thinking_fraction),
+            lambda r, rng: tokenize_chat_record(
+                r, tokenizer, thinking=rng.random() >= non_thinking_fraction
+            ),
             seed=seed,
         )
     else:
@@ -239,4 +243,8 @@ def prompt_dataset(
         source = record["prompt"] if "prompt" in record else record["messages"]
         return {"prompt_ids": render_prompt(tokenizer, source, thinking=thinking), "record": record}
 
-    return ds.map(tokenize).to_iter_dataset().batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)
+    return (
+        ds.map(tokenize)
+        .to_iter_dataset()
+        .batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)
+    )

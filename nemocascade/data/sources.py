@@ -49,7 +49,9 @@ def _type_name(x: Any) -> str:
     return type(x).__name__
 
 
-def _check_str(record: Mapping, key: str, *, field: str | None = None, nonempty: bool = False) -> None:
+def _check_str(
+    record: Mapping, key: str, *, field: str | None = None, nonempty: bool = False
+) -> None:
     field = field or key
     if key not in record:
         raise _FieldError(field, "missing")
@@ -78,7 +80,9 @@ def _check_messages(record: Mapping) -> list[Mapping]:
         _check_str(m, "content", field=f"{name}.content")
         if "reasoning_content" in m and m["reasoning_content"] is not None:
             if m["role"] != "assistant":
-                raise _FieldError(f"{name}.reasoning_content", "only assistant messages carry reasoning")
+                raise _FieldError(
+                    f"{name}.reasoning_content", "only assistant messages carry reasoning"
+                )
             _check_str(m, "reasoning_content", field=f"{name}.reasoning_content")
     return messages
 
@@ -105,7 +109,10 @@ def validate_prompt_record(record: Any) -> None:
     else:
         messages = _check_messages(record)
         if messages[-1]["role"] == "assistant":
-            raise _FieldError(f"messages[{len(messages) - 1}].role", "a prompt must not end with an assistant message")
+            raise _FieldError(
+                f"messages[{len(messages) - 1}].role",
+                "a prompt must not end with an assistant message",
+            )
     _check_str(record, "domain", nonempty=True)
     if "verifier" not in record:
         raise _FieldError("verifier", "missing")
@@ -128,7 +135,9 @@ def _read_jsonl(
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise _FieldError("<json>", f"invalid JSON ({e.msg} at column {e.colno})") from None
+                    raise _FieldError(
+                        "<json>", f"invalid JSON ({e.msg} at column {e.colno})"
+                    ) from None
                 validate(record)
             except _FieldError as e:
                 message = f"{path}:{lineno}: {e}"

@@ -49,7 +49,9 @@ class Tokenizer:
         self._tok = hf_tokenizer
         self.source = source
         ids = {name: hf_tokenizer.token_to_id(name) for name in REQUIRED_SPECIALS}
-        pad_name = next((p for p in PAD_CANDIDATES if hf_tokenizer.token_to_id(p) is not None), None)
+        pad_name = next(
+            (p for p in PAD_CANDIDATES if hf_tokenizer.token_to_id(p) is not None), None
+        )
         missing = [name for name, i in ids.items() if i is None]
         if pad_name is None:
             missing.insert(0, " or ".join(PAD_CANDIDATES))
@@ -144,7 +146,9 @@ def train_bpe(
     `tokenizer.json` and reloaded with `Tokenizer.from_file`, the same path the
     released tokenizer takes.
     """
-    specials = list(TRAINED_SPECIALS) + [t for t in extra_special_tokens if t not in TRAINED_SPECIALS]
+    specials = list(TRAINED_SPECIALS) + [
+        t for t in extra_special_tokens if t not in TRAINED_SPECIALS
+    ]
     n_min = len(specials) + len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < n_min:
         raise ValueError(f"vocab_size={vocab_size} is below specials + 256 byte symbols = {n_min}")

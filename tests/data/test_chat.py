@@ -113,7 +113,8 @@ def test_tool_messages_become_one_user_block(tokenizer):
     text = render_text(msgs, thinking=True)
     assert text == (
         SYS + "<|im_start|>user\nWeather?<|im_end|>\n"
-        "<|im_start|>assistant\n<think></think><tool_call>\n<function=w>\n</function>\n</tool_call><|im_end|>\n"
+        "<|im_start|>assistant\n<think></think>"
+        "<tool_call>\n<function=w>\n</function>\n</tool_call><|im_end|>\n"
         "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n"
         "<tool_response>\n20C\n</tool_response>\n<|im_end|>\n"
         "<|im_start|>assistant\n<think>\nReport it.\n</think>\nSunny, 20C.<|im_end|>\n"
@@ -130,7 +131,10 @@ def test_generation_prompt_and_render_prompt(tokenizer):
     user = [{"role": "user", "content": "Hi"}]
     think = render_prompt(tokenizer, "Hi", thinking=True)
     assert think == render_prompt(tokenizer, user, thinking=True)
-    assert tokenizer.decode(think) == SYS + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert (
+        tokenizer.decode(think)
+        == SYS + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    )
     assert think[-2] == tokenizer.think_id
     plain = render_prompt(tokenizer, user, thinking=False)
     assert plain[-2:] == [tokenizer.think_id, tokenizer.think_end_id]
@@ -146,6 +150,8 @@ def test_bad_conversations():
     with pytest.raises(ValueError, match="must not end with an assistant"):
         render_prompt(None, SINGLE, thinking=True)
     with pytest.raises(ValueError, match=r"messages\[2\]: a system message"):
-        render_text([{"role": "system", "content": ""}, SINGLE[0], {"role": "system", "content": "x"}])
+        render_text(
+            [{"role": "system", "content": ""}, SINGLE[0], {"role": "system", "content": "x"}]
+        )
     with pytest.raises(ValueError, match=r"messages\[1\]\.role"):
         render_text([SINGLE[0], {"role": "bot", "content": "x"}])

@@ -1,4 +1,4 @@
-"""grain pipeline: packing correctness, overlong handling, determinism, sharding, resumable state."""
+"""grain pipelines: packing, overlong handling, determinism, sharding, resumable state."""
 
 import collections
 import json
@@ -18,13 +18,15 @@ def records(chat_records):
     extra = []
     for i in range(28):
         words = " ".join(f"w{i}_{k}" for k in range(1 + (i * 7) % 23))
-        extra.append({
-            "messages": [
-                {"role": "user", "content": f"Question {i}: repeat {words}"},
-                {"role": "assistant", "reasoning_content": f"r{i}" * (i % 4), "content": words},
-            ],
-            "domain": "synthetic",
-        })
+        extra.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Question {i}: repeat {words}"},
+                    {"role": "assistant", "reasoning_content": f"r{i}" * (i % 4), "content": words},
+                ],
+                "domain": "synthetic",
+            }
+        )
     return list(chat_records) + extra
 
 
@@ -34,7 +36,7 @@ def docs(records, tokenizer):
 
 
 def segments(rows):
-    """Every (inputs, targets, loss_mask) segment of packed rows, as tuples; checks row invariants."""
+    """Each (inputs, targets, loss_mask) segment of packed rows as tuples; checks row invariants."""
     out = []
     for row in rows:
         seg, pos = row["segment_ids"], row["positions"]
@@ -48,7 +50,9 @@ def segments(rows):
         for s in range(1, n_seg + 1):
             sel = seg == s
             np.testing.assert_array_equal(pos[sel], np.arange(sel.sum()))
-            out.append(tuple(tuple(row[k][sel].tolist()) for k in ("input_ids", "targets", "loss_mask")))
+            out.append(
+                tuple(tuple(row[k][sel].tolist()) for k in ("input_ids", "targets", "loss_mask"))
+            )
     return out
 
 
@@ -68,15 +72,21 @@ def test_document_targets_are_next_tokens(docs, records, tokenizer):
 @pytest.mark.parametrize("mode", ["truncate", "split"])
 def test_packing_keeps_every_token_once(docs, mode):
     lengths = np.array([len(d["inputs"]) for d in docs])
-    assert (lengths > SEQ_LEN).sum() >= 5 and (lengths <= SEQ_LEN // 2).sum() >= 3  # the test data has both
+    assert (lengths > SEQ_LEN).sum() >= 5 and (
+        lengths <= SEQ_LEN // 2
+    ).sum() >= 3  # the test data has both
     ds = grain.MapDataset.source(docs).to_iter_dataset()
     rows = list(pack_documents(ds, seq_len=SEQ_LEN, num_packing_bins=4, seed=3, overlong=mode))
-    assert all(r["input_ids"].shape == (SEQ_LEN,) and r["input_ids"].dtype == np.int32 for r in rows)
+    assert all(
+        r["input_ids"].shape == (SEQ_LEN,) and r["input_ids"].dtype == np.int32 for r in rows
+    )
     assert all(r["loss_mask"].dtype == np.float32 for r in rows)
     got = collections.Counter(segments(rows))
     if mode == "truncate":
         want = collections.Counter(doc_tuples(d, 0, SEQ_LEN) for d in docs)
-        assert sum(int(r["num_dropped"]) for r in rows) == int(np.maximum(lengths - SEQ_LEN, 0).sum())
+        assert sum(int(r["num_dropped"]) for r in rows) == int(
+            np.maximum(lengths - SEQ_LEN, 0).sum()
+        )
     else:
         want = collections.Counter(
             doc_tuples(d, s, s + SEQ_LEN) for d in docs for s in range(0, len(d["inputs"]), SEQ_LEN)
@@ -122,9 +132,13 @@ def test_batch_layout(records, tokenizer):
     shapes = {k: (v.shape, v.dtype) for k, v in b.items()}
     i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
     assert shapes == {
-        "input_ids": ((2, SEQ_LEN), i32), "targets": ((2, SEQ_LEN), i32), "loss_mask": ((2, SEQ_LEN), f32),
-        "segment_ids": ((2, SEQ_LEN), i32), "positions": ((2, SEQ_LEN), i32),
-        "num_overlong": ((2,), i32), "num_dropped": ((2,), i32),
+        "input_ids": ((2, SEQ_LEN), i32),
+        "targets": ((2, SEQ_LEN), i32),
+        "loss_mask": ((2, SEQ_LEN), f32),
+        "segment_ids": ((2, SEQ_LEN), i32),
+        "positions": ((2, SEQ_LEN), i32),
+        "num_overlong": ((2,), i32),
+        "num_dropped": ((2,), i32),
     }
 
 
@@ -148,7 +162,9 @@ def test_shards_cover_data_disjointly(records, tokenizer):
     assert not (s0 & s1) and s0 + s1 == full
     assert sum(s0.values()) == sum(s1.values()) == len(records) // 2
     with pytest.raises(ValueError, match="shard_index=2"):
-        sft_dataset(records, tokenizer, seq_len=8, batch_size=1, seed=0, shard_index=2, shard_count=2)
+        sft_dataset(
+            records, tokenizer, seq_len=8, batch_size=1, seed=0, shard_index=2, shard_count=2
+        )
 
 
 def test_epochs_reshuffle(records, tokenizer):
@@ -167,7 +183,14 @@ def test_epochs_reshuffle(records, tokenizer):
 def test_state_restore_resumes_exactly(records, tokenizer, skip):
     # 6 bins, batches of 2: states fall mid-way through a packed group; the
     # infinite repeat crosses epoch boundaries within the 12 checked batches.
-    kw = {"seq_len": SEQ_LEN, "batch_size": 2, "seed": 1, "num_epochs": None, "num_packing_bins": 6, "overlong": "split"}
+    kw = {
+        "seq_len": SEQ_LEN,
+        "batch_size": 2,
+        "seed": 1,
+        "num_epochs": None,
+        "num_packing_bins": 6,
+        "overlong": "split",
+    }
     recs = records[:10]  # about 4 batches per epoch
     it = iter(sft_dataset(recs, tokenizer, **kw))
     for _ in range(skip):
@@ -212,7 +235,11 @@ def test_prompt_dataset(prompt_path, tokenizer):
     order = [x["record"]["idx"] for b in batches for x in b]
     assert sorted(order) == list(range(12)) and order != list(range(12))
     shards = [
-        [x["record"]["idx"] for b in prompt_dataset(prompts, tokenizer, shard_index=i, shard_count=2, **kw) for x in b]
+        [
+            x["record"]["idx"]
+            for b in prompt_dataset(prompts, tokenizer, shard_index=i, shard_count=2, **kw)
+            for x in b
+        ]
         for i in range(2)
     ]
     assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == sorted(order)

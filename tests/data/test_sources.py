@@ -1,4 +1,4 @@
-"""JSONL sources: the sample files validate; each kind of bad line is reported as file:line + field."""
+"""JSONL sources: the samples validate; each kind of bad line is reported as file:line + field."""
 
 import json
 
@@ -23,15 +23,33 @@ BAD_CHAT = [
     ("[1, 2]", "<record>"),
     ({"domain": "chat"}, "messages"),
     ({"messages": [], "domain": "chat"}, "messages"),
-    ({"messages": _msgs(("user", "a"), ("assistant", "b"), ("bot", "c")), "domain": "x"}, "messages[2].role"),
-    ({"messages": [{"role": "user", "content": 3}, GOOD_CHAT["messages"][1]], "domain": "x"}, "messages[0].content"),
-    ({"messages": [GOOD_CHAT["messages"][0], {"role": "assistant"}], "domain": "x"}, "messages[1].content"),
-    ({"messages": _msgs(("user", "a"), ("system", "s"), ("assistant", "b")), "domain": "x"}, "messages[1].role"),
+    (
+        {"messages": _msgs(("user", "a"), ("assistant", "b"), ("bot", "c")), "domain": "x"},
+        "messages[2].role",
+    ),
+    (
+        {"messages": [{"role": "user", "content": 3}, GOOD_CHAT["messages"][1]], "domain": "x"},
+        "messages[0].content",
+    ),
+    (
+        {"messages": [GOOD_CHAT["messages"][0], {"role": "assistant"}], "domain": "x"},
+        "messages[1].content",
+    ),
+    (
+        {"messages": _msgs(("user", "a"), ("system", "s"), ("assistant", "b")), "domain": "x"},
+        "messages[1].role",
+    ),
     ({"messages": _msgs(("user", "a")), "domain": "x"}, "messages"),
     ({"messages": GOOD_CHAT["messages"]}, "domain"),
     ({"messages": GOOD_CHAT["messages"], "domain": 7}, "domain"),
     (
-        {"messages": [{"role": "user", "content": "a", "reasoning_content": "r"}, GOOD_CHAT["messages"][1]], "domain": "x"},
+        {
+            "messages": [
+                {"role": "user", "content": "a", "reasoning_content": "r"},
+                GOOD_CHAT["messages"][1],
+            ],
+            "domain": "x",
+        },
         "messages[0].reasoning_content",
     ),
 ]
@@ -40,7 +58,14 @@ BAD_PROMPT = [
     ({"domain": "math", "verifier": {"type": "math"}}, "prompt"),
     ({**GOOD_PROMPT, "messages": _msgs(("user", "a"))}, "prompt"),
     ({**GOOD_PROMPT, "prompt": ""}, "prompt"),
-    ({"messages": _msgs(("user", "a"), ("assistant", "b")), "domain": "m", "verifier": {"type": "t"}}, "messages[1].role"),
+    (
+        {
+            "messages": _msgs(("user", "a"), ("assistant", "b")),
+            "domain": "m",
+            "verifier": {"type": "t"},
+        },
+        "messages[1].role",
+    ),
     ({k: v for k, v in GOOD_PROMPT.items() if k != "verifier"}, "verifier"),
     ({**GOOD_PROMPT, "verifier": "math"}, "verifier"),
     ({**GOOD_PROMPT, "verifier": {"answer": "2"}}, "verifier.type"),
@@ -85,11 +110,17 @@ def test_bad_prompt_line_names_file_line_and_field(tmp_path, bad, field):
 
 def test_role_error_lists_allowed_roles(tmp_path):
     path = _write(tmp_path / "c.jsonl", [BAD_CHAT[4][0]])
-    with pytest.raises(DataError, match=r"expected one of \['system', 'user', 'assistant', 'tool'\], got 'bot'"):
+    with pytest.raises(
+        DataError, match=r"expected one of \['system', 'user', 'assistant', 'tool'\], got 'bot'"
+    ):
         read_chat_jsonl(path)
 
 
 def test_messages_prompt_record_is_accepted(tmp_path):
-    rec = {"messages": _msgs(("system", "s"), ("user", "u")), "domain": "if", "verifier": {"type": "ifeval"}}
+    rec = {
+        "messages": _msgs(("system", "s"), ("user", "u")),
+        "domain": "if",
+        "verifier": {"type": "ifeval"},
+    }
     path = _write(tmp_path / "p.jsonl", [rec])
     assert read_prompt_jsonl(path) == ([rec], 0)

@@ -17,7 +17,9 @@ ROUND_TRIP_TEXTS = [
 
 
 def test_trained_special_ids(tokenizer):
-    assert [tokenizer.token_to_id(t) for t in TRAINED_SPECIALS] == list(range(len(TRAINED_SPECIALS)))
+    assert [tokenizer.token_to_id(t) for t in TRAINED_SPECIALS] == list(
+        range(len(TRAINED_SPECIALS))
+    )
     assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
     assert (tokenizer.im_start_id, tokenizer.im_end_id) == (3, 4)
     assert (tokenizer.think_id, tokenizer.think_end_id) == (5, 6)
