@@ -1,0 +1,253 @@
+"""IFEval-style verifiable instruction-following constraints.
+
+`verify(response, instruction_id_list, kwargs_list)` checks each instruction against the response
+and returns a list of True / False, or None for an id this module does not support. The ids and
+keyword arguments are IFEval's (google-research `instruction_following_eval`), strict variant;
+keys whose value is None are ignored, so the dataset's padded kwargs dicts work unchanged.
+Relations accept IFEval's "less than" / "at least" and also "at most", "more than", "exactly".
+
+Covered: all 25 IFEval ids, plus the extension `startend:start_checker` (kwarg `start_phrase`).
+Where IFEval uses a library we do not depend on, we approximate and say so:
+  * words are `\\w+` runs (IFEval's RegexpTokenizer) and sentences come from a regex splitter that
+    skips common abbreviations and decimals (IFEval uses its own splitter);
+  * `language:response_language` is decided by writing system, and only for languages whose
+    script no other IFEval language shares (ko, ja, zh, th, he, el, bn, ta, te, kn, gu, pa, ml,
+    hy, ka, am); for any other language it returns None rather than guess;
+  * "English" in `change_case:english_*` means at least 90% of the letters are ASCII.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import re
+import unicodedata
+
+_RELATIONS = {"less than": lambda a, n: a < n, "at least": lambda a, n: a >= n,
+              "at most": lambda a, n: a <= n, "more than": lambda a, n: a > n,
+              "exactly": lambda a, n: a == n}
+_ABBREV = r"(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bvs)(?<!\be\.g)(?<!\bi\.e)(?<!\betc)"
+_SENT_END = re.compile(_ABBREV + r"[.!?]+[\"')\]]*(?=\s|$)")
+# Unicode script name fragments for languages whose script is theirs alone among IFEval languages.
+_SCRIPT_LANG = {"ko": ("HANGUL",), "ja": ("HIRAGANA", "KATAKANA"), "zh": ("CJK",),
+                "th": ("THAI",), "he": ("HEBREW",), "el": ("GREEK",), "bn": ("BENGALI",),
+                "ta": ("TAMIL",), "te": ("TELUGU",), "kn": ("KANNADA",), "gu": ("GUJARATI",),
+                "pa": ("GURMUKHI",), "ml": ("MALAYALAM",), "hy": ("ARMENIAN",),
+                "ka": ("GEORGIAN",), "am": ("ETHIOPIC",)}
+
+
+def _compare(relation: str, actual: int, n: int) -> bool:
+    if relation not in _RELATIONS:
+        raise ValueError(f"relation must be one of {sorted(_RELATIONS)}, got {relation!r}")
+    return _RELATIONS[relation](actual, int(n))
+
+
+def count_words(text: str) -> int:
+    return len(re.findall(r"\w+", text))
+
+
+def count_sentences(text: str) -> int:
+    """Sentences: text pieces ended by . ! ? (not after common abbreviations or inside decimals)."""
+    pieces = _SENT_END.split(text)
+    return sum(1 for p in pieces if re.search(r"\w", p))
+
+
+def _english_letters(text: str) -> bool:
+    letters = [c for c in text if c.isalpha()]
+    return bool(letters) and sum(c.isascii() for c in letters) >= 0.9 * len(letters)
+
+
+def _language(text: str, language: str) -> bool | None:
+    scripts = _SCRIPT_LANG.get(language)
+    if scripts is None:
+        return None
+    names = collections.Counter()
+    for c in text:
+        if c.isalpha():
+            name = unicodedata.name(c, "")
+            names[name.split(" ")[0]] += 1
+    total = sum(names.values())
+    if language == "ja":  # kana must appear; kanji (CJK) count toward Japanese too
+        return names["HIRAGANA"] + names["KATAKANA"] > 0 and (
+            names["HIRAGANA"] + names["KATAKANA"] + names["CJK"]) >= 0.5 * total
+    if language == "zh" and names["HIRAGANA"] + names["KATAKANA"] > 0:
+        return False
+    return total > 0 and sum(names[s] for s in scripts) >= 0.5 * total
+
+
+def _paragraphs_stars(text: str, num_paragraphs: int) -> bool:
+    parts = re.split(r"\s?\*\*\*\s?", text)
+    n = len(parts)
+    for i, p in enumerate(parts):
+        if not p.strip():
+            if i in (0, len(parts) - 1):
+                n -= 1
+            else:
+                return False
+    return n == int(num_paragraphs)
+
+
+def _nth_paragraph_first_word(text, num_paragraphs, nth_paragraph, first_word) -> bool:
+    paragraphs = [p for p in re.split(r"\n\n", text) if p.strip()]
+    nth = int(nth_paragraph)
+    if len(paragraphs) != int(num_paragraphs) or not 1 <= nth <= len(paragraphs):
+        return False
+    words = paragraphs[nth - 1].strip().split()
+    if not words:
+        return False
+    word = re.match(r"[\W_]*([\w'-]*)", words[0]).group(1)
+    word = re.split(r"[.,?!'\"]", word)[0]
+    return word.lower() == first_word.strip().lower()
+
+
+def _postscript(text: str, postscript_marker: str) -> bool:
+    marker = postscript_marker.strip()
+    if marker == "P.P.S":
+        pat = r"\s*p\.\s?p\.\s?s.*$"
+    elif marker == "P.S.":
+        pat = r"\s*p\.\s?s\..*$"
+    else:
+        pat = r"\s*" + re.escape(marker.lower()) + r".*$"
+    return re.search(pat, text.lower(), flags=re.MULTILINE) is not None
+
+
+def _bullets(text: str, num_bullets: int) -> bool:
+    stars = re.findall(r"^\s*\*[^\*].*$", text, flags=re.MULTILINE)
+    dashes = re.findall(r"^\s*-.*$", text, flags=re.MULTILINE)
+    return len(stars) + len(dashes) == int(num_bullets)
+
+
+def _highlights(text: str, num_highlights: int) -> bool:
+    single = [h for h in re.findall(r"\*[^\n\*]*\*", text) if h.strip("*").strip()]
+    double = [h for h in re.findall(r"\*\*[^\n\*]*\*\*", text) if h[2:-2].strip()]
+    return len(single) + len(double) >= int(num_highlights)
+
+
+def _sections(text: str, section_spliter: str, num_sections: int) -> bool:
+    parts = re.split(r"\s?" + re.escape(section_spliter.strip()) + r"\s?\d+\s?", text)
+    return len(parts) - 1 >= int(num_sections)
+
+
+def _json_only(text: str) -> bool:
+    body = text.strip()
+    for fence in ("```json", "```Json", "```JSON", "```"):
+        if body.startswith(fence):
+            body = body[len(fence):]
+            break
+    body = body.removesuffix("```").strip()
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
+
+
+def _title(text: str) -> bool:
+    return any(t[2:-2].strip() for t in re.findall(r"<<[^\n]+>>", text))
+
+
+def _two_responses(text: str) -> bool:
+    parts = text.split("******")
+    valid = []
+    for i, p in enumerate(parts):
+        if not p.strip():
+            if i not in (0, len(parts) - 1):
+                return False
+        else:
+            valid.append(p.strip())
+    return len(valid) == 2 and valid[0] != valid[1]
+
+
+def _capital_words(text: str, capital_frequency: int, capital_relation: str) -> bool:
+    words = re.findall(r"\w+", text)
+    return _compare(capital_relation, sum(w.isupper() for w in words), capital_frequency)
+
+
+def _keywords_exist(text: str, keywords: list[str]) -> bool:
+    return all(re.search(re.escape(k), text, flags=re.IGNORECASE) for k in keywords)
+
+
+def _keyword_frequency(text: str, keyword: str, frequency: int, relation: str) -> bool:
+    n = len(re.findall(re.escape(keyword), text, flags=re.IGNORECASE))
+    return _compare(relation, n, frequency)
+
+
+def _forbidden(text: str, forbidden_words: list[str]) -> bool:
+    return not any(re.search(r"\b" + re.escape(w) + r"\b", text, flags=re.IGNORECASE)
+                   for w in forbidden_words)
+
+
+def _letter_frequency(text: str, letter: str, let_frequency: int, let_relation: str) -> bool:
+    return _compare(let_relation, text.lower().count(letter.lower()), let_frequency)
+
+
+_CONSTRAINED = ("My answer is yes.", "My answer is no.", "My answer is maybe.")
+
+# id -> (check(text, **kwargs), required kwarg names)
+CHECKS = {
+    "keywords:existence": (_keywords_exist, ("keywords",)),
+    "keywords:frequency": (_keyword_frequency, ("keyword", "frequency", "relation")),
+    "keywords:forbidden_words": (_forbidden, ("forbidden_words",)),
+    "keywords:letter_frequency": (_letter_frequency, ("letter", "let_frequency", "let_relation")),
+    "language:response_language": (_language, ("language",)),
+    "length_constraints:number_sentences": (
+        lambda t, num_sentences, relation: _compare(relation, count_sentences(t), num_sentences),
+        ("num_sentences", "relation")),
+    "length_constraints:number_paragraphs": (_paragraphs_stars, ("num_paragraphs",)),
+    "length_constraints:number_words": (
+        lambda t, num_words, relation: _compare(relation, count_words(t), num_words),
+        ("num_words", "relation")),
+    "length_constraints:nth_paragraph_first_word": (
+        _nth_paragraph_first_word, ("num_paragraphs", "nth_paragraph", "first_word")),
+    "detectable_content:number_placeholders": (
+        lambda t, num_placeholders: len(re.findall(r"\[.*?\]", t)) >= int(num_placeholders),
+        ("num_placeholders",)),
+    "detectable_content:postscript": (_postscript, ("postscript_marker",)),
+    "detectable_format:number_bullet_lists": (_bullets, ("num_bullets",)),
+    "detectable_format:constrained_response": (
+        lambda t: any(o in t.strip() for o in _CONSTRAINED), ()),
+    "detectable_format:number_highlighted_sections": (_highlights, ("num_highlights",)),
+    "detectable_format:multiple_sections": (_sections, ("section_spliter", "num_sections")),
+    "detectable_format:json_format": (_json_only, ()),
+    "detectable_format:title": (_title, ()),
+    "combination:two_responses": (_two_responses, ()),
+    "combination:repeat_prompt": (
+        lambda t, prompt_to_repeat: t.strip().lower().startswith(prompt_to_repeat.strip().lower()),
+        ("prompt_to_repeat",)),
+    "startend:end_checker": (
+        lambda t, end_phrase: t.strip().strip('"').lower().endswith(end_phrase.strip().lower()),
+        ("end_phrase",)),
+    "startend:start_checker": (
+        lambda t, start_phrase: t.strip().lower().startswith(start_phrase.strip().lower()),
+        ("start_phrase",)),
+    "startend:quotation": (lambda t: len(t.strip()) > 1 and t.strip()[0] == t.strip()[-1] == '"',
+                           ()),
+    "change_case:capital_word_frequency": (_capital_words, ("capital_frequency",
+                                                            "capital_relation")),
+    "change_case:english_capital": (lambda t: t.isupper() and _english_letters(t), ()),
+    "change_case:english_lowercase": (lambda t: t.islower() and _english_letters(t), ()),
+    "punctuation:no_comma": (lambda t: "," not in t, ()),
+}
+
+
+def check_one(response: str, instruction_id: str, kwargs: dict | None) -> bool | None:
+    """One instruction's verdict; None if `instruction_id` is unsupported.
+
+    Raises ValueError naming the id and key when a required keyword argument is missing.
+    """
+    if instruction_id not in CHECKS:
+        return None
+    fn, required = CHECKS[instruction_id]
+    given = {k: v for k, v in (kwargs or {}).items() if v is not None}
+    missing = [k for k in required if k not in given]
+    if missing:
+        raise ValueError(f"instruction {instruction_id!r}: missing kwargs {missing}")
+    return fn(response, **{k: given[k] for k in required})
+
+
+def verify(response: str, instruction_id_list: list[str],
+           kwargs_list: list[dict | None]) -> list[bool | None]:
+    """Per-instruction verdicts (True / False / None for unsupported ids), IFEval strict."""
+    if len(kwargs_list) != len(instruction_id_list):
+        raise ValueError(f"{len(instruction_id_list)} instruction ids but {len(kwargs_list)} "
+                         "kwargs dicts")
+    return [check_one(response, i, k) for i, k in zip(instruction_id_list, kwargs_list)]

@@ -1,0 +1,79 @@
+"""The reward-function registry and the rules every verifier shares.
+
+A reward function is `fn(record: dict, response: str, finished: bool) -> (score, details)` with
+`score` in [0, 1] and `details` a small picklable dict. `score_one` applies the shared rules:
+  * a response cut at the length limit (`finished=False`, no EOS) scores 0 (overlong penalty);
+  * the verifier is chosen by `record["verifier"]["type"]`, else by `record["domain"]`;
+  * the score is clamped to [0, 1].
+`final_answer(response)` is the text a verifier should judge: what follows the last `</think>`; a
+response that opens `<think>` and never closes it has no final answer (""); a response with no
+thinking block is judged whole.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+RewardFn = Callable[[dict, str, bool], "tuple[float, dict]"]
+_REGISTRY: dict[str, RewardFn] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(name: str, fn: RewardFn | None = None, *, aliases: tuple[str, ...] = ()):
+    """Register `fn` under `name` (and `aliases`); usable as a decorator `@register("math")`."""
+    def deco(f: RewardFn) -> RewardFn:
+        _REGISTRY[name] = f
+        for a in aliases:
+            _ALIASES[a] = name
+        return f
+    return deco(fn) if fn is not None else deco
+
+
+def get_verifier(domain_or_name: str) -> RewardFn:
+    """The reward function registered under a verifier type or domain name (or an alias)."""
+    key = _ALIASES.get(domain_or_name, domain_or_name)
+    if key not in _REGISTRY:
+        known = sorted(set(_REGISTRY) | set(_ALIASES))
+        raise KeyError(f"no verifier named {domain_or_name!r}; known: {known}")
+    return _REGISTRY[key]
+
+
+def verifier_name(record: dict) -> str:
+    """`record["verifier"]["type"]`, else `record["domain"]`; ValueError naming the missing key."""
+    if not isinstance(record, dict):
+        raise ValueError(f"record must be a dict, got {type(record).__name__}")
+    spec = record.get("verifier")
+    if isinstance(spec, dict) and spec.get("type"):
+        return str(spec["type"])
+    if record.get("domain"):
+        return str(record["domain"])
+    raise ValueError("record has neither verifier.type nor domain")
+
+
+def verifier_spec(record: dict, *required: str) -> dict:
+    """`record["verifier"]`, checked to hold the `required` keys (ValueError names the key)."""
+    spec = record.get("verifier")
+    if not isinstance(spec, dict):
+        raise ValueError("record['verifier'] must be a dict")
+    for key in required:
+        if key not in spec:
+            raise ValueError(f"record['verifier'] lacks key {key!r} (type {spec.get('type')!r})")
+    return spec
+
+
+def final_answer(response: str) -> str:
+    """The text after the last `</think>`; "" if `<think>` is never closed; else the response."""
+    if "</think>" in response:
+        return response.rsplit("</think>", 1)[1]
+    if "<think>" in response:
+        return ""
+    return response
+
+
+def score_one(record: dict, response: str, finished: bool) -> tuple[float, dict]:
+    """Score one response with the shared rules (truncation -> 0, clamping) and its verifier."""
+    name = verifier_name(record)
+    if not finished:
+        return 0.0, {"verifier": name, "truncated": True}
+    score, details = get_verifier(name)(record, response, finished)
+    score = min(1.0, max(0.0, float(score)))
+    return score, {"verifier": name, "truncated": False, **details}
