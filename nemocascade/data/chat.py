@@ -53,7 +53,13 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 def split_reasoning(message: Mapping) -> tuple[str | None, str]:
-    """(reasoning or None, content) of an assistant message, both stripped of edge newlines."""
+    """(reasoning or None, content) of an assistant message.
+
+    Reasoning comes from `reasoning_content` or a `<think>...</think>` prefix of
+    `content`; it is stripped of edge newlines, and empty reasoning (e.g. a
+    non-thinking sample's `<think></think>answer`) counts as none. When there
+    was a think block, leading newlines of the content are stripped.
+    """
     content = message.get("content") or ""
     reasoning = message.get("reasoning_content")
     if reasoning is None and THINK_END in content:
@@ -61,7 +67,8 @@ def split_reasoning(message: Mapping) -> tuple[str | None, str]:
         reasoning = head.split(THINK, 1)[1] if THINK in head else head
     if reasoning is None:
         return None, content
-    return reasoning.strip("\n"), content.lstrip("\n")
+    reasoning = reasoning.strip("\n")
+    return (reasoning or None), content.lstrip("\n")
 
 
 def _assistant_body(message: Mapping, *, current: bool, thinking: bool) -> tuple[str, str]:

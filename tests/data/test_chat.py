@@ -67,6 +67,13 @@ def test_think_prefix_in_content_equals_reasoning_field(tokenizer):
         )
 
 
+def test_empty_think_block_is_non_thinking(tokenizer):
+    for reply in ({"content": "<think></think>4"}, {"reasoning_content": "", "content": "4"}):
+        msgs = [SINGLE[0], {"role": "assistant", **reply}]
+        assert render_text(msgs, thinking=True) == render_text(SINGLE, thinking=False)
+        assert render_chat(tokenizer, msgs) == render_chat(tokenizer, SINGLE, thinking=False)
+
+
 def test_multi_turn_strips_history_reasoning(tokenizer):
     text = render_text(MULTI, thinking=True)
     assert text == (

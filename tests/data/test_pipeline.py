@@ -205,7 +205,7 @@ def test_state_restore_resumes_exactly(records, tokenizer, skip):
 
 
 def test_non_thinking_fraction(records, tokenizer):
-    with_reasoning = [r for r in records if any("reasoning_content" in m for m in r["messages"])]
+    with_reasoning = [r for r in records if any(m.get("reasoning_content") for m in r["messages"])]
     kw = {"seq_len": 1024, "drop_remainder": False}
 
     def segs(**k):

@@ -85,3 +85,25 @@ def test_train_bpe_rejects_tiny_vocab():
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         Tokenizer.from_file(tmp_path / "nope.json")
+
+
+def test_build_tokenizer_cli(chat_path, prompt_path, tmp_path, capsys, chat_records):
+    from nemocascade.data import render_text
+    from nemocascade.data.build_tokenizer import main
+
+    main(
+        [
+            "--chat",
+            str(chat_path),
+            "--prompts",
+            str(prompt_path),
+            "--vocab_size=400",
+            f"--out={tmp_path}",
+        ]
+    )
+    assert "tokenizer.json (400 ids)" in capsys.readouterr().out
+    tok = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    assert tok.vocab_size == 400 and tok.im_end_id == 4
+    text = render_text(chat_records[0]["messages"])
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and len(ids) < len(text.encode()) / 2
