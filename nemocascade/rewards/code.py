@@ -58,8 +58,15 @@ _os.dup2(_null, 0)
 _os.close(_null)
 _sys.argv = ["main.py"]
 _g = {"__name__": "__main__", "__builtins__": __builtins__}
+def _flush():
+    for _f in (_sys.stdout, _sys.stderr):
+        try:
+            _f.flush()
+        except BaseException:
+            pass
 def _report(kind, exc):
     _os.write(_res, ("F:%s:%s: %s\n" % (kind, type(exc).__name__, str(exc)[:300])).encode())
+    _flush()
     _os._exit(1)
 try:
     exec(compile(_spec["program"], "main.py", "exec"), _g)
@@ -82,11 +89,7 @@ except AssertionError as e:
     _report("failed", e)
 except BaseException as e:
     _report("error", e)
-try:
-    _sys.stdout.flush()
-    _sys.stderr.flush()
-except BaseException:
-    pass
+_flush()
 _nonce = _os.read(_nonce_fd, 64)
 _os.write(_res, b"P:" + _nonce + b"\n")
 _os._exit(0)

@@ -200,6 +200,21 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def _drain(sel: selectors.BaseSelector, until: float) -> None:
+    """Read and discard until every registered pipe hits EOF (all sandbox processes are gone,
+    since each holds them) or `until` passes. Makes the kernel's namespace teardown visible."""
+    for key in list(sel.get_map().values()):
+        if key.events & selectors.EVENT_WRITE:
+            sel.unregister(key.fd)
+    while sel.get_map() and time.monotonic() < until:
+        for key, _ in sel.select(timeout=max(0.0, until - time.monotonic())):
+            try:
+                if not os.read(key.fd, 1 << 16):
+                    sel.unregister(key.fd)
+            except BlockingIOError:
+                pass
+
+
 def _communicate(proc: subprocess.Popen, res_r: int, stdin: bytes, deadline: float,
                  cap: int) -> SandboxRun:
     """Feed stdin, read stdout/stderr/result with a deadline and an output cap; reap the process."""
@@ -245,9 +260,10 @@ def _communicate(proc: subprocess.Popen, res_r: int, stdin: bytes, deadline: flo
             if len(bufs[out_fd]) + len(bufs[err_fd]) > cap:
                 exceeded = True
                 break
-    sel.close()
     if timed_out or exceeded:
         _kill_group(proc)
+        _drain(sel, time.monotonic() + 2.0)
+    sel.close()
     try:
         rc = proc.wait(timeout=max(0.5, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
