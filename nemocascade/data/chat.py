@@ -1,8 +1,9 @@
 """The Nemotron-3-Nano chat template (ChatML with think blocks), as token ids plus a loss mask.
 
-Rendered text (this follows the released Hugging Face template of
-Nemotron-3-Nano / Cascade-2, read through tinker-cookbook's `nemotron3`
-renderer and `reference/nemotron_h_architecture.md` §7):
+Rendered text. This follows the Nemotron-3 Hugging Face chat template as read
+(not copied) from a public copy of its jinja source, tinker-cookbook's tested
+`nemotron3` renderer and `reference/nemotron_h_architecture.md` §7; the
+released tokenizer_config.json itself cannot be fetched here:
 
     <|im_start|>system\\n{system}<|im_end|>\\n          always emitted; {system} = "" if none
     <|im_start|>user\\n{content}<|im_end|>\\n
@@ -18,13 +19,22 @@ An assistant message carries reasoning either in `reasoning_content` or as a
 - no reasoning, or `thinking=False` (non-thinking mode drops it):
   `<think></think>{content}`;
 - an earlier turn (before the last user message): reasoning is stripped
-  (`truncate_history_thinking`). Documented choice, matching the HF
-  template byte for byte: a turn that had reasoning keeps the newline that
+  (`truncate_history_thinking`). As in the HF template (`"<think></think>" ~
+  c.split("</think>")[-1]`), a turn that had reasoning keeps the newline that
   followed `</think>`, i.e. `<think></think>\\n{content}`; a turn without
-  reasoning is `<think></think>{content}`.
+  reasoning is `<think></think>{content}`. "Current" follows the HF rule
+  (index after the last user message), so assistant turns around tool
+  responses of the last user request keep their reasoning.
 
-Reasoning is stripped of surrounding newlines and content of leading newlines
-before rendering. Tool calls are expected inline in `content` (Nemotron's XML
+Reasoning is stripped of surrounding newlines and content (after a think
+block) of leading newlines; every assistant body is right-trimmed of
+whitespace (HF's `| trim`). Both input forms of reasoning render the same,
+as the canonical inline text `<think>\\n{reasoning}\\n</think>\\n{content}` that
+the model generates. (Documented deviation: given `reasoning_content`, the
+HF template concatenates `"<think>\\n" ~ reasoning ~ "</think>" ~ content`
+without those two newlines; we do not copy that asymmetry.)
+
+Tool calls are expected inline in `content` (Nemotron's XML
 `<tool_call><function=...>` text); no `tool_calls` field is rendered.
 
 Generation prefix (`add_generation_prompt=True`, and `render_prompt`):
@@ -35,12 +45,14 @@ Loss mask: 1 on exactly the tokens the model generates after that prefix:
 for a turn rendered with reasoning, `{reasoning}\\n</think>\\n{content}<|im_end|>`;
 otherwise `{content}<|im_end|>` (plus the history newline above). Never the
 `<|im_start|>assistant\\n` header, the opening think tokens, or the `\\n` after
-`<|im_end|>`. With `train_history=False` only the turns after the last user
-message are trained.
+`<|im_end|>`. By default every assistant turn is trained (earlier ones with
+their reasoning stripped, as the model sees them in context); with
+`train_history=False` only the turns after the last user message are.
 
 Token ids come from encoding the whole rendered text at once (as
 `apply_chat_template(tokenize=True)` does); the mask is assigned per token by
-the character where the token starts.
+the character where the token starts. Special-token strings written inside
+message text (e.g. a literal `<|im_end|>`) become special ids, as in HF.
 """
 
 from __future__ import annotations
@@ -72,13 +84,16 @@ def split_reasoning(message: Mapping) -> tuple[str | None, str]:
 
 
 def _assistant_body(message: Mapping, *, current: bool, thinking: bool) -> tuple[str, str]:
-    """(untrained prefix, trained text without <|im_end|>) of one assistant turn's body."""
+    """(untrained prefix, trained text without <|im_end|>) of one assistant turn's body.
+
+    The body is right-trimmed of whitespace, as the HF template's `| trim` does.
+    """
     reasoning, content = split_reasoning(message)
     if current and thinking and reasoning is not None:
-        return f"{THINK}\n", f"{reasoning}\n{THINK_END}\n{content}"
+        return f"{THINK}\n", f"{reasoning}\n{THINK_END}\n{content}".rstrip()
     if not current and reasoning is not None:
-        return f"{THINK}{THINK_END}", f"\n{content}"
-    return f"{THINK}{THINK_END}", content
+        return f"{THINK}{THINK_END}", f"\n{content}".rstrip()
+    return f"{THINK}{THINK_END}", content.rstrip()
 
 
 def _pieces(

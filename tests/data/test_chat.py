@@ -74,6 +74,23 @@ def test_empty_think_block_is_non_thinking(tokenizer):
         assert render_chat(tokenizer, msgs) == render_chat(tokenizer, SINGLE, thinking=False)
 
 
+def test_assistant_body_is_right_trimmed(tokenizer):
+    msgs = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "reasoning_content": "r1", "content": "  x \n"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "reasoning_content": "\nr2\n", "content": ""},
+    ]
+    assert render_text(msgs) == (
+        SYS + "<|im_start|>user\na<|im_end|>\n"
+        "<|im_start|>assistant\n<think></think>\n  x<|im_end|>\n"
+        "<|im_start|>user\nb<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nr2\n</think><|im_end|>\n"
+    )
+    ids, mask = render_chat(tokenizer, msgs)
+    assert masked_runs(tokenizer, ids, mask) == ["\n  x<|im_end|>", "r2\n</think><|im_end|>"]
+
+
 def test_multi_turn_strips_history_reasoning(tokenizer):
     text = render_text(MULTI, thinking=True)
     assert text == (
