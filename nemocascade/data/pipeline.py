@@ -165,7 +165,10 @@ def sft_dataset(
     `shard_index`/`shard_count` (normally `jax.process_index()`/`jax.process_count()`)
     give each process the disjoint slice `records[shard_index::shard_count]`,
     shuffled with `seed` (a new order each epoch). `num_epochs=None` repeats
-    forever. `num_packing_bins` defaults to `batch_size`.
+    forever; prefer it for multi-process training and stop by step count,
+    since shards pack into different numbers of rows and a finite pipeline
+    would end at a different step on each process. `num_packing_bins`
+    defaults to `batch_size`.
 
     `thinking=False` renders every record in non-thinking mode. With
     `thinking=True`, a seeded random `non_thinking_fraction` of the samples is
