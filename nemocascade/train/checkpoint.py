@@ -1,0 +1,112 @@
+"""Checkpoints with orbax: asynchronous saves, keep the last N plus the best by a named metric.
+
+A checkpoint at step s is the directory `<workdir>/checkpoints/<s>/` with three items:
+    state  the TrainState (params, optimizer state, model state, step, RNG), sharded arrays
+    data   the data iterator's state (JSON, from `iterator.get_state()`)
+    extra  JSON the caller wants back (e.g. the metrics of that step)
+
+Orbax writes into a temporary directory and renames it when complete, so an interrupted save
+is never listed. `restore_latest` walks the listed steps from newest to oldest and skips (with a
+warning) any that fails to restore, e.g. a checkpoint whose files were truncated or deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+log = logging.getLogger(__name__)
+
+BEST_MODES = ("min", "max")
+
+
+class Checkpointer:
+    """Saves and restores `(TrainState, data state, extra)` under `directory`.
+
+    keep_last: how many of the newest checkpoints to keep; best_metric: key of the `metrics`
+    passed to `save` whose best value (by `best_mode`) is also kept ("" to disable).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, best_metric: str = "",
+                 best_mode: str = "min", async_save: bool = True):
+        if keep_last < 1:
+            raise ValueError(f"checkpoint keep_last must be >= 1, got {keep_last}")
+        if best_mode not in BEST_MODES:
+            raise ValueError(f"checkpoint best_mode must be one of {BEST_MODES}, got {best_mode!r}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.best_metric = best_metric
+        policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep_last)]
+        if best_metric:
+            policies.append(pp.BestN(get_metric_fn=lambda m: float(m[best_metric]),
+                                     reverse=(best_mode == "min"), n=1,
+                                     keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=("state", "data", "extra"), options=options)
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: Mapping[str, Any],
+             metrics: Mapping[str, float] | None = None,
+             extra: Mapping[str, Any] | None = None) -> None:
+        """Start saving (returns once arrays are copied off the device; writing continues)."""
+        if self.best_metric and (metrics is None or self.best_metric not in metrics):
+            raise KeyError(f"checkpoint at step {step}: best_metric {self.best_metric!r} missing "
+                           f"from metrics {sorted(metrics or {})}")
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    data=ocp.args.JsonSave(dict(data_state)),
+                                    extra=ocp.args.JsonSave(dict(extra or {}))),
+            metrics=metrics, force=True)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """`(state, data_state, extra)` of checkpoint `step`; arrays get `abstract_state`'s
+        shapes, dtypes and shardings (a pytree of `jax.ShapeDtypeStruct`)."""
+        out = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                    data=ocp.args.JsonRestore(), extra=ocp.args.JsonRestore()))
+        return out["state"], dict(out["data"] or {}), dict(out["extra"] or {})
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+        """The newest checkpoint that restores, as `(step, state, data_state, extra)`, or None.
+
+        A checkpoint that fails to restore is skipped with a warning naming its directory.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                state, data_state, extra = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - any failure means "unusable checkpoint"
+                log.warning("checkpoint %s/%d is unreadable (%s: %s); trying an older one",
+                            self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+                continue
+            return step, state, data_state, extra
+        return None
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
+    """`abstract_state` (ShapeDtypeStructs) with each leaf's sharding set from `shardings`."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, shardings)

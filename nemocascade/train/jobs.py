@@ -1,0 +1,67 @@
+"""Registry of launchable jobs: `config.job` names a function `fn(config, workdir) -> metrics`.
+
+    from nemocascade.train.jobs import register_job
+
+    @register_job("cascade")
+    def run_cascade(config, workdir) -> dict: ...
+
+A job registers itself when its module is imported. `get_job(name)` imports the modules listed in
+`JOB_MODULES` (a module that does not exist yet is skipped) before looking the name up, so a new
+job only needs `@register_job` in one of them, or its module appended to `JOB_MODULES`, or
+`config.job = "some.module:name"` naming the module to import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable, Mapping
+
+JobFn = Callable[[Any, str], Mapping[str, Any]]
+
+JOB_MODULES: list[str] = ["nemocascade.train.sft_job", "nemocascade.cascade"]
+
+_JOBS: dict[str, JobFn] = {}
+
+
+def register_job(name: str) -> Callable[[JobFn], JobFn]:
+    """Decorator: make `fn(config, workdir) -> dict of final metrics` launchable as `name`."""
+
+    def deco(fn: JobFn) -> JobFn:
+        if name in _JOBS and _JOBS[name] is not fn:
+            raise ValueError(f"job {name!r} is already registered by {_JOBS[name].__module__}")
+        _JOBS[name] = fn
+        return fn
+
+    return deco
+
+
+def _import_optional(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:  # the module exists but one of its imports is missing: a real error
+            raise
+
+
+def get_job(name: str) -> JobFn:
+    """The job registered as `name` (or `module:name`); unknown names list the known ones."""
+    if ":" in name:
+        module, name = name.split(":", 1)
+        importlib.import_module(module)
+    if name not in _JOBS:
+        for module in JOB_MODULES:
+            _import_optional(module)
+    if name not in _JOBS:
+        near = difflib.get_close_matches(name, list(_JOBS), n=3)
+        hint = f"; did you mean {near}?" if near else ""
+        raise KeyError(f"config.job={name!r} is not a registered job{hint} "
+                       f"(registered: {sorted(_JOBS)})")
+    return _JOBS[name]
+
+
+def registered_jobs() -> list[str]:
+    """Names of the jobs registered so far (after importing `JOB_MODULES`)."""
+    for module in JOB_MODULES:
+        _import_optional(module)
+    return sorted(_JOBS)

@@ -1,0 +1,135 @@
+"""Optimizer: AdamW with a decay mask, linear warmup then cosine to a floor, global-norm clipping.
+
+Defaults are the Cascade-2 SFT recipe (paper Table 7): AdamW beta1 0.9, beta2 0.98, weight decay
+0.1, lr 5e-5 -> 5e-6 cosine after 200 warmup steps. Weight decay skips norms, biases and every
+parameter with fewer than two dimensions (Mamba `A_log`, `D`, `dt_bias`); the MoE correction bias
+is not a Param at all, so the optimizer never sees it.
+
+Gradient accumulation (`grad_accum_steps`) is done inside the train step (`accumulate_gradients`),
+summing per-token losses over microbatches before one division by the global token count, so the
+update equals the full-batch one (which `optax.MultiSteps`' mean of per-microbatch means is not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+NO_DECAY_NAME_PARTS = ("norm", "bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Hyperparameters of `make_optimizer` (names match the `optim` section of a config)."""
+
+    lr: float = 5e-5  # peak learning rate
+    min_lr: float = 5e-6  # cosine floor
+    warmup_steps: int = 200
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, "
+                             f"min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.grad_accum_steps < 1 or self.clip_norm < 0:
+            raise ValueError(f"optim: bad warmup_steps/grad_accum_steps/clip_norm in {self}")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> "OptimConfig":
+        """From a config section; unknown keys raise, naming the valid ones."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - fields)
+        if unknown:
+            raise KeyError(f"optim: unknown keys {unknown}; valid keys are {sorted(fields)}")
+        return cls(**dict(cfg))
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """lr(s) = lr*(s+1)/warmup for s < warmup, then cosine from lr to min_lr at total_steps.
+
+    Step s is the 0-based optimizer update count; the first update already uses a non-zero lr.
+    """
+    warmup, total = cfg.warmup_steps, int(total_steps)
+    decay = max(total - warmup, 1)
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        warm = cfg.lr * jnp.minimum((s + 1.0) / max(warmup, 1), 1.0)
+        frac = jnp.clip((s - warmup) / decay, 0.0, 1.0)
+        cosine = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + jnp.cos(math.pi * frac))
+        return jnp.where(s < warmup, warm, cosine)
+
+    return schedule
+
+
+def _path_names(path) -> list[str]:
+    names = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        names.append(str(key).lower())
+    return names
+
+
+def decay_mask(params: Any) -> Any:
+    """True where weight decay applies: >= 2-D params whose path names no norm or bias."""
+
+    def decide(path, leaf):
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        names = _path_names(path)
+        if getattr(value, "ndim", 0) < 2:
+            return False
+        return not any(part in name for name in names for part in NO_DECAY_NAME_PARTS)
+
+    return jax.tree_util.tree_map_with_path(decide, params,
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """clip_by_global_norm (if clip_norm > 0) then AdamW with `lr_schedule` and `decay_mask`."""
+    adamw = optax.adamw(learning_rate=lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
+                        eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+    return adamw
+
+
+def accumulate_gradients(loss_sum_fn: Callable, params: Any, model_state: Any,
+                         batch: Mapping[str, jax.Array], num_micro: int):
+    """Sum of `loss_sum_fn(params, model_state, microbatch) -> (loss_sum, (count, aux))` and its
+    gradient in `params` (`model_state` is passed through, not differentiated).
+
+    The batch's leading axis is split into `num_micro` equal microbatches processed sequentially
+    (`lax.scan`), which bounds activation memory. Returns `(loss_sum, count, grads_sum, aux)` with
+    `aux` from the last microbatch. With num_micro == 1 this is one `value_and_grad`.
+    """
+    grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
+    if num_micro == 1:
+        (loss_sum, (count, aux)), grads = grad_fn(params, model_state, batch)
+        return loss_sum, count, grads, aux
+    lead = next(iter(batch.values())).shape[0]
+    if lead % num_micro:
+        raise ValueError(f"batch size {lead} is not divisible by grad_accum_steps={num_micro}")
+    micro = jax.tree.map(lambda x: x.reshape((num_micro, lead // num_micro) + x.shape[1:]), batch)
+    first = jax.tree.map(lambda x: x[0], micro)
+    (loss0, (count0, aux0)), grads0 = grad_fn(params, model_state, first)
+
+    def body(carry, mb):
+        loss_acc, count_acc, grads_acc, _ = carry
+        (loss, (count, aux)), grads = grad_fn(params, model_state, mb)
+        grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+        return (loss_acc + loss, count_acc + count, grads_acc, aux), None
+
+    rest = jax.tree.map(lambda x: x[1:], micro)
+    (loss_sum, count, grads, aux), _ = jax.lax.scan(body, (loss0, count0, grads0, aux0), rest)
+    return loss_sum, count, grads, aux
