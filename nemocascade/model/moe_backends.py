@@ -82,17 +82,16 @@ def dense_experts(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
 
 # --------------------------------------------------------------------------- permute / unpermute
 class Permutation(NamedTuple):
-    """Where each (token, k) assignment lives in the expert-sorted row buffer.
+    """Where each (token, k) assignment lives in the expert-sorted row buffer of N rows.
 
-    pos_TK:        row of assignment (t, k) in the buffer; `num_rows` (out of range) if it has no
-                   expert.
-    src_N:         token feeding buffer row n; `T` (out of range -> zero row) for padding rows.
-    group_sizes_E: rows per expert in the buffer (including tile padding for `sorted`).
-    tile_expert_G: expert of each tile (only for the tiled layout; else None).
+    pos_TK:        row of assignment (t, k) in the buffer; N (out of range) if it has no expert.
+    assign_N:      assignment `t * K + k` held by buffer row n; `T * K` (out of range) for padding.
+    group_sizes_E: rows per expert in the buffer (including tile padding for the tiled layout).
+    tile_expert_G: expert of each tile (tiled layout only; else None).
     num_tiles:     number of tiles that hold rows (dynamic scalar; tiled layout only).
     """
     pos_TK: jax.Array
-    src_N: jax.Array
+    assign_N: jax.Array
     group_sizes_E: jax.Array
     tile_expert_G: jax.Array | None
     num_tiles: jax.Array | None
@@ -112,7 +111,7 @@ def permute(idx_TK: jax.Array, num_experts: int, tile_rows: int | None = None) -
     e_A = idx_TK.reshape(A).astype(jnp.int32)
     valid_A = (e_A >= 0) & (e_A < num_experts)
     key_A = jnp.where(valid_A, e_A, num_experts)  # "no expert" sorts last
-    order_A = jnp.argsort(key_A, stable=True)  # sorted position -> assignment
+    order_A = jnp.argsort(key_A, stable=True).astype(jnp.int32)  # sorted position -> assignment
     key_sorted = key_A[order_A]
     counts = jnp.zeros((num_experts + 1,), jnp.int32).at[key_A].add(1)
     group_sizes_E = counts[:num_experts]
@@ -139,19 +138,62 @@ def permute(idx_TK: jax.Array, num_experts: int, tile_rows: int | None = None) -
                                   num_experts - 1).astype(jnp.int32)
     row_sorted = jnp.where(key_sorted < num_experts, row_sorted, num_rows)
     pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(row_sorted)
-    token_sorted = (order_A // K).astype(jnp.int32)
-    src_N = jnp.full((num_rows,), T, jnp.int32).at[row_sorted].set(token_sorted, mode="drop")
-    return Permutation(pos_A.reshape(T, K), src_N, padded_sizes, tile_expert, num_tiles)
+    assign_N = jnp.full((num_rows,), A, jnp.int32).at[row_sorted].set(order_A, mode="drop")
+    return Permutation(pos_A.reshape(T, K), assign_N, padded_sizes, tile_expert, num_tiles)
+
+
+# The two data movements below are written with gathers in both directions (a custom VJP):
+# the map between valid assignments and buffer rows is a bijection, so the transpose of a
+# gather by one index is a gather by the other. XLA's default transpose (a scatter-add) is
+# several times slower on CPU.
+def _take_rows(v, index):
+    return jnp.take(v, index, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def _tokens_to_rows(x_TD, assign_N, pos_TK):
+    return _take_rows(x_TD, assign_N // pos_TK.shape[1])
+
+
+def _tokens_to_rows_fwd(x_TD, assign_N, pos_TK):
+    return _tokens_to_rows(x_TD, assign_N, pos_TK), (assign_N, pos_TK)
+
+
+def _tokens_to_rows_bwd(res, ct_ND):
+    assign_N, pos_TK = res
+    ct_TD = jnp.sum(_take_rows(ct_ND, pos_TK).astype(jnp.float32), axis=1).astype(ct_ND.dtype)
+    return ct_TD, None, None
+
+
+_tokens_to_rows.defvjp(_tokens_to_rows_fwd, _tokens_to_rows_bwd)
+
+
+@jax.custom_vjp
+def _rows_to_assignments(y_ND, pos_TK, assign_N):
+    return _take_rows(y_ND, pos_TK)
+
+
+def _rows_to_assignments_fwd(y_ND, pos_TK, assign_N):
+    return _rows_to_assignments(y_ND, pos_TK, assign_N), (pos_TK, assign_N)
+
+
+def _rows_to_assignments_bwd(res, ct_TKD):
+    pos_TK, assign_N = res
+    T, K, D = ct_TKD.shape
+    return _take_rows(ct_TKD.reshape(T * K, D), assign_N), None, None
+
+
+_rows_to_assignments.defvjp(_rows_to_assignments_fwd, _rows_to_assignments_bwd)
 
 
 def gather_rows(x_TD: jax.Array, perm: Permutation) -> jax.Array:
-    """Buffer rows `x_ND[n] = x_TD[src_N[n]]` (zero for padding rows)."""
-    return jnp.take(x_TD, perm.src_N, axis=0, mode="fill", fill_value=0)
+    """Buffer rows `x_ND[n] = x_TD[token of row n]` (zero for padding rows)."""
+    return _tokens_to_rows(x_TD, perm.assign_N, perm.pos_TK)
 
 
 def unpermute(y_ND: jax.Array, perm: Permutation, w_TK: jax.Array, dtype) -> jax.Array:
     """`y_t = sum_k w_tk * y_ND[pos_tk]`, summed in fp32, cast to `dtype`."""
-    y_TKD = jnp.take(y_ND, perm.pos_TK, axis=0, mode="fill", fill_value=0)
+    y_TKD = _rows_to_assignments(y_ND, perm.pos_TK, perm.assign_N)
     y_TD = jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), w_TK.astype(jnp.float32))
     return y_TD.astype(dtype)
 
@@ -230,9 +272,11 @@ def _tiled_gmm_bwd(res, dout_GMN):
         w_KN = jax.lax.dynamic_index_in_dim(rhs_EKN, e, 0, keepdims=False)
         x_MK = jax.lax.dynamic_index_in_dim(lhs_GMK, g, 0, keepdims=False)
         dy_MN = jax.lax.dynamic_index_in_dim(dout_GMN, g, 0, keepdims=False)
-        dx_MK = jnp.dot(dy_MN, w_KN.T, preferred_element_type=jnp.float32)
+        dx_MK = jax.lax.dot_general(dy_MN, w_KN, (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
         dlhs = jax.lax.dynamic_update_index_in_dim(dlhs, dx_MK.astype(dlhs.dtype), g, 0)
-        dw_KN = jnp.dot(x_MK.T, dy_MN, preferred_element_type=jnp.float32)
+        dw_KN = jax.lax.dot_general(x_MK, dy_MN, (((0,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
         prev = jax.lax.dynamic_index_in_dim(drhs, e, 0, keepdims=False)
         drhs = jax.lax.dynamic_update_index_in_dim(drhs, prev + dw_KN, e, 0)
         return dlhs, drhs
@@ -249,7 +293,7 @@ def sorted_experts_tiled(x_TD, idx_TK, w_TK, up_EDF, down_EFD, *, tile_rows: int
     T, K = idx_TK.shape
     m = max(1, min(int(tile_rows), T * K))
     perm = permute(idx_TK, up_EDF.shape[0], tile_rows=m)
-    G = perm.src_N.shape[0] // m
+    G = perm.assign_N.shape[0] // m
     x_GMD = gather_rows(x_TD, perm).reshape(G, m, -1)
     h_GMF = relu2(tiled_gmm(x_GMD, up_EDF, perm.tile_expert_G, perm.num_tiles))
     y_GMD = tiled_gmm(h_GMF.astype(x_TD.dtype), down_EFD, perm.tile_expert_G, perm.num_tiles)
