@@ -21,10 +21,15 @@ Entry points: `score_batch(records, responses, finished, *, num_workers, timeout
 (scores, details, metrics); `score_one(record, response, finished)`; `get_verifier(name)`;
 `register(name, fn)` for new reward functions `fn(record, response, finished) -> (score, details)`.
 """
+
 from nemocascade.rewards import verifiers as _builtin  # noqa: F401  (registers the built-ins)
 from nemocascade.rewards.batch import score_batch
-from nemocascade.rewards.registry import (final_answer, get_verifier, register, score_one,
-                                          verifier_name)
+from nemocascade.rewards.registry import (
+    final_answer,
+    get_verifier,
+    register,
+    score_one,
+    verifier_name,
+)
 
-__all__ = ["score_batch", "score_one", "get_verifier", "register", "final_answer",
-           "verifier_name"]
+__all__ = ["final_answer", "get_verifier", "register", "score_batch", "score_one", "verifier_name"]

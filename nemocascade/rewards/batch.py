@@ -7,6 +7,7 @@ worker is killed (which also kills any sandbox it started: bwrap runs with --die
 replaced. A verifier exception, a bad record or a dead
 worker also give score 0. Everything is counted in the metrics; nothing is raised.
 """
+
 from __future__ import annotations
 
 import collections
@@ -40,15 +41,24 @@ class _Worker:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "nemocascade.rewards.worker", str(to_child_r),
-                 str(from_child_w)], pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, env=env)
+                [
+                    sys.executable,
+                    "-m",
+                    "nemocascade.rewards.worker",
+                    str(to_child_r),
+                    str(from_child_w),
+                ],
+                pass_fds=(to_child_r, from_child_w),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env=env,
+            )
         finally:
             os.close(to_child_r)
             os.close(from_child_w)
         self.send = Connection(to_child_w, readable=False)
         self.conn = Connection(from_child_r, writable=False)
-        self.item = None          # index being scored
+        self.item = None  # index being scored
         self.deadline = None
 
     def kill(self) -> None:
@@ -61,9 +71,14 @@ class _Worker:
         self.conn.close()
 
 
-def score_batch(records: list[dict], responses: list[str], finished: list[bool] | None = None, *,
-                num_workers: int = 2, timeout_s: float = 60.0
-                ) -> tuple[list[float], list[dict], dict]:
+def score_batch(
+    records: list[dict],
+    responses: list[str],
+    finished: list[bool] | None = None,
+    *,
+    num_workers: int = 2,
+    timeout_s: float = 60.0,
+) -> tuple[list[float], list[dict], dict]:
     """Scores in [0, 1], per-item details, and batch metrics for aligned records / responses.
 
     `finished[i]` is False for a response cut at the length limit (scores 0); None means all
@@ -71,8 +86,10 @@ def score_batch(records: list[dict], responses: list[str], finished: list[bool] 
     """
     n = len(records)
     if len(responses) != n or (finished is not None and len(finished) != n):
-        raise ValueError(f"score_batch: {n} records, {len(responses)} responses, "
-                         f"{None if finished is None else len(finished)} finished flags")
+        raise ValueError(
+            f"score_batch: {n} records, {len(responses)} responses, "
+            f"{None if finished is None else len(finished)} finished flags"
+        )
     finished = [True] * n if finished is None else [bool(f) for f in finished]
     t0 = time.monotonic()
     out: list = [None] * n
@@ -118,8 +135,11 @@ def _run_pool(records, responses, finished, out, num_workers, timeout_s) -> None
                     except (EOFError, OSError):
                         out[w.item] = (0.0, {"error": "worker died"}, "worker died")
                 elif now >= w.deadline:
-                    out[w.item] = (0.0, {"error": f"timeout after {timeout_s}s", "timeout": True},
-                                   "timeout")
+                    out[w.item] = (
+                        0.0,
+                        {"error": f"timeout after {timeout_s}s", "timeout": True},
+                        "timeout",
+                    )
                 else:
                     continue
                 w.kill()
@@ -128,8 +148,8 @@ def _run_pool(records, responses, finished, out, num_workers, timeout_s) -> None
         for w in workers:
             try:
                 w.send.send(None)
-            except Exception:  # noqa: BLE001 - the worker may already be gone
-                pass
+            except OSError:
+                w.kill()  # already gone or stuck
         for w in workers:
             try:
                 w.proc.wait(2)
@@ -138,22 +158,24 @@ def _run_pool(records, responses, finished, out, num_workers, timeout_s) -> None
                 w.kill()
 
 
-
 def _metrics(records, scores, details, finished, wall_s) -> dict:
     """Batch metrics: mean reward overall and per verifier, error / timeout / truncation counts."""
     n = len(scores)
-    m = {"rewards/mean": sum(scores) / n if n else 0.0, "rewards/count": n,
-         "rewards/truncated": sum(not f for f in finished),
-         "rewards/errors": sum("error" in d and not d.get("timeout") for d in details),
-         "rewards/timeouts": sum(bool(d.get("timeout")) for d in details),
-         "rewards/wall_s": wall_s, "rewards/items_per_s": n / wall_s if wall_s > 0 else 0.0}
+    m = {
+        "rewards/mean": sum(scores) / n if n else 0.0,
+        "rewards/count": n,
+        "rewards/truncated": sum(not f for f in finished),
+        "rewards/errors": sum("error" in d and not d.get("timeout") for d in details),
+        "rewards/timeouts": sum(bool(d.get("timeout")) for d in details),
+        "rewards/wall_s": wall_s,
+        "rewards/items_per_s": n / wall_s if wall_s > 0 else 0.0,
+    }
     by_name = collections.defaultdict(list)
     for rec, s in zip(records, scores):
         try:
             by_name[verifier_name(rec)].append(s)
-        except ValueError:
+        except (ValueError, TypeError):
             by_name["invalid"].append(s)
     for name, vals in sorted(by_name.items()):
         m[f"rewards/mean/{name}"] = sum(vals) / len(vals)
     return m
-

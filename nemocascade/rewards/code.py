@@ -15,6 +15,7 @@ writes it to a result pipe only the host reads; in `run_io_tests` the host compa
 actual output. Statuses: passed, failed (an assertion / wrong answer / exited before the tests
 finished), timeout, error (exception, non-zero exit, output cap, bad input), sandbox_error.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,7 @@ _TAIL = 2000
 
 # Reads a length-prefixed blob ("<n>\n" + n bytes) from fd 0 without over-reading, so whatever
 # follows it on stdin stays for the next reader.
-_READ_BLOB = r'''
+_READ_BLOB = r"""
 import os as _os, sys as _sys
 def _read_blob():
     hdr = b""
@@ -47,9 +48,11 @@ def _read_blob():
     return buf.decode("utf-8")
 _res = int(_sys.argv[1])
 _os.write(_res, b"S\n")
-'''
+"""
 
-_FUNC_HARNESS = _READ_BLOB + r'''
+_FUNC_HARNESS = (
+    _READ_BLOB
+    + r"""
 import json as _json
 _spec = _json.loads(_read_blob())
 _nonce_fd = _os.dup(0)
@@ -93,20 +96,25 @@ _flush()
 _nonce = _os.read(_nonce_fd, 64)
 _os.write(_res, b"P:" + _nonce + b"\n")
 _os._exit(0)
-'''
+"""
+)
 
-_IO_BOOT = _READ_BLOB + r'''
+_IO_BOOT = (
+    _READ_BLOB
+    + r"""
 _src = _read_blob()
 _os.close(_res)
 _sys.argv = ["main.py"]
 del _read_blob, _res
 exec(compile(_src, "main.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-'''
+"""
+)
 
 
 @dataclasses.dataclass
 class CodeResult:
     """Outcome of running a program against tests. `passed` is the binary reward."""
+
     passed: bool
     status: str
     detail: str = ""
@@ -131,24 +139,40 @@ def _tail(b: bytes) -> str:
 
 def _top_level_functions(program: str) -> list[str]:
     """Names of top-level `def`s in `program` (used when check() has no entry_point)."""
-    return re.findall(r"^def\s+([A-Za-z_]\w*)\s*\(", program, flags=re.M)
+    return re.findall(r"^def\s+([A-Za-z_]\w*)\s*\(", program, flags=re.MULTILINE)
 
 
-def run_tests(program: str, test_code: str, *, timeout_s: float = 10.0,
-              entry_point: str | None = None, config: SandboxConfig | None = None) -> CodeResult:
+def run_tests(
+    program: str,
+    test_code: str,
+    *,
+    timeout_s: float = 10.0,
+    entry_point: str | None = None,
+    config: SandboxConfig | None = None,
+) -> CodeResult:
     """Run `program` then `test_code` (asserts or a `check(candidate)` function) in the sandbox.
 
     Passed only if the harness wrote this run's nonce after every test ran.
     """
     cfg = config or SandboxConfig()
     nonce = secrets.token_hex(16)
-    spec = {"program": program, "tests": test_code, "entry_point": entry_point,
-            "program_functions": _top_level_functions(program)}
+    spec = {
+        "program": program,
+        "tests": test_code,
+        "entry_point": entry_point,
+        "program_functions": _top_level_functions(program),
+    }
     stdin = _blob(json.dumps(spec)) + nonce.encode()
     harness = limits_prelude(cfg, timeout_s) + _FUNC_HARNESS
     run = run_sandboxed(["-c", harness, RESULT_FD], stdin=stdin, timeout_s=timeout_s, cfg=cfg)
-    res = CodeResult(False, "error", cases_total=1, wall_s=run.wall_s,
-                     stdout_tail=_tail(run.stdout), stderr_tail=_tail(run.stderr))
+    res = CodeResult(
+        False,
+        "error",
+        cases_total=1,
+        wall_s=run.wall_s,
+        stdout_tail=_tail(run.stdout),
+        stderr_tail=_tail(run.stderr),
+    )
     lines = run.result.decode("utf-8", errors="replace").splitlines()
     if run.sandbox_error is not None:
         res.status, res.detail = "sandbox_error", run.sandbox_error
@@ -178,8 +202,13 @@ def normalize_output(text: str) -> list[str]:
     return [" ".join(line.split()) for line in text.strip().splitlines()]
 
 
-def run_io_tests(program: str, cases: list[dict], *, time_limit_s: float = 2.0,
-                 config: SandboxConfig | None = None) -> CodeResult:
+def run_io_tests(
+    program: str,
+    cases: list[dict],
+    *,
+    time_limit_s: float = 2.0,
+    config: SandboxConfig | None = None,
+) -> CodeResult:
     """Run `program` on each case's `input`, compare stdout with `output`; stop at the first failure.
 
     Each case has a wall-clock limit of `time_limit_s` (CPU limit likewise) in its own sandbox.
@@ -195,8 +224,12 @@ def run_io_tests(program: str, cases: list[dict], *, time_limit_s: float = 2.0,
         if not isinstance(case, dict) or "input" not in case or "output" not in case:
             res.status, res.detail = "error", f"case {i}: needs 'input' and 'output' keys"
             return res
-        run = run_sandboxed(["-c", boot, RESULT_FD], stdin=prefix + case["input"].encode(),
-                            timeout_s=time_limit_s, cfg=cfg)
+        run = run_sandboxed(
+            ["-c", boot, RESULT_FD],
+            stdin=prefix + case["input"].encode(),
+            timeout_s=time_limit_s,
+            cfg=cfg,
+        )
         res.wall_s += run.wall_s
         res.stdout_tail, res.stderr_tail = _tail(run.stdout), _tail(run.stderr)
         status, detail = _judge_case(run, case["output"], time_limit_s, cfg)

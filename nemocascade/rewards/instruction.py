@@ -15,6 +15,7 @@ Where IFEval uses a library we do not depend on, we approximate and say so:
     hy, ka, am); for any other language it returns None rather than guess;
   * "English" in `change_case:english_*` means at least 90% of the letters are ASCII.
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,17 +23,34 @@ import json
 import re
 import unicodedata
 
-_RELATIONS = {"less than": lambda a, n: a < n, "at least": lambda a, n: a >= n,
-              "at most": lambda a, n: a <= n, "more than": lambda a, n: a > n,
-              "exactly": lambda a, n: a == n}
+_RELATIONS = {
+    "less than": lambda a, n: a < n,
+    "at least": lambda a, n: a >= n,
+    "at most": lambda a, n: a <= n,
+    "more than": lambda a, n: a > n,
+    "exactly": lambda a, n: a == n,
+}
 _ABBREV = r"(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bvs)(?<!\be\.g)(?<!\bi\.e)(?<!\betc)"
 _SENT_END = re.compile(_ABBREV + r"[.!?]+[\"')\]]*(?=\s|$)")
 # Unicode script name fragments for languages whose script is theirs alone among IFEval languages.
-_SCRIPT_LANG = {"ko": ("HANGUL",), "ja": ("HIRAGANA", "KATAKANA"), "zh": ("CJK",),
-                "th": ("THAI",), "he": ("HEBREW",), "el": ("GREEK",), "bn": ("BENGALI",),
-                "ta": ("TAMIL",), "te": ("TELUGU",), "kn": ("KANNADA",), "gu": ("GUJARATI",),
-                "pa": ("GURMUKHI",), "ml": ("MALAYALAM",), "hy": ("ARMENIAN",),
-                "ka": ("GEORGIAN",), "am": ("ETHIOPIC",)}
+_SCRIPT_LANG = {
+    "ko": ("HANGUL",),
+    "ja": ("HIRAGANA", "KATAKANA"),
+    "zh": ("CJK",),
+    "th": ("THAI",),
+    "he": ("HEBREW",),
+    "el": ("GREEK",),
+    "bn": ("BENGALI",),
+    "ta": ("TAMIL",),
+    "te": ("TELUGU",),
+    "kn": ("KANNADA",),
+    "gu": ("GUJARATI",),
+    "pa": ("GURMUKHI",),
+    "ml": ("MALAYALAM",),
+    "hy": ("ARMENIAN",),
+    "ka": ("GEORGIAN",),
+    "am": ("ETHIOPIC",),
+}
 
 
 def _compare(relation: str, actual: int, n: int) -> bool:
@@ -67,8 +85,10 @@ def _language(text: str, language: str) -> bool | None:
             names[name.split(" ")[0]] += 1
     total = sum(names.values())
     if language == "ja":  # kana must appear; kanji (CJK) count toward Japanese too
-        return names["HIRAGANA"] + names["KATAKANA"] > 0 and (
-            names["HIRAGANA"] + names["KATAKANA"] + names["CJK"]) >= 0.5 * total
+        return (
+            names["HIRAGANA"] + names["KATAKANA"] > 0
+            and (names["HIRAGANA"] + names["KATAKANA"] + names["CJK"]) >= 0.5 * total
+        )
     if language == "zh" and names["HIRAGANA"] + names["KATAKANA"] > 0:
         return False
     return total > 0 and sum(names[s] for s in scripts) >= 0.5 * total
@@ -131,7 +151,7 @@ def _json_only(text: str) -> bool:
     body = text.strip()
     for fence in ("```json", "```Json", "```JSON", "```"):
         if body.startswith(fence):
-            body = body[len(fence):]
+            body = body[len(fence) :]
             break
     body = body.removesuffix("```").strip()
     try:
@@ -172,8 +192,9 @@ def _keyword_frequency(text: str, keyword: str, frequency: int, relation: str) -
 
 
 def _forbidden(text: str, forbidden_words: list[str]) -> bool:
-    return not any(re.search(r"\b" + re.escape(w) + r"\b", text, flags=re.IGNORECASE)
-                   for w in forbidden_words)
+    return not any(
+        re.search(r"\b" + re.escape(w) + r"\b", text, flags=re.IGNORECASE) for w in forbidden_words
+    )
 
 
 def _letter_frequency(text: str, letter: str, let_frequency: int, let_relation: str) -> bool:
@@ -191,20 +212,27 @@ CHECKS = {
     "language:response_language": (_language, ("language",)),
     "length_constraints:number_sentences": (
         lambda t, num_sentences, relation: _compare(relation, count_sentences(t), num_sentences),
-        ("num_sentences", "relation")),
+        ("num_sentences", "relation"),
+    ),
     "length_constraints:number_paragraphs": (_paragraphs_stars, ("num_paragraphs",)),
     "length_constraints:number_words": (
         lambda t, num_words, relation: _compare(relation, count_words(t), num_words),
-        ("num_words", "relation")),
+        ("num_words", "relation"),
+    ),
     "length_constraints:nth_paragraph_first_word": (
-        _nth_paragraph_first_word, ("num_paragraphs", "nth_paragraph", "first_word")),
+        _nth_paragraph_first_word,
+        ("num_paragraphs", "nth_paragraph", "first_word"),
+    ),
     "detectable_content:number_placeholders": (
         lambda t, num_placeholders: len(re.findall(r"\[.*?\]", t)) >= int(num_placeholders),
-        ("num_placeholders",)),
+        ("num_placeholders",),
+    ),
     "detectable_content:postscript": (_postscript, ("postscript_marker",)),
     "detectable_format:number_bullet_lists": (_bullets, ("num_bullets",)),
     "detectable_format:constrained_response": (
-        lambda t: any(o in t.strip() for o in _CONSTRAINED), ()),
+        lambda t: any(o in t.strip() for o in _CONSTRAINED),
+        (),
+    ),
     "detectable_format:number_highlighted_sections": (_highlights, ("num_highlights",)),
     "detectable_format:multiple_sections": (_sections, ("section_spliter", "num_sections")),
     "detectable_format:json_format": (_json_only, ()),
@@ -212,17 +240,24 @@ CHECKS = {
     "combination:two_responses": (_two_responses, ()),
     "combination:repeat_prompt": (
         lambda t, prompt_to_repeat: t.strip().lower().startswith(prompt_to_repeat.strip().lower()),
-        ("prompt_to_repeat",)),
+        ("prompt_to_repeat",),
+    ),
     "startend:end_checker": (
         lambda t, end_phrase: t.strip().strip('"').lower().endswith(end_phrase.strip().lower()),
-        ("end_phrase",)),
+        ("end_phrase",),
+    ),
     "startend:start_checker": (
         lambda t, start_phrase: t.strip().lower().startswith(start_phrase.strip().lower()),
-        ("start_phrase",)),
-    "startend:quotation": (lambda t: len(t.strip()) > 1 and t.strip()[0] == t.strip()[-1] == '"',
-                           ()),
-    "change_case:capital_word_frequency": (_capital_words, ("capital_frequency",
-                                                            "capital_relation")),
+        ("start_phrase",),
+    ),
+    "startend:quotation": (
+        lambda t: len(t.strip()) > 1 and t.strip()[0] == t.strip()[-1] == '"',
+        (),
+    ),
+    "change_case:capital_word_frequency": (
+        _capital_words,
+        ("capital_frequency", "capital_relation"),
+    ),
     "change_case:english_capital": (lambda t: t.isupper() and _english_letters(t), ()),
     "change_case:english_lowercase": (lambda t: t.islower() and _english_letters(t), ()),
     "punctuation:no_comma": (lambda t: "," not in t, ()),
@@ -244,10 +279,12 @@ def check_one(response: str, instruction_id: str, kwargs: dict | None) -> bool |
     return fn(response, **{k: given[k] for k in required})
 
 
-def verify(response: str, instruction_id_list: list[str],
-           kwargs_list: list[dict | None]) -> list[bool | None]:
+def verify(
+    response: str, instruction_id_list: list[str], kwargs_list: list[dict | None]
+) -> list[bool | None]:
     """Per-instruction verdicts (True / False / None for unsupported ids), IFEval strict."""
     if len(kwargs_list) != len(instruction_id_list):
-        raise ValueError(f"{len(instruction_id_list)} instruction ids but {len(kwargs_list)} "
-                         "kwargs dicts")
+        raise ValueError(
+            f"{len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts"
+        )
     return [check_one(response, i, k) for i, k in zip(instruction_id_list, kwargs_list)]

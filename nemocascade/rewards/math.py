@@ -8,6 +8,7 @@ and `\\text{...}` units, compares numerically when both sides are plain numbers,
 the `math-verify` library (LaTeX, fractions, expressions, sets) under its own timeout.
 `extract_choice` / `choice_equivalent` do the same for multiple-choice letters (MCQA).
 """
+
 from __future__ import annotations
 
 import re
@@ -17,8 +18,9 @@ STYLES = ("boxed", "hash", "answer_is")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _HASH = re.compile(r"####\s*(.+)")
 _ANSWER_IS = re.compile(
-    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*(?:is)?\s*[:：]|(?<![a-z])answer\s*[:：])"
-    r"\s*(.+)", re.IGNORECASE)
+    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*(?:is)?\s*[:：]|(?<![a-z])answer\s*[:：])",
+    re.IGNORECASE,
+)
 _NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d])")
 _UNIT_TAIL = re.compile(r"^([-+]?[\d.,]+)\s*(?:[a-zA-Z]{2,}[a-zA-Z .]*)$")
@@ -70,8 +72,8 @@ def extract_answer(text: str, *, styles: tuple[str, ...] = STYLES) -> str | None
             found = _HASH.findall(text)
             ans = _clean_sentence_answer(found[-1]) if found else None
         elif style == "answer_is":
-            found = _ANSWER_IS.findall(text)
-            ans = _clean_sentence_answer(found[-1]) if found else None
+            found = list(_ANSWER_IS.finditer(text))
+            ans = _clean_sentence_answer(text[found[-1].end() :].lstrip(" \t:")) if found else None
         else:
             raise ValueError(f"unknown answer style {style!r}; known: {STYLES}")
         if ans:
@@ -150,5 +152,5 @@ def choice_equivalent(pred: str | None, ref: str) -> bool:
     """Whether option letter `pred` is `ref` (case- and bracket-insensitive)."""
     if pred is None:
         return False
-    clean = lambda s: s.strip().strip("()").strip().upper()  # noqa: E731
+    clean = lambda s: s.strip().strip("()").strip().upper()
     return clean(pred) == clean(ref)

@@ -9,9 +9,10 @@ A reward function is `fn(record: dict, response: str, finished: bool) -> (score,
 response that opens `<think>` and never closes it has no final answer (""); a response with no
 thinking block is judged whole.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 RewardFn = Callable[[dict, str, bool], "tuple[float, dict]"]
 _REGISTRY: dict[str, RewardFn] = {}
@@ -20,11 +21,13 @@ _ALIASES: dict[str, str] = {}
 
 def register(name: str, fn: RewardFn | None = None, *, aliases: tuple[str, ...] = ()):
     """Register `fn` under `name` (and `aliases`); usable as a decorator `@register("math")`."""
+
     def deco(f: RewardFn) -> RewardFn:
         _REGISTRY[name] = f
         for a in aliases:
             _ALIASES[a] = name
         return f
+
     return deco(fn) if fn is not None else deco
 
 
@@ -40,7 +43,7 @@ def get_verifier(domain_or_name: str) -> RewardFn:
 def verifier_name(record: dict) -> str:
     """`record["verifier"]["type"]`, else `record["domain"]`; ValueError naming the missing key."""
     if not isinstance(record, dict):
-        raise ValueError(f"record must be a dict, got {type(record).__name__}")
+        raise TypeError(f"record must be a dict, got {type(record).__name__}")
     spec = record.get("verifier")
     if isinstance(spec, dict) and spec.get("type"):
         return str(spec["type"])
@@ -53,7 +56,7 @@ def verifier_spec(record: dict, *required: str) -> dict:
     """`record["verifier"]`, checked to hold the `required` keys (ValueError names the key)."""
     spec = record.get("verifier")
     if not isinstance(spec, dict):
-        raise ValueError("record['verifier'] must be a dict")
+        raise TypeError(f"record['verifier'] must be a dict, got {type(spec).__name__}")
     for key in required:
         if key not in spec:
             raise ValueError(f"record['verifier'] lacks key {key!r} (type {spec.get('type')!r})")

@@ -22,6 +22,7 @@ Without bwrap, `run_sandboxed` refuses (`sandbox_error`) unless `SandboxConfig.a
 then it runs the interpreter directly with the rlimits only (no namespaces, no seccomp), after
 logging one loud warning per process.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,19 +47,21 @@ _RESULT_CAP = 4096
 @dataclasses.dataclass(frozen=True)
 class SandboxConfig:
     """Limits for one sandboxed run. Memory/file sizes are bytes; times are seconds."""
-    memory_bytes: int = 1 << 30          # RLIMIT_AS
-    max_processes: int = 16              # RLIMIT_NPROC (see module docstring for uid 0)
-    file_size_bytes: int = 16 << 20      # RLIMIT_FSIZE
-    open_files: int = 64                 # RLIMIT_NOFILE
-    tmpfs_bytes: int = 64 << 20          # size of the writable /tmp
-    output_bytes: int = 4 << 20          # cap on stdout + stderr read by the host
-    allow_weak: bool = False             # without bwrap: run with rlimits only instead of refusing
-    bwrap_path: str | None = None        # default: `bwrap` on PATH
+
+    memory_bytes: int = 1 << 30  # RLIMIT_AS
+    max_processes: int = 16  # RLIMIT_NPROC (see module docstring for uid 0)
+    file_size_bytes: int = 16 << 20  # RLIMIT_FSIZE
+    open_files: int = 64  # RLIMIT_NOFILE
+    tmpfs_bytes: int = 64 << 20  # size of the writable /tmp
+    output_bytes: int = 4 << 20  # cap on stdout + stderr read by the host
+    allow_weak: bool = False  # without bwrap: run with rlimits only instead of refusing
+    bwrap_path: str | None = None  # default: `bwrap` on PATH
 
 
 @dataclasses.dataclass
 class SandboxRun:
     """What one sandboxed process did. `result` is what it wrote on the private result pipe."""
+
     returncode: int | None
     stdout: bytes
     stderr: bytes
@@ -72,9 +75,14 @@ class SandboxRun:
 def limits_prelude(cfg: SandboxConfig, cpu_s: float) -> str:
     """Python source that lowers this process's rlimits; runs inside the sandbox before user code."""
     cpu = max(1, int(cpu_s) + 1)
-    pairs = [("RLIMIT_CPU", cpu), ("RLIMIT_AS", cfg.memory_bytes),
-             ("RLIMIT_NPROC", cfg.max_processes), ("RLIMIT_FSIZE", cfg.file_size_bytes),
-             ("RLIMIT_NOFILE", cfg.open_files), ("RLIMIT_CORE", 0)]
+    pairs = [
+        ("RLIMIT_CPU", cpu),
+        ("RLIMIT_AS", cfg.memory_bytes),
+        ("RLIMIT_NPROC", cfg.max_processes),
+        ("RLIMIT_FSIZE", cfg.file_size_bytes),
+        ("RLIMIT_NOFILE", cfg.open_files),
+        ("RLIMIT_CORE", 0),
+    ]
     lines = ["import resource as _r"]
     lines += [f"_r.setrlimit(_r.{name}, ({value}, {value}))" for name, value in pairs]
     lines.append("del _r")
@@ -96,9 +104,25 @@ def find_bwrap(cfg: SandboxConfig) -> str | None:
 def _bwrap_argv(bwrap: str, cfg: SandboxConfig, seccomp_fd: int | None) -> list[str]:
     """bwrap options (up to, not including, the command) for the layout in the module docstring."""
     exe, prefix = interpreter()
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-            "--new-session", "--cap-drop", "ALL", "--uid", "65534", "--gid", "65534",
-            "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+    argv = [
+        bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--hostname",
+        "sandbox",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
     for top in ("/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin"):
         if os.path.islink(top):
             argv += ["--symlink", os.readlink(top), top]
@@ -109,17 +133,40 @@ def _bwrap_argv(bwrap: str, cfg: SandboxConfig, seccomp_fd: int | None) -> list[
         argv += ["--ro-bind", prefix, prefix]
     if not exe.startswith(prefix + os.sep) and not exe.startswith("/usr/"):
         argv += ["--ro-bind", exe, exe]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
-             "--size", str(cfg.tmpfs_bytes), "--tmpfs", "/tmp", "--remount-ro", "/",
-             "--chdir", "/tmp", "--clearenv", "--setenv", "HOME", "/tmp",
-             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
+    argv += [
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--remount-ro",
+        "/dev",
+        "--size",
+        str(cfg.tmpfs_bytes),
+        "--tmpfs",
+        "/tmp",
+        "--remount-ro",
+        "/",
+        "--chdir",
+        "/tmp",
+        "--clearenv",
+        "--setenv",
+        "HOME",
+        "/tmp",
+        "--setenv",
+        "PATH",
+        "/usr/bin:/bin",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+    ]
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
     return argv
 
 
-def run_sandboxed(python_args: list[str], *, stdin: bytes, timeout_s: float,
-                  cfg: SandboxConfig) -> SandboxRun:
+def run_sandboxed(
+    python_args: list[str], *, stdin: bytes, timeout_s: float, cfg: SandboxConfig
+) -> SandboxRun:
     """Run `python -I -S -B -X utf8 <python_args>` sandboxed and collect what it did.
 
     The token RESULT_FD in `python_args` is replaced by the number of a write-only pipe that only the
@@ -130,16 +177,33 @@ def run_sandboxed(python_args: list[str], *, stdin: bytes, timeout_s: float,
     exe, _ = interpreter()
     bwrap = find_bwrap(cfg)
     if bwrap is None and not cfg.allow_weak:
-        _shout_once("bwrap not found: refusing to run untrusted code (SandboxConfig.allow_weak=True "
-                    "runs it with rlimits only)")
-        return SandboxRun(None, b"", b"", b"", False, False, 0.0,
-                          sandbox_error="bwrap not found and allow_weak is False")
+        _shout_once(
+            "bwrap not found: refusing to run untrusted code (SandboxConfig.allow_weak=True "
+            "runs it with rlimits only)"
+        )
+        return SandboxRun(
+            None,
+            b"",
+            b"",
+            b"",
+            False,
+            False,
+            0.0,
+            sandbox_error="bwrap not found and allow_weak is False",
+        )
     res_r, res_w = os.pipe()
     to_close = [res_w]
     tmpdir = None
     try:
-        py = [exe, "-I", "-S", "-B", "-X", "utf8",
-              *[a.replace(RESULT_FD, str(res_w)) for a in python_args]]
+        py = [
+            exe,
+            "-I",
+            "-S",
+            "-B",
+            "-X",
+            "utf8",
+            *[a.replace(RESULT_FD, str(res_w)) for a in python_args],
+        ]
         if bwrap is not None:
             bpf = seccomp.build_filter()
             sc_fd = None
@@ -149,17 +213,26 @@ def run_sandboxed(python_args: list[str], *, stdin: bytes, timeout_s: float,
             argv = _bwrap_argv(bwrap, cfg, sc_fd) + py
             cwd, env = "/", {"PATH": "/usr/bin:/bin"}
         else:
-            _shout_once("bwrap not found: running untrusted code with rlimits ONLY (no namespaces, "
-                        "no seccomp; host files and network are visible) because "
-                        "SandboxConfig.allow_weak=True. Never do this for RL training.")
+            _shout_once(
+                "bwrap not found: running untrusted code with rlimits ONLY (no namespaces, "
+                "no seccomp; host files and network are visible) because "
+                "SandboxConfig.allow_weak=True. Never do this for RL training."
+            )
             tmpdir = tempfile.mkdtemp(prefix="nemocascade_weak_")
             argv, cwd = py, tmpdir
             env = {"PATH": "/usr/bin:/bin", "HOME": tmpdir, "LANG": "C.UTF-8"}
         t0 = time.monotonic()
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, pass_fds=tuple(to_close), cwd=cwd,
-                                    env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=tuple(to_close),
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
         except OSError as e:
             return SandboxRun(None, b"", b"", b"", False, False, 0.0, sandbox_error=repr(e))
         for fd in to_close:
@@ -215,8 +288,9 @@ def _drain(sel: selectors.BaseSelector, until: float) -> None:
                 pass
 
 
-def _communicate(proc: subprocess.Popen, res_r: int, stdin: bytes, deadline: float,
-                 cap: int) -> SandboxRun:
+def _communicate(
+    proc: subprocess.Popen, res_r: int, stdin: bytes, deadline: float, cap: int
+) -> SandboxRun:
     """Feed stdin, read stdout/stderr/result with a deadline and an output cap; reap the process."""
     out_fd, err_fd, win = proc.stdout.fileno(), proc.stderr.fileno(), proc.stdin.fileno()
     bufs = {out_fd: bytearray(), err_fd: bytearray(), res_r: bytearray()}
@@ -238,7 +312,7 @@ def _communicate(proc: subprocess.Popen, res_r: int, stdin: bytes, deadline: flo
         for key, _ in sel.select(timeout=min(left, 0.5)):
             if key.fd == win:
                 try:
-                    pos += os.write(win, stdin[pos:pos + 65536])
+                    pos += os.write(win, stdin[pos : pos + 65536])
                 except BlockingIOError:
                     continue
                 except BrokenPipeError:
@@ -255,7 +329,7 @@ def _communicate(proc: subprocess.Popen, res_r: int, stdin: bytes, deadline: flo
                 sel.unregister(key.fd)
                 continue
             if key.fd == res_r:
-                chunk = chunk[:_RESULT_CAP - len(bufs[res_r])]
+                chunk = chunk[: _RESULT_CAP - len(bufs[res_r])]
             bufs[key.fd] += chunk
             if len(bufs[out_fd]) + len(bufs[err_fd]) > cap:
                 exceeded = True
@@ -275,5 +349,12 @@ def _communicate(proc: subprocess.Popen, res_r: int, stdin: bytes, deadline: flo
             f.close()
         except OSError:
             pass
-    return SandboxRun(rc, bytes(bufs[out_fd][:cap]), bytes(bufs[err_fd][:cap]), bytes(bufs[res_r]),
-                      timed_out, exceeded, 0.0)
+    return SandboxRun(
+        rc,
+        bytes(bufs[out_fd][:cap]),
+        bytes(bufs[err_fd][:cap]),
+        bytes(bufs[res_r]),
+        timed_out,
+        exceeded,
+        0.0,
+    )

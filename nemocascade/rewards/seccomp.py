@@ -9,6 +9,7 @@ unshare / setns and io_uring. Unknown architectures get no filter (`build_filter
 
 The output is the raw `struct sock_filter[]` bytes that `bwrap --seccomp FD` loads.
 """
+
 from __future__ import annotations
 
 import platform
@@ -28,11 +29,36 @@ _OFF_NR, _OFF_ARCH, _OFF_ARG0_LO = 0, 4, 16
 
 # Per architecture: (AUDIT_ARCH value, syscalls denied with EPERM, clone, clone3, x32 bit or 0).
 _ARCHES = {
-    "x86_64": (0xC000003E, {"fork": 57, "vfork": 58, "ptrace": 101, "process_vm_readv": 310,
-                            "process_vm_writev": 311, "unshare": 272, "setns": 308,
-                            "io_uring_setup": 425}, 56, 435, 0x40000000),
-    "aarch64": (0xC00000B7, {"ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
-                             "unshare": 97, "setns": 268, "io_uring_setup": 425}, 220, 435, 0),
+    "x86_64": (
+        0xC000003E,
+        {
+            "fork": 57,
+            "vfork": 58,
+            "ptrace": 101,
+            "process_vm_readv": 310,
+            "process_vm_writev": 311,
+            "unshare": 272,
+            "setns": 308,
+            "io_uring_setup": 425,
+        },
+        56,
+        435,
+        0x40000000,
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {
+            "ptrace": 117,
+            "process_vm_readv": 270,
+            "process_vm_writev": 271,
+            "unshare": 97,
+            "setns": 268,
+            "io_uring_setup": 425,
+        },
+        220,
+        435,
+        0,
+    ),
 }
 
 
@@ -47,22 +73,20 @@ def _assemble(prog: list[tuple]) -> bytes:
             labels[item[1]] = pos
         else:
             pos += 1
-    out, pos = [], 0
+
+    def rel(label, at):
+        if label is None:
+            return 0
+        off = labels[label] - at - 1
+        if not 0 <= off <= 255:
+            raise ValueError(f"seccomp jump to {label} out of range: {off}")
+        return off
+
+    out = []
     for item in prog:
-        if item[0] == "label":
-            continue
-        code, k, jt, jf = item
-
-        def rel(label):
-            if label is None:
-                return 0
-            off = labels[label] - pos - 1
-            if not 0 <= off <= 255:
-                raise ValueError(f"seccomp jump to {label} out of range: {off}")
-            return off
-
-        out.append(struct.pack("=HBBI", code, rel(jt), rel(jf), k))
-        pos += 1
+        if item[0] != "label":
+            code, k, jt, jf = item
+            out.append(struct.pack("=HBBI", code, rel(jt, len(out)), rel(jf, len(out)), k))
     return b"".join(out)
 
 

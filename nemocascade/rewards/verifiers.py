@@ -1,5 +1,6 @@
 """The built-in reward functions, registered by verifier type (see `nemocascade.rewards` for the
 record schema). Each judges `final_answer(response)` and returns (score, details)."""
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,11 @@ _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
 def extract_code(text: str) -> str | None:
     """The last fenced code block tagged python/py/python3 or untagged; None if there is none."""
-    blocks = [body for lang, body in _FENCE.findall(text)
-              if lang.lower() in ("", "python", "py", "python3")]
+    blocks = [
+        body
+        for lang, body in _FENCE.findall(text)
+        if lang.lower() in ("", "python", "py", "python3")
+    ]
     return blocks[-1] if blocks else None
 
 
@@ -50,8 +54,12 @@ def code_reward(record: dict, response: str, finished: bool) -> tuple[float, dic
     program = extract_code(final_answer(response))
     if program is None:
         return 0.0, {"status": "failed", "detail": "no code block"}
-    res = code_lib.run_tests(program, spec["tests"], timeout_s=float(spec.get("timeout_s", 10.0)),
-                             entry_point=spec.get("entry_point"))
+    res = code_lib.run_tests(
+        program,
+        spec["tests"],
+        timeout_s=float(spec.get("timeout_s", 10.0)),
+        entry_point=spec.get("entry_point"),
+    )
     return float(res.passed), {"status": res.status, "detail": res.detail[:300]}
 
 
@@ -62,10 +70,14 @@ def code_io_reward(record: dict, response: str, finished: bool) -> tuple[float, 
     program = extract_code(final_answer(response))
     if program is None:
         return 0.0, {"status": "failed", "detail": "no code block"}
-    res = code_lib.run_io_tests(program, spec["cases"],
-                                time_limit_s=float(spec.get("time_limit_s", 2.0)))
-    return float(res.passed), {"status": res.status, "detail": res.detail[:300],
-                               "cases_passed": res.cases_passed}
+    res = code_lib.run_io_tests(
+        program, spec["cases"], time_limit_s=float(spec.get("time_limit_s", 2.0))
+    )
+    return float(res.passed), {
+        "status": res.status,
+        "detail": res.detail[:300],
+        "cases_passed": res.cases_passed,
+    }
 
 
 @register("instruction", aliases=("if", "ifeval", "instruction_following"))

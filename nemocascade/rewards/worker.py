@@ -1,6 +1,7 @@
 """Reward worker process (started by `batch.score_batch`): `python -m nemocascade.rewards.worker
 REQ_FD REPLY_FD`. Receives pickled (index, record, response, finished) on REQ_FD, answers pickled
 (index, score, details, error) on REPLY_FD; None or EOF ends it. Stray prints go to stderr."""
+
 from __future__ import annotations
 
 import os
