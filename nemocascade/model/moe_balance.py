@@ -1,0 +1,156 @@
+"""MoE load balancing as in Nemotron-3-Nano / Megatron-Core: pure functions.
+
+* Aux-loss-free balancing (DeepSeek-V3): each MoE layer's router adds a correction bias to the
+  scores it uses to *choose* experts. After every step, outside the optimizer,
+
+      bias_E += rate * sign(mean(counts_E) - counts_E)          (Megatron `get_updated_expert_bias`)
+
+  where `counts_E` are the routed assignments of the step's whole global batch. Inside `jax.jit`
+  over sharded arrays a plain `jnp.sum` over the token axis already is the global (all-reduced)
+  count; under `shard_map` the caller must `psum` the per-device counts over the batch axes
+  (see `moe_ep.global_expert_counts`). Default rate 1e-3 (Megatron nano-v3 golden config).
+* Sequence-level auxiliary loss (DeepSeek-V3 eq. 17-20, Megatron `seq_aux_loss`): per sequence
+  f_i = E / (K T) * #{t : expert i among the K chosen for token t},
+  P_i = (1/T) sum_t s_ti / sum_j s_tj  (s = sigmoid scores),  loss = sum_i f_i P_i,
+  averaged over sequences; f is a constant (no gradient). Uniform routing gives 1. The coefficient
+  (Megatron default 1e-4) is applied by the caller.
+* Router freezing (done during RL): `freeze_router(tx)` wraps an optax transformation so the
+  router weights get zero updates while the correction bias keeps following the rule above
+  (the bias is an `ExpertBias` variable, not an `nnx.Param`, so the optimizer never sees it).
+* `load_metrics`: per-layer expert-load statistics for logging.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+DEFAULT_BIAS_UPDATE_RATE = 1e-3
+DEFAULT_AUX_LOSS_COEF = 1e-4
+# parameter names (last path element) of the router weight in `moe.MoE`
+ROUTER_PARAM_NAMES = ("router_DE",)
+
+
+def expert_counts(idx_TK: jax.Array, num_experts: int, valid_T: jax.Array | None = None) -> jax.Array:
+    """[E] fp32 number of (token, k) assignments routed to each expert (invalid tokens excluded).
+
+    `idx_TK` may have any leading shape (`[..., K]`); `valid_T` broadcasts over it without K.
+    Out-of-range ids (dropped / no expert) are not counted.
+    """
+    onehot = jax.nn.one_hot(idx_TK, num_experts, dtype=jnp.float32)  # [..., K, E]
+    if valid_T is not None:
+        onehot = onehot * valid_T.astype(jnp.float32)[..., None, None]
+    return jnp.sum(onehot.reshape(-1, num_experts), axis=0)
+
+
+def update_expert_bias(bias_E: jax.Array, counts_E: jax.Array,
+                       rate: float = DEFAULT_BIAS_UPDATE_RATE) -> jax.Array:
+    """`bias + rate * sign(mean(counts) - counts)` (works on [E] or stacked [L, E] counts).
+
+    Under-loaded experts get a larger bias (chosen more often), over-loaded ones a smaller one.
+    `counts_E` must be the global-batch counts (see the module docstring).
+    """
+    counts = counts_E.astype(jnp.float32)
+    step = jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts)
+    return (bias_E.astype(jnp.float32) + rate * step).astype(bias_E.dtype)
+
+
+def sequence_aux_loss(scores_BTE: jax.Array, idx_BTK: jax.Array, num_experts: int, top_k: int,
+                      valid_BT: jax.Array | None = None) -> jax.Array:
+    """Sequence-wise balance loss (unscaled), mean over sequences; padding tokens excluded.
+
+    scores_BTE: fp32 sigmoid router scores (without the correction bias); idx_BTK: chosen experts.
+    """
+    B, T, E = scores_BTE.shape
+    if E != num_experts or idx_BTK.shape != (B, T, top_k):
+        raise ValueError(f"moe_balance.sequence_aux_loss: scores {scores_BTE.shape} / idx "
+                         f"{idx_BTK.shape} do not match num_experts={num_experts}, top_k={top_k}")
+    v_BT = jnp.ones((B, T), jnp.float32) if valid_BT is None else valid_BT.astype(jnp.float32)
+    n_B = jnp.maximum(jnp.sum(v_BT, axis=1), 1.0)
+    chosen_BE = jnp.einsum("btke,bt->be", jax.nn.one_hot(idx_BTK, E, dtype=jnp.float32), v_BT)
+    f_BE = jax.lax.stop_gradient(chosen_BE * (E / top_k) / n_B[:, None])
+    s = scores_BTE.astype(jnp.float32)
+    p_BE = jnp.einsum("bte,bt->be", s / jnp.sum(s, axis=-1, keepdims=True), v_BT) / n_B[:, None]
+    return jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
+
+
+def load_metrics(counts_LE: jax.Array, prefix: str = "moe/") -> dict[str, jax.Array]:
+    """Expert-load statistics from per-layer counts [L, E] (or [E]).
+
+    Per layer ([L] arrays): `max_violation` = max/mean - 1 (Megatron's name; 0 = balanced),
+    `min_load` = min/mean, `unused_experts` (count of experts with no token). Scalars:
+    `max_violation_mean` over layers and `tokens_per_expert_mean`.
+    """
+    c = jnp.atleast_2d(counts_LE.astype(jnp.float32))
+    mean_L = jnp.maximum(jnp.mean(c, axis=-1), 1e-9)
+    max_violation_L = jnp.max(c, axis=-1) / mean_L - 1.0
+    return {
+        f"{prefix}max_violation": max_violation_L,
+        f"{prefix}min_load": jnp.min(c, axis=-1) / mean_L,
+        f"{prefix}unused_experts": jnp.sum(c == 0, axis=-1).astype(jnp.float32),
+        f"{prefix}max_violation_mean": jnp.mean(max_violation_L),
+        f"{prefix}tokens_per_expert_mean": jnp.mean(c),
+    }
+
+
+def _path_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
+def _is_bias_var(x) -> bool:
+    return isinstance(x, nnx.Variable) and type(x).__name__ == "ExpertBias"
+
+
+def update_model_biases(model_state: Any, counts_LE: jax.Array,
+                        rate: float = DEFAULT_BIAS_UPDATE_RATE) -> Any:
+    """Apply `update_expert_bias` to every `ExpertBias` in an nnx state (or module-state pytree).
+
+    The biases are matched to the rows of `counts_LE` ([n_moe_layers, E], the model's
+    `expert_counts` statistic, in layer order) by sorting their paths with integer parts compared
+    as integers (layers/2 before layers/10). Returns a new state; other leaves are unchanged.
+    """
+    found = []
+    jax.tree_util.tree_map_with_path(lambda p, x: found.append(tuple(_path_names(p))) if _is_bias_var(x)
+                                     else None, model_state, is_leaf=_is_bias_var)
+
+    def key(names):
+        return tuple((0, int(n), "") if n.isdigit() else (1, 0, n) for n in names)
+
+    order = {names: i for i, names in enumerate(sorted(found, key=key))}
+    if len(order) != counts_LE.shape[0]:
+        raise ValueError(f"moe_balance.update_model_biases: {len(order)} ExpertBias variables but "
+                         f"counts for {counts_LE.shape[0]} layers")
+
+    def upd(path, x):
+        if not _is_bias_var(x):
+            return x
+        new = update_expert_bias(x.get_value(), counts_LE[order[tuple(_path_names(path))]], rate)
+        return x.replace(new)
+
+    return jax.tree_util.tree_map_with_path(upd, model_state, is_leaf=_is_bias_var)
+
+
+def router_labels(params: Any, router_names: Sequence[str] = ROUTER_PARAM_NAMES) -> Any:
+    """Label tree for `optax.multi_transform`: 'router' for router weights, else 'trainable'."""
+
+    def label(path, _):
+        names = _path_names(path)
+        return "router" if names and names[-1] in router_names else "trainable"
+
+    return jax.tree_util.tree_map_with_path(label, params,
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def freeze_router(tx: optax.GradientTransformation,
+                  router_names: Sequence[str] = ROUTER_PARAM_NAMES) -> optax.GradientTransformation:
+    """`tx` for every parameter except the router weights, whose updates are exactly zero.
+
+    Use for RL stages (router frozen); keep applying `update_model_biases` after each step so the
+    correction bias keeps balancing the load. The optimizer state of the router is not allocated.
+    """
+    labels: Callable[[Any], Any] = lambda params: router_labels(params, router_names)  # noqa: E731
+    return optax.multi_transform({"trainable": tx, "router": optax.set_to_zero()}, labels)
