@@ -11,6 +11,7 @@ worker also give score 0. Everything is counted in the metrics; nothing is raise
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import time
 from multiprocessing.connection import Connection, wait
 
 from nemocascade.rewards.registry import score_one, verifier_name
+
+log = logging.getLogger(__name__)
 
 
 def _safe_score(record, response, finished) -> tuple[float, dict, str | None]:
@@ -97,7 +100,13 @@ def score_batch(
         for i in range(n):
             out[i] = _safe_score(records[i], responses[i], finished[i])
     else:
-        _run_pool(records, responses, finished, out, min(num_workers, n), timeout_s)
+        try:
+            _run_pool(records, responses, finished, out, min(num_workers, n), timeout_s)
+        except OSError as e:  # cannot start workers (fd / process limits): score what is left here
+            log.error("score_batch: worker pool failed (%r); scoring the rest in-process", e)
+            for i in range(n):
+                if out[i] is None:
+                    out[i] = _safe_score(records[i], responses[i], finished[i])
     scores = [o[0] for o in out]
     details = [o[1] for o in out]
     return scores, details, _metrics(records, scores, details, finished, time.monotonic() - t0)

@@ -39,8 +39,16 @@ import time
 from nemocascade.rewards import seccomp
 
 log = logging.getLogger(__name__)
-_SHOUTED = False
+_SHOUTED: set[str] = set()  # messages already shouted in this process
 RESULT_FD = "@RESULT_FD@"
+_NAMESPACES = (
+    "--unshare-all --unshare-user --disable-userns --die-with-parent --new-session "
+    "--cap-drop ALL --uid 65534 --gid 65534 --hostname sandbox"
+)
+_FINISH = (
+    "--remount-ro / --chdir /tmp --clearenv --setenv HOME /tmp --setenv PATH /usr/bin:/bin "
+    "--setenv LANG C.UTF-8"
+)
 _RESULT_CAP = 4096
 
 
@@ -101,64 +109,26 @@ def find_bwrap(cfg: SandboxConfig) -> str | None:
     return cfg.bwrap_path or shutil.which("bwrap")
 
 
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def _bwrap_argv(bwrap: str, cfg: SandboxConfig, seccomp_fd: int | None) -> list[str]:
     """bwrap options (up to, not including, the command) for the layout in the module docstring."""
     exe, prefix = interpreter()
-    argv = [
-        bwrap,
-        "--unshare-all",
-        "--unshare-user",
-        "--disable-userns",
-        "--die-with-parent",
-        "--new-session",
-        "--cap-drop",
-        "ALL",
-        "--uid",
-        "65534",
-        "--gid",
-        "65534",
-        "--hostname",
-        "sandbox",
-        "--ro-bind",
-        "/usr",
-        "/usr",
-    ]
+    argv = [bwrap, *_NAMESPACES.split(), "--ro-bind", "/usr", "/usr"]
     for top in ("/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin"):
         if os.path.islink(top):
             argv += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             argv += ["--ro-bind", top, top]
     argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-    if not prefix.startswith("/usr/"):
+    if not _under(prefix, "/usr"):
         argv += ["--ro-bind", prefix, prefix]
-    if not exe.startswith(prefix + os.sep) and not exe.startswith("/usr/"):
+    if not _under(exe, "/usr") and not _under(exe, prefix):
         argv += ["--ro-bind", exe, exe]
-    argv += [
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--remount-ro",
-        "/dev",
-        "--size",
-        str(cfg.tmpfs_bytes),
-        "--tmpfs",
-        "/tmp",
-        "--remount-ro",
-        "/",
-        "--chdir",
-        "/tmp",
-        "--clearenv",
-        "--setenv",
-        "HOME",
-        "/tmp",
-        "--setenv",
-        "PATH",
-        "/usr/bin:/bin",
-        "--setenv",
-        "LANG",
-        "C.UTF-8",
-    ]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
+    argv += ["--size", str(cfg.tmpfs_bytes), "--tmpfs", "/tmp", *_FINISH.split()]
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
     return argv
@@ -181,16 +151,7 @@ def run_sandboxed(
             "bwrap not found: refusing to run untrusted code (SandboxConfig.allow_weak=True "
             "runs it with rlimits only)"
         )
-        return SandboxRun(
-            None,
-            b"",
-            b"",
-            b"",
-            False,
-            False,
-            0.0,
-            sandbox_error="bwrap not found and allow_weak is False",
-        )
+        return _failed_start("bwrap not found and allow_weak is False")
     res_r, res_w = os.pipe()
     to_close = [res_w]
     tmpdir = None
@@ -234,7 +195,7 @@ def run_sandboxed(
                 start_new_session=True,
             )
         except OSError as e:
-            return SandboxRun(None, b"", b"", b"", False, False, 0.0, sandbox_error=repr(e))
+            return _failed_start(repr(e))
         for fd in to_close:
             os.close(fd)
         to_close = []
@@ -249,11 +210,14 @@ def run_sandboxed(
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def _failed_start(why: str) -> SandboxRun:
+    return SandboxRun(None, b"", b"", b"", False, False, 0.0, sandbox_error=why)
+
+
 def _shout_once(msg: str) -> None:
     """Log `msg` loudly (logging error + stderr), once per process."""
-    global _SHOUTED
-    if not _SHOUTED:
-        _SHOUTED = True
+    if msg not in _SHOUTED:
+        _SHOUTED.add(msg)
         log.error("!!! %s !!!", msg)
         print(f"!!! {msg} !!!", file=sys.stderr, flush=True)
 

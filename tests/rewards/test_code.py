@@ -109,7 +109,7 @@ def test_normalize_output():
 
 def test_refuses_without_bwrap(monkeypatch, caplog, capsys):
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
-    monkeypatch.setattr(sandbox, "_SHOUTED", False)
+    monkeypatch.setattr(sandbox, "_SHOUTED", set())
     with caplog.at_level(logging.ERROR):
         res = run_tests(FIB, FIB_ASSERTS)
         res2 = run_io_tests(SUM_PAIRS, SUM_CASES)
@@ -121,7 +121,7 @@ def test_refuses_without_bwrap(monkeypatch, caplog, capsys):
 
 def test_weak_mode_only_when_allowed(monkeypatch, capsys):
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
-    monkeypatch.setattr(sandbox, "_SHOUTED", False)
+    monkeypatch.setattr(sandbox, "_SHOUTED", set())
     cfg = sandbox.SandboxConfig(allow_weak=True)
     res = run_tests(FIB, FIB_ASSERTS, config=cfg)
     assert res.passed, res
