@@ -24,7 +24,7 @@ _TPU_TILES = {
     6: (512, 1024, 1024),    # v6e: ~10 MiB of 32 MiB; 256-wide MXU
     7: (512, 1024, 1024),
 }
-_INTERPRET_TILES = (128, 128, 128)  # interpret mode: fewer grid steps is all that matters
+_INTERPRET_TILES = (256, 1024, 1024)  # interpret mode: each grid step costs ~ms, so few, big ones
 _MIN_TM_TPU = 128
 
 
