@@ -71,6 +71,7 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     moe_backend: str = "dense"
     moe_capacity_factor: float | None = None  # None = dropless; used by expert parallel exchange
+    moe_aux_loss_coef: float = 0.0  # sequence-level balance loss (Megatron default 1e-4 when enabled)
     # dense mlp ('-' blocks)
     intermediate_size: int = 64
     # common

@@ -211,11 +211,6 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32, config: ModelConfig | None = 
         target = var.get_value()
         arr = to_ours([_read(keys[k], renamed.get(k, k)) for k in hf_keys])
         var.set_value(jnp.asarray(arr, dtype=target.dtype))
-    # statistics variables (expert load) start at zero
-    for path_, var in nnx.to_flat_state(state):
-        if isinstance(var.get_value(), jax.ShapeDtypeStruct):
-            v = var.get_value()
-            var.set_value(jnp.zeros(v.shape, v.dtype))
     return nnx.merge(graphdef, state)
 
 

@@ -26,10 +26,6 @@ class ExpertBias(nnx.Variable):
     """The router's `e_score_correction_bias` (updated outside the optimizer)."""
 
 
-class ExpertLoad(nnx.Variable):
-    """Per-expert token counts of the last forward pass (a statistic, not a parameter)."""
-
-
 def route(x_TD, router_DE, bias_E, cfg: ModelConfig):
     """Returns (idx_TK int32, w_TK fp32, scores_TE fp32) for tokens `x_TD`."""
     logits_TE = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), router_DE.astype(jnp.float32),
@@ -63,16 +59,39 @@ class MoE(nnx.Module):
         self.up_EDF = param(rngs, (e, d, f), ("experts", "embed", "mlp"), std=std, dtype=pd)
         self.down_EFD = param(rngs, (e, f, d), ("experts", "mlp", "embed"), std=std, dtype=pd)
         self.shared = MLP(cfg, cfg.moe_shared_expert_intermediate_size, rngs=rngs)
-        self.load_E = ExpertLoad(jnp.zeros((e,), jnp.float32), axes=(None,))
 
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, valid_BT=None):
+        """Returns (y_BTD, aux): aux["expert_counts"] [E] counts the routed assignments of valid
+        tokens (the input of the balancing bias update); aux["aux_loss"] is the sequence-level
+        balance loss (unscaled), present when `cfg.moe_aux_loss_coef > 0`."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
         b, t, d = x_BTD.shape
+        if valid_BT is None:
+            valid_BT = jnp.ones((b, t), bool)
         x_TD = x_BTD.reshape(b * t, d).astype(cd)
-        idx_TK, w_TK, _ = route(x_TD, self.router_DE[...], self.bias_E[...], cfg)
-        self.load_E[...] = jnp.sum(jax.nn.one_hot(idx_TK, cfg.n_routed_experts, dtype=jnp.float32),
-                                   axis=(0, 1))
+        idx_TK, w_TK, scores_TE = route(x_TD, self.router_DE[...], self.bias_E[...], cfg)
+        onehot_TKE = jax.nn.one_hot(idx_TK, cfg.n_routed_experts, dtype=jnp.float32)
+        valid_T = valid_BT.reshape(b * t).astype(jnp.float32)
+        aux = {"expert_counts": jnp.einsum("tke,t->e", onehot_TKE, valid_T)}
+        if cfg.moe_aux_loss_coef > 0:
+            aux["aux_loss"] = sequence_aux_loss(
+                scores_TE.reshape(b, t, -1), onehot_TKE.reshape(b, t, *onehot_TKE.shape[1:]), valid_BT)
         y_TD = expert_mlp(x_TD, idx_TK, w_TK, self.up_EDF[...].astype(cd),
                           self.down_EFD[...].astype(cd), backend=cfg.moe_backend)
-        return y_TD.reshape(b, t, d) + self.shared(x_BTD)
+        return y_TD.reshape(b, t, d) + self.shared(x_BTD), aux
+
+
+def sequence_aux_loss(scores_BTE, onehot_BTKE, valid_BT):
+    """DeepSeek-V3 sequence-wise balance loss, averaged over sequences (coefficient applied by caller).
+
+    Per sequence: f_i = E / (K T) * #{t : i in topk(t)},  P_i = mean_t s_ti / sum_j s_tj,
+    loss = sum_i f_i P_i  (= 1 for perfectly uniform routing). Padding tokens are excluded.
+    """
+    e, k = scores_BTE.shape[-1], onehot_BTKE.shape[-2]
+    v = valid_BT.astype(jnp.float32)
+    n_B = jnp.maximum(jnp.sum(v, axis=1), 1.0)
+    f_BE = jnp.einsum("btke,bt->be", onehot_BTKE, v) * (e / k) / n_B[:, None]
+    p_norm = scores_BTE / jnp.sum(scores_BTE, axis=-1, keepdims=True)
+    p_BE = jnp.einsum("bte,bt->be", p_norm, v) / n_B[:, None]
+    return jnp.mean(jnp.sum(jax.lax.stop_gradient(f_BE) * p_BE, axis=-1))

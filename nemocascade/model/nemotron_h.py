@@ -30,6 +30,15 @@ REMAT_POLICIES = {
 }
 
 
+def _remat_block(block, x_BTD, segment_ids_BT, policy: str):
+    """Runs `block` under `jax.checkpoint` as a pure function of its state (no NNX state writes)."""
+    graphdef, state = nnx.split(block)
+
+    def run(st, x, seg):
+        return nnx.merge(graphdef, st)(x, seg)
+    return jax.checkpoint(run, policy=REMAT_POLICIES[policy])(state, x_BTD, segment_ids_BT)
+
+
 class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
@@ -47,12 +56,16 @@ class Block(nnx.Module):
             raise ValueError(f"unknown block kind {kind!r}")
 
     def __call__(self, x_BTD, segment_ids_BT, cache=None):
+        """Returns (x_BTD, cache, aux); aux is the MoE statistics dict or None."""
         h = self.norm(x_BTD)
+        aux = None
         if self.kind in ("mamba", "attention"):
             h, cache = self.mixer(h, segment_ids_BT, cache)
+        elif self.kind == "moe":
+            h, aux = self.mixer(h, segment_ids_BT > 0)
         else:
             h = self.mixer(h)
-        return x_BTD + h.astype(x_BTD.dtype), cache
+        return x_BTD + h.astype(x_BTD.dtype), cache, aux
 
 
 class NemotronH(nnx.Module):
@@ -68,24 +81,32 @@ class NemotronH(nnx.Module):
                                     dtype=pd)
 
     # ------------------------------------------------------------------ forward
-    def hidden_states(self, input_ids_BT, segment_ids_BT=None, cache=None):
-        """Final normalised hidden states [B, T, D] (before lm_head), and the updated cache."""
+    def hidden_states(self, input_ids_BT, segment_ids_BT=None, cache=None, return_aux=False):
+        """Final normalised hidden states [B, T, D] (before lm_head), the updated cache, and (with
+        `return_aux`) the MoE statistics: {"expert_counts": [n_moe_layers, E], "aux_loss": scalar}."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones(input_ids_BT.shape, jnp.int32)
         x = jnp.take(self.embed_VD[...], input_ids_BT, axis=0).astype(cd)
-        new_cache = []
+        new_cache, counts, aux_loss = [], [], jnp.zeros((), jnp.float32)
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             if cfg.remat != "none" and cache is None:
-                x, _ = nnx.remat(lambda blk, y, s: blk(y, s), policy=REMAT_POLICIES[cfg.remat])(
-                    block, x, segment_ids_BT)
-                layer_cache = None
+                x, layer_cache, aux = _remat_block(block, x, segment_ids_BT, cfg.remat)
             else:
-                x, layer_cache = block(x, segment_ids_BT, layer_cache)
+                x, layer_cache, aux = block(x, segment_ids_BT, layer_cache)
             new_cache.append(layer_cache)
-        return self.norm_f(x), (None if cache is None else new_cache)
+            if aux is not None:
+                counts.append(aux["expert_counts"])
+                aux_loss = aux_loss + aux.get("aux_loss", 0.0)
+        h = self.norm_f(x)
+        new_cache = None if cache is None else new_cache
+        if not return_aux:
+            return h, new_cache
+        stats = {"expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, cfg.n_routed_experts)),
+                 "aux_loss": aux_loss}
+        return h, new_cache, stats
 
     def lm_head_weight(self) -> jax.Array:
         """[D, V] output projection (the transposed embedding when tied)."""
@@ -98,8 +119,12 @@ class NemotronH(nnx.Module):
         return jnp.einsum("btd,dv->btv", h_BTD.astype(cd), self.lm_head_weight().astype(cd),
                           preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids_BT, segment_ids=None, positions=None, cache=None):
+    def __call__(self, input_ids_BT, segment_ids=None, positions=None, cache=None, return_aux=False):
+        """Logits [B, T, V] fp32; `(logits, cache)` with a cache; `(logits, aux)` with return_aux."""
         del positions  # NoPE
+        if return_aux:
+            h, _, aux = self.hidden_states(input_ids_BT, segment_ids, None, return_aux=True)
+            return self.logits(h), aux
         h, new_cache = self.hidden_states(input_ids_BT, segment_ids, cache)
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
