@@ -8,6 +8,7 @@ Record schema (one dict per prompt; `prompt` and `domain` are optional for scori
     {"verifier": {"type": "mcqa", "answer": "B"}}
     {"verifier": {"type": "code", "tests": "assert f(1) == 2",  # or defines check(candidate)
                   "entry_point": "f",                          # optional, for check()
+                  "strict_compare": True,                      # optional, see harness.py
                   "timeout_s": 10.0}}                          # optional, whole run
     {"verifier": {"type": "code_io", "cases": [{"input": "1 2\\n", "output": "3\\n"}],
                   "time_limit_s": 2.0}}                        # optional, per case

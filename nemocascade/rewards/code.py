@@ -1,19 +1,25 @@
 """Code verifiers: unit tests and stdin/stdout tests of a Python program, run in the sandbox.
 
 Two test styles, strict binary reward (every test must pass):
-  * `run_tests(program, test_code)`: the program, then `test_code`, run in one namespace inside the
-    sandbox. `test_code` may be bare asserts, or define `check(candidate)` (HumanEval style), which is
-    called with the program's function `entry_point` (or the program's only top-level function).
+  * `run_tests(program, test_code)`: the program, then `test_code` (in a copy of the program's
+    namespace), inside the sandbox. `test_code` may be bare asserts, or define `check(candidate)`
+    (HumanEval style), called with the program's function `entry_point` (or the program's only
+    top-level function). Comparisons in the tests refuse non-builtin operands (`strict_compare`).
   * `run_io_tests(program, cases)`: each case runs the program in a fresh sandbox with the case's
     input on stdin; stdout is compared with the expected output on the host (whitespace-normalised:
     runs of blanks collapse, trailing blanks and blank lines at either end are ignored). A per-case
     time limit; stops at the first failing case. The expected outputs never enter the sandbox.
 
-Passing is proven by a marker, never by an exit code: in `run_tests` the harness reads a per-run
-random nonce only after every test ran (from a stdin copy the user code cannot see as stdin) and
-writes it to a result pipe only the host reads; in `run_io_tests` the host compares each case's
-actual output. Statuses: passed, failed (an assertion / wrong answer / exited before the tests
-finished), timeout, error (exception, non-zero exit, output cap, bad input), sandbox_error.
+Passing is proven by a marker, never by an exit code (protocol in `harness.py`): in `run_tests`
+the harness reads a per-run random nonce only after every test ran (from a stdin copy the user
+code cannot see as stdin) and writes it to a result pipe only the host reads; in `run_io_tests`
+the host compares each case's actual output. Statuses: passed, failed (an assertion / wrong answer
+/ exited before the tests finished), timeout, error (exception, non-zero exit, output cap, bad
+input), sandbox_error.
+
+Residual risk, by design of in-process unit tests: a program that deliberately introspects the
+harness (frames, `gc`, its file descriptors) could forge the marker; the nonce, the private
+namespaces and the seccomp ban on ptrace make that a targeted attack, not an accident.
 """
 
 from __future__ import annotations
@@ -23,92 +29,11 @@ import json
 import re
 import secrets
 
+from nemocascade.rewards.harness import FUNC_HARNESS, IO_BOOT
 from nemocascade.rewards.sandbox import RESULT_FD, SandboxConfig, limits_prelude, run_sandboxed
 
 STATUSES = ("passed", "failed", "timeout", "error", "sandbox_error")
 _TAIL = 2000
-
-# Reads a length-prefixed blob ("<n>\n" + n bytes) from fd 0 without over-reading, so whatever
-# follows it on stdin stays for the next reader.
-_READ_BLOB = r"""
-import os as _os, sys as _sys
-def _read_blob():
-    hdr = b""
-    while not hdr.endswith(b"\n"):
-        c = _os.read(0, 1)
-        if not c:
-            raise SystemExit(97)
-        hdr += c
-    n, buf = int(hdr), b""
-    while len(buf) < n:
-        c = _os.read(0, n - len(buf))
-        if not c:
-            raise SystemExit(97)
-        buf += c
-    return buf.decode("utf-8")
-_res = int(_sys.argv[1])
-_os.write(_res, b"S\n")
-"""
-
-_FUNC_HARNESS = (
-    _READ_BLOB
-    + r"""
-import json as _json
-_spec = _json.loads(_read_blob())
-_nonce_fd = _os.dup(0)
-_null = _os.open("/dev/null", _os.O_RDONLY)
-_os.dup2(_null, 0)
-_os.close(_null)
-_sys.argv = ["main.py"]
-_g = {"__name__": "__main__", "__builtins__": __builtins__}
-def _flush():
-    for _f in (_sys.stdout, _sys.stderr):
-        try:
-            _f.flush()
-        except BaseException:
-            pass
-def _report(kind, exc):
-    _os.write(_res, ("F:%s:%s: %s\n" % (kind, type(exc).__name__, str(exc)[:300])).encode())
-    _flush()
-    _os._exit(1)
-try:
-    exec(compile(_spec["program"], "main.py", "exec"), _g)
-except BaseException as e:
-    _report("error", e)
-try:
-    _before = set(_g)
-    exec(compile(_spec["tests"], "tests.py", "exec"), _g)
-    if "check" in _g and "check" not in _before:
-        _name = _spec.get("entry_point")
-        if not _name:
-            _fns = _spec["program_functions"]
-            if len(_fns) != 1:
-                raise LookupError("check() needs an entry_point; program defines %r" % (_fns,))
-            _name = _fns[0]
-        if _name not in _g:
-            raise NameError("entry point %r is not defined by the program" % _name)
-        _g["check"](_g[_name])
-except AssertionError as e:
-    _report("failed", e)
-except BaseException as e:
-    _report("error", e)
-_flush()
-_nonce = _os.read(_nonce_fd, 64)
-_os.write(_res, b"P:" + _nonce + b"\n")
-_os._exit(0)
-"""
-)
-
-_IO_BOOT = (
-    _READ_BLOB
-    + r"""
-_src = _read_blob()
-_os.close(_res)
-_sys.argv = ["main.py"]
-del _read_blob, _res
-exec(compile(_src, "main.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-"""
-)
 
 
 @dataclasses.dataclass
@@ -148,11 +73,13 @@ def run_tests(
     *,
     timeout_s: float = 10.0,
     entry_point: str | None = None,
+    strict_compare: bool = True,
     config: SandboxConfig | None = None,
 ) -> CodeResult:
     """Run `program` then `test_code` (asserts or a `check(candidate)` function) in the sandbox.
 
-    Passed only if the harness wrote this run's nonce after every test ran.
+    Passed only if the harness wrote this run's nonce after every test ran. `strict_compare`
+    makes the tests' comparisons refuse non-builtin operands (see `harness.py`).
     """
     cfg = config or SandboxConfig()
     nonce = secrets.token_hex(16)
@@ -161,9 +88,10 @@ def run_tests(
         "tests": test_code,
         "entry_point": entry_point,
         "program_functions": _top_level_functions(program),
+        "strict_compare": bool(strict_compare),
     }
     stdin = _blob(json.dumps(spec)) + nonce.encode()
-    harness = limits_prelude(cfg, timeout_s) + _FUNC_HARNESS
+    harness = limits_prelude(cfg, timeout_s) + FUNC_HARNESS
     run = run_sandboxed(["-c", harness, RESULT_FD], stdin=stdin, timeout_s=timeout_s, cfg=cfg)
     res = CodeResult(
         False,
@@ -218,7 +146,7 @@ def run_io_tests(
     if not cases:
         res.status, res.detail = "error", "no test cases"
         return res
-    boot = limits_prelude(cfg, time_limit_s) + _IO_BOOT
+    boot = limits_prelude(cfg, time_limit_s) + IO_BOOT
     prefix = _blob(program)
     for i, case in enumerate(cases):
         if not isinstance(case, dict) or "input" not in case or "output" not in case:

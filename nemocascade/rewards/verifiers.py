@@ -59,6 +59,7 @@ def code_reward(record: dict, response: str, finished: bool) -> tuple[float, dic
         spec["tests"],
         timeout_s=float(spec.get("timeout_s", 10.0)),
         entry_point=spec.get("entry_point"),
+        strict_compare=bool(spec.get("strict_compare", True)),
     )
     return float(res.passed), {"status": res.status, "detail": res.detail[:300]}
 

@@ -64,6 +64,33 @@ def test_run_tests_styles(program, tests, entry, passed, status):
 
 
 @needs_bwrap
+def test_strict_compare_accepts_builtin_results():
+    prog = (
+        "from collections import Counter, deque, OrderedDict\nfrom fractions import Fraction\n"
+        "def f():\n    return [1, (2.5, 'a'), {3: b'x'}, {4}, None, True, Counter('ab'),\n"
+        "            deque([1]), OrderedDict(a=1), Fraction(1, 3), range(2)]\n"
+    )
+    tests = (
+        "from collections import Counter, deque, OrderedDict\nfrom fractions import Fraction\n"
+        "r = f()\nassert r == [1, (2.5, 'a'), {3: b'x'}, {4}, None, True, Counter('ab'),\n"
+        "             deque([1]), OrderedDict(a=1), Fraction(1, 3), range(2)]\n"
+        "assert 1 in r and 7 not in r and r[4] is None\nassert 0 < len(r) <= 11\n"
+        "assert [x for x in range(3) if x != 1] == [0, 2]\n"
+        "class T:\n    ok = (lambda: 1 == 1)()\nassert T.ok\n"
+    )
+    res = run_tests(prog, tests)
+    assert res.passed, res
+    # Comparing instances of the program's own classes needs strict_compare=False.
+    prog = "class P:\n    def __init__(self, v):\n        self.v = v\n    def __eq__(self, o):\n"
+    prog += "        return self.v == o.v\n"
+    res = run_tests(prog, "assert P(1) == P(1)\n")
+    assert res.status == "failed" and "strict_compare" in res.detail
+    assert run_tests(
+        prog, "assert P(1) == P(1)\nassert P(1) != P(2)\n", strict_compare=False
+    ).passed
+
+
+@needs_bwrap
 def test_run_tests_timeout_and_stdout():
     res = run_tests("import time\ntime.sleep(30)\n", "assert True\n", timeout_s=1.0)
     assert (res.passed, res.status) == (False, "timeout")

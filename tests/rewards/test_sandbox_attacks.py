@@ -233,3 +233,57 @@ def test_expected_output_is_not_in_the_sandbox():
     )
     res = run_io_tests(prog, [{"input": "q\n", "output": expected + "\n"}], time_limit_s=10.0)
     _assert_contained(res, {"failed"})
+
+
+ALWAYS_EQUAL = """
+class Anything(int):
+    def __eq__(self, other):
+        return True
+    __ne__ = lambda self, other: False
+    __lt__ = __le__ = __gt__ = __ge__ = __eq__
+    def __bool__(self):
+        return True
+    __hash__ = int.__hash__
+def f(x):
+    return Anything(0)
+"""
+
+
+@pytest.mark.parametrize(
+    "tests",
+    [
+        "assert f(1) == 2\nassert not (f(1) != 2)\n",
+        "assert [f(1)] == [2]\nassert {'k': f(1)} == {'k': 2}\n",
+        "assert f(1)\n",
+        "assert 0 <= f(1) < 5 and f(1) == 3\n",
+        "def check(candidate):\n    assert candidate(1) == 2\n",
+    ],
+)
+def test_always_equal_object_is_no_pass(tests):
+    res = run_tests(ALWAYS_EQUAL, tests, entry_point="f")
+    _assert_contained(res, {"failed"})
+    assert "strict_compare" in res.detail
+    # Without strict comparison the trick would have worked: the defence is what stops it.
+    assert run_tests(ALWAYS_EQUAL, tests, entry_point="f", strict_compare=False).passed
+
+
+def test_program_cannot_shadow_the_tests_check():
+    # The program defines its own `check`; the tests' `check` must still be the one that runs.
+    prog = GOOD + "def check(candidate):\n    pass\n"
+    res = run_tests(prog, "def check(candidate):\n    assert candidate(1) == 3\n", entry_point="f")
+    _assert_contained(res, {"failed"})
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        "builtins.AssertionError = type('X', (Exception,), {})",
+        "builtins.exec = lambda *a, **k: None",
+        "builtins.bool = lambda *a: True",
+        "builtins.zip = lambda *a: iter(())",
+        "import operator; operator.eq = lambda a, b: True",
+    ],
+)
+def test_program_cannot_rebind_what_the_harness_uses(patch):
+    res = run_tests(GOOD + "import builtins\n" + patch + "\n", "assert f(1) == 3\n")
+    _assert_contained(res, {"failed"})
