@@ -32,12 +32,22 @@ _NEG = -1e30  # exponent of a cut path (exp -> 0); avoids inf - inf
 class MambaCache:
     conv_BKC: jax.Array    # [B, K-1, conv_dim] last conv inputs of the current segment (else 0)
     ssm_BHPN: jax.Array    # [B, H, P, N] fp32 SSM state
+    seg_B: jax.Array       # [B] int32 segment id the states belong to (that of the last position)
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, dtype) -> "MambaCache":
         return cls(jnp.zeros((batch, cfg.conv_kernel - 1, cfg.conv_dim), dtype),
                    jnp.zeros((batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size),
-                             jnp.float32))
+                             jnp.float32),
+                   jnp.zeros((batch,), jnp.int32))
+
+    def continuing(self, seg_BT: jax.Array) -> "MambaCache":
+        """The states with rows zeroed whose cached segment differs from that of `seg_BT[:, 0]`
+        (a new segment starts from a zero state, so states of padding or of an earlier document
+        never leak into it)."""
+        same_B = self.seg_B == seg_BT[:, 0].astype(jnp.int32)
+        return MambaCache(jnp.where(same_B[:, None, None], self.conv_BKC, 0),
+                          jnp.where(same_B[:, None, None, None], self.ssm_BHPN, 0), self.seg_B)
 
 
 def causal_conv(x_BTC, w_KC, b_C, seg_BT, prev_BKC=None):
@@ -209,6 +219,9 @@ class Mamba2(nnx.Module):
         a_H = -jnp.exp(self.A_log_H[...].astype(jnp.float32))
         dt = self._dt(dt_raw)
         t = x_BTD.shape[1]
+        if cache is not None:
+            cache = cache.continuing(segment_ids_BT)
+            new_seg_B = segment_ids_BT[:, -1].astype(jnp.int32)
         if cache is not None and t == 1:
             window = jnp.concatenate([cache.conv_BKC.astype(cd), xbc], axis=1)      # [B, K, C]
             conv = jnp.einsum("bkc,kc->bc", window.astype(jnp.float32),
@@ -219,7 +232,7 @@ class Mamba2(nnx.Module):
             y = y[:, None]
             xs = xs[:, None]
             new_conv = window[:, 1:]
-            cache = MambaCache(new_conv.astype(cache.conv_BKC.dtype), ssm)
+            cache = MambaCache(new_conv.astype(cache.conv_BKC.dtype), ssm, new_seg_B)
         else:
             prev = None if cache is None else cache.conv_BKC
             conv = causal_conv(xbc, self.conv_w_KC[...], self.conv_b_C[...], segment_ids_BT, prev)
@@ -228,7 +241,7 @@ class Mamba2(nnx.Module):
             init = None if cache is None else cache.ssm_BHPN
             y, ssm = ssd_scan(xs, dt, a_H, b, c, segment_ids_BT, cfg.chunk_size, init)
             if cache is not None:
-                cache = MambaCache(self._conv_tail(cache.conv_BKC, xbc, segment_ids_BT), ssm)
+                cache = MambaCache(self._conv_tail(cache.conv_BKC, xbc, segment_ids_BT), ssm, new_seg_B)
         y = y + self.D_H[...].astype(jnp.float32)[:, None] * xs.astype(jnp.float32)
         y = y.reshape(y.shape[:2] + (cfg.mamba_inner,))
         y = gated_group_rms_norm(y, z, self.norm_I[...], cfg.n_groups, cfg.layer_norm_epsilon)

@@ -1,0 +1,7 @@
+"""Rollout engine: cached prefill + `lax.while_loop` decode with temperature / top-k / top-p."""
+
+from nemocascade.rollout.engine import GenerateResult, bucket, compiled_program_counts, generate
+from nemocascade.rollout.sampling import SamplingMode, sample_step, sampling_logits, top_k_mask, top_p_mask
+
+__all__ = ["GenerateResult", "SamplingMode", "bucket", "compiled_program_counts", "generate", "sample_step",
+           "sampling_logits", "top_k_mask", "top_p_mask"]
