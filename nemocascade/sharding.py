@@ -143,3 +143,11 @@ def state_shardings(state: Any, mesh: Mesh, rules: Mapping[str, Any] = LOGICAL_R
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping[str, Any] = LOGICAL_RULES) -> NamedSharding:
     """Sharding of a `[batch, ...]` array: batch over the data-like axes, the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def batch_axes(mesh: Mesh, rules: Mapping[str, Any] = LOGICAL_RULES) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that the logical `batch` axis is sharded over, in table order
+    (e.g. the token axes of the MoE expert-parallel exchange)."""
+    spec = logical_to_spec(("batch",), rules, mesh)
+    entry = spec[0] if len(spec) else None
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())

@@ -28,7 +28,6 @@ Backends:
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple, Protocol
 
 import jax
@@ -233,17 +232,48 @@ def pallas_experts(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
 DEFAULT_TILE_ROWS = 128
 
 
-def _tile_loop(n, body, init):
-    return jax.lax.fori_loop(0, n, body, init)
+def _varying_axes(x) -> frozenset:
+    """Manual mesh axes (inside `shard_map`) that `x` varies over; empty outside shard_map."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=())
+def _tile_loop(n, body, init, *operands):
+    """fori_loop over the first `n` tiles. Under `shard_map`, the zero-initialised carry is first
+    marked varying over the manual mesh axes its operands vary over (else the loop's types clash)."""
+    return jax.lax.fori_loop(0, n, body, _make_varying(init, n, *operands))
+
+
+def _make_varying(tree, *refs):
+    """`tree` with every leaf marked varying over the manual axes that any of `refs` varies over
+    (a no-op outside `shard_map`)."""
+    vma = frozenset().union(*(_varying_axes(x) for x in refs))
+
+    def vary(x):
+        missing = tuple(sorted(vma - _varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(vary, tree)
+
+
 def tiled_gmm(lhs_GMK: jax.Array, rhs_EKN: jax.Array, tile_expert_G: jax.Array,
               num_tiles: jax.Array) -> jax.Array:
     """`out[g] = lhs[g] @ rhs[tile_expert[g]]` for tiles g < num_tiles; zeros for the rest.
 
-    A loop over the active tiles only, so the cost tracks the rows actually routed.
+    A loop over the active tiles only, so the cost tracks the rows actually routed. Differentiable
+    in lhs and rhs (hand-written backward: two more loops over the active tiles).
     """
+    # Under shard_map the operands may vary over different mesh axes (e.g. weights replicated over
+    # `data`): align them first so the custom VJP's cotangents match, and JAX's transpose of this
+    # cast (a psum) sums the weight gradient over the replicas.
+    args = _make_varying((lhs_GMK, rhs_EKN, tile_expert_G, num_tiles),
+                         lhs_GMK, rhs_EKN, tile_expert_G, num_tiles)
+    return _tiled_gmm(*args)
+
+
+@jax.custom_vjp
+def _tiled_gmm(lhs_GMK, rhs_EKN, tile_expert_G, num_tiles):
     G, M, _ = lhs_GMK.shape
     out = jnp.zeros((G, M, rhs_EKN.shape[2]), lhs_GMK.dtype)
 
@@ -253,11 +283,11 @@ def tiled_gmm(lhs_GMK: jax.Array, rhs_EKN: jax.Array, tile_expert_G: jax.Array,
         y_MN = jnp.dot(x_MK, w_KN, preferred_element_type=jnp.float32).astype(out.dtype)
         return jax.lax.dynamic_update_index_in_dim(out, y_MN, g, 0)
 
-    return _tile_loop(num_tiles, body, out)
+    return _tile_loop(num_tiles, body, out, lhs_GMK, rhs_EKN, tile_expert_G)
 
 
 def _tiled_gmm_fwd(lhs_GMK, rhs_EKN, tile_expert_G, num_tiles):
-    return tiled_gmm(lhs_GMK, rhs_EKN, tile_expert_G, num_tiles), (lhs_GMK, rhs_EKN, tile_expert_G,
+    return _tiled_gmm(lhs_GMK, rhs_EKN, tile_expert_G, num_tiles), (lhs_GMK, rhs_EKN, tile_expert_G,
                                                                   num_tiles)
 
 
@@ -281,11 +311,11 @@ def _tiled_gmm_bwd(res, dout_GMN):
         drhs = jax.lax.dynamic_update_index_in_dim(drhs, prev + dw_KN, e, 0)
         return dlhs, drhs
 
-    dlhs, drhs = _tile_loop(num_tiles, body, (dlhs, drhs))
+    dlhs, drhs = _tile_loop(num_tiles, body, (dlhs, drhs), lhs_GMK, rhs_EKN, tile_expert_G, dout_GMN)
     return dlhs, drhs.astype(rhs_EKN.dtype), None, None
 
 
-tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
+_tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
 
 
 def sorted_experts_tiled(x_TD, idx_TK, w_TK, up_EDF, down_EFD, *, tile_rows: int = DEFAULT_TILE_ROWS):
