@@ -138,13 +138,15 @@ def train_bpe(
     path: str | os.PathLike | None = None,
     *,
     extra_special_tokens: Sequence[str] = (),
+    split_digits: bool = False,
 ) -> Tokenizer:
     """Trains a byte-level BPE on `texts`, with `TRAINED_SPECIALS` at ids 0..8.
 
     The result has at most `vocab_size` ids (fewer if the texts run out of
     merges). If `path` is given the tokenizer is written there as
     `tokenizer.json` and reloaded with `Tokenizer.from_file`, the same path the
-    released tokenizer takes.
+    released tokenizer takes. `split_digits` keeps every digit its own token (helps small models
+    learn arithmetic).
     """
     specials = list(TRAINED_SPECIALS) + [
         t for t in extra_special_tokens if t not in TRAINED_SPECIALS
@@ -153,7 +155,12 @@ def train_bpe(
     if vocab_size < n_min:
         raise ValueError(f"vocab_size={vocab_size} is below specials + 256 byte symbols = {n_min}")
     tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
