@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import time
+from decimal import Decimal
 from pathlib import Path
 
 from nemocascade.rewards import score_batch
@@ -48,6 +49,13 @@ def _math_batch(n: int) -> tuple[list[dict], list[str]]:
         for r in rows
     ]
     return recs, resps
+
+
+def _math_latex_batch(n: int) -> tuple[list[dict], list[str]]:
+    """Answers written as \\frac{2g}{2}: no string/number fast path, math-verify does the work."""
+    recs, _ = _math_batch(n)
+    golds = [r["verifier"]["answer"].split("####")[-1].strip().replace(",", "") for r in recs]
+    return recs, [f"\\boxed{{\\frac{{{2 * Decimal(g)}}}{{2}}}}" for g in golds]
 
 
 def _if_batch(n: int) -> tuple[list[dict], list[str]]:
@@ -99,6 +107,7 @@ def main() -> None:
         rows.append(_row("code_io (5 cases)", w, *_code_batch(args.num_programs, io=True)))
         if DATA.exists():
             rows.append(_row("math (gsm8k)", w, *_math_batch(args.num_math)))
+            rows.append(_row("math (latex, math-verify)", w, *_math_latex_batch(args.num_math)))
         rows.append(_row("instruction", w, *_if_batch(args.num_math)))
     result = {
         "cpu_count": os.cpu_count(),
@@ -117,9 +126,10 @@ def main() -> None:
         "timeouts",
     ]
     print(f"single run_tests latency (median of 10): {result['run_tests_latency_s_median']} s")
-    print(" | ".join(f"{c:>18}" for c in cols))
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print(" | ".join(c.rjust(width[c]) for c in cols))
     for r in rows:
-        print(" | ".join(f"{r[c]!s:>18}" for c in cols))
+        print(" | ".join(str(r[c]).rjust(width[c]) for c in cols))
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 

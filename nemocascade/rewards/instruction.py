@@ -107,16 +107,19 @@ def _paragraphs_stars(text: str, num_paragraphs: int) -> bool:
 
 
 def _nth_paragraph_first_word(text, num_paragraphs, nth_paragraph, first_word) -> bool:
-    paragraphs = [p for p in re.split(r"\n\n", text) if p.strip()]
+    """IFEval's rule: paragraphs split on blank lines; the n-th (counting empty ones in the index,
+    not in the total) must start with `first_word` (leading quotes dropped, cut at punctuation)."""
+    paragraphs = re.split(r"\n\n", text)
+    count = sum(1 for p in paragraphs if p.strip())
     nth = int(nth_paragraph)
-    if len(paragraphs) != int(num_paragraphs) or not 1 <= nth <= len(paragraphs):
+    if not 1 <= nth <= count:
         return False
-    words = paragraphs[nth - 1].strip().split()
-    if not words:
+    paragraph = paragraphs[nth - 1].strip()
+    if not paragraph:
         return False
-    word = re.match(r"[\W_]*([\w'-]*)", words[0]).group(1)
-    word = re.split(r"[.,?!'\"]", word)[0]
-    return word.lower() == first_word.strip().lower()
+    word = paragraph.split()[0].strip().lstrip("'").lstrip('"')
+    word = re.split(r"[.,?!'\"]", word)[0].lower()
+    return count == int(num_paragraphs) and word == first_word.strip().lower()
 
 
 def _postscript(text: str, postscript_marker: str) -> bool:
