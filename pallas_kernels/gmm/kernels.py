@@ -26,10 +26,15 @@ def _row_mask(offsets_ref, group, m_tile, tm: int, width: int) -> jax.Array:
   return (rows >= offsets_ref[group]) & (rows < offsets_ref[group + 1])
 
 
-def _mask_cols(x: jax.Array, dim: int, start, limit: int) -> jax.Array:
+def _select(mask: jax.Array, x: jax.Array, dtype) -> jax.Array:
+  """where(mask, x, 0) computed in fp32 (older TPUs have no bf16 VPU), cast to `dtype`."""
+  return jnp.where(mask, x.astype(jnp.float32), 0.0).astype(dtype)
+
+
+def _mask_cols(x: jax.Array, dim: int, start, limit: int, dtype) -> jax.Array:
   """Zeroes the entries of `x` whose index along `dim` (offset by `start`) is >= limit."""
   idx = lax.broadcasted_iota(jnp.int32, x.shape, dim) + start
-  return jnp.where(idx < limit, x, jnp.zeros_like(x))
+  return _select(idx < limit, x, dtype)
 
 
 def gmm_pallas(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
@@ -58,11 +63,12 @@ def gmm_pallas(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, 
       acc_ref[...] = jnp.zeros_like(acc_ref)
 
     def accumulate(mask_k: bool):
-      x = lhs_ref[...].astype(compute_dtype)  # [tm, tk]
-      w = rhs_ref[...].astype(compute_dtype)  # [tk, tn] or [tn, tk]
+      x = lhs_ref[...]  # [tm, tk]
+      w = rhs_ref[...]  # [tk, tn] or [tn, tk]
       if mask_k:  # last, partial k tile: zero the out-of-range contraction slice
-        x = _mask_cols(x, 1, k_i * tk, k)
-        w = _mask_cols(w, 1 if transpose_rhs else 0, k_i * tk, k)
+        x = _mask_cols(x, 1, k_i * tk, k, compute_dtype)
+        w = _mask_cols(w, 1 if transpose_rhs else 0, k_i * tk, k, compute_dtype)
+      x, w = x.astype(compute_dtype), w.astype(compute_dtype)
       contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
       acc_ref[...] += lax.dot_general(x, w, contract, preferred_element_type=jnp.float32)
 
@@ -79,11 +85,15 @@ def gmm_pallas(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, 
       out_ref[...] = jnp.where(mask, acc_ref[...], out_ref[...].astype(jnp.float32)
                                ).astype(out_ref.dtype)
 
+  # Tail visits compute nothing: pin their input blocks to k tile 0 so that the
+  # pipeline does not fetch new blocks for them at every k step.
   def lhs_map(n_i, visit, k_i, offsets, group_ids, m_tile_ids):
-    return m_tile_ids[visit], k_i
+    return m_tile_ids[visit], jnp.where(group_ids[visit] < num_groups, k_i, 0)
 
   def rhs_map(n_i, visit, k_i, offsets, group_ids, m_tile_ids):
-    group = jnp.minimum(group_ids[visit], num_groups - 1)  # tail: any block, unused
+    is_real = group_ids[visit] < num_groups
+    group = jnp.minimum(group_ids[visit], num_groups - 1)
+    k_i = jnp.where(is_real, k_i, 0)
     return (group, n_i, k_i) if transpose_rhs else (group, k_i, n_i)
 
   def out_map(n_i, visit, k_i, offsets, group_ids, m_tile_ids):
@@ -137,12 +147,9 @@ def tgmm_pallas(lhs_MK: jax.Array, grad_MN: jax.Array, group_sizes_G: jax.Array,
 
     @pl.when(offsets_ref[group + 1] > offsets_ref[group])
     def _accumulate():  # rows outside the group (or past M) are selected away
-      x = lhs_ref[...]
-      y = grad_ref[...]
-      x = jnp.where(_row_mask(offsets_ref, group, m_tile, tm, tk), x, jnp.zeros_like(x))
-      y = jnp.where(_row_mask(offsets_ref, group, m_tile, tm, tn), y, jnp.zeros_like(y))
-      acc_ref[...] += lax.dot(x.astype(compute_dtype).T, y.astype(compute_dtype),
-                              preferred_element_type=jnp.float32)
+      x = _select(_row_mask(offsets_ref, group, m_tile, tm, tk), lhs_ref[...], compute_dtype)
+      y = _select(_row_mask(offsets_ref, group, m_tile, tm, tn), grad_ref[...], compute_dtype)
+      acc_ref[...] += lax.dot(x.T, y, preferred_element_type=jnp.float32)  # [tk, tn]
 
     @pl.when((visit == last) | (next_group != group))
     def _store():
