@@ -2,8 +2,8 @@
 
 Containment, outermost first:
   * bubblewrap (`bwrap`): new user, PID, network, IPC, UTS and cgroup namespaces
-    (`--unshare-all --unshare-user --disable-userns`), all capabilities dropped, uid/gid 65534 inside,
-    `--die-with-parent`, `--new-session`. The filesystem is a read-only root holding only read-only
+    (`--unshare-all --unshare-user --disable-userns`), all capabilities dropped, uid/gid 65534
+    inside, `--die-with-parent`, `--new-session`. The filesystem is a read-only root holding only read-only
     binds of `/usr` (+ the `/lib*`, `/bin` links), `/etc/ld.so.cache`, and the running interpreter's
     installation (`sys.base_prefix` when outside `/usr`); a fresh `/proc` and read-only `/dev`; the
     only writable place is a private size-limited tmpfs at `/tmp`. The project checkout, the home
@@ -17,6 +17,11 @@ Containment, outermost first:
   * host side: a wall-clock deadline after which the whole process group is SIGKILLed (bwrap is
     PID 1 of the sandbox's PID namespace, so every process inside dies with it), and a cap on the
     bytes read from stdout + stderr (exceeding it kills the sandbox too).
+
+The sandboxed interpreter is the running one (`sys.executable`'s installation), started with
+`-I -S -B`: standard library only, no site-packages, no environment, no bytecode writes. This
+configuration (every namespace, --disable-userns, seccomp) was verified both as root in a
+container and as an unprivileged user with bubblewrap 0.8.
 
 Without bwrap, `run_sandboxed` refuses (`sandbox_error`) unless `SandboxConfig.allow_weak` is set:
 then it runs the interpreter directly with the rlimits only (no namespaces, no seccomp), after
