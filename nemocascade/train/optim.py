@@ -31,6 +31,7 @@ class OptimConfig:
     lr: float = 5e-5  # peak learning rate
     min_lr: float = 5e-6  # cosine floor
     warmup_steps: int = 200
+    decay_steps: int = 0  # where the cosine reaches min_lr; 0 means at the run's last step
     b1: float = 0.9
     b2: float = 0.98
     eps: float = 1e-8
@@ -42,7 +43,8 @@ class OptimConfig:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, "
                              f"min_lr={self.min_lr}")
-        if self.warmup_steps < 0 or self.grad_accum_steps < 1 or self.clip_norm < 0:
+        if (self.warmup_steps < 0 or self.decay_steps < 0 or self.grad_accum_steps < 1
+                or self.clip_norm < 0):
             raise ValueError(f"optim: bad warmup_steps/grad_accum_steps/clip_norm in {self}")
 
     @classmethod
@@ -56,11 +58,12 @@ class OptimConfig:
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> Callable[[jax.Array], jax.Array]:
-    """lr(s) = lr*(s+1)/warmup for s < warmup, then cosine from lr to min_lr at total_steps.
+    """lr(s) = lr*(s+1)/warmup for s < warmup, then cosine from lr to min_lr at step
+    `cfg.decay_steps` (or `total_steps` if that is 0), min_lr after.
 
     Step s is the 0-based optimizer update count; the first update already uses a non-zero lr.
     """
-    warmup, total = cfg.warmup_steps, int(total_steps)
+    warmup, total = cfg.warmup_steps, int(cfg.decay_steps or total_steps)
     decay = max(total - warmup, 1)
 
     def schedule(step):

@@ -96,7 +96,7 @@ def sft_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     denom = jnp.maximum(count, 1.0)
     loss = nll_sum / denom
     grads = jax.tree.map(lambda g: g / denom, grads_sum)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)

@@ -94,6 +94,25 @@ def _batches(records, tokenizer, data_cfg, *, seed: int, shuffle: bool, num_epoc
     return ds.map(lambda b: {k: b[k] for k in BATCH_KEYS})
 
 
+def make_init_fn(model_cfg: ModelConfig, tx, seed: int):
+    """`init_fn() -> TrainState`: a fresh model from `seed` and its optimizer state."""
+
+    def init_fn() -> TrainState:
+        model = NemotronH(model_cfg, rngs=nnx.Rngs(seed))
+        return create_train_state(model, tx, jax.random.PRNGKey(seed))[1]
+
+    return init_fn
+
+
+def abstract_train_state(config) -> TrainState:
+    """The config's TrainState as shapes and dtypes only (`jax.eval_shape`; nothing allocated)."""
+    optim_cfg = OptimConfig.from_mapping(config.optim.to_dict())
+    loop_cfg = LoopConfig.from_mapping(config.train.to_dict())
+    tx = make_optimizer(optim_cfg, loop_cfg.steps)
+    return jax.eval_shape(make_init_fn(model_config_from(config.model.to_dict()), tx,
+                                       int(config.seed)))
+
+
 class _EvalSet:
     """A fixed list of batches; `__call__(state)` -> {"eval_loss": token-mean NLL}."""
 
@@ -134,11 +153,7 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
         tokenizer.save(os.path.join(workdir, "tokenizer.json"))
 
     tx = make_optimizer(optim_cfg, loop_cfg.steps)
-
-    def init_fn() -> TrainState:
-        model = NemotronH(model_cfg, rngs=nnx.Rngs(seed))
-        return create_train_state(model, tx, jax.random.PRNGKey(seed))[1]
-
+    init_fn = make_init_fn(model_cfg, tx, seed)
     graphdef = split_model(nnx.eval_shape(lambda: NemotronH(model_cfg, rngs=nnx.Rngs(seed))))[0]
     step_fn = functools.partial(sft_step, graphdef=graphdef, tx=tx,
                                 lr_fn=lr_schedule(optim_cfg, loop_cfg.steps),

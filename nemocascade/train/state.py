@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -48,6 +49,25 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
 def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
     """The nnx model with the state's params and model_state."""
     return nnx.merge(graphdef, state.params, state.model_state)
+
+
+def bytes_per_device(state: Any, mesh) -> int:
+    """Bytes of `state` (arrays or ShapeDtypeStructs, Variables carrying `axes`) held by one
+    device when sharded over `mesh` (a Mesh or AbstractMesh) by the logical-axis table."""
+    from nemocascade.sharding import state_specs
+
+    specs = state_specs(state, mesh=mesh)
+    total = 0
+    leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    for leaf, spec in zip(leaves, spec_leaves, strict=True):
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        shards = 1
+        for entry in spec:
+            for name in ((entry,) if isinstance(entry, str) else tuple(entry or ())):
+                shards *= mesh.shape[name]
+        total += int(np.prod(value.shape)) * jnp.dtype(value.dtype).itemsize // shards
+    return total
 
 
 def param_count(params: Any) -> int:

@@ -1,0 +1,202 @@
+"""Launcher: `python -m nemocascade.launch --config=configs/X.py[:arg] --workdir=DIR`.
+
+    --config.a.b=value      override a config key (every key must be declared in the file;
+                            a typo is an error listing the closest keys)
+    --sweep                 run every variant of the file's `get_sweep(arg)` into DIR/<variant>/,
+                            then write DIR/sweep.csv and DIR/sweep.md (final metrics of each)
+    --parallel=N            with --sweep: N variants at a time, each in its own process
+
+`config.job` picks the function to run from the job registry (`nemocascade.train.jobs`;
+`register_job` is re-exported here). Every run writes DIR/config.json before it starts and
+DIR/final_metrics.json when its job returns. A job stopped by SIGTERM saves and exits with 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+
+from nemocascade import configs_lib
+from nemocascade.train.jobs import get_job, register_job
+
+__all__ = ["main", "register_job", "run_job", "run_sweep"]
+
+FINAL_METRICS = "final_metrics.json"
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file path[:arg]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
+_SWEEP = flags.DEFINE_bool("sweep", False, "run every variant of get_sweep(arg)")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "with --sweep: variants run at once (processes)")
+_VARIANT = flags.DEFINE_string("variant", "", "run only this sweep variant (used by --parallel)")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "call jax.distributed.initialize() first (multi-host)")
+
+
+def run_job(config: ConfigDict, workdir: str) -> dict[str, Any]:
+    """Write DIR/config.json, run `config.job`, write DIR/final_metrics.json; return the metrics."""
+    import jax
+
+    is_main = jax.process_index() == 0
+    if is_main:
+        configs_lib.write_config_json(config, workdir)
+    job = get_job(config.job)
+    metrics = dict(job(config, workdir))
+    if is_main:
+        with open(os.path.join(workdir, FINAL_METRICS), "w") as f:
+            json.dump(metrics, f, indent=2, sort_keys=True, default=float)
+            f.write("\n")
+    return metrics
+
+
+def _sweep_row(name: str, overrides: dict, metrics: dict | None, status: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"variant": name, "status": status}
+    row.update({k: v for k, v in overrides.items() if k != configs_lib.NAME_KEY})
+    row.update(metrics or {})
+    return row
+
+
+def run_sweep(spec: str, config: ConfigDict, workdir: str, *, parallel: int = 1,
+              child_args: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Run every variant of the spec's `get_sweep`; returns the rows written to sweep.csv/md.
+
+    parallel == 1 runs the variants one after another in this process; parallel > 1 starts
+    `python -m nemocascade.launch ... --variant=NAME` processes, at most `parallel` at a time,
+    passing `child_args` (the command line's --config.* overrides) on.
+    """
+    variants = configs_lib.load_sweep(spec)
+    names = configs_lib.variant_names(variants)
+    for v in variants:  # fail on a typo before anything runs
+        configs_lib.apply_overrides(config, v)
+    os.makedirs(workdir, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    if parallel <= 1:
+        for name, overrides in zip(names, variants):
+            logging.info("sweep variant %s: %s", name, overrides)
+            metrics = run_job(configs_lib.apply_overrides(config, overrides),
+                              os.path.join(workdir, name))
+            rows.append(_sweep_row(name, overrides, metrics, "ok"))
+    else:
+        rows = _run_parallel(spec, workdir, names, variants, parallel, child_args)
+    configs_lib.write_sweep_tables(rows, workdir)
+    failed = [r["variant"] for r in rows if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"sweep variants failed: {failed} (see {workdir}/<variant>/launch.log)")
+    return rows
+
+
+def _run_parallel(spec, workdir, names, variants, parallel, child_args) -> list[dict[str, Any]]:
+    queue = list(zip(names, variants))
+    running: list[tuple[str, dict, subprocess.Popen, Any]] = []
+    done: dict[str, tuple[dict, int]] = {}
+    while queue or running:
+        while queue and len(running) < parallel:
+            name, overrides = queue.pop(0)
+            vdir = os.path.join(workdir, name)
+            os.makedirs(vdir, exist_ok=True)
+            log_file = open(os.path.join(vdir, "launch.log"), "w")
+            cmd = [sys.executable, "-m", "nemocascade.launch", f"--config={spec}",
+                   f"--workdir={vdir}", f"--variant={name}", *child_args]
+            running.append((name, overrides, subprocess.Popen(cmd, stdout=log_file,
+                                                             stderr=subprocess.STDOUT), log_file))
+        for item in list(running):
+            name, overrides, proc, log_file = item
+            if proc.poll() is not None:
+                log_file.close()
+                done[name] = (overrides, proc.returncode)
+                running.remove(item)
+        time.sleep(0.2)
+    rows = []
+    for name in names:
+        overrides, rc = done[name]
+        path = os.path.join(workdir, name, FINAL_METRICS)
+        metrics = configs_lib.read_json(path) if rc == 0 and os.path.exists(path) else None
+        rows.append(_sweep_row(name, overrides, metrics, "ok" if metrics is not None else f"rc={rc}"))
+    return rows
+
+
+def _override_args(argv: Sequence[str]) -> list[str]:
+    """The `--config.key=value` (or `--config.key value`) arguments of a command line."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config."):
+            out.append(a)
+            if "=" not in a and i + 1 < len(argv):
+                out.append(argv[i + 1])
+                i += 1
+        i += 1
+    return out
+
+
+def _config_spec(argv: Sequence[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+    """Exit with a readable message if an override names an undeclared key (ml_collections
+    would raise from inside flag parsing with a traceback)."""
+    spec = _config_spec(argv)
+    keys = [a[len("--config."):].split("=", 1)[0] for a in _override_args(argv)
+            if a.startswith("--config.")]
+    if spec is None or not keys:
+        return
+    try:
+        configs_lib.check_keys(configs_lib.load_config(spec), keys, prefix="--config.")
+    except configs_lib.ConfigKeyError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+
+
+def _quiet_orbax() -> None:
+    """orbax logs every save step at INFO through absl; keep its warnings and errors only."""
+    handler = logging.get_absl_handler()
+    handler.addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+
+
+def main(argv: Sequence[str]) -> None:
+    _quiet_orbax()
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _WORKDIR.value is None or _CONFIG.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    if _DISTRIBUTED.value:
+        import jax
+        jax.distributed.initialize()
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    spec = _config_spec(sys.argv[1:])
+    if _VARIANT.value:
+        variants = configs_lib.load_sweep(spec)
+        by_name = dict(zip(configs_lib.variant_names(variants), variants))
+        if _VARIANT.value not in by_name:
+            raise app.UsageError(f"--variant={_VARIANT.value!r}: not one of {sorted(by_name)}")
+        config = configs_lib.apply_overrides(config, by_name[_VARIANT.value])
+    if _SWEEP.value:
+        rows = run_sweep(spec, config, workdir, parallel=_PARALLEL.value,
+                         child_args=_override_args(sys.argv[1:]))
+        logging.info("sweep done: %d variants, %s/sweep.md", len(rows), workdir)
+        return
+    metrics = run_job(config, workdir)
+    logging.info("final metrics: %s", metrics)
+
+
+def cli() -> None:
+    """Console entry point."""
+    check_command_line(sys.argv[1:])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    cli()
