@@ -5,9 +5,9 @@
     @register_job("cascade")
     def run_cascade(config, workdir) -> dict: ...
 
-A job registers itself when its module is imported. `get_job(name)` imports the modules listed in
-`JOB_MODULES` (a module that does not exist yet is skipped) before looking the name up, so a new
-job only needs `@register_job` in one of them, or its module appended to `JOB_MODULES`, or
+A job registers itself when its module is imported. `get_job(name)` imports the modules listed
+in `JOB_MODULES` in order until the name is registered (a module that does not exist is
+skipped), so a new job only needs `@register_job` in one of them, or its module appended to `JOB_MODULES`, or
 `config.job = "some.module:name"` naming the module to import.
 """
 
@@ -28,12 +28,18 @@ def register_job(name: str) -> Callable[[JobFn], JobFn]:
     """Decorator: make `fn(config, workdir) -> dict of final metrics` launchable as `name`."""
 
     def deco(fn: JobFn) -> JobFn:
-        if name in _JOBS and _JOBS[name] is not fn:
-            raise ValueError(f"job {name!r} is already registered by {_JOBS[name].__module__}")
+        old = _JOBS.get(name)
+        if old is not None and _origin(old) != _origin(fn):  # re-importing a file is fine
+            raise ValueError(f"job {name!r} is already registered by {_origin(old)}")
         _JOBS[name] = fn
         return fn
 
     return deco
+
+
+def _origin(fn: JobFn) -> tuple[str, str]:
+    code = getattr(fn, "__code__", None)
+    return (code.co_filename if code else fn.__module__), fn.__qualname__
 
 
 def _import_optional(module: str) -> None:
@@ -49,9 +55,10 @@ def get_job(name: str) -> JobFn:
     if ":" in name:
         module, name = name.split(":", 1)
         importlib.import_module(module)
-    if name not in _JOBS:
-        for module in JOB_MODULES:
-            _import_optional(module)
+    for module in JOB_MODULES:  # in order, stopping as soon as the job is known
+        if name in _JOBS:
+            break
+        _import_optional(module)
     if name not in _JOBS:
         near = difflib.get_close_matches(name, list(_JOBS), n=3)
         hint = f"; did you mean {near}?" if near else ""
@@ -59,9 +66,3 @@ def get_job(name: str) -> JobFn:
                        f"(registered: {sorted(_JOBS)})")
     return _JOBS[name]
 
-
-def registered_jobs() -> list[str]:
-    """Names of the jobs registered so far (after importing `JOB_MODULES`)."""
-    for module in JOB_MODULES:
-        _import_optional(module)
-    return sorted(_JOBS)
