@@ -14,7 +14,8 @@ with a Zipf-like skew (some experts empty), and `--drop` rows left over at the e
 Impls: `pallas` (ours; interpret mode off TPU), `megablox` (jax's TPU kernel; interpret mode off
 TPU; needs M divisible by its tm, so it gets the same rows padded to a multiple),
 `ragged_dot` (lax.ragged_dot: a grouped GEMM on GPU), `reference` (the jnp oracle: a scan
-over experts, E times the useful work). On CPU the interpreted kernels are reported but are
+over experts, E times the useful work), `dense` (one plain [M, K] x [K, N] matmul: the
+speed of light for the same useful FLOPs; different math, so no error). On CPU the interpreted kernels are reported but are
 not meaningful speeds. `max_err` is max |impl - ragged_dot| / max |ragged_dot| over the routed
 rows of the forward; `tail_rows_zero` says whether the rows after the last group came out 0.
 Writes benchmarks/results/gmm.json.
@@ -40,7 +41,7 @@ CONFIGS = {  # hidden D, expert width F, experts E (nemocascade/model/config.py 
     "small": (512, 256, 32),
     "nano": (2688, 1856, 128),
 }
-IMPLS = ("pallas", "megablox", "ragged_dot", "reference")
+IMPLS = ("pallas", "megablox", "ragged_dot", "reference", "dense")
 RESULTS = Path(__file__).resolve().parent / "results" / "gmm.json"
 
 
@@ -70,6 +71,8 @@ def make_fn(impl: str, interpret: bool | None, tiling):
     return lambda a, b, s: pallas_kernels.gmm(a, b, s, impl="ragged_dot")
   if impl == "reference":
     return pallas_kernels.gmm_reference
+  if impl == "dense":  # speed of light: one plain [M, K] x [K, N] matmul, fp32 accumulation
+    return lambda a, b, s: jnp.dot(a, b[0], preferred_element_type=jnp.float32).astype(a.dtype)
   if impl == "megablox":
     mb_interpret = jax.default_backend() != "tpu" if interpret is None else interpret
     def mb(a, b, s):
@@ -117,8 +120,11 @@ def bench_shape(cfg: str, proj: str, rows: int, dtype, impls, *, drop, repeats, 
     loss = lambda a, b, s, fn=fn: jnp.sum(fn(a, b, s).astype(jnp.float32) * cot)
     fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
     out = fwd(lhs, rhs, sizes).astype(jnp.float32)
-    err = float(jnp.abs(out[:routed] - baseline[:routed]).max()) / scale
-    tail_zero = bool((out[routed:] == 0).all())  # megablox leaves these uninitialised
+    if impl == "dense":  # different math: no error, no tail
+      err, tail_zero = None, True
+    else:
+      err = float(jnp.abs(out[:routed] - baseline[:routed]).max()) / scale
+      tail_zero = bool((out[routed:] == 0).all())  # megablox leaves these uninitialised
     for mode in modes:
       ms = time_fn(fwd if mode == "fwd" else fwd_bwd, (lhs, rhs, sizes), repeats)
       flops = useful * (1 if mode == "fwd" else 3)
@@ -129,7 +135,8 @@ def bench_shape(cfg: str, proj: str, rows: int, dtype, impls, *, drop, repeats, 
                           and (jax.default_backend() != "tpu" if interpret is None
                                else interpret)))
       print(f"{cfg:5s} {proj:4s} M={rows:6d} K={k:5d} N={n:5d} G={e:3d} {impl:10s} {mode:7s} "
-            f"{ms:10.2f} ms {records[-1]['tflops']:8.3f} TFLOP/s  err {err:.1e}"
+            f"{ms:10.2f} ms {records[-1]['tflops']:8.3f} TFLOP/s  err "
+            f"{'   -   ' if err is None else f'{err:.1e}'}"
             f"{'' if tail_zero else '  tail rows NOT zero'}", flush=True)
   return records
 
@@ -159,10 +166,9 @@ def run(quick: bool = False, argv=None) -> dict:
   dtype = jnp.dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
   impls = args.impls.split(",") if args.impls else (
       # the reference does E x the useful work: skip it on accelerators (memory/time)
-      ["pallas", "megablox", "ragged_dot", "reference"] if on_cpu
-      else ["pallas", "megablox", "ragged_dot"])
+      list(IMPLS) if on_cpu else ["pallas", "megablox", "ragged_dot", "dense"])
   if jax.default_backend() == "gpu" and not args.impls:
-    impls = ["ragged_dot"]  # the TPU kernels would run interpreted: not a GPU measurement
+    impls = ["ragged_dot", "dense"]  # the TPU kernels would run interpreted: not a GPU measurement
   tiling = tuple(int(t) for t in args.tiling.split(",")) if args.tiling else None
   repeats = args.repeats or (3 if on_cpu else 20)
   records = []

@@ -138,6 +138,7 @@ def gmm(lhs, rhs, group_sizes, *, interpret: bool | None = None, tiling=None,
     [M, N]. Differentiable in lhs and rhs (custom VJP: dlhs = gmm(grad, rhs^T),
     drhs = tgmm(lhs, grad)).
   """
+  lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
   _check_args("gmm", lhs, rhs, group_sizes, 3)
   if lhs.shape[1] != rhs.shape[1] or group_sizes.shape[0] != rhs.shape[0]:
     raise ValueError(f"gmm: shapes do not match: lhs {lhs.shape} [M, K], rhs {rhs.shape} "
@@ -156,6 +157,7 @@ def tgmm(lhs, grad, group_sizes, *, interpret: bool | None = None, tiling=None,
   groups; rows after the last group are ignored). This is the weight gradient
   of `gmm`. Same options as `gmm`; not itself differentiable.
   """
+  lhs, grad, group_sizes = jnp.asarray(lhs), jnp.asarray(grad), jnp.asarray(group_sizes)
   _check_args("tgmm", lhs, grad, group_sizes, 2)
   if lhs.shape[0] != grad.shape[0]:
     raise ValueError(f"tgmm: lhs {lhs.shape} [M, K] and grad {grad.shape} [M, N] differ in M")
