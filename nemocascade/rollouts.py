@@ -1,0 +1,149 @@
+"""Rollouts for RL and evaluation: prompts -> generated responses -> verifier rewards -> batches.
+
+Shared by the GRPO and MOPD stages and by per-domain evaluation in the Cascade pipeline:
+
+    roll = sample(graphdef, state, tokenizer, records, n=8, temperature=1.0, ...)
+    roll.rewards      # [R] verifier scores, rows prompt-major (prompt i, sample j -> i*n + j)
+    batch = training_batch(roll, seq_bucket=64)   # arrays for grpo / distill steps
+
+A training batch holds, for every rollout row, the sequence `prompt + response` (right-padded):
+    input_ids [R, T]  = seq[:-1]         targets [R, T] = seq[1:]
+    loss_mask [R, T]  1 where the target is a response token (eos included)
+    segment_ids [R,T] 1 on real tokens, 0 on padding
+    sampler_logprobs [R, T]  the sampler's log-prob of each response target (0 elsewhere)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Sequence
+
+import numpy as np
+from flax import nnx
+
+from nemocascade import rewards as rw
+from nemocascade.data.chat import render_prompt
+from nemocascade.rollout import bucket, generate
+
+
+@dataclasses.dataclass
+class Rollouts:
+    records: list[dict]              # one per row (the prompt record, repeated n times)
+    prompt_ids: list[list[int]]      # one per row
+    response_ids: list[list[int]]    # one per row, eos included when finished
+    responses: list[str]             # decoded text (without the eos token)
+    finished: np.ndarray             # [R] bool: ended with eos / stop (not cut at the limit)
+    sampler_logprobs: list[np.ndarray]  # per row, log-prob of each response token (sampled dist.)
+    rewards: np.ndarray              # [R] fp32
+    n: int
+    timings: dict[str, float]
+    reward_metrics: dict[str, Any]
+
+    @property
+    def domains(self) -> list[str]:
+        return [r.get("domain", "") for r in self.records]
+
+    def response_lengths(self) -> np.ndarray:
+        return np.array([len(r) for r in self.response_ids], np.int32)
+
+
+class RewardCache:
+    """Memoises verifier scores of identical (record, response) pairs: RL groups and greedy
+    evaluation repeat responses often, and a code verdict costs a sandboxed process."""
+
+    def __init__(self, max_items: int = 200_000):
+        self._scores: dict[str, float] = {}
+        self.max_items = max_items
+        self.hits = 0
+
+    @staticmethod
+    def key(record: dict, response: str, finished: bool) -> str:
+        blob = json.dumps([record.get("verifier"), record.get("domain"), response, finished],
+                          sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()
+
+    def score(self, records: Sequence[dict], responses: Sequence[str], finished: Sequence[bool], *,
+              num_workers: int, timeout_s: float) -> tuple[np.ndarray, dict]:
+        keys = [self.key(r, s, bool(f)) for r, s, f in zip(records, responses, finished)]
+        todo = {}
+        for i, k in enumerate(keys):
+            if k not in self._scores and k not in todo:
+                todo[k] = i
+        metrics: dict[str, Any] = {"scored": len(todo), "reused": len(keys) - len(todo)}
+        if todo:
+            idx = list(todo.values())
+            scores, _, m = rw.score_batch([records[i] for i in idx], [responses[i] for i in idx],
+                                          [bool(finished[i]) for i in idx],
+                                          num_workers=num_workers, timeout_s=timeout_s)
+            metrics.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
+            if len(self._scores) > self.max_items:
+                self._scores.clear()
+            for k, s in zip(todo, scores):
+                self._scores[k] = float(s)
+        self.hits += metrics["reused"]
+        return np.array([self._scores[k] for k in keys], np.float32), metrics
+
+
+def sample(graphdef, state: nnx.State, tokenizer, records: Sequence[dict], *, n: int,
+           max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
+           seed: int = 0, thinking: bool = False, reward_cache: RewardCache | None = None,
+           num_workers: int = 2, reward_timeout_s: float = 30.0, mesh=None) -> Rollouts:
+    """Generates `n` responses per prompt record and scores them with the records' verifiers."""
+    prompts = [render_prompt(tokenizer, r.get("messages") or r.get("prompt"), thinking=thinking)
+               for r in records]
+    eos = tokenizer.im_end_id
+    res = generate((graphdef, state), prompts, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, eos_id=eos, n=n,
+                   pad_id=tokenizer.pad_id, mesh=mesh)
+    rows = len(prompts) * n
+    recs = [records[i] for i in res.prompt_index]
+    p_ids = [prompts[i] for i in res.prompt_index]
+    r_ids = [res.tokens[r, :res.lengths[r]].tolist() for r in range(rows)]
+    finished = np.array([f != "length" for f in res.finish_reason])
+    texts = [tokenizer.decode(ids[:-1] if fin and ids and ids[-1] == eos else ids)
+             for ids, fin in zip(r_ids, finished)]
+    lps = [res.logprobs[r, :res.lengths[r]].astype(np.float32) for r in range(rows)]
+    cache = reward_cache or RewardCache()
+    scores, metrics = cache.score(recs, texts, finished, num_workers=num_workers,
+                                  timeout_s=reward_timeout_s)
+    return Rollouts(recs, p_ids, r_ids, texts, finished, lps, scores, n, dict(res.timings), metrics)
+
+
+def training_batch(roll: Rollouts, *, rows: Sequence[int] | None = None, num_rows: int | None = None,
+                   seq_bucket: int = 16, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Packs the chosen rollout rows into fixed-shape arrays (see the module docstring).
+
+    `num_rows` pads the batch with empty rows (loss_mask 0) to a fixed count, and the length is
+    rounded up to a power of two >= `seq_bucket`, so the train step compiles once per bucket.
+    """
+    rows = list(range(len(roll.records))) if rows is None else list(rows)
+    num_rows = len(rows) if num_rows is None else num_rows
+    if len(rows) > num_rows:
+        raise ValueError(f"training_batch: {len(rows)} rows > num_rows={num_rows}")
+    seqs = [roll.prompt_ids[r] + roll.response_ids[r] for r in rows]
+    t = bucket(max((len(s) - 1 for s in seqs), default=1), seq_bucket)
+    out = {
+        "input_ids": np.full((num_rows, t), pad_id, np.int32),
+        "targets": np.full((num_rows, t), pad_id, np.int32),
+        "loss_mask": np.zeros((num_rows, t), np.float32),
+        "segment_ids": np.zeros((num_rows, t), np.int32),
+        "sampler_logprobs": np.zeros((num_rows, t), np.float32),
+    }
+    for i, (r, s) in enumerate(zip(rows, seqs)):
+        n_in = len(s) - 1
+        p = len(roll.prompt_ids[r])
+        out["input_ids"][i, :n_in] = s[:-1]
+        out["targets"][i, :n_in] = s[1:]
+        out["segment_ids"][i, :n_in] = 1
+        out["loss_mask"][i, p - 1:n_in] = 1.0          # targets that are response tokens
+        out["sampler_logprobs"][i, p - 1:n_in] = roll.sampler_logprobs[r]
+    return out
+
+
+def domain_means(values: np.ndarray, domains: Sequence[str]) -> dict[str, float]:
+    out: dict[str, list[float]] = {}
+    for v, d in zip(values, domains):
+        out.setdefault(d, []).append(float(v))
+    return {d: float(np.mean(v)) for d, v in out.items()}

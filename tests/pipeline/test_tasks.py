@@ -1,0 +1,53 @@
+"""Synthetic domains: deterministic, disjoint splits, reference answers pass their own verifier."""
+
+import pytest
+
+from nemocascade import tasks
+from nemocascade.rewards import score_one
+
+
+@pytest.mark.parametrize("domain", sorted(tasks.DOMAINS))
+def test_splits_disjoint_and_deterministic(domain):
+    train = tasks.problems(domain, "train", 300)
+    test = tasks.problems(domain, "test", 60)
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    assert len({p.prompt for p in train}) == 300
+    assert [p.prompt for p in tasks.problems(domain, "test", 60)] == [p.prompt for p in test]
+    # a larger draw of the same split keeps the held-out set held out
+    assert not {p.prompt for p in tasks.problems(domain, "train", 500)} & {p.prompt for p in test}
+
+
+@pytest.mark.parametrize("domain", ["instruction", "math"])
+def test_reference_responses_verify_and_corruptions_fail(domain):
+    for p in tasks.problems(domain, "test", 20):
+        rec = tasks.prompt_record(p)
+        assert score_one(rec, p.response, True)[0] == 1.0, p
+        assert score_one(rec, p.response, False)[0] == 0.0          # cut at the length limit
+        wrong = p.response + " " + p.response.split()[-1] if domain == "instruction" else \
+            p.response.replace("}", "1}")
+        assert score_one(rec, wrong, True)[0] == 0.0, wrong
+
+
+def test_code_reference_passes_in_sandbox_and_wrong_fails():
+    p = tasks.problems("code", "test", 1)[0]
+    rec = tasks.prompt_record(p)
+    assert score_one(rec, p.response, True)[0] == 1.0
+    assert score_one(rec, p.response.replace("return '", "return 'z"), True)[0] == 0.0
+
+
+def test_records_validate_with_the_data_readers(tmp_path):
+    import json
+
+    from nemocascade.data import read_chat_jsonl, read_prompt_jsonl
+    ps = tasks.problems("math", "train", 5)
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(tasks.sft_record(p)) for p in ps))
+    (tmp_path / "rl.jsonl").write_text("\n".join(json.dumps(tasks.prompt_record(p)) for p in ps))
+    assert len(read_chat_jsonl(tmp_path / "sft.jsonl")[0]) == 5
+    assert len(read_prompt_jsonl(tmp_path / "rl.jsonl")[0]) == 5
+
+
+def test_unknown_domain_and_exhausted_split():
+    with pytest.raises(ValueError, match="unknown domain"):
+        tasks.problems("poetry", "train", 1)
+    with pytest.raises(ValueError, match="distinct problems"):
+        tasks.problems("instruction", "test", 10_000)
