@@ -21,8 +21,8 @@ Backends:
               product costing `n_experts` times the useful work; fast on TPU/GPU).
   pallas      sorted rows, `pallas_kernels.gmm` (interpret mode off TPU/GPU).
   sorted      sorted rows padded so each tile of `tile_rows` rows belongs to one expert; a
-              loop over the *active* tiles does one small matmul per tile against its expert's
-              weights (hand-written backward). Cost = active FLOPs + at most `n_experts *
+              loop over the *active* tiles runs each tile through its expert's MLP (hand-written
+              backward). Cost = active FLOPs + at most `n_experts *
               tile_rows` padding rows; the fast choice on CPU.
 """
 
@@ -257,65 +257,84 @@ def _make_varying(tree, *refs):
     return jax.tree.map(vary, tree)
 
 
-def tiled_gmm(lhs_GMK: jax.Array, rhs_EKN: jax.Array, tile_expert_G: jax.Array,
-              num_tiles: jax.Array) -> jax.Array:
-    """`out[g] = lhs[g] @ rhs[tile_expert[g]]` for tiles g < num_tiles; zeros for the rest.
+def _dyn(a, i):
+    return jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)
 
-    A loop over the active tiles only, so the cost tracks the rows actually routed. Differentiable
-    in lhs and rhs (hand-written backward: two more loops over the active tiles).
+
+def _dot_t(a, b, contract_a: int, contract_b: int):
+    """fp32-accumulated 2-D dot contracting `a`'s dim `contract_a` with `b`'s `contract_b`."""
+    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def tiled_expert_mlp(x_GMD: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array,
+                     tile_expert_G: jax.Array, num_tiles: jax.Array) -> jax.Array:
+    """`y[g] = relu(x[g] @ up[e_g])^2 @ down[e_g]` (e_g = tile_expert[g]) for tiles g < num_tiles;
+    zeros for the rest. x_GMD: G tiles of M rows.
+
+    One loop over the active tiles only, so the cost tracks the rows actually routed.
+    Differentiable in x, up and down (hand-written backward: one more loop over the active tiles;
+    the pre-activation is kept in fp32 from the forward pass).
     """
     # Under shard_map the operands may vary over different mesh axes (e.g. weights replicated over
     # `data`): align them first so the custom VJP's cotangents match, and JAX's transpose of this
     # cast (a psum) sums the weight gradient over the replicas.
-    args = _make_varying((lhs_GMK, rhs_EKN, tile_expert_G, num_tiles),
-                         lhs_GMK, rhs_EKN, tile_expert_G, num_tiles)
-    return _tiled_gmm(*args)
+    args = (x_GMD, up_EDF, down_EFD, tile_expert_G, num_tiles)
+    return _tiled_expert_mlp(*_make_varying(args, *args))
 
 
 @jax.custom_vjp
-def _tiled_gmm(lhs_GMK, rhs_EKN, tile_expert_G, num_tiles):
-    G, M, _ = lhs_GMK.shape
-    out = jnp.zeros((G, M, rhs_EKN.shape[2]), lhs_GMK.dtype)
-
-    def body(g, out):
-        w_KN = jax.lax.dynamic_index_in_dim(rhs_EKN, tile_expert_G[g], 0, keepdims=False)
-        x_MK = jax.lax.dynamic_index_in_dim(lhs_GMK, g, 0, keepdims=False)
-        y_MN = jnp.dot(x_MK, w_KN, preferred_element_type=jnp.float32).astype(out.dtype)
-        return jax.lax.dynamic_update_index_in_dim(out, y_MN, g, 0)
-
-    return _tile_loop(num_tiles, body, out, lhs_GMK, rhs_EKN, tile_expert_G)
+def _tiled_expert_mlp(x_GMD, up_EDF, down_EFD, tile_expert_G, num_tiles):
+    return _tiled_expert_mlp_fwd(x_GMD, up_EDF, down_EFD, tile_expert_G, num_tiles)[0]
 
 
-def _tiled_gmm_fwd(lhs_GMK, rhs_EKN, tile_expert_G, num_tiles):
-    return _tiled_gmm(lhs_GMK, rhs_EKN, tile_expert_G, num_tiles), (lhs_GMK, rhs_EKN, tile_expert_G,
-                                                                  num_tiles)
-
-
-def _tiled_gmm_bwd(res, dout_GMN):
-    lhs_GMK, rhs_EKN, tile_expert_G, num_tiles = res
-    dlhs = jnp.zeros_like(lhs_GMK)
-    drhs = jnp.zeros(rhs_EKN.shape, jnp.float32)
+def _tiled_expert_mlp_fwd(x_GMD, up_EDF, down_EFD, tile_expert_G, num_tiles):
+    G, M, D = x_GMD.shape
+    y_GMD = jnp.zeros((G, M, D), x_GMD.dtype)
+    pre_GMF = jnp.zeros((G, M, up_EDF.shape[2]), jnp.float32)
 
     def body(g, carry):
-        dlhs, drhs = carry
+        y_GMD, pre_GMF = carry
         e = tile_expert_G[g]
-        w_KN = jax.lax.dynamic_index_in_dim(rhs_EKN, e, 0, keepdims=False)
-        x_MK = jax.lax.dynamic_index_in_dim(lhs_GMK, g, 0, keepdims=False)
-        dy_MN = jax.lax.dynamic_index_in_dim(dout_GMN, g, 0, keepdims=False)
-        dx_MK = jax.lax.dot_general(dy_MN, w_KN, (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-        dlhs = jax.lax.dynamic_update_index_in_dim(dlhs, dx_MK.astype(dlhs.dtype), g, 0)
-        dw_KN = jax.lax.dot_general(x_MK, dy_MN, (((0,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-        prev = jax.lax.dynamic_index_in_dim(drhs, e, 0, keepdims=False)
-        drhs = jax.lax.dynamic_update_index_in_dim(drhs, prev + dw_KN, e, 0)
-        return dlhs, drhs
+        pre_MF = jnp.dot(_dyn(x_GMD, g), _dyn(up_EDF, e), preferred_element_type=jnp.float32)
+        h_MF = relu2(pre_MF).astype(x_GMD.dtype)
+        y_MD = jnp.dot(h_MF, _dyn(down_EFD, e), preferred_element_type=jnp.float32)
+        return (jax.lax.dynamic_update_index_in_dim(y_GMD, y_MD.astype(y_GMD.dtype), g, 0),
+                jax.lax.dynamic_update_index_in_dim(pre_GMF, pre_MF, g, 0))
 
-    dlhs, drhs = _tile_loop(num_tiles, body, (dlhs, drhs), lhs_GMK, rhs_EKN, tile_expert_G, dout_GMN)
-    return dlhs, drhs.astype(rhs_EKN.dtype), None, None
+    y_GMD, pre_GMF = _tile_loop(num_tiles, body, (y_GMD, pre_GMF), x_GMD, up_EDF, down_EFD,
+                                tile_expert_G)
+    return y_GMD, (x_GMD, up_EDF, down_EFD, tile_expert_G, num_tiles, pre_GMF)
 
 
-_tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
+def _tiled_expert_mlp_bwd(res, dy_GMD):
+    x_GMD, up_EDF, down_EFD, tile_expert_G, num_tiles, pre_GMF = res
+    dx_GMD = jnp.zeros_like(x_GMD)
+    dup_EDF = jnp.zeros(up_EDF.shape, jnp.float32)
+    ddown_EFD = jnp.zeros(down_EFD.shape, jnp.float32)
+
+    def body(g, carry):
+        dx_GMD, dup_EDF, ddown_EFD = carry
+        e = tile_expert_G[g]
+        x_MD, dy_MD = _dyn(x_GMD, g), _dyn(dy_GMD, g)
+        r_MF = jax.nn.relu(_dyn(pre_GMF, g))
+        h_MF = jnp.square(r_MF).astype(x_MD.dtype)
+        dh_MF = _dot_t(dy_MD, _dyn(down_EFD, e), 1, 1)
+        dpre_MF = (2.0 * r_MF * dh_MF).astype(x_MD.dtype)
+        dx_MD = _dot_t(dpre_MF, _dyn(up_EDF, e), 1, 1)
+        dx_GMD = jax.lax.dynamic_update_index_in_dim(dx_GMD, dx_MD.astype(dx_GMD.dtype), g, 0)
+        dup_EDF = jax.lax.dynamic_update_index_in_dim(
+            dup_EDF, _dyn(dup_EDF, e) + _dot_t(x_MD, dpre_MF, 0, 0), e, 0)
+        ddown_EFD = jax.lax.dynamic_update_index_in_dim(
+            ddown_EFD, _dyn(ddown_EFD, e) + _dot_t(h_MF, dy_MD, 0, 0), e, 0)
+        return dx_GMD, dup_EDF, ddown_EFD
+
+    dx_GMD, dup_EDF, ddown_EFD = _tile_loop(num_tiles, body, (dx_GMD, dup_EDF, ddown_EFD), x_GMD,
+                                            up_EDF, down_EFD, tile_expert_G, dy_GMD, pre_GMF)
+    return dx_GMD, dup_EDF.astype(up_EDF.dtype), ddown_EFD.astype(down_EFD.dtype), None, None
+
+
+_tiled_expert_mlp.defvjp(_tiled_expert_mlp_fwd, _tiled_expert_mlp_bwd)
 
 
 def sorted_experts_tiled(x_TD, idx_TK, w_TK, up_EDF, down_EFD, *, tile_rows: int = DEFAULT_TILE_ROWS):
@@ -325,8 +344,7 @@ def sorted_experts_tiled(x_TD, idx_TK, w_TK, up_EDF, down_EFD, *, tile_rows: int
     perm = permute(idx_TK, up_EDF.shape[0], tile_rows=m)
     G = perm.assign_N.shape[0] // m
     x_GMD = gather_rows(x_TD, perm).reshape(G, m, -1)
-    h_GMF = relu2(tiled_gmm(x_GMD, up_EDF, perm.tile_expert_G, perm.num_tiles))
-    y_GMD = tiled_gmm(h_GMF.astype(x_TD.dtype), down_EFD, perm.tile_expert_G, perm.num_tiles)
+    y_GMD = tiled_expert_mlp(x_GMD, up_EDF, down_EFD, perm.tile_expert_G, perm.num_tiles)
     return unpermute(y_GMD.reshape(G * m, -1), perm, w_TK, x_TD.dtype)
 
 

@@ -38,6 +38,7 @@ def _value_and_grads(fn, x_TD, idx_TK, w_TK, up_EDF, down_EFD, r_TD):
 
 BACKENDS = {
     "ragged_dot": mb.ragged_dot_experts,
+    "pallas": mb.pallas_experts,  # interpret mode on CPU
     "sorted": mb.sorted_experts,
     "sorted_tile4": functools.partial(mb.sorted_experts_tiled, tile_rows=4),
     "sorted_tile1": functools.partial(mb.sorted_experts_tiled, tile_rows=1),
@@ -74,7 +75,7 @@ def test_bf16_keeps_dtype_and_stays_close():
     args = (x_TD.astype(jnp.bfloat16), idx_TK, w_TK, up_EDF.astype(jnp.bfloat16),
             down_EFD.astype(jnp.bfloat16))
     y_ref = mb.dense_experts(*args)
-    for name in ("ragged_dot", "sorted"):
+    for name in ("ragged_dot", "pallas", "sorted"):
         y = mb.get_backend(name)(*args)
         assert y.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
