@@ -229,7 +229,15 @@ def pallas_experts(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
 
 
 # --------------------------------------------------------------------------- sorted (tiled)
-DEFAULT_TILE_ROWS = 128
+MAX_TILE_ROWS = 128
+
+
+def default_tile_rows(num_rows: int, num_experts: int) -> int:
+    """Rows per tile: the largest power of two <= num_rows / (4 * num_experts), clipped to
+    [8, MAX_TILE_ROWS]. The padding (about num_experts * tile / 2 rows on average) then stays
+    near 1/8 of the rows, while tiles are large enough for efficient matmuls."""
+    target = max(1, num_rows // (4 * num_experts))
+    return int(min(MAX_TILE_ROWS, max(8, 1 << (target.bit_length() - 1))))
 
 
 def _varying_axes(x) -> frozenset:
@@ -337,9 +345,12 @@ def _tiled_expert_mlp_bwd(res, dy_GMD):
 _tiled_expert_mlp.defvjp(_tiled_expert_mlp_fwd, _tiled_expert_mlp_bwd)
 
 
-def sorted_experts_tiled(x_TD, idx_TK, w_TK, up_EDF, down_EFD, *, tile_rows: int = DEFAULT_TILE_ROWS):
-    """The `sorted` backend with an explicit tile size (rows per single-expert tile)."""
+def sorted_experts_tiled(x_TD, idx_TK, w_TK, up_EDF, down_EFD, *, tile_rows: int | None = None):
+    """The `sorted` backend with an explicit tile size (rows per single-expert tile; default
+    `default_tile_rows`)."""
     T, K = idx_TK.shape
+    if tile_rows is None:
+        tile_rows = default_tile_rows(T * K, up_EDF.shape[0])
     m = max(1, min(int(tile_rows), T * K))
     perm = permute(idx_TK, up_EDF.shape[0], tile_rows=m)
     G = perm.assign_N.shape[0] // m
@@ -351,7 +362,7 @@ def sorted_experts_tiled(x_TD, idx_TK, w_TK, up_EDF, down_EFD, *, tile_rows: int
 @register_backend("sorted")
 def sorted_experts(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
     """Dropless tiles of sorted rows; cost tracks the active FLOPs (the fast backend on CPU)."""
-    return sorted_experts_tiled(x_TD, idx_TK, w_TK, up_EDF, down_EFD, tile_rows=DEFAULT_TILE_ROWS)
+    return sorted_experts_tiled(x_TD, idx_TK, w_TK, up_EDF, down_EFD)
 
 
 # --------------------------------------------------------------------------- entry point
