@@ -44,6 +44,8 @@ def _check_args(name: str, lhs, other, group_sizes, other_ndim: int) -> None:
   if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
     raise ValueError(f"{name}: group_sizes must be a 1-D integer array, got "
                      f"{group_sizes.dtype}{list(group_sizes.shape)}")
+  if group_sizes.shape[0] == 0:
+    raise ValueError(f"{name}: need at least one group, got group_sizes of shape [0]")
   for x in (lhs, other):
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"{name}: operands must be floating point, got {x.dtype}")

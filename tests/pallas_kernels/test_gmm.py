@@ -49,7 +49,10 @@ def value_and_grads(fn, lhs, rhs, group_sizes, cot):
 
 def check_against_reference(m, k, n, group_sizes, tiling, *, jit=True, impl="pallas"):
   lhs, rhs, sizes, cot = make_inputs(m, k, n, group_sizes)
-  kernel = lambda a, b, s: pallas_kernels.gmm(a, b, s, interpret=True, tiling=tiling, impl=impl)
+  if tiling is None:  # all defaults: on CPU that is impl="pallas" with interpret=True
+    kernel = lambda a, b, s: pallas_kernels.gmm(a, b, s, impl=impl)
+  else:
+    kernel = lambda a, b, s: pallas_kernels.gmm(a, b, s, interpret=True, tiling=tiling, impl=impl)
   run = jax.jit(value_and_grads, static_argnums=0) if jit else value_and_grads
   got = run(kernel, lhs, rhs, sizes, cot)
   want = value_and_grads(pallas_kernels.gmm_reference, lhs, rhs, sizes, cot)
@@ -146,5 +149,7 @@ def test_bad_inputs_raise():
     pallas_kernels.gmm(lhs, rhs, sizes.astype(jnp.float32))
   with pytest.raises(ValueError, match="tiling"):
     pallas_kernels.gmm(lhs, rhs, sizes, tiling=(8, 0, 8))
+  with pytest.raises(ValueError, match="at least one group"):
+    pallas_kernels.gmm(lhs, rhs[:0], sizes[:0])
   with pytest.raises(ValueError, match="impl"):
     pallas_kernels.gmm(lhs, rhs, sizes, impl="triton")
