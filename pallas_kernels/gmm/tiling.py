@@ -52,9 +52,17 @@ def _fit(dim: int, tile: int) -> int:
   return tile
 
 
-def default_tiling(m: int, k: int, n: int, num_groups: int, *, native: bool) -> tuple[int, int, int]:
-  """Default (tm, tk, tn) for an [m, k] x [G, k, n] grouped matmul (see module docstring)."""
-  generation = tpu_generation() if native else None
+def default_tiling(m: int, k: int, n: int, num_groups: int, *, native: bool,
+                   generation: int | None = None) -> tuple[int, int, int]:
+  """Default (tm, tk, tn) for an [m, k] x [G, k, n] grouped matmul (see module docstring).
+
+  `native=False` gives the interpret-mode tiles; for native, `generation` (TPU v4 -> 4,
+  ...) defaults to the attached chip's.
+  """
+  if native and generation is None:
+    generation = tpu_generation()
+  if not native:
+    generation = None
   if generation is None:
     tm_max, tk, tn = _INTERPRET_TILES
     tm_min = 8
