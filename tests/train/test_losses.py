@@ -28,7 +28,7 @@ def _close(a, b):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=TOL, atol=TOL)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 14, 64])  # 14 = all tokens; 4 leaves a padded chunk
+@pytest.mark.parametrize("chunk", [1, 4, 64])  # 4 leaves a padded chunk; 64 > all 14 tokens
 def test_logprob_entropy_values_and_grads(chunk):
     h, w, t, _, _, c = _inputs()
 
@@ -96,14 +96,21 @@ def test_shape_errors_name_the_argument():
 
 
 def test_model_token_logprobs_match_model_logits():
-    cfg = ModelConfig.tiny()
+    cfg = ModelConfig.tiny(pattern="M*E")  # one block of each kind: quick to compile
     model = NemotronH(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 9)), jnp.int32)
     batch = {"input_ids": ids, "targets": jnp.roll(ids, -1, axis=1),
              "segment_ids": jnp.asarray([[1] * 9, [1] * 5 + [2] * 4], jnp.int32)}
-    logp, ent, aux = losses.model_token_logprobs(model, batch, chunk_size=4, with_entropy=True)
-    logits = model(ids, segment_ids=batch["segment_ids"])
+
+    @jax.jit
+    def run(params, batch):
+        m = nnx.merge(graphdef, params)
+        out = losses.model_token_logprobs(m, batch, chunk_size=4, with_entropy=True)
+        return out, m(batch["input_ids"], segment_ids=batch["segment_ids"])
+
+    (logp, ent, aux), logits = run(params, batch)
     logp_all = jax.nn.log_softmax(logits, -1)
     _close(logp, jnp.take_along_axis(logp_all, batch["targets"][..., None], -1)[..., 0])
     _close(ent, -jnp.sum(jnp.exp(logp_all) * logp_all, -1))

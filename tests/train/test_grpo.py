@@ -1,0 +1,185 @@
+"""GRPO: advantages (plain, leave-one-out), dynamic/overlong filtering, the clipped loss and k3
+term against hand-computed values, the on-policy REINFORCE identity and the jitted step."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nemocascade.model import ModelConfig, NemotronH
+from nemocascade.train import grpo, losses, optim
+from nemocascade.train.state import create_train_state
+
+TOL = 1e-5  # fp32, fixed up front
+S3 = np.sqrt(1.0 / 3.0)  # unbiased std of [1, 0, 0, 1] and of [0, 0, 1]
+
+
+# ----------------------------------------------------------------------------- host side
+@pytest.mark.parametrize("to_array", [np.asarray, jnp.asarray])
+def test_group_advantages_hand(to_array):
+    r = to_array(np.array([1, 0, 0, 1, 2, 2, 2, 2], np.float32))
+    got = np.asarray(grpo.group_advantages(r, 4))  # eps 1e-6: all-equal groups give 0
+    np.testing.assert_allclose(got, [.5 / S3, -.5 / S3, -.5 / S3, .5 / S3, 0, 0, 0, 0], atol=TOL)
+    # population std (ddof 0): std 0.5
+    got0 = np.asarray(grpo.group_advantages(r, 4, ddof=0))
+    np.testing.assert_allclose(got0[:4], [1, -1, -1, 1], atol=TOL)
+    # leave-one-out: for r_0 = 1 the others are [0, 0, 1]: b = 1/3, std = sqrt(1/3)
+    loo = np.asarray(grpo.group_advantages(r, 4, leave_one_out=True))
+    a = (1 - 1 / 3) / S3
+    np.testing.assert_allclose(loo, [a, -a, -a, a, 0, 0, 0, 0], atol=TOL)
+    # eps enters the denominator; no std normalisation gives r - baseline
+    np.testing.assert_allclose(np.asarray(grpo.group_advantages(r, 4, eps=0.5))[0],
+                               .5 / (S3 + .5), atol=TOL)
+    np.testing.assert_allclose(np.asarray(grpo.group_advantages(r, 4, normalize_std=False))[:4],
+                               [.5, -.5, -.5, .5], atol=TOL)
+    with pytest.raises(ValueError, match="groups of 3"):
+        grpo.group_advantages(r, 3)
+
+
+def test_filtering():
+    r = np.array([1, 1, 0, 1, 0, 0, 0.5, 0.5], np.float32)
+    flt = grpo.filter_groups(r, 2)
+    np.testing.assert_array_equal(flt.keep_groups, [False, True, False, False])
+    np.testing.assert_array_equal(flt.keep_samples, [0, 0, 1, 1, 0, 0, 0, 0])
+    assert flt.filtered_fraction == pytest.approx(0.75)
+    # overlong filtering: the truncated row leaves the loss but stays in the baseline
+    r = np.array([1, 0, 0, 0], np.float32)
+    truncated = np.array([False, False, True, False])
+    cfg = grpo.GRPOConfig(overlong_filtering=True, dynamic_filtering=True)
+    out = grpo.prepare_advantages(r, 4, cfg, truncated=truncated)
+    np.testing.assert_allclose(out["advantages"], grpo.group_advantages(r, 4), atol=TOL)
+    np.testing.assert_array_equal(out["sample_weight"], [1, 1, 0, 1])
+    assert out["keep"].all() and out["filtered_fraction"] == 0.0
+    mask = grpo.overlong_loss_mask(np.ones((4, 3), np.float32), truncated)
+    np.testing.assert_array_equal(mask.sum(1), [3, 3, 0, 3])
+
+
+# ----------------------------------------------------------------------------- per-token loss
+def test_clipped_loss_and_gradient_hand():
+    cfg = grpo.GRPOConfig(eps_low=0.2, eps_high=0.28)
+    old = jnp.zeros((1, 5))
+    # ratios e^x: 1.5 (A>0: clipped), 1.1 (A>0), 0.5 (A<0: clipped), 0.5 (A>0: not), 1.5 (A<0)
+    logp = jnp.log(jnp.array([[1.5, 1.1, 0.5, 0.5, 1.5]]))
+    adv = jnp.array([[1.0, 1.0, -2.0, 1.0, -1.0]])
+    batch = {"advantages": adv, "sampler_logprobs": old}
+    loss, diag = grpo.policy_loss_terms(logp, batch, cfg)
+    np.testing.assert_allclose(np.asarray(loss[0]), [-1.28, -1.1, 1.6, -0.5, 1.5], rtol=TOL)
+    np.testing.assert_array_equal(np.asarray(diag["clipped"][0]), [1, 0, 1, 0, 0])
+    g = jax.grad(lambda lp: jnp.sum(grpo.policy_loss_terms(lp, batch, cfg)[0]))(logp)
+    # d/dlogp of -A r = -A r where the clip is inactive; 0 where it is active
+    np.testing.assert_allclose(np.asarray(g[0]), [0.0, -1.1, 0.0, -0.5, 1.5], rtol=TOL)
+
+
+def test_k3_kl_term():
+    logp = jnp.array([[-1.0, -2.0]])
+    ref = jnp.array([[-1.5, -2.0]])
+    np.testing.assert_allclose(np.asarray(grpo.k3_kl(logp, ref)[0]),
+                               [np.exp(-0.5) + 0.5 - 1.0, 0.0], atol=TOL)
+    batch = {"advantages": jnp.zeros((1,)), "sampler_logprobs": logp, "ref_logprobs": ref}
+    loss, _ = grpo.policy_loss_terms(logp, batch, grpo.GRPOConfig(kl_coef=0.1))
+    np.testing.assert_allclose(np.asarray(loss[0]), [0.1 * (np.exp(-0.5) - 0.5), 0.0], atol=TOL)
+    with pytest.raises(KeyError, match="ref_logprobs"):
+        grpo.policy_loss_terms(logp, {"advantages": jnp.zeros((1,)), "sampler_logprobs": logp},
+                               grpo.GRPOConfig(kl_coef=0.1))
+
+
+def test_sequence_level_aggregation_packed():
+    # row 0: two responses packed (segments 1 and 2); row 1: one response
+    mask = jnp.array([[0, 1, 1, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1, 0]], jnp.float32)
+    seg = jnp.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0]])
+    per_tok = jnp.arange(14, dtype=jnp.float32).reshape(2, 7)
+    num, den = grpo.aggregate(per_tok, mask, seg, token_level=False)
+    want = (1 + 2) / 2 + (4 + 5 + 6) / 3 + (9 + 10 + 11 + 12) / 4
+    assert float(den) == 3.0
+    np.testing.assert_allclose(float(num), want, rtol=TOL)
+    num, den = grpo.aggregate(per_tok, mask, seg, token_level=True)
+    assert float(den) == 9.0 and float(num) == 1 + 2 + 4 + 5 + 6 + 9 + 10 + 11 + 12
+
+
+# ----------------------------------------------------------------------------- model steps
+@pytest.fixture(scope="module")
+def setup():
+    cfg = ModelConfig.tiny(pattern="M*E")  # one block of each kind: quick to compile
+    model = NemotronH(cfg, rngs=nnx.Rngs(0))
+    tx = optim.make_optimizer(optim.OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1), 10)
+    graphdef, state = create_train_state(model, tx, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    B, T = 4, 12
+    ids = rng.integers(1, cfg.vocab_size, (B, T + 1)).astype(np.int32)
+    mask = np.zeros((B, T), np.float32)
+    for b, (start, end) in enumerate([(4, 12), (4, 9), (5, 12), (3, 7)]):
+        mask[b, start:end] = 1.0
+    seg = np.ones((B, T), np.int32)
+    seg[3, 8:] = 0  # padding
+    batch = {"input_ids": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
+             "loss_mask": jnp.asarray(mask), "segment_ids": jnp.asarray(seg),
+             "advantages": jnp.asarray(grpo.group_advantages(np.array([1, 0, 0.5, 1.]), 2))}
+    score = jax.jit(lambda p, ms, b: losses.model_token_logprobs(
+        nnx.merge(graphdef, p, ms), b, chunk_size=8)[0])
+    logp = score(state.params, state.model_state, batch)
+    batch["sampler_logprobs"] = logp  # on-policy: ratio == 1
+    batch["ref_logprobs"] = logp - 0.1
+    return graphdef, state, tx, batch
+
+
+def test_on_policy_gradient_is_reinforce(setup):
+    graphdef, state, _, batch = setup
+    cfg = grpo.GRPOConfig(logprob_chunk=8, compute_entropy=False)
+
+    def grpo_loss(p):
+        num, (stats, _) = grpo.grpo_loss_sum(p, state.model_state, batch, graphdef=graphdef,
+                                             cfg=cfg)
+        return num / stats["denom"]
+
+    def reinforce(p):
+        logp = losses.model_token_logprobs(nnx.merge(graphdef, p, state.model_state), batch,
+                                           chunk_size=8)[0]
+        m = batch["loss_mask"]
+        return -jnp.sum(batch["advantages"][:, None] * logp * m) / jnp.sum(m)
+
+    g1 = jax.jit(jax.grad(grpo_loss))(state.params)
+    g0 = jax.jit(jax.grad(reinforce))(state.params)
+    assert float(optax_norm(g0)) > 0
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=TOL)
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree)))
+
+
+def test_train_step_metrics_and_nan_guard(setup):
+    graphdef, state, tx, batch = setup
+    cfg = grpo.GRPOConfig(logprob_chunk=8, kl_coef=0.05)
+    step = jax.jit(functools.partial(grpo.grpo_train_step, graphdef=graphdef, tx=tx, cfg=cfg))
+    new_state, m = step(state, batch)
+    m = jax.device_get(m)
+    mask = np.asarray(batch["loss_mask"])
+    adv = np.asarray(batch["advantages"])
+    k3 = np.exp(-0.1) + 0.1 - 1.0  # ref = logp - 0.1 on every token
+    want_loss = -np.sum(adv[:, None] * mask) / mask.sum() + 0.05 * k3
+    np.testing.assert_allclose(m["loss"], want_loss, rtol=1e-4, atol=TOL)
+    np.testing.assert_allclose(m["kl"], k3, rtol=1e-4)
+    assert m["clip_fraction"] == 0.0 and m["skipped"] == 0 and m["tokens"] == mask.sum()
+    assert m["logp_gap_max"] < 1e-5
+    np.testing.assert_allclose(m["response_length"], mask.sum() / 4, rtol=TOL)
+    assert 0 < m["entropy"] <= np.log(256) + TOL and m["grad_norm"] > 0
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_state.params),
+                                                    jax.tree.leaves(state.params))]
+    assert any(moved) and int(new_state.step) == 1
+    # a stale sampler log-prob (ratio 2 on one token with A > 0) is clipped
+    stale = dict(batch, sampler_logprobs=batch["sampler_logprobs"].at[0, 5].add(-np.log(2.0)))
+    _, m2 = step(state, stale)
+    np.testing.assert_allclose(float(m2["clip_fraction"]), 1.0 / mask.sum(), rtol=TOL)
+    np.testing.assert_allclose(float(m2["logp_gap_max"]), np.log(2.0), rtol=1e-4)
+    # NaN advantages: the update is skipped, params unchanged
+    bad = dict(batch, advantages=batch["advantages"].at[0].set(jnp.nan))
+    skipped_state, m3 = step(state, bad)
+    assert int(m3["skipped"]) == 1 and int(skipped_state.step) == 1
+    for a, b in zip(jax.tree.leaves(skipped_state.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(KeyError, match="sampler_logprobs"):
+        step(state, {k: v for k, v in batch.items() if k != "sampler_logprobs"})
