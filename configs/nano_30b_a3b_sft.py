@@ -37,7 +37,8 @@ def get_config(arg: str = "") -> ConfigDict:
         overlong="split",
     )
     c.optim = dict(lr=5e-5, min_lr=5e-6, warmup_steps=200, decay_steps=40000, b1=0.9, b2=0.98,
-                   eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum_steps=1)
+                   eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum_steps=1,
+                   moe_bias_rate=1e-3)
     c.train = dict(steps=33000, checkpoint_every=500, keep_checkpoints=3, best_metric="loss",
                    best_mode="min", eval_every=0, max_consecutive_skips=10, progress=True,
                    async_checkpoint=True)

@@ -30,7 +30,8 @@ def get_config(arg: str = "") -> ConfigDict:
         overlong="truncate",
     )
     c.optim = dict(lr=3e-3, min_lr=3e-4, warmup_steps=10, decay_steps=0, b1=0.9, b2=0.98, eps=1e-8,
-                   weight_decay=0.1, clip_norm=1.0, grad_accum_steps=1)
+                   weight_decay=0.1, clip_norm=1.0, grad_accum_steps=1,
+                   moe_bias_rate=1e-3)
     c.train = dict(steps=steps, checkpoint_every=steps // 3, keep_checkpoints=2,
                    best_metric="eval_loss", best_mode="min", eval_every=0,
                    max_consecutive_skips=10, progress=True, async_checkpoint=True)

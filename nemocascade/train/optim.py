@@ -5,9 +5,10 @@ Defaults are the Cascade-2 SFT recipe (paper Table 7): AdamW beta1 0.9, beta2 0.
 parameter with fewer than two dimensions (Mamba `A_log`, `D`, `dt_bias`); the MoE correction bias
 is not a Param at all, so the optimizer never sees it.
 
-Gradient accumulation (`grad_accum_steps`) is done inside the train step (`accumulate_gradients`),
-summing per-token losses over microbatches before one division by the global token count, so the
-update equals the full-batch one (which `optax.MultiSteps`' mean of per-microbatch means is not).
+Gradient accumulation (`grad_accum_steps`) is done inside the train step (`accumulate_gradients`):
+each microbatch's token losses are divided by the token count of the whole batch and summed, so
+the update equals the full-batch one (which `optax.MultiSteps`' mean of per-microbatch means is
+not).
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ class OptimConfig:
     weight_decay: float = 0.1
     clip_norm: float = 1.0  # global-norm clipping; 0 disables
     grad_accum_steps: int = 1
+    # aux-loss-free MoE balancing: correction bias += rate * sign(mean load - load) after each
+    # step (outside the optimizer; Megatron nano-v3 uses 1e-3); 0 freezes the bias
+    moe_bias_rate: float = 1e-3
 
     def __post_init__(self):
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, "
                              f"min_lr={self.min_lr}")
         if (self.warmup_steps < 0 or self.decay_steps < 0 or self.grad_accum_steps < 1
-                or self.clip_norm < 0):
+                or self.clip_norm < 0 or self.moe_bias_rate < 0):
             raise ValueError(f"optim: bad warmup_steps/grad_accum_steps/clip_norm in {self}")
 
     @classmethod
@@ -107,32 +111,30 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     return adamw
 
 
-def accumulate_gradients(loss_sum_fn: Callable, params: Any, model_state: Any,
+def accumulate_gradients(loss_fn: Callable, params: Any, model_state: Any,
                          batch: Mapping[str, jax.Array], num_micro: int):
-    """Sum of `loss_sum_fn(params, model_state, microbatch) -> (loss_sum, (count, aux))` and its
-    gradient in `params` (`model_state` is passed through, not differentiated).
+    """`(sum of loss, leafwise sum of aux, sum of gradients)` over `num_micro` microbatches.
 
-    The batch's leading axis is split into `num_micro` equal microbatches processed sequentially
-    (`lax.scan`), which bounds activation memory. Returns `(loss_sum, count, grads_sum, aux)` with
-    `aux` from the last microbatch. With num_micro == 1 this is one `value_and_grad`.
+    `loss_fn(params, model_state, microbatch) -> (loss, aux)` is differentiated in `params` only;
+    `aux` must be a pytree of additive quantities (sums, counts). The batch's leading axis is split
+    into equal microbatches processed sequentially (`lax.scan`), which bounds activation memory.
+    With num_micro == 1 this is one `value_and_grad`.
     """
-    grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro == 1:
-        (loss_sum, (count, aux)), grads = grad_fn(params, model_state, batch)
-        return loss_sum, count, grads, aux
+        (loss, aux), grads = grad_fn(params, model_state, batch)
+        return loss, aux, grads
     lead = next(iter(batch.values())).shape[0]
     if lead % num_micro:
         raise ValueError(f"batch size {lead} is not divisible by grad_accum_steps={num_micro}")
     micro = jax.tree.map(lambda x: x.reshape((num_micro, lead // num_micro) + x.shape[1:]), batch)
     first = jax.tree.map(lambda x: x[0], micro)
-    (loss0, (count0, aux0)), grads0 = grad_fn(params, model_state, first)
+    (loss0, aux0), grads0 = grad_fn(params, model_state, first)
 
     def body(carry, mb):
-        loss_acc, count_acc, grads_acc, _ = carry
-        (loss, (count, aux)), grads = grad_fn(params, model_state, mb)
-        grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-        return (loss_acc + loss, count_acc + count, grads_acc, aux), None
+        (loss, aux), grads = grad_fn(params, model_state, mb)
+        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
     rest = jax.tree.map(lambda x: x[1:], micro)
-    (loss_sum, count, grads, aux), _ = jax.lax.scan(body, (loss0, count0, grads0, aux0), rest)
-    return loss_sum, count, grads, aux
+    (loss, aux, grads), _ = jax.lax.scan(body, (loss0, aux0, grads0), rest)
+    return loss, aux, grads

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from nemocascade.model.moe_balance import load_metrics, update_model_biases
 from nemocascade.train.optim import accumulate_gradients
 from nemocascade.train.state import TrainState
 
@@ -39,25 +40,22 @@ def token_nll_sum(logits_BTV: jax.Array, targets_BT: jax.Array,
     return jnp.sum((lse_BT - target_logit_BT) * mask_BT), jnp.sum(mask_BT)
 
 
-def model_logits(model: nnx.Module, batch: Batch) -> jax.Array:
-    """The model's logits `[B, T, V]` for a batch (segment ids and positions if present)."""
-    return model(batch["input_ids"], segment_ids=batch.get("segment_ids"),
-                 positions=batch.get("positions"))
+def sft_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef,
+             denom: jax.Array, aux_loss_coef: float = 0.0, num_micro: int = 1):
+    """`(loss, (nll_sum, num_tokens, expert_counts_LE))` of one (micro)batch; differentiable.
 
-
-def sft_loss_sum(params: nnx.State, model_state: nnx.State, batch: Batch, *,
-                 graphdef: nnx.GraphDef):
-    """`(nll_sum, (num_tokens, new_model_state))` for one (micro)batch; differentiable in params.
-
-    `new_model_state` is the model's non-Param variables after the forward pass (a model may
-    record, e.g., MoE expert loads there).
+    loss = nll_sum / denom + aux_loss_coef * aux_loss / num_micro, where denom is the number of
+    loss tokens of the whole batch, so summing over microbatches gives the full-batch loss.
+    expert_counts_LE: routed assignments per MoE layer and expert ([0, E] without MoE layers).
     """
-    # fresh Variable objects at this trace level, so the forward pass may write to them
-    model_state = jax.tree.map(lambda x: x, model_state)
     model = nnx.merge(graphdef, params, model_state)
-    nll_sum, count = token_nll_sum(model_logits(model, batch), batch["targets"], batch["loss_mask"])
-    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
-    return nll_sum, (count, new_model_state)
+    logits_BTV, aux = model(batch["input_ids"], segment_ids=batch.get("segment_ids"),
+                            positions=batch.get("positions"), return_aux=True)
+    nll_sum, count = token_nll_sum(logits_BTV, batch["targets"], batch["loss_mask"])
+    loss = nll_sum / denom
+    if aux_loss_coef:
+        loss = loss + aux_loss_coef * aux["aux_loss"] / num_micro
+    return loss, (nll_sum, count, aux["expert_counts"])
 
 
 def schedule_count(opt_state: optax.OptState) -> jax.Array:
@@ -76,36 +74,34 @@ def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
 
 def sft_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
              tx: optax.GradientTransformation, lr_fn: Callable[[jax.Array], jax.Array],
-             grad_accum_steps: int = 1,
-             update_model_state: Callable[[nnx.State, nnx.State], nnx.State] | None = None,
+             grad_accum_steps: int = 1, aux_loss_coef: float = 0.0, moe_bias_rate: float = 0.0,
              ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SFT update. Pure: `(state, batch) -> (state, metrics)` once the keywords are bound.
 
-    If the loss or the gradient norm is not finite the update is skipped (params, optimizer and
-    model state unchanged) and `metrics["skipped"]` is 1; `step` still advances (the batch was
-    consumed). `update_model_state(old, after_forward)` turns the model state seen after the
-    forward pass into the next one (e.g. the MoE correction-bias rule); by default the
-    post-forward state is kept. `lr_fn` is the schedule, evaluated at the optimizer's update count.
+    After the optimizer update, each MoE layer's correction bias follows the aux-loss-free rule
+    (`moe_balance.update_model_biases`) from this batch's expert counts. If the loss or the
+    gradient norm is not finite the whole update is skipped (params, optimizer and model state
+    unchanged) and `metrics["skipped"]` is 1; `step` still advances (the batch was consumed).
+    `lr_fn` is the schedule, evaluated at the optimizer's update count.
 
-    metrics: loss (token mean), tokens (loss tokens in the global batch), grad_norm (before
-    clipping), lr (of this update), skipped.
+    metrics: loss (token-mean NLL), tokens (loss tokens in the global batch), grad_norm (before
+    clipping), lr (of this update), skipped, and with MoE layers moe_max_violation (max over
+    layers of max/mean expert load - 1).
     """
-    loss_fn = functools.partial(sft_loss_sum, graphdef=graphdef)
-    nll_sum, count, grads_sum, forward_model_state = accumulate_gradients(
+    denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    loss_fn = functools.partial(sft_loss, graphdef=graphdef, denom=denom,
+                                aux_loss_coef=aux_loss_coef, num_micro=grad_accum_steps)
+    _, (nll_sum, count, counts_LE), grads = accumulate_gradients(
         loss_fn, state.params, state.model_state, batch, grad_accum_steps)
-    denom = jnp.maximum(count, 1.0)
     loss = nll_sum / denom
-    grads = jax.tree.map(lambda g: g / denom, grads_sum)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    if update_model_state is not None:
-        new_model_state = update_model_state(state.model_state, forward_model_state)
-    else:
-        new_model_state = forward_model_state
-    update_count = schedule_count(state.opt_state)
+    new_model_state = state.model_state
+    if moe_bias_rate and counts_LE.shape[0]:
+        new_model_state = update_model_biases(state.model_state, counts_LE, moe_bias_rate)
     rng, _ = jax.random.split(state.rng)
     new_state = TrainState(
         step=state.step + 1,
@@ -114,13 +110,17 @@ def sft_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
         opt_state=_select(finite, new_opt_state, state.opt_state),
         rng=rng,
     )
-    metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "lr": lr_fn(update_count),
+    metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm,
+               "lr": lr_fn(schedule_count(state.opt_state)),
                "skipped": (~finite).astype(jnp.int32)}
+    if counts_LE.shape[0]:
+        metrics["moe_max_violation"] = jnp.max(load_metrics(counts_LE)["moe/max_violation"])
     return new_state, metrics
 
 
 def sft_eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef
                   ) -> dict[str, jax.Array]:
     """`{"nll_sum", "tokens"}` of a batch under the state's params (no update)."""
-    nll_sum, (count, _) = sft_loss_sum(state.params, state.model_state, batch, graphdef=graphdef)
+    _, (nll_sum, count, _) = sft_loss(state.params, state.model_state, batch, graphdef=graphdef,
+                                      denom=jnp.ones((), jnp.float32))
     return {"nll_sum": nll_sum, "tokens": count}

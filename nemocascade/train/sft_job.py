@@ -157,7 +157,9 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
     graphdef = split_model(nnx.eval_shape(lambda: NemotronH(model_cfg, rngs=nnx.Rngs(seed))))[0]
     step_fn = functools.partial(sft_step, graphdef=graphdef, tx=tx,
                                 lr_fn=lr_schedule(optim_cfg, loop_cfg.steps),
-                                grad_accum_steps=optim_cfg.grad_accum_steps)
+                                grad_accum_steps=optim_cfg.grad_accum_steps,
+                                aux_loss_coef=model_cfg.moe_aux_loss_coef,
+                                moe_bias_rate=optim_cfg.moe_bias_rate)
     data_iter = iter(_batches(train_records, tokenizer, data_cfg, seed=seed, shuffle=True,
                               num_epochs=None))
     eval_fn = None

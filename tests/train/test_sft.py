@@ -66,21 +66,22 @@ def test_packed_equals_unpacked_loss_and_grads(tiny):
     cfg, graphdef, state, _, _ = tiny
     docs = _docs(cfg.vocab_size, [11, 6, 9])
     T = 32
-    packed = _stack([_row(docs, T)])
+    packed = _stack([_row(docs, T), _row([], T), _row([], T)])  # same shape: one compile
     unpacked = _stack([_row([d], T) for d in docs])
+    n = float(packed["loss_mask"].sum())
+    assert n == float(unpacked["loss_mask"].sum()) > 0
     grad_fn = jax.jit(jax.value_and_grad(
-        functools.partial(sft.sft_loss_sum, graphdef=graphdef), has_aux=True))
-    (nll_p, (n_p, _)), g_p = grad_fn(state.params, state.model_state, packed)
-    (nll_u, (n_u, _)), g_u = grad_fn(state.params, state.model_state, unpacked)
-    assert float(n_p) == float(n_u) > 0
-    np.testing.assert_allclose(float(nll_p / n_p), float(nll_u / n_u), rtol=TOL, atol=TOL)
+        functools.partial(sft.sft_loss, graphdef=graphdef, denom=jnp.float32(n)), has_aux=True))
+    (loss_p, (_, _, counts_p)), g_p = grad_fn(state.params, state.model_state, packed)
+    (loss_u, (_, _, counts_u)), g_u = grad_fn(state.params, state.model_state, unpacked)
+    np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=TOL, atol=TOL)
+    np.testing.assert_array_equal(np.asarray(counts_p), np.asarray(counts_u))  # padding not routed
     for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_u), strict=True):
-        np.testing.assert_allclose(np.asarray(a) / float(n_p), np.asarray(b) / float(n_u),
-                                   rtol=1e-4, atol=TOL)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=TOL)
     # and packing must matter: cross-segment leakage would change the loss
     leaky = dict(packed, segment_ids=jnp.where(packed["segment_ids"] > 0, 1, 0))
-    (nll_l, _), _ = grad_fn(state.params, state.model_state, leaky)
-    assert abs(float(nll_l - nll_p)) > 1e-3
+    (loss_l, _), _ = grad_fn(state.params, state.model_state, leaky)
+    assert abs(float(loss_l - loss_p)) > 1e-3
 
 
 def test_step_metrics_accumulation_and_nan_skip(tiny):
@@ -91,7 +92,7 @@ def test_step_metrics_accumulation_and_nan_skip(tiny):
 
     def make(n):
         return jax.jit(functools.partial(sft.sft_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn,
-                                         grad_accum_steps=n))
+                                         grad_accum_steps=n, moe_bias_rate=1e-3))
 
     step1 = make(1)
     s1, m1 = step1(state, batch)
@@ -105,6 +106,13 @@ def test_step_metrics_accumulation_and_nan_skip(tiny):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=TOL)
     assert not all(np.array_equal(a, b) for a, b in
                    zip(jax.tree.leaves(s1.params), jax.tree.leaves(state.params)))
+    # the MoE correction bias moved by +-rate, outside the optimizer, the same with accumulation
+    for new, acc, old in zip(jax.tree.leaves(s1.model_state), jax.tree.leaves(s2.model_state),
+                             jax.tree.leaves(state.model_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(acc))
+        step_E = np.abs(np.asarray(new) - np.asarray(old))
+        assert np.all(np.isclose(step_E, 1e-3) | (step_E == 0)) and step_E.max() > 0
+    assert 0 <= float(m1["moe_max_violation"])
 
     # a NaN parameter makes loss and gradients NaN: the update is skipped and counted
     bad_params = jax.tree.map(lambda x: x, state.params)
