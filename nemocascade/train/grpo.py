@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from nemocascade.model.moe_balance import load_metrics, update_model_biases
 from nemocascade.train import losses
 from nemocascade.train.sft import schedule_count
 from nemocascade.train.state import TrainState
@@ -221,65 +222,80 @@ def check_batch(batch: Batch, required: tuple[str, ...], where: str) -> None:
     shape = batch["input_ids"].shape
     for k in required:
         v = batch[k]
-        if k == "advantages" and v.ndim == 1:
-            ok = v.shape == shape[:1]
-        else:
-            ok = v.shape == shape
+        ok = v.shape == shape[:1] if (k == "advantages" and v.ndim == 1) else v.shape == shape
         if not ok:
             raise ValueError(f"{where}: batch[{k!r}] has shape {v.shape}, expected {shape} "
                              f"(or [B] for advantages)")
 
 
-def stats_sums(ent_BT: jax.Array, mask_BT: jax.Array) -> dict:
-    """Summable diagnostics shared by the RL steps (`*_max` keys combine by max)."""
+def loss_denominator(batch: Batch, token_level: bool = True) -> jax.Array:
+    """The global divisor of the summed per-token loss: response tokens of the whole batch, or
+    (not token-level) the number of responses. Computed once, before microbatching."""
+    if token_level:
+        return jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    _, n = response_spans(batch["loss_mask"], batch["segment_ids"])
+    return jnp.maximum(n.astype(jnp.float32), 1.0)
+
+
+def common_stats(logp_BT, ent_BT, mask_BT, sampler_logp_BT, expert_counts_LE) -> dict:
+    """Additive diagnostics shared by the RL steps (keys ending in `_max` combine by max)."""
     mask = mask_BT.astype(jnp.float32)
-    return {"entropy_sum": jnp.sum(ent_BT * mask), "tokens": jnp.sum(mask)}
+    gap_BT = jnp.abs(jax.lax.stop_gradient(logp_BT) - sampler_logp_BT) * mask
+    return {"tokens": jnp.sum(mask), "entropy_sum": jnp.sum(jax.lax.stop_gradient(ent_BT) * mask),
+            "logp_gap_sum": jnp.sum(gap_BT), "logp_gap_max": jnp.max(gap_BT),
+            "expert_counts": expert_counts_LE.astype(jnp.float32)}
 
 
-def combine_stats(a: dict, b: dict) -> dict:
+def _combine(a: dict, b: dict) -> dict:
     return {k: (jnp.maximum(a[k], b[k]) if k.endswith("_max") else a[k] + b[k]) for k in a}
 
 
 def accumulate_with_stats(loss_fn: Callable, params, model_state, batch: Batch, num_micro: int):
-    """Like `optim.accumulate_gradients`, for `loss_fn(params, model_state, mb) -> (loss_sum,
-    (stats, new_model_state))`; stats are summed (maxed for `*_max`) over microbatches.
-    Returns (loss_sum, stats, grads_sum, model_state after the last microbatch)."""
+    """`(sum of loss, combined stats, sum of grads)` of `loss_fn(params, model_state, mb) ->
+    (loss, stats)` over `num_micro` equal microbatches (`lax.scan`; differentiated in params).
+
+    As `optim.accumulate_gradients`, except that stats keys ending in `_max` are maxed, not
+    summed (e.g. the largest train/sampler log-prob gap).
+    """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro == 1:
-        (loss, (stats, ms)), grads = grad_fn(params, model_state, batch)
-        return loss, stats, grads, ms
+        (loss, stats), grads = grad_fn(params, model_state, batch)
+        return loss, stats, grads
     lead = batch["input_ids"].shape[0]
     if lead % num_micro:
         raise ValueError(f"batch size {lead} is not divisible by grad_accum_steps={num_micro}")
     micro = jax.tree.map(lambda x: x.reshape((num_micro, lead // num_micro) + x.shape[1:]), batch)
-    (loss0, (stats0, ms0)), grads0 = grad_fn(params, model_state, jax.tree.map(lambda x: x[0], micro))
+    (loss0, stats0), grads0 = grad_fn(params, model_state, jax.tree.map(lambda x: x[0], micro))
 
     def body(carry, mb):
-        loss_acc, stats_acc, grads_acc, _ = carry
-        (loss, (stats, ms)), grads = grad_fn(params, model_state, mb)
-        return (loss_acc + loss, combine_stats(stats_acc, stats),
-                jax.tree.map(jnp.add, grads_acc, grads), ms), None
+        loss_acc, stats_acc, grads_acc = carry
+        (loss, stats), grads = grad_fn(params, model_state, mb)
+        return (loss_acc + loss, _combine(stats_acc, stats),
+                jax.tree.map(jnp.add, grads_acc, grads)), None
 
-    (loss, stats, grads, ms), _ = jax.lax.scan(body, (loss0, stats0, grads0, ms0),
-                                               jax.tree.map(lambda x: x[1:], micro))
-    return loss, stats, grads, ms
+    (loss, stats, grads), _ = jax.lax.scan(body, (loss0, stats0, grads0),
+                                           jax.tree.map(lambda x: x[1:], micro))
+    return loss, stats, grads
 
 
 def _select(pred, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def apply_update(state: TrainState, loss: jax.Array, grads, forward_model_state, *,
-                 tx: optax.GradientTransformation, update_model_state=None):
-    """The optimizer update with the SFT step's NaN guard: if the loss or the gradient norm is
-    not finite, params/opt/model state stay unchanged (`step` advances). Returns
+def apply_update(state: TrainState, loss: jax.Array, grads, expert_counts_LE: jax.Array, *,
+                 tx: optax.GradientTransformation, moe_bias_rate: float = 0.0):
+    """The optimizer update with the SFT step's NaN guard and MoE bias rule: if the loss or the
+    gradient norm is not finite, params, optimizer and model state stay unchanged (`step` still
+    advances); otherwise the MoE correction biases follow `moe_balance.update_model_biases`
+    from this batch's expert counts (if `moe_bias_rate` > 0). Returns
     (new_state, grad_norm, skipped)."""
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    new_ms = (update_model_state(state.model_state, forward_model_state)
-              if update_model_state is not None else forward_model_state)
+    new_ms = state.model_state
+    if moe_bias_rate and expert_counts_LE.shape[0]:
+        new_ms = update_model_biases(state.model_state, expert_counts_LE, moe_bias_rate)
     rng, _ = jax.random.split(state.rng)
     new_state = TrainState(step=state.step + 1,
                            params=_select(finite, new_params, state.params),
@@ -288,61 +304,69 @@ def apply_update(state: TrainState, loss: jax.Array, grads, forward_model_state,
     return new_state, grad_norm, (~finite).astype(jnp.int32)
 
 
-def lr_metric(state: TrainState, lr_fn) -> dict:
-    return {} if lr_fn is None else {"lr": lr_fn(schedule_count(state.opt_state))}
+def step_metrics(state: TrainState, stats: dict, lr_fn: Callable | None) -> dict:
+    """Means over response tokens of the common stats, MoE load and (with `lr_fn`) the lr."""
+    tokens = jnp.maximum(stats["tokens"], 1.0)
+    out = {"entropy": stats["entropy_sum"] / tokens, "tokens": stats["tokens"],
+           "logp_gap_mean": stats["logp_gap_sum"] / tokens, "logp_gap_max": stats["logp_gap_max"]}
+    if stats["expert_counts"].shape[0]:
+        out["moe_max_violation"] = jnp.max(load_metrics(stats["expert_counts"])["moe/max_violation"])
+    if lr_fn is not None:
+        out["lr"] = lr_fn(schedule_count(state.opt_state))
+    return out
 
 
 # ============================================================================ GRPO step
-def grpo_loss_sum(params: nnx.State, model_state: nnx.State, batch: Batch, *,
-                  graphdef: nnx.GraphDef, cfg: GRPOConfig):
-    """`(loss numerator, (stats, new_model_state))` of one (micro)batch; `stats["denom"]` is the
-    matching denominator (response tokens, or responses when not token-level)."""
-    model_state = jax.tree.map(lambda x: x, model_state)
+def grpo_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *,
+              graphdef: nnx.GraphDef, cfg: GRPOConfig, denom: jax.Array,
+              aux_loss_coef: float = 0.0, num_micro: int = 1):
+    """`(loss, stats)` of one (micro)batch: summed per-token loss / `denom` (the whole batch's
+    divisor, `loss_denominator`) + aux_loss_coef * MoE aux loss / num_micro; differentiable."""
     model = nnx.merge(graphdef, params, model_state)
-    logp_BT, ent_BT, _ = losses.model_token_logprobs(model, batch, chunk_size=cfg.logprob_chunk,
-                                                     with_entropy=cfg.compute_entropy)
+    logp_BT, ent_BT, aux = losses.model_token_logprobs(
+        model, batch, chunk_size=cfg.logprob_chunk, with_entropy=cfg.compute_entropy)
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     loss_BT, diag = policy_loss_terms(logp_BT, batch, cfg)
-    num, denom = aggregate(loss_BT, mask_BT, batch["segment_ids"], cfg.token_level)
-    gap_BT = jnp.abs(jax.lax.stop_gradient(logp_BT) - batch["sampler_logprobs"]) * mask_BT
+    num, _ = aggregate(loss_BT, mask_BT, batch["segment_ids"], cfg.token_level)
+    loss = num / denom
+    if aux_loss_coef:
+        loss = loss + aux_loss_coef * aux["aux_loss"] / num_micro
     _, n_resp = response_spans(mask_BT, batch["segment_ids"])
-    stats = stats_sums(jax.lax.stop_gradient(ent_BT), mask_BT) | {
-        "denom": denom, "responses": n_resp.astype(jnp.float32),
+    stats = common_stats(logp_BT, ent_BT, mask_BT, batch["sampler_logprobs"],
+                         aux["expert_counts"]) | {
+        "pg_sum": jax.lax.stop_gradient(num), "responses": n_resp.astype(jnp.float32),
         "clipped_sum": jnp.sum(diag["clipped"] * mask_BT),
-        "kl_sum": jnp.sum(jax.lax.stop_gradient(diag["kl"]) * mask_BT),
-        "logp_gap_sum": jnp.sum(gap_BT), "logp_gap_max": jnp.max(gap_BT)}
-    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
-    return num, (stats, new_model_state)
+        "kl_sum": jnp.sum(jax.lax.stop_gradient(diag["kl"]) * mask_BT)}
+    return loss, stats
 
 
 def grpo_train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, cfg: GRPOConfig,
-                    lr_fn: Callable | None = None, update_model_state: Callable | None = None,
-                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+                    lr_fn: Callable | None = None, aux_loss_coef: float = 0.0,
+                    moe_bias_rate: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One GRPO update on a rollout batch. Pure once the keywords are bound (jit it).
 
     batch: input_ids, targets, loss_mask (1 on response targets), segment_ids [B, T];
     advantages [B] or [B, T]; sampler_logprobs [B, T] (aligned with targets); optional
-    ref_logprobs [B, T] (k3 penalty, `cfg.kl_coef`). metrics: loss, entropy (mean over response
-    tokens), clip_fraction, kl (k3, mean), response_length (tokens per response), tokens,
-    logp_gap_mean / logp_gap_max (|logp_train - logp_sampler| on sampled tokens), grad_norm,
-    skipped, and lr if `lr_fn` is given.
+    ref_logprobs [B, T] (k3 penalty, `cfg.kl_coef`). NaN/Inf loss or gradient skips the update.
+    metrics: loss (the policy objective incl. KL, without the MoE aux loss), entropy (mean over
+    response tokens), clip_fraction, kl (k3, mean), response_length (tokens per response),
+    tokens, logp_gap_mean / logp_gap_max (|logp_train - logp_sampler| on sampled tokens),
+    grad_norm (before clipping), skipped; moe_max_violation with MoE layers; lr with `lr_fn`.
     """
     check_batch(batch, REQUIRED_KEYS, "grpo_train_step")
-    loss_fn = functools.partial(grpo_loss_sum, graphdef=graphdef, cfg=cfg)
-    num, stats, grads_sum, fwd_ms = accumulate_with_stats(loss_fn, state.params,
-                                                          state.model_state, batch,
-                                                          cfg.grad_accum_steps)
-    denom = jnp.maximum(stats["denom"], 1.0)
-    loss = num / denom
-    grads = jax.tree.map(lambda g: g / denom, grads_sum)
-    new_state, grad_norm, skipped = apply_update(state, loss, grads, fwd_ms, tx=tx,
-                                                 update_model_state=update_model_state)
+    denom = loss_denominator(batch, cfg.token_level)
+    loss_fn = functools.partial(grpo_loss, graphdef=graphdef, cfg=cfg, denom=denom,
+                                aux_loss_coef=aux_loss_coef, num_micro=cfg.grad_accum_steps)
+    _, stats, grads = accumulate_with_stats(loss_fn, state.params, state.model_state, batch,
+                                            cfg.grad_accum_steps)
+    loss = stats["pg_sum"] / denom
+    new_state, grad_norm, skipped = apply_update(state, loss, grads, stats["expert_counts"],
+                                                 tx=tx, moe_bias_rate=moe_bias_rate)
     tokens = jnp.maximum(stats["tokens"], 1.0)
-    metrics = {"loss": loss, "entropy": stats["entropy_sum"] / tokens,
-               "clip_fraction": stats["clipped_sum"] / tokens, "kl": stats["kl_sum"] / tokens,
-               "response_length": stats["tokens"] / jnp.maximum(stats["responses"], 1.0),
-               "tokens": stats["tokens"], "logp_gap_mean": stats["logp_gap_sum"] / tokens,
-               "logp_gap_max": stats["logp_gap_max"], "grad_norm": grad_norm,
-               "skipped": skipped} | lr_metric(state, lr_fn)
+    metrics = step_metrics(state, stats, lr_fn) | {
+        "loss": loss, "clip_fraction": stats["clipped_sum"] / tokens,
+        "kl": stats["kl_sum"] / tokens,
+        "response_length": stats["tokens"] / jnp.maximum(stats["responses"], 1.0),
+        "grad_norm": grad_norm, "skipped": skipped}
     return new_state, metrics

@@ -130,9 +130,8 @@ def test_on_policy_gradient_is_reinforce(setup):
     cfg = grpo.GRPOConfig(logprob_chunk=8, compute_entropy=False)
 
     def grpo_loss(p):
-        num, (stats, _) = grpo.grpo_loss_sum(p, state.model_state, batch, graphdef=graphdef,
-                                             cfg=cfg)
-        return num / stats["denom"]
+        return grpo.grpo_loss(p, state.model_state, batch, graphdef=graphdef, cfg=cfg,
+                              denom=grpo.loss_denominator(batch))[0]
 
     def reinforce(p):
         logp = losses.model_token_logprobs(nnx.merge(graphdef, p, state.model_state), batch,
@@ -183,3 +182,23 @@ def test_train_step_metrics_and_nan_guard(setup):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(KeyError, match="sampler_logprobs"):
         step(state, {k: v for k, v in batch.items() if k != "sampler_logprobs"})
+
+
+def test_accumulation_and_moe_bias(setup):
+    graphdef, state, tx, batch = setup
+    cfg1 = grpo.GRPOConfig(logprob_chunk=8, token_level=False)
+    cfg2 = grpo.GRPOConfig(logprob_chunk=8, token_level=False, grad_accum_steps=2)
+    _, m1 = jax.jit(functools.partial(grpo.grpo_train_step, graphdef=graphdef, tx=tx,
+                                      cfg=cfg1))(state, batch)
+    new_state, m2 = jax.jit(functools.partial(grpo.grpo_train_step, graphdef=graphdef, tx=tx,
+                                              cfg=cfg2, moe_bias_rate=1e-3))(state, batch)
+    # sequence-level: mean over the 4 responses of their token-mean of -A
+    mask, adv = np.asarray(batch["loss_mask"]), np.asarray(batch["advantages"])
+    np.testing.assert_allclose(float(m1["loss"]), -adv.mean(), rtol=1e-4, atol=TOL)
+    for k in ("loss", "grad_norm", "entropy", "tokens", "response_length"):
+        np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, atol=TOL, err_msg=k)
+    assert float(m2["logp_gap_max"]) == float(m1["logp_gap_max"])
+    assert "moe_max_violation" in m2 and mask.sum() == float(m2["tokens"])
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state.model_state),
+                                                         jax.tree.leaves(state.model_state))]
+    assert any(changed)  # the MoE correction bias moved
