@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pallas_kernels  # noqa: E402
+import pallas_kernels
 
 CONFIGS = {  # hidden D, expert width F, experts E (nemocascade/model/config.py presets)
     "small": (512, 256, 32),
@@ -128,12 +128,12 @@ def bench_shape(cfg: str, proj: str, rows: int, dtype, impls, *, drop, repeats, 
     for mode in modes:
       ms = time_fn(fwd if mode == "fwd" else fwd_bwd, (lhs, rhs, sizes), repeats)
       flops = useful * (1 if mode == "fwd" else 3)
-      records.append(dict(config=cfg, proj=proj, rows=rows, routed_rows=int(sizes.sum()),
-                          K=k, N=n, G=e, dtype=jnp.dtype(dtype).name, impl=impl, mode=mode,
-                          ms=ms, tflops=flops / ms / 1e9, max_err=err, tail_rows_zero=tail_zero,
-                          interpreted=impl in ("pallas", "megablox")
-                          and (jax.default_backend() != "tpu" if interpret is None
-                               else interpret)))
+      interpreted = impl in ("pallas", "megablox") and (
+          jax.default_backend() != "tpu" if interpret is None else interpret)
+      records.append({"config": cfg, "proj": proj, "rows": rows, "routed_rows": routed,
+                      "K": k, "N": n, "G": e, "dtype": jnp.dtype(dtype).name, "impl": impl,
+                      "mode": mode, "ms": ms, "tflops": flops / ms / 1e9, "max_err": err,
+                      "tail_rows_zero": tail_zero, "interpreted": interpreted})
       print(f"{cfg:5s} {proj:4s} M={rows:6d} K={k:5d} N={n:5d} G={e:3d} {impl:10s} {mode:7s} "
             f"{ms:10.2f} ms {records[-1]['tflops']:8.3f} TFLOP/s  err "
             f"{'   -   ' if err is None else f'{err:.1e}'}"
@@ -176,8 +176,8 @@ def run(quick: bool = False, argv=None) -> dict:
     for m in rows:
       records += bench_shape(cfg, proj, m, dtype, impls, drop=args.drop, repeats=repeats,
                              interpret=None, tiling=tiling, modes=args.modes.split(","))
-  result = dict(backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
-                jax_version=jax.__version__, records=records)
+  result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "jax_version": jax.__version__, "records": records}
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=1))

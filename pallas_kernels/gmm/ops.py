@@ -108,10 +108,10 @@ def _gmm_fwd(lhs_MK, rhs_GKN, group_sizes_G, out_dtype, impl, interpret, tiling)
 
 def _gmm_bwd(out_dtype, impl, interpret, tiling, residuals, grad_MN):
   lhs_MK, rhs_GKN, group_sizes_G = residuals
-  kw = dict(impl=impl, interpret=interpret, tiling=None if tiling is None else
-            (tiling[0], tiling[2], tiling[1]))  # dlhs contracts over N, outputs K
-  d_lhs = _gmm_raw(grad_MN, rhs_GKN, group_sizes_G, out_dtype=lhs_MK.dtype,
-                   transpose_rhs=True, **kw)  # rows in no group get 0
+  # d_lhs contracts over N and outputs K: swap the fwd tiling's tk and tn
+  dlhs_tiling = None if tiling is None else (tiling[0], tiling[2], tiling[1])
+  d_lhs = _gmm_raw(grad_MN, rhs_GKN, group_sizes_G, out_dtype=lhs_MK.dtype, impl=impl,
+                   interpret=interpret, tiling=dlhs_tiling, transpose_rhs=True)  # no-group rows: 0
   d_rhs = _tgmm_raw(lhs_MK, grad_MN, group_sizes_G, out_dtype=rhs_GKN.dtype, impl=impl,
                     interpret=interpret, tiling=tiling)
   return d_lhs, d_rhs, None

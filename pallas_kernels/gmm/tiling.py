@@ -70,7 +70,7 @@ def default_tiling(m: int, k: int, n: int, num_groups: int, *, native: bool,
     tm_max, tk, tn = _TPU_TILES[min(max(generation, 4), 7)]
     tm_min = _MIN_TM_TPU
   tm = min(tm_max, max(tm_min, _pow2_at_least(-(-m // max(num_groups, 1)))))
-  return (m if m <= tm else tm), _fit(k, tk), _fit(n, tn)
+  return min(m, tm), _fit(k, tk), _fit(n, tn)
 
 
 def resolve_tiling(tiling, m: int, k: int, n: int, num_groups: int, *,

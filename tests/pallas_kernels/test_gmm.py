@@ -101,7 +101,7 @@ def test_tgmm_matches_reference_and_zeroes_empty_groups():
 
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
 def test_gmm_bf16_inputs_accumulate_in_fp32(out_dtype):
-  lhs, rhs, sizes, cot = make_inputs(70, 48, 40, [10, 0, 33, 20], dtype=jnp.bfloat16)
+  lhs, rhs, sizes, _ = make_inputs(70, 48, 40, [10, 0, 33, 20], dtype=jnp.bfloat16)
   out = pallas_kernels.gmm(lhs, rhs, sizes, interpret=True, tiling=(16, 32, 16),
                            preferred_element_type=out_dtype)
   assert out.dtype == out_dtype
