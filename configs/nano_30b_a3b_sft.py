@@ -43,5 +43,6 @@ def get_config(arg: str = "") -> ConfigDict:
                    best_mode="min", eval_every=0, max_consecutive_skips=10, progress=True,
                    async_checkpoint=True)
     c.mesh = dict(data=1, fsdp=8, expert=8, tensor=1)
+    c.loss_chunk_size = 4096  # never hold [256K, 131K] fp32 logits
     c.export_hf = True
     return c

@@ -36,6 +36,7 @@ def get_config(arg: str = "") -> ConfigDict:
                    best_metric="eval_loss", best_mode="min", eval_every=0,
                    max_consecutive_skips=10, progress=True, async_checkpoint=True)
     c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
+    c.loss_chunk_size = 0  # full logits
     c.export_hf = False
     return c
 

@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from nemocascade.model.moe_balance import load_metrics, update_model_biases
+from nemocascade.train.losses import model_hidden_and_head, token_cross_entropy_sum
 from nemocascade.train.optim import accumulate_gradients
 from nemocascade.train.state import TrainState
 
@@ -41,17 +42,25 @@ def token_nll_sum(logits_BTV: jax.Array, targets_BT: jax.Array,
 
 
 def sft_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef,
-             denom: jax.Array, aux_loss_coef: float = 0.0, num_micro: int = 1):
+             denom: jax.Array, aux_loss_coef: float = 0.0, num_micro: int = 1,
+             loss_chunk_size: int = 0):
     """`(loss, (nll_sum, num_tokens, expert_counts_LE))` of one (micro)batch; differentiable.
 
     loss = nll_sum / denom + aux_loss_coef * aux_loss / num_micro, where denom is the number of
     loss tokens of the whole batch, so summing over microbatches gives the full-batch loss.
     expert_counts_LE: routed assignments per MoE layer and expert ([0, E] without MoE layers).
+    loss_chunk_size > 0 computes the cross-entropy `loss_chunk_size` tokens at a time
+    (`losses.token_cross_entropy_sum`) instead of materialising `[B, T, V]` logits.
     """
     model = nnx.merge(graphdef, params, model_state)
-    logits_BTV, aux = model(batch["input_ids"], segment_ids=batch.get("segment_ids"),
-                            positions=batch.get("positions"), return_aux=True)
-    nll_sum, count = token_nll_sum(logits_BTV, batch["targets"], batch["loss_mask"])
+    if loss_chunk_size:
+        h_BTD, w_DV, aux = model_hidden_and_head(model, batch)
+        nll_sum, count = token_cross_entropy_sum(h_BTD, w_DV, batch["targets"],
+                                                 batch["loss_mask"], chunk_size=loss_chunk_size)
+    else:
+        logits_BTV, aux = model(batch["input_ids"], segment_ids=batch.get("segment_ids"),
+                                positions=batch.get("positions"), return_aux=True)
+        nll_sum, count = token_nll_sum(logits_BTV, batch["targets"], batch["loss_mask"])
     loss = nll_sum / denom
     if aux_loss_coef:
         loss = loss + aux_loss_coef * aux["aux_loss"] / num_micro
@@ -75,7 +84,7 @@ def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
 def sft_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
              tx: optax.GradientTransformation, lr_fn: Callable[[jax.Array], jax.Array],
              grad_accum_steps: int = 1, aux_loss_coef: float = 0.0, moe_bias_rate: float = 0.0,
-             ) -> tuple[TrainState, dict[str, jax.Array]]:
+             loss_chunk_size: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SFT update. Pure: `(state, batch) -> (state, metrics)` once the keywords are bound.
 
     After the optimizer update, each MoE layer's correction bias follows the aux-loss-free rule
@@ -90,7 +99,8 @@ def sft_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     """
     denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     loss_fn = functools.partial(sft_loss, graphdef=graphdef, denom=denom,
-                                aux_loss_coef=aux_loss_coef, num_micro=grad_accum_steps)
+                                aux_loss_coef=aux_loss_coef, num_micro=grad_accum_steps,
+                                loss_chunk_size=loss_chunk_size)
     _, (nll_sum, count, counts_LE), grads = accumulate_gradients(
         loss_fn, state.params, state.model_state, batch, grad_accum_steps)
     loss = nll_sum / denom
@@ -118,9 +128,10 @@ def sft_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     return new_state, metrics
 
 
-def sft_eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef
-                  ) -> dict[str, jax.Array]:
+def sft_eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+                  loss_chunk_size: int = 0) -> dict[str, jax.Array]:
     """`{"nll_sum", "tokens"}` of a batch under the state's params (no update)."""
     _, (nll_sum, count, _) = sft_loss(state.params, state.model_state, batch, graphdef=graphdef,
-                                      denom=jnp.ones((), jnp.float32))
+                                      denom=jnp.ones((), jnp.float32),
+                                      loss_chunk_size=loss_chunk_size)
     return {"nll_sum": nll_sum, "tokens": count}

@@ -2,7 +2,8 @@
 
 Config sections read here (see configs/sft_tiny.py for a complete example):
     seed, model (every ModelConfig field), data, optim (OptimConfig), train (LoopConfig), mesh
-    (MeshConfig), export_hf (write `<workdir>/hf/` in Hugging Face format at the end).
+    (MeshConfig), loss_chunk_size (0: full logits; N: cross-entropy N tokens at a time, for
+    large vocabularies), export_hf (write `<workdir>/hf/` in Hugging Face format at the end).
 
 data keys:
     source         "arithmetic" (generated, `arithmetic_data`) or "jsonl" (chat records at `path`)
@@ -159,7 +160,8 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
                                 lr_fn=lr_schedule(optim_cfg, loop_cfg.steps),
                                 grad_accum_steps=optim_cfg.grad_accum_steps,
                                 aux_loss_coef=model_cfg.moe_aux_loss_coef,
-                                moe_bias_rate=optim_cfg.moe_bias_rate)
+                                moe_bias_rate=optim_cfg.moe_bias_rate,
+                                loss_chunk_size=int(config.loss_chunk_size))
     data_iter = iter(_batches(train_records, tokenizer, data_cfg, seed=seed, shuffle=True,
                               num_epochs=None))
     eval_fn = None
@@ -169,7 +171,8 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
         if not eval_batches:
             raise ValueError(f"data.eval_records={n_eval} fill no batch of "
                              f"{data_cfg['global_batch']} rows; raise eval_records")
-        eval_step = jax.jit(functools.partial(sft_eval_step, graphdef=graphdef))
+        eval_step = jax.jit(functools.partial(sft_eval_step, graphdef=graphdef,
+                                              loss_chunk_size=int(config.loss_chunk_size)))
         eval_fn = _EvalSet([to_global(b, mesh) for b in eval_batches], eval_step)
 
     final = train_loop(config=loop_cfg, workdir=workdir, mesh=mesh, init_fn=init_fn,

@@ -78,6 +78,11 @@ def test_packed_equals_unpacked_loss_and_grads(tiny):
     np.testing.assert_array_equal(np.asarray(counts_p), np.asarray(counts_u))  # padding not routed
     for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_u), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=TOL)
+    # the chunked large-vocabulary loss gives the same value
+    chunked = jax.jit(functools.partial(sft.sft_loss, graphdef=graphdef, denom=jnp.float32(n),
+                                        loss_chunk_size=8))
+    np.testing.assert_allclose(float(chunked(state.params, state.model_state, packed)[0]),
+                               float(loss_p), rtol=TOL)
     # and packing must matter: cross-segment leakage would change the loss
     leaky = dict(packed, segment_ids=jnp.where(packed["segment_ids"] > 0, 1, 0))
     (loss_l, _), _ = grad_fn(state.params, state.model_state, leaky)
