@@ -178,13 +178,17 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
     final = train_loop(config=loop_cfg, workdir=workdir, mesh=mesh, init_fn=init_fn,
                        step_fn=step_fn, data_iter=data_iter, eval_fn=eval_fn)
     if config.export_hf and not final.get("preempted") and jax.process_index() == 0:
-        export_hf(workdir, graphdef, init_fn, mesh)
+        export_hf(config, workdir)
     return final
 
 
-def export_hf(workdir: str, graphdef: nnx.GraphDef, init_fn, mesh) -> str:
-    """Restore the newest checkpoint of `workdir` and write it to `<workdir>/hf/` (HF format,
-    with the run's tokenizer.json beside it)."""
+def export_hf(config, workdir: str) -> str:
+    """Restore the newest checkpoint of `workdir` (a run of `config`) and write it to
+    `<workdir>/hf/` in Hugging Face format, with the run's tokenizer.json beside it."""
+    model_cfg = model_config_from(config.model.to_dict())
+    init_fn = make_init_fn(model_cfg, make_optimizer(
+        OptimConfig.from_mapping(config.optim.to_dict()), int(config.train.steps)), int(config.seed))
+    mesh = make_mesh(MeshConfig(**config.mesh.to_dict()))
     abstract = jax.eval_shape(init_fn)
     ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep_last=1)
     try:
@@ -193,6 +197,7 @@ def export_hf(workdir: str, graphdef: nnx.GraphDef, init_fn, mesh) -> str:
         ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"{workdir}: no checkpoint to export")
+    graphdef = split_model(nnx.eval_shape(lambda: NemotronH(model_cfg, rngs=nnx.Rngs(0))))[0]
     path = os.path.join(workdir, "hf")
     save_hf_checkpoint(merge_model(graphdef, restored[1]), path)
     tok = os.path.join(workdir, "tokenizer.json")

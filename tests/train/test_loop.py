@@ -106,6 +106,25 @@ def test_loss_falls_and_logs(reference):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
 
 
+def test_export_to_hugging_face_format(reference):
+    from flax import nnx
+
+    from nemocascade.model import load_hf_checkpoint
+
+    workdir, _ = reference
+    config = _config()
+    path = sft_job.export_hf(config, workdir)
+    assert {"config.json", "tokenizer.json"} <= set(os.listdir(path))
+    model = load_hf_checkpoint(path)
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    _, state = _final_params(workdir, config)
+    ours = jax.tree.leaves((state.params, state.model_state))
+    theirs = jax.tree.leaves((params, model_state))
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_rerun_of_finished_run_does_nothing(reference):
     workdir, final = reference
     before = open(os.path.join(workdir, "metrics.jsonl")).read()
