@@ -9,6 +9,11 @@ shared:  one always-on squared-ReLU MLP added to the routed output.
 
 The correction bias is an `ExpertBias` variable, not an `nnx.Param`: the optimizer never touches
 it; the aux-loss-free balancing update (`moe_balance`) changes it from the step's expert counts.
+
+Expert parallelism: `moe_ep.set_expert_mesh(model, mesh)` stores a mesh on every MoE layer
+(`ep_mesh`, a static attribute, None by default); with an expert axis > 1 the routed experts then
+run through `moe_ep.expert_parallel_mlp` (tokens exchanged with all_to_all, capacity from
+`cfg.moe_capacity_factor`) and aux["dropped_tokens"] counts dropped assignments.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nemocascade.model import moe_balance, moe_ep
 from nemocascade.model.config import ModelConfig
 from nemocascade.model.layers import MLP, dtype_of, param
 from nemocascade.model.moe_backends import expert_mlp
@@ -59,6 +65,7 @@ class MoE(nnx.Module):
         self.up_EDF = param(rngs, (e, d, f), ("experts", "embed", "mlp"), std=std, dtype=pd)
         self.down_EFD = param(rngs, (e, f, d), ("experts", "mlp", "embed"), std=std, dtype=pd)
         self.shared = MLP(cfg, cfg.moe_shared_expert_intermediate_size, rngs=rngs)
+        self.ep_mesh = None  # set by moe_ep.set_expert_mesh (expert parallelism)
 
     def __call__(self, x_BTD, valid_BT=None):
         """Returns (y_BTD, aux): aux["expert_counts"] [E] counts the routed assignments of valid
@@ -71,27 +78,18 @@ class MoE(nnx.Module):
             valid_BT = jnp.ones((b, t), bool)
         x_TD = x_BTD.reshape(b * t, d).astype(cd)
         idx_TK, w_TK, scores_TE = route(x_TD, self.router_DE[...], self.bias_E[...], cfg)
-        onehot_TKE = jax.nn.one_hot(idx_TK, cfg.n_routed_experts, dtype=jnp.float32)
-        valid_T = valid_BT.reshape(b * t).astype(jnp.float32)
-        aux = {"expert_counts": jnp.einsum("tke,t->e", onehot_TKE, valid_T)}
+        e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        # balancing statistics (moe_balance): global counts under jit over sharded tokens
+        aux = {"expert_counts": moe_balance.expert_counts(idx_TK, e, valid_BT.reshape(b * t))}
         if cfg.moe_aux_loss_coef > 0:
-            aux["aux_loss"] = sequence_aux_loss(
-                scores_TE.reshape(b, t, -1), onehot_TKE.reshape(b, t, *onehot_TKE.shape[1:]), valid_BT)
-        y_TD = expert_mlp(x_TD, idx_TK, w_TK, self.up_EDF[...].astype(cd),
-                          self.down_EFD[...].astype(cd), backend=cfg.moe_backend)
+            aux["aux_loss"] = moe_balance.sequence_aux_loss(
+                scores_TE.reshape(b, t, e), idx_TK.reshape(b, t, k), e, k, valid_BT)
+        up_EDF, down_EFD = self.up_EDF[...].astype(cd), self.down_EFD[...].astype(cd)
+        if self.ep_mesh is not None:  # expert parallel (moe_ep)
+            y_TD, aux["dropped_tokens"] = moe_ep.expert_parallel_mlp(
+                x_TD, idx_TK, w_TK, up_EDF, down_EFD, mesh=self.ep_mesh,
+                capacity_factor=cfg.moe_capacity_factor, backend=cfg.moe_backend)
+        else:
+            y_TD = expert_mlp(x_TD, idx_TK, w_TK, up_EDF, down_EFD, backend=cfg.moe_backend)
         return y_TD.reshape(b, t, d) + self.shared(x_BTD), aux
 
-
-def sequence_aux_loss(scores_BTE, onehot_BTKE, valid_BT):
-    """DeepSeek-V3 sequence-wise balance loss, averaged over sequences (coefficient applied by caller).
-
-    Per sequence: f_i = E / (K T) * #{t : i in topk(t)},  P_i = mean_t s_ti / sum_j s_tj,
-    loss = sum_i f_i P_i  (= 1 for perfectly uniform routing). Padding tokens are excluded.
-    """
-    e, k = scores_BTE.shape[-1], onehot_BTKE.shape[-2]
-    v = valid_BT.astype(jnp.float32)
-    n_B = jnp.maximum(jnp.sum(v, axis=1), 1.0)
-    f_BE = jnp.einsum("btke,bt->be", onehot_BTKE, v) * (e / k) / n_B[:, None]
-    p_norm = scores_BTE / jnp.sum(scores_BTE, axis=-1, keepdims=True)
-    p_BE = jnp.einsum("bte,bt->be", p_norm, v) / n_B[:, None]
-    return jnp.mean(jnp.sum(jax.lax.stop_gradient(f_BE) * p_BE, axis=-1))

@@ -131,6 +131,23 @@ def expert_parallel_mlp(x_TD: jax.Array, idx_TK: jax.Array, w_TK: jax.Array, up_
     return fn(x_TD, idx_TK, w_TK, up_EDF, down_EFD)
 
 
+def set_expert_mesh(model, mesh: Mesh | None) -> int:
+    """Make every `moe.MoE` layer inside `model` (an nnx module) run expert-parallel over `mesh`
+    (None, or an expert axis of size 1: the single-device backend). Returns the number of layers
+    set. Call before `nnx.split`, so the mesh is part of the graph definition."""
+    from nemocascade.model.moe import MoE  # here, not at the top: moe imports this module
+    from flax import nnx
+
+    if mesh is not None and mesh.shape.get(EXPERT_AXIS, 1) == 1:
+        mesh = None
+    n = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, MoE):
+            node.ep_mesh = mesh
+            n += 1
+    return n
+
+
 def global_expert_counts(idx_TK: jax.Array, num_experts: int, axis_names: Sequence[str],
                          valid_T: jax.Array | None = None) -> jax.Array:
     """Inside `shard_map`: the global-batch expert counts (local counts `psum`-ed over the batch
