@@ -15,8 +15,10 @@ token, or `max_new_tokens`). Prompt and generation lengths are rounded up to pow
 compiles one prefill and one decode program per (batch, bucket, sampling mode); `max_new_tokens`,
 the temperature, top-p, the seed and the eos / stop ids are runtime values.
 
-`model` is an `nnx.Module` or a `(graphdef, state)` pair from `nnx.split`: an RL loop that keeps
-its parameters split passes them straight in and pays no split/merge cost per call. With `mesh`,
+`model` is an `nnx.Module` or a `(graphdef, state)` pair from `nnx.split(model)` (the full state,
+not a filtered one): an RL loop that keeps its parameters split passes them straight in and pays no
+split/merge cost per call; the jitted programs are keyed on the graphdef, the shapes and the static
+sampling mode, so calling `generate` every RL step reuses them. With `mesh`,
 the prompt batch is laid out over the batch axes of `nemocascade.sharding` (data, fsdp, expert) and
 the parameters are used with whatever sharding they already have (e.g. the training
 `state_shardings`), so nothing is re-laid out between an RL step and generation.
@@ -94,9 +96,11 @@ def _classify(tok_R, step, max_new, eos_E, stop_S):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "gen_len", "mode", "mesh"))
-def _decode(graphdef, state, cache, logits_BV, rows_R, seed, temperature, top_p, max_new, eos_E,
-            stop_S, pad_id, *, n: int, gen_len: int, mode: SamplingMode, mesh: Mesh | None):
+def _decode(graphdef, state, cache, logits_BV, rows_R, live_rows, seed, temperature, top_p, max_new,
+            eos_E, stop_S, pad_id, *, n: int, gen_len: int, mode: SamplingMode, mesh: Mesh | None):
     """Samples up to `max_new` (<= gen_len) tokens for each of the B*n rows in one while loop.
+
+    Rows at or past `live_rows` are batch padding: they start finished and never hold the loop.
 
     Returns (tokens [R, gen_len], logprobs, logprobs_untempered, lengths [R], reasons [R], steps).
     """
@@ -120,7 +124,7 @@ def _decode(graphdef, state, cache, logits_BV, rows_R, seed, temperature, top_p,
 
     out0 = (jnp.full((r, gen_len), pad_id, jnp.int32), jnp.zeros((r, gen_len), jnp.float32),
             jnp.zeros((r, gen_len), jnp.float32), jnp.zeros((r,), jnp.int32),
-            jnp.full((r,), RUNNING, jnp.int32))
+            jnp.where(jnp.arange(r) < live_rows, RUNNING, LENGTH).astype(jnp.int32))
     out0 = _constrain_batch(out0, mesh)
     tok_R, lp_R, lpr_R = sample(logits_BV, keys_R, 0)
     out = record(out0, tok_R, lp_R, lpr_R, 0)
@@ -229,7 +233,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              eos_id: int | Sequence[int] | None = None, stop_ids: Sequence[int] = (),
              stop_strings: Sequence[str] = (), tokenizer=None, n: int = 1, pad_id: int = 0,
-             mesh: Mesh | None = None) -> GenerateResult:
+             mesh: Mesh | None = None, bucket_batch: bool = False) -> GenerateResult:
     """Continues each prompt `n` times; see the module docstring for the layout of the result.
 
     temperature 0 is greedy decoding (then `.logprobs` equals `.logprobs_untempered`, since the
@@ -240,6 +244,12 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     row with reason "eos", `stop_ids` with "stop". `stop_strings` (needs `tokenizer` with
     `.decode(ids)`) are found on the host after decoding: the row is cut after the first token
     whose text completes a stop string (reason "stop"); such rows are not stopped early on device.
+
+    `mesh`: lay the rollout rows over its batch axes (the prompt batch is padded to a multiple of
+    their size); the parameters are used with the shardings they have. `bucket_batch`: also round
+    the number of prompts up to a power of two (for callers whose batch size varies), so batch
+    sizes share programs too. `.timings` holds wall times of the two phases (a first call for a
+    bucket includes its compilation).
     """
     graphdef, state = _split_model(model)
     try:
@@ -264,7 +274,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
 
     b, n, max_new = len(prompts), int(n), int(max_new_tokens)
     mult = _batch_multiple(mesh)
-    rows = -(-b // mult) * mult
+    rows = -(-(bucket(b, 1) if bucket_batch else b) // mult) * mult
     p_len, g_len = bucket(max(len(p) for p in prompts)), bucket(max_new)
     ids, seg = _left_pad(prompts, rows, p_len, pad_id)
     put = (lambda x: jax.device_put(x, shd.batch_sharding(mesh, x.ndim))) if mesh is not None else jnp.asarray
@@ -274,7 +284,7 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     logits, cache = _prefill(graphdef, state, put(ids), put(seg), cache_len=p_len + g_len, mesh=mesh)
     logits = jax.block_until_ready(logits)
     t1 = time.perf_counter()
-    out = _decode(graphdef, state, cache, logits, put(row_ids), jnp.int32(seed),
+    out = _decode(graphdef, state, cache, logits, put(row_ids), jnp.int32(b * n), jnp.int32(seed),
                   jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(max_new),
                   jnp.asarray(_id_array(eos)), jnp.asarray(_id_array(stops)), jnp.int32(pad_id),
                   n=n, gen_len=g_len, mode=mode, mesh=mesh)

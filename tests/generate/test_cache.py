@@ -12,27 +12,35 @@ ATOL = 1e-5  # fp32 cached vs uncached logits, fixed up front
 
 
 def _cached_and_reference(model, ids, seg, seqs, p_len, decode):
-    """Jitted: cached logits [B, p_len + decode, V] (prefill chunks of 4 + rest, then T=1 steps)
-    and the no-cache logits of each unpadded sequence."""
+    """Jitted: cached logits [B, p_len + decode, V] (prefill chunks of 4 + rest, then T=1 steps
+    in a scan) and the no-cache logits of the sequences right-padded (padding after a sequence
+    cannot reach it: causal), [B, max len, V]."""
     graphdef, state = nnx.split(model)
+    width = max(map(len, seqs))
+    full = np.zeros((len(seqs), width), np.int32)
+    full_seg = np.zeros((len(seqs), width), np.int32)
+    for i, s in enumerate(seqs):
+        full[i, :len(s)], full_seg[i, :len(s)] = s, 1
 
     @jax.jit
-    def run(state, ids, seg, steps, seqs):
+    def run(state, ids, seg, steps_BT, full, full_seg):
         m = nnx.merge(graphdef, state)
         cache = m.init_cache(ids.shape[0], p_len + decode)
         la, cache = m(ids[:, :4], segment_ids=seg[:, :4], cache=cache)
         lb, cache = m(ids[:, 4:], segment_ids=seg[:, 4:], cache=cache)   # continues with T > 1
-        out = [la, lb]
-        for t in range(decode):
-            lt, cache = m(steps[:, t:t + 1], segment_ids=jnp.ones((ids.shape[0], 1), jnp.int32),
-                          cache=cache)
-            out.append(lt)
-        return jnp.concatenate(out, axis=1), [m(s[None])[0] for s in seqs]
+
+        def step(cache, tok_B):
+            lt, cache = nnx.merge(graphdef, state)(tok_B[:, None], segment_ids=jnp.ones_like(tok_B)[:, None],
+                                                   cache=cache)
+            return cache, lt[:, 0]
+
+        _, l_TBV = jax.lax.scan(step, cache, steps_BT.T)
+        got = jnp.concatenate([la, lb, jnp.swapaxes(l_TBV, 0, 1)], axis=1)
+        return got, m(full, segment_ids=full_seg)
 
     steps = jnp.asarray([s[len(s) - decode:] for s in seqs], jnp.int32)
-    got, refs = run(state, jnp.asarray(ids), jnp.asarray(seg), steps,
-                    [jnp.asarray(s, jnp.int32) for s in seqs])
-    return np.asarray(got), [np.asarray(r) for r in refs]
+    got, ref = run(state, jnp.asarray(ids), jnp.asarray(seg), steps, full, full_seg)
+    return np.asarray(got), [np.asarray(ref[i, :len(s)]) for i, s in enumerate(seqs)]
 
 
 def test_cached_prefill_and_decode_match_full_forward():

@@ -40,8 +40,8 @@ def test_top_p_hand_case_and_samples_stay_inside_mask():
     kept = ~np.isinf(np.asarray(sampling_logits(logits, mode, 1.0, jnp.float32(0.75))))[0]
     assert kept.tolist() == [False, True, False, True, True]
     keys = jax.random.split(jax.random.key(0), 512)
-    toks, lp, lpr = sample_step(jnp.repeat(logits, 512, 0), keys, 0, mode, jnp.float32(1.0),
-                                jnp.float32(0.75))
+    sample = jax.jit(lambda lg, k: sample_step(lg, k, 0, mode, jnp.float32(1.0), jnp.float32(0.75)))
+    toks, lp, lpr = sample(jnp.repeat(logits, 512, 0), keys)
     assert set(np.asarray(toks).tolist()) == {1, 3, 4}
     renorm = np.log(np.array([0.1, 0.5, 0.05, 0.2, 0.15]) / 0.85)
     np.testing.assert_allclose(lp, renorm[np.asarray(toks)], atol=1e-6)
