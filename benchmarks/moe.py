@@ -143,9 +143,11 @@ def run(quick: bool = True, backends: list[str] | None = None, shapes: list[str]
     explicit = backends is not None
     backends = backends or list(moe_backends.available_backends())
     shapes = shapes or (["quick"] if quick else ["small", "large"])
-    out = dict(platform=jax.default_backend(), device=str(jax.devices()[0]), shapes={})
+    out = dict(platform=jax.default_backend(), device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
+               loadavg_before=os.getloadavg(), shapes={})
     for name in shapes:
         out["shapes"][name] = bench_shape(name, backends, iters, explicit)
+    out["loadavg_after"] = os.getloadavg()  # a shared machine: other processes skew the times
     best_b, best_r = _best_ratio(out["shapes"][shapes[-1]])
     out["moe_best_backend"] = best_b
     out["moe_best_vs_equal_flop_dense"] = best_r
@@ -153,7 +155,8 @@ def run(quick: bool = True, backends: list[str] | None = None, shapes: list[str]
 
 
 def _print_table(res: dict) -> None:
-    print(f"platform: {res['platform']} ({res['device']})")
+    print(f"platform: {res['platform']} ({res['device']}), {res['cpu_count']} cpus, load average "
+          f"{res['loadavg_before'][0]:.1f} -> {res['loadavg_after'][0]:.1f}")
     for name, sr in res["shapes"].items():
         print(f"\n== {name}: {sr['shape']}")
         print(f"{'backend':<18}{'time ms':>10}{'x eq-FLOP':>11}{'GFLOP/s':>10}{'temp MiB':>10}")
