@@ -34,7 +34,7 @@ def get_config(arg: str = "") -> ConfigDict:
     c.data = dict(
         source="jsonl", path="", num_records=0, eval_records=0, tokenizer="", vocab_size=0,
         seq_len=262144, global_batch=64, thinking=True, non_thinking_fraction=0.0,
-        overlong="split",
+        overlong="split", shard_by="process",
     )
     c.optim = dict(lr=5e-5, min_lr=5e-6, warmup_steps=200, decay_steps=40000, b1=0.9, b2=0.98,
                    eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum_steps=1,

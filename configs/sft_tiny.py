@@ -27,7 +27,7 @@ def get_config(arg: str = "") -> ConfigDict:
     c.data = dict(
         source="arithmetic", path="", num_records=600, eval_records=64, tokenizer="",
         vocab_size=512, seq_len=128, global_batch=8, thinking=True, non_thinking_fraction=0.0,
-        overlong="truncate",
+        overlong="truncate", shard_by="process",
     )
     c.optim = dict(lr=3e-3, min_lr=3e-4, warmup_steps=10, decay_steps=0, b1=0.9, b2=0.98, eps=1e-8,
                    weight_decay=0.1, clip_norm=1.0, grad_accum_steps=1,

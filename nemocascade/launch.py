@@ -37,7 +37,11 @@ _SWEEP = flags.DEFINE_bool("sweep", False, "run every variant of get_sweep(arg)"
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "with --sweep: variants run at once (processes)")
 _VARIANT = flags.DEFINE_string("variant", "", "run only this sweep variant (used by --parallel)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "call jax.distributed.initialize() first (multi-host)")
+                                 "call jax.distributed.initialize() first (multi-host); without "
+                                 "the three flags below the cluster is auto-detected")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 
 
 def run_job(config: ConfigDict, workdir: str) -> dict[str, Any]:
@@ -174,7 +178,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--config and --workdir are required")
     if _DISTRIBUTED.value:
         import jax
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     config, workdir = _CONFIG.value, _WORKDIR.value
     spec = _config_spec(sys.argv[1:])
     if _VARIANT.value:

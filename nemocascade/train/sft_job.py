@@ -13,6 +13,8 @@ data keys:
     tokenizer      a tokenizer.json; "" trains a byte-level BPE of `vocab_size` on the train texts
     vocab_size     size of that BPE
     seq_len, global_batch, thinking, non_thinking_fraction, overlong   (see nemocascade.data)
+    shard_by       "process" (each process packs its slice of the records) or "row" (all
+                   processes pack everything and keep their rows: the 1-process global batch)
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 DATA_SOURCES = ("arithmetic", "jsonl")
+SHARD_BY = ("process", "row")
 
 
 def model_config_from(cfg: Mapping[str, Any]) -> ModelConfig:
@@ -81,18 +84,29 @@ def build_tokenizer(data_cfg: Mapping[str, Any], records: list[dict]) -> nc_data
 
 
 def _batches(records, tokenizer, data_cfg, *, seed: int, shuffle: bool, num_epochs: int | None):
-    n_proc = jax.process_count()
-    if data_cfg["global_batch"] % n_proc:
-        raise ValueError(f"data.global_batch={data_cfg['global_batch']} is not divisible by "
-                         f"{n_proc} processes")
+    """This process's rows of each global batch.
+
+    shard_by="process": each process packs its own slice of the records (scales to any data
+    size); shard_by="row": every process packs all records into the global batch and keeps its
+    rows, so the global batch is the one a single process would see (small data, exact checks).
+    """
+    n_proc, index = jax.process_count(), jax.process_index()
+    global_batch = int(data_cfg["global_batch"])
+    if global_batch % n_proc:
+        raise ValueError(f"data.global_batch={global_batch} is not divisible by {n_proc} processes")
+    if data_cfg["shard_by"] not in SHARD_BY:
+        raise ValueError(f"data.shard_by={data_cfg['shard_by']!r}: expected one of {SHARD_BY}")
+    by_row = data_cfg["shard_by"] == "row"
+    local = global_batch // n_proc
     ds = nc_data.sft_dataset(
         records, tokenizer, seq_len=int(data_cfg["seq_len"]),
-        batch_size=int(data_cfg["global_batch"]) // n_proc, seed=seed, shuffle=shuffle,
-        num_epochs=num_epochs, shard_index=jax.process_index(), shard_count=n_proc,
-        thinking=bool(data_cfg["thinking"]),
+        batch_size=global_batch if by_row else local, seed=seed, shuffle=shuffle,
+        num_epochs=num_epochs, shard_index=0 if by_row else index,
+        shard_count=1 if by_row else n_proc, thinking=bool(data_cfg["thinking"]),
         non_thinking_fraction=float(data_cfg["non_thinking_fraction"]),
         overlong=str(data_cfg["overlong"]))
-    return ds.map(lambda b: {k: b[k] for k in BATCH_KEYS})
+    lo, hi = (index * local, (index + 1) * local) if by_row else (0, local)
+    return ds.map(lambda b: {k: b[k][lo:hi] for k in BATCH_KEYS})
 
 
 def make_init_fn(model_cfg: ModelConfig, tx, seed: int):
