@@ -75,7 +75,7 @@ def test_bf16_keeps_dtype_and_stays_close():
     args = (x_TD.astype(jnp.bfloat16), idx_TK, w_TK, up_EDF.astype(jnp.bfloat16),
             down_EFD.astype(jnp.bfloat16))
     y_ref = mb.dense_experts(*args)
-    for name in ("ragged_dot", "pallas", "sorted"):
+    for name in ("ragged_dot", "sorted"):  # (the Pallas kernel has its own bf16 tests)
         y = mb.get_backend(name)(*args)
         assert y.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),

@@ -79,21 +79,33 @@ def test_load_metrics():
     np.testing.assert_allclose(m["moe/max_violation_mean"], 0.5)
 
 
-def test_update_model_biases_on_model_state_in_layer_order():
-    cfg = ModelConfig.tiny(pattern="E" * 11, n_routed_experts=4, num_experts_per_tok=2, n_group=1)
-    model = NemotronH(cfg, rngs=nnx.Rngs(0))
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    L, E = 11, 4
+class _Mixer(nnx.Module):
+    def __init__(self, e):
+        self.bias_E = ExpertBias(jnp.zeros((e,), jnp.float32))
+
+
+class _Block(nnx.Module):
+    def __init__(self, e):
+        self.mixer = _Mixer(e)
+
+
+class _Stack(nnx.Module):
+    def __init__(self, n, e):
+        self.layers = nnx.List([_Block(e) for _ in range(n)])
+
+
+def test_update_model_biases_in_layer_order():
+    L, E = 11, 4  # 11 layers: layers/2 must come before layers/10
+    model = _Stack(L, E)
+    _, rest = nnx.split(model, ExpertBias)
     counts_LE = jnp.zeros((L, E)).at[jnp.arange(L), jnp.arange(L) % E].set(10.0)  # layer l: expert l%4 hot
-    new_rest = bal.update_model_biases(rest, counts_LE, rate=0.5)
-    nnx.update(model, new_rest)
+    nnx.update(model, bal.update_model_biases(rest, counts_LE, rate=0.5))
     for layer_i, block in enumerate(model.layers):
         want = np.full(E, 0.5)
         want[layer_i % E] = -0.5
         np.testing.assert_array_equal(block.mixer.bias_E[...], want, err_msg=f"layer {layer_i}")
     with pytest.raises(ValueError, match="ExpertBias"):
         bal.update_model_biases(rest, counts_LE[:3], rate=0.5)
-    assert isinstance(model.layers[0].mixer.bias_E, ExpertBias)
 
 
 def test_freeze_router_zeroes_router_updates_only():
@@ -109,3 +121,7 @@ def test_freeze_router_zeroes_router_updates_only():
     assert not np.allclose(new["layers"][0]["mixer"]["up_EDF"][...], params["layers"][0]["mixer"]["up_EDF"][...])
     labels = jax.tree.leaves(bal.router_labels(params))
     assert labels.count("router") == 1
+    # the bias of the real model state follows the rule (the optimizer never sees it)
+    _, _, rest = nnx.split(model, nnx.Param, ...)
+    nnx.update(model, bal.update_model_biases(rest, jnp.array([[9.0, 1.0, 1.0, 1.0]]), rate=0.25))
+    np.testing.assert_array_equal(model.layers[0].mixer.bias_E[...], [-0.25, 0.25, 0.25, 0.25])

@@ -149,14 +149,14 @@ def test_model_with_expert_mesh_matches_single_device():
     from nemocascade.model.config import ModelConfig
     from nemocascade.model.nemotron_h import NemotronH
 
-    cfg = ModelConfig.tiny(pattern="E-E", n_routed_experts=8, num_experts_per_tok=2, n_group=1,
+    cfg = ModelConfig.tiny(pattern="E", n_routed_experts=8, num_experts_per_tok=2, n_group=1,
                            moe_backend="sorted")
     ids = jax.random.randint(jax.random.key(0), (8, 4), 0, cfg.vocab_size)
     r = jax.random.normal(jax.random.key(1), (8, 4, cfg.vocab_size))
 
     def run(mesh):
         model = NemotronH(cfg, rngs=nnx.Rngs(0))
-        assert moe_ep.set_expert_mesh(model, mesh) == 2
+        assert moe_ep.set_expert_mesh(model, mesh) == 1
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss(p, ids):
