@@ -1,7 +1,7 @@
 """MoE expert-layer benchmark: forward+backward time of each backend vs an equal-FLOP dense matmul.
 
     python benchmarks/moe.py                 # small + large shapes, writes benchmarks/results/moe.json
-    python benchmarks/moe.py --quick         # a reduced shape, a few seconds
+    python benchmarks/moe.py --quick         # the small shape, fast backends only (~30 s on CPU)
     python benchmarks/moe.py --backends=sorted,ragged_dot --shapes=small
 
 For each shape, every backend computes `sum(expert_mlp(x) * r)` and its gradients w.r.t. x, the
@@ -12,8 +12,9 @@ Also recorded: the compiled temporary memory (`compiled.memory_analysis().temp_s
 
 `run(quick=True)` is what `benchmarks/run_all.py` calls; it returns a dict that includes
 `moe_best_vs_equal_flop_dense` (best dropless non-oracle backend time / equal-FLOP dense time).
-Backends whose estimated cost is far above the useful work (the one-hot `dense`, `ragged_dot`
-on CPU, `pallas` in interpret mode) are skipped on the large shape unless asked for explicitly.
+On CPU, backends whose cost is far above the useful work (the one-hot `dense`, `ragged_dot`,
+`pallas` in interpret mode) are timed once, on the small shape of a full run only, unless named
+with --backends. The `quick` shape (--shapes=quick) is a smaller smoke test.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def _interleaved_min_times(jobs: dict, rounds: int) -> dict:
     return best
 
 
-def bench_shape(name: str, backends: list[str], iters: int, explicit: bool) -> dict:
+def bench_shape(name: str, backends: list[str], iters: int, explicit: bool, skip_slow: bool) -> dict:
     shape = SHAPES[name]
     x_TD, idx_TK, w_TK, up_EDF, down_EFD, r_TD = _inputs(shape)
     T, D, E, K, F = (shape[k] for k in ("tokens", "hidden", "experts", "top_k", "width"))
@@ -105,7 +106,7 @@ def bench_shape(name: str, backends: list[str], iters: int, explicit: bool) -> d
     fast["equal_flop_dense"] = (*_compile(_equal_flop_step(), eq_args), eq_args)
     moe_args = (x_TD, w_TK, up_EDF, down_EFD, idx_TK, r_TD)
     for b in backends:
-        if b in SLOW_ON_CPU and name == "large" and not explicit and jax.default_backend() == "cpu":
+        if b in SLOW_ON_CPU and skip_slow and not explicit and jax.default_backend() == "cpu":
             rows[b] = dict(skipped="estimated >= E/K x the useful work on CPU; pass --backends to force")
             continue
         try:
@@ -138,16 +139,20 @@ def run(quick: bool = True, backends: list[str] | None = None, shapes: list[str]
         iters: int = 8) -> dict:
     """Benchmark and return {'platform', 'shapes': {...}, 'moe_best_backend', 'moe_best_vs_equal_flop_dense'}.
 
-    `moe_best_vs_equal_flop_dense` is taken from the largest shape measured.
+    `moe_best_vs_equal_flop_dense` is taken from the last shape measured (`large` in a full run,
+    `small` with quick=True); `best_per_shape` has it for every shape.
     """
     explicit = backends is not None
     backends = backends or list(moe_backends.available_backends())
-    shapes = shapes or (["quick"] if quick else ["small", "large"])
+    shapes = shapes or (["small"] if quick else ["small", "large"])
     out = dict(platform=jax.default_backend(), device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
                loadavg_before=os.getloadavg(), shapes={})
     for name in shapes:
-        out["shapes"][name] = bench_shape(name, backends, iters, explicit)
+        out["shapes"][name] = bench_shape(name, backends, iters, explicit,
+                                          skip_slow=quick or name == "large")
     out["loadavg_after"] = os.getloadavg()  # a shared machine: other processes skew the times
+    out["best_per_shape"] = {name: dict(zip(("backend", "vs_equal_flop_dense"), _best_ratio(sr)))
+                             for name, sr in out["shapes"].items()}
     best_b, best_r = _best_ratio(out["shapes"][shapes[-1]])
     out["moe_best_backend"] = best_b
     out["moe_best_vs_equal_flop_dense"] = best_r
