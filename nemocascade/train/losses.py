@@ -1,13 +1,16 @@
 """Large-vocabulary token losses that never hold `[tokens, V]` fp32 logits for the whole batch.
 
 The lm_head projection, the softmax statistics and their gradients are computed in chunks of
-`chunk_size` tokens inside a `lax.scan`, with hand-written `jax.custom_vjp` rules: the forward
-pass keeps only `[N]`-sized statistics (log-sum-exp, entropy, KL) and the backward pass recomputes
-each chunk's logits, so peak temporary memory is O(chunk_size x V) (plus the `[D, V]` weight
-gradient) instead of O(N x V). Values and gradients equal the naive versions below
+about `chunk_size` tokens inside a `lax.scan`, with hand-written `jax.custom_vjp` rules: the
+forward pass keeps only per-token statistics (log-sum-exp, entropy, KL) and the backward pass
+recomputes each chunk's logits, so peak temporary memory is O(chunk_size x V) (plus the `[D, V]`
+weight gradient) instead of O(N x V). A chunk is every row x `chunk_size // rows` positions
+(the sequence is chunked, not the flattened batch), so with the batch sharded over devices
+each device holds O(chunk_size / n_devices x V) and every scan step keeps all devices busy. Values and gradients equal the naive versions below
 (`naive_*`), which materialise the logits and are kept as the reference for tests/benchmarks.
 
-Shapes: N tokens (any leading dims are flattened), D hidden, V vocab. Logits are
+Shapes: [B, T] tokens (more leading dims are folded into rows), D hidden, V vocab;
+internally [K chunks, B, C positions]. Logits are
 `h_ND @ w_DV` accumulated in fp32 (`preferred_element_type`), like `NemotronH.logits`.
 
 Gradient formulas used by the backward rules (z = student logits of one token, p = softmax(z)):
@@ -23,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nemocascade.model.layers import dtype_of
@@ -42,18 +46,35 @@ def _dot_vt(dz_CV: jax.Array, w_DV: jax.Array) -> jax.Array:
                                preferred_element_type=jnp.float32)
 
 
-def _to_chunks(x_N: jax.Array, chunk: int) -> jax.Array:
-    """[N, ...] -> [K, chunk, ...], zero-padded at the end."""
-    n = x_N.shape[0]
-    k = -(-n // chunk)
-    pad = k * chunk - n
-    if pad:
-        x_N = jnp.pad(x_N, [(0, pad)] + [(0, 0)] * (x_N.ndim - 1))
-    return x_N.reshape((k, chunk) + x_N.shape[1:])
+def _to_chunks(x_BT: jax.Array, ct: int) -> jax.Array:
+    """[B, T, ...] -> [K, B, ct, ...]: chunks along T (zero-padded at the end). Chunking the
+    sequence, not the flattened batch, keeps the batch axis (data-sharded) in every chunk, so
+    each scan step works on all devices' rows at once."""
+    T = x_BT.shape[1]
+    k = -(-T // ct)
+    if k * ct != T:
+        x_BT = jnp.pad(x_BT, [(0, 0), (0, k * ct - T)] + [(0, 0)] * (x_BT.ndim - 2))
+    x = x_BT.reshape(x_BT.shape[:1] + (k, ct) + x_BT.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
 
 
-def _from_chunks(x_KC: jax.Array, n: int) -> jax.Array:
-    return x_KC.reshape((-1,) + x_KC.shape[2:])[:n]
+def _from_chunks(x_KBC: jax.Array, T: int) -> jax.Array:
+    """[K, B, ct] -> [B, T]."""
+    x = jnp.moveaxis(x_KBC, 0, 1)
+    return x.reshape(x.shape[:1] + (-1,))[:, :T]
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    """[B, ct, ...] -> [B * ct, ...] (one chunk's tokens)."""
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _as_rows(lead: tuple, chunk_size: int) -> tuple[int, int, int]:
+    """(rows, T, positions per chunk) for leading shape `lead`: the last axis is the sequence,
+    the others are rows; a chunk holds about `chunk_size` tokens (all rows x ct positions)."""
+    T = lead[-1] if lead else 1
+    rows = int(np.prod(lead[:-1])) if len(lead) > 1 else 1
+    return rows, T, max(1, min(T, int(chunk_size) // rows))
 
 
 def _check(h: jax.Array, w_DV: jax.Array, name: str) -> None:
@@ -64,14 +85,14 @@ def _check(h: jax.Array, w_DV: jax.Array, name: str) -> None:
 
 # ----------------------------------------------------------------------------- log-prob / entropy
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _logprob_entropy(h_KCD, w_DV, tgt_KC, with_entropy: bool):
-    out, _ = _logprob_entropy_fwd(h_KCD, w_DV, tgt_KC, with_entropy)
+def _logprob_entropy(h_KBCD, w_DV, tgt_KBC, with_entropy: bool):
+    out, _ = _logprob_entropy_fwd(h_KBCD, w_DV, tgt_KBC, with_entropy)
     return out
 
 
-def _logprob_entropy_fwd(h_KCD, w_DV, tgt_KC, with_entropy):
+def _logprob_entropy_fwd(h_KBCD, w_DV, tgt_KBC, with_entropy):
     def body(_, xs):
-        h_CD, t_C = xs
+        h_CD, t_C = _flat(xs[0]), _flat(xs[1])
         z_CV = _logits(h_CD, w_DV)
         lse_C = jax.nn.logsumexp(z_CV, axis=-1)
         logp_C = jnp.take_along_axis(z_CV, t_C[:, None], axis=-1)[:, 0] - lse_C
@@ -80,20 +101,21 @@ def _logprob_entropy_fwd(h_KCD, w_DV, tgt_KC, with_entropy):
             ent_C = lse_C - jnp.sum(p_CV * z_CV, axis=-1)
         else:
             ent_C = jnp.zeros_like(lse_C)
-        return None, (logp_C, ent_C, lse_C)
+        shape = xs[1].shape
+        return None, (logp_C.reshape(shape), ent_C.reshape(shape), lse_C.reshape(shape))
 
-    _, (logp_KC, ent_KC, lse_KC) = jax.lax.scan(body, None, (h_KCD, tgt_KC))
-    return (logp_KC, ent_KC), (h_KCD, w_DV, tgt_KC, lse_KC, ent_KC)
+    _, (logp_KBC, ent_KBC, lse_KBC) = jax.lax.scan(body, None, (h_KBCD, tgt_KBC))
+    return (logp_KBC, ent_KBC), (h_KBCD, w_DV, tgt_KBC, lse_KBC, ent_KBC)
 
 
 def _logprob_entropy_bwd(with_entropy, res, g):
-    h_KCD, w_DV, tgt_KC, lse_KC, ent_KC = res
-    g_logp_KC, g_ent_KC = g
-    cd = h_KCD.dtype
-    v_iota = jnp.arange(w_DV.shape[1], dtype=tgt_KC.dtype)
+    h_KBCD, w_DV, tgt_KBC, lse_KBC, ent_KBC = res
+    g_logp_KBC, g_ent_KBC = g
+    cd = h_KBCD.dtype
+    v_iota = jnp.arange(w_DV.shape[1], dtype=tgt_KBC.dtype)
 
     def body(dw_DV, xs):
-        h_CD, t_C, lse_C, ent_C, gl_C, ge_C = xs
+        h_CD, t_C, lse_C, ent_C, gl_C, ge_C = map(_flat, xs)
         logp_CV = _logits(h_CD, w_DV) - lse_C[:, None]
         p_CV = jnp.exp(logp_CV)
         onehot_CV = (v_iota[None, :] == t_C[:, None]).astype(jnp.float32)
@@ -103,11 +125,11 @@ def _logprob_entropy_bwd(with_entropy, res, g):
         dz_CV = dz_CV.astype(cd)
         dh_CD = _dot_vt(dz_CV, w_DV.astype(cd))
         dw_DV = dw_DV + jnp.dot(h_CD.T, dz_CV, preferred_element_type=jnp.float32)
-        return dw_DV, dh_CD.astype(cd)
+        return dw_DV, dh_CD.astype(cd).reshape(xs[0].shape)
 
     dw0 = jnp.zeros(w_DV.shape, jnp.float32)
-    dw_DV, dh_KCD = jax.lax.scan(body, dw0, (h_KCD, tgt_KC, lse_KC, ent_KC, g_logp_KC, g_ent_KC))
-    return dh_KCD, dw_DV.astype(w_DV.dtype), None
+    dw_DV, dh_KBCD = jax.lax.scan(body, dw0, (h_KBCD, tgt_KBC, lse_KBC, ent_KBC, g_logp_KBC, g_ent_KBC))
+    return dh_KBCD, dw_DV.astype(w_DV.dtype), None
 
 
 _logprob_entropy.defvjp(_logprob_entropy_fwd, _logprob_entropy_bwd)
@@ -125,13 +147,11 @@ def token_logprobs_and_entropy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: ja
     if h_BTD.shape[:-1] != targets_BT.shape:
         raise ValueError(f"losses: h {h_BTD.shape} and targets {targets_BT.shape} disagree")
     lead = targets_BT.shape
-    n = targets_BT.size
-    h_ND = h_BTD.reshape(n, h_BTD.shape[-1])
-    chunk = max(1, min(int(chunk_size), n))
-    logp_KC, ent_KC = _logprob_entropy(_to_chunks(h_ND, chunk), w_DV,
-                                       _to_chunks(targets_BT.reshape(n).astype(jnp.int32), chunk),
-                                       bool(with_entropy))
-    return _from_chunks(logp_KC, n).reshape(lead), _from_chunks(ent_KC, n).reshape(lead)
+    rows, T, ct = _as_rows(lead, chunk_size)
+    h = _to_chunks(h_BTD.reshape(rows, T, h_BTD.shape[-1]), ct)
+    t = _to_chunks(targets_BT.reshape(rows, T).astype(jnp.int32), ct)
+    logp_KBC, ent_KBC = _logprob_entropy(h, w_DV, t, bool(with_entropy))
+    return _from_chunks(logp_KBC, T).reshape(lead), _from_chunks(ent_KBC, T).reshape(lead)
 
 
 def token_logprobs(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, *,
@@ -152,8 +172,8 @@ def token_cross_entropy_sum(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.A
 
 # ----------------------------------------------------------------------------- reverse KL
 @jax.custom_vjp
-def _reverse_kl(hs_KCD, ws_DV, ht_KCE, wt_EV):
-    out, _ = _reverse_kl_fwd(hs_KCD, ws_DV, ht_KCE, wt_EV)
+def _reverse_kl(hs_KBCD, ws_DV, ht_KBCE, wt_EV):
+    out, _ = _reverse_kl_fwd(hs_KBCD, ws_DV, ht_KBCE, wt_EV)
     return out
 
 
@@ -167,30 +187,30 @@ def _kl_chunk(hs_CD, ws_DV, ht_CE, wt_EV):
     return ps_CV, diff_CV, jnp.sum(ps_CV * diff_CV, axis=-1)
 
 
-def _reverse_kl_fwd(hs_KCD, ws_DV, ht_KCE, wt_EV):
+def _reverse_kl_fwd(hs_KBCD, ws_DV, ht_KBCE, wt_EV):
     def body(_, xs):
-        hs_CD, ht_CE = xs
-        return None, _kl_chunk(hs_CD, ws_DV, ht_CE, wt_EV)[2]
+        kl_C = _kl_chunk(_flat(xs[0]), ws_DV, _flat(xs[1]), wt_EV)[2]
+        return None, kl_C.reshape(xs[0].shape[:2])
 
-    _, kl_KC = jax.lax.scan(body, None, (hs_KCD, ht_KCE))
-    return kl_KC, (hs_KCD, ws_DV, ht_KCE, wt_EV, kl_KC)
+    _, kl_KBC = jax.lax.scan(body, None, (hs_KBCD, ht_KBCE))
+    return kl_KBC, (hs_KBCD, ws_DV, ht_KBCE, wt_EV, kl_KBC)
 
 
-def _reverse_kl_bwd(res, g_KC):
-    hs_KCD, ws_DV, ht_KCE, wt_EV, kl_KC = res
-    cd = hs_KCD.dtype
+def _reverse_kl_bwd(res, g_KBC):
+    hs_KBCD, ws_DV, ht_KBCE, wt_EV, kl_KBC = res
+    cd = hs_KBCD.dtype
 
     def body(dw_DV, xs):
-        hs_CD, ht_CE, kl_C, g_C = xs
+        hs_CD, ht_CE, kl_C, g_C = map(_flat, xs)
         ps_CV, diff_CV, _ = _kl_chunk(hs_CD, ws_DV, ht_CE, wt_EV)
         dz_CV = (g_C[:, None] * ps_CV * (diff_CV - kl_C[:, None])).astype(cd)
         dh_CD = _dot_vt(dz_CV, ws_DV.astype(cd))
         dw_DV = dw_DV + jnp.dot(hs_CD.T, dz_CV, preferred_element_type=jnp.float32)
-        return dw_DV, dh_CD.astype(cd)
+        return dw_DV, dh_CD.astype(cd).reshape(xs[0].shape)
 
     dw0 = jnp.zeros(ws_DV.shape, jnp.float32)
-    dw_DV, dh_KCD = jax.lax.scan(body, dw0, (hs_KCD, ht_KCE, kl_KC, g_KC))
-    return dh_KCD, dw_DV.astype(ws_DV.dtype), None, None
+    dw_DV, dh_KBCD = jax.lax.scan(body, dw0, (hs_KBCD, ht_KBCE, kl_KBC, g_KBC))
+    return dh_KBCD, dw_DV.astype(ws_DV.dtype), None, None
 
 
 _reverse_kl.defvjp(_reverse_kl_fwd, _reverse_kl_bwd)
@@ -209,12 +229,11 @@ def reverse_kl_per_token(hs_BTD: jax.Array, ws_DV: jax.Array, ht_BTE: jax.Array,
         raise ValueError(f"losses: student h {hs_BTD.shape} / w {ws_DV.shape} and teacher h "
                          f"{ht_BTE.shape} / w {wt_EV.shape} disagree on tokens or vocabulary")
     lead = hs_BTD.shape[:-1]
-    n = int(hs_BTD.size // hs_BTD.shape[-1])
-    chunk = max(1, min(int(chunk_size), n))
-    hs = _to_chunks(hs_BTD.reshape(n, -1), chunk)
-    ht = _to_chunks(jax.lax.stop_gradient(ht_BTE).reshape(n, -1), chunk)
-    kl_KC = _reverse_kl(hs, ws_DV, ht, jax.lax.stop_gradient(wt_EV))
-    return _from_chunks(kl_KC, n).reshape(lead)
+    rows, T, ct = _as_rows(lead, chunk_size)
+    hs = _to_chunks(hs_BTD.reshape(rows, T, -1), ct)
+    ht = _to_chunks(jax.lax.stop_gradient(ht_BTE).reshape(rows, T, -1), ct)
+    kl_KBC = _reverse_kl(hs, ws_DV, ht, jax.lax.stop_gradient(wt_EV))
+    return _from_chunks(kl_KBC, T).reshape(lead)
 
 
 # ----------------------------------------------------------------------------- naive references

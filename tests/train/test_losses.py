@@ -55,6 +55,17 @@ def test_logprob_entropy_values_and_grads(chunk):
         _close(a, b)
 
 
+def test_extra_leading_dims_fold_into_rows():
+    h, w, _, _, _, _ = _inputs(B=6, T=5)
+    h = h.reshape(2, 3, 5, -1)
+    t = jnp.arange(30).reshape(2, 3, 5) % w.shape[1]
+    lp, ent = losses.token_logprobs_and_entropy(h, w, t, chunk_size=7)
+    lp0, ent0 = losses.naive_logprobs_and_entropy(h, w, t)
+    assert lp.shape == (2, 3, 5)
+    _close(lp, lp0)
+    _close(ent, ent0)
+
+
 def test_cross_entropy_sum_matches_manual():
     h, w, t, _, _, _ = _inputs(seed=1)
     mask = jnp.asarray(np.random.default_rng(0).random(t.shape) < 0.6, jnp.float32)
