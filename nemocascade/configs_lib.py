@@ -14,8 +14,9 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from ml_collections import ConfigDict
 

@@ -18,7 +18,8 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags

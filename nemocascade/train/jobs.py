@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 JobFn = Callable[[Any, str], Mapping[str, Any]]
 

@@ -20,7 +20,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -63,7 +64,7 @@ class LoopConfig:
                              f"{self}")
 
     @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any]) -> "LoopConfig":
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> LoopConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(cfg) - fields)
         if unknown:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -25,7 +26,7 @@ def _scalar(v: Any) -> float | int:
     return v if isinstance(v, int) else float(v)
 
 
-def _json_value(v: float | int) -> float | int | str:
+def _json_value(v: float) -> float | int | str:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # "nan" / "inf": strict JSON has no NaN
     return v

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ class OptimConfig:
             raise ValueError(f"optim: bad warmup_steps/grad_accum_steps/clip_norm in {self}")
 
     @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any]) -> "OptimConfig":
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> OptimConfig:
         """From a config section; unknown keys raise, naming the valid ones."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(cfg) - fields)

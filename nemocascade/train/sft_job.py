@@ -24,19 +24,18 @@ import functools
 import logging
 import os
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from nemocascade import data as nc_data
 from nemocascade.model import ModelConfig, NemotronH, save_hf_checkpoint
 from nemocascade.sharding import MeshConfig, make_mesh
 from nemocascade.train.arithmetic_data import arithmetic_records
-from nemocascade.train.jobs import register_job
 from nemocascade.train.checkpoint import Checkpointer, abstract_with_shardings
+from nemocascade.train.jobs import register_job
 from nemocascade.train.loop import CHECKPOINT_DIR, LoopConfig, full_shardings, to_global, train_loop
 from nemocascade.train.optim import OptimConfig, lr_schedule, make_optimizer
 from nemocascade.train.sft import sft_eval_step, sft_step

@@ -7,6 +7,7 @@ end with bitwise the same parameters and the same per-step losses.
 import json
 import math
 import os
+import pathlib
 import signal
 
 import jax
@@ -127,11 +128,12 @@ def test_export_to_hugging_face_format(reference):
 
 def test_rerun_of_finished_run_does_nothing(reference):
     workdir, final = reference
-    before = open(os.path.join(workdir, "metrics.jsonl")).read()
+    metrics_path = pathlib.Path(workdir) / "metrics.jsonl"
+    before = metrics_path.read_text()
     steps = sorted(os.listdir(os.path.join(workdir, loop_lib.CHECKPOINT_DIR)))
     again = sft_job.run_sft(_config(), workdir)
     assert again["step"] == final["step"] and again["loss"] == final["loss"]
-    assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+    assert metrics_path.read_text() == before
     assert sorted(os.listdir(os.path.join(workdir, loop_lib.CHECKPOINT_DIR))) == steps
 
 
@@ -198,6 +200,6 @@ def test_nonfinite_steps_abort_with_a_clear_message(tmp_path):
         loop_lib.train_loop(config=cfg, workdir=tmp_path, mesh=make_mesh(),
                             init_fn=lambda: {"n": jnp.zeros((), jnp.int32)}, step_fn=step,
                             data_iter=_Counter())
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records] == [0, 0, 1, 1, 1]
     assert records[-1]["skipped_total"] == 3 and records[-1]["loss"] == "nan"
