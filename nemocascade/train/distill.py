@@ -11,7 +11,12 @@ The denominator counts every response token of the batch (token-level, as NeMo-R
 
 `cfg.objective = "reverse_kl"` instead minimises the full-vocabulary KL(student || teacher) at
 every response position, through `losses.reverse_kl_per_token` (never [B, T, V] fp32); it needs
-the teacher's weights in the step (`teacher=`) rather than `teacher_logprobs` in the batch.
+the teacher in the step rather than `teacher_logprobs` in the batch: bind `teacher_graphdef`
+(static) and pass `teacher_state` at call time, so the teacher's weights are traced arguments of
+the jitted step, not constants baked into it:
+    step = jax.jit(functools.partial(distill_train_step, graphdef=g, tx=tx, cfg=cfg,
+                                     teacher_graphdef=tg))
+    state, metrics = step(state, batch, teacher_state=teacher_states)
 
 MOPD routing (`mopd_teacher_logprobs`): each row carries a domain index; each domain maps to one
 teacher (several teachers held at once); teachers are never mixed.
@@ -105,7 +110,8 @@ def _merge(graphdef, state):
 
 def distill_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *,
                  graphdef: nnx.GraphDef, cfg: DistillConfig, denom: jax.Array,
-                 teacher: Teacher | None = None, aux_loss_coef: float = 0.0, num_micro: int = 1):
+                 teacher_graphdef: nnx.GraphDef | None = None, teacher_state: Any = None,
+                 aux_loss_coef: float = 0.0, num_micro: int = 1):
     """`(loss, stats)` of one (micro)batch: summed per-token loss / `denom` (response tokens of
     the whole batch) + aux_loss_coef * MoE aux loss / num_micro; differentiable in params."""
     model = nnx.merge(graphdef, params, model_state)
@@ -120,9 +126,10 @@ def distill_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *,
         extra = {"advantage_sum": jnp.sum(diag["advantage"] * mask_BT),
                  "in_band_sum": jnp.sum(diag["in_band"] * mask_BT)}
     else:
-        if teacher is None:
-            raise ValueError("distill: objective 'reverse_kl' needs teacher=Teacher(...)")
-        t_model = _merge(teacher.graphdef, teacher.state)
+        if teacher_graphdef is None or teacher_state is None:
+            raise ValueError("distill: objective 'reverse_kl' needs teacher_graphdef and "
+                             "teacher_state")
+        t_model = _merge(teacher_graphdef, teacher_state)
         ht_BTE, wt_EV, _ = losses.model_hidden_and_head(t_model, batch)
         loss_BT = losses.reverse_kl_per_token(h_BTD, w_DV, ht_BTE, wt_EV,
                                               chunk_size=cfg.logprob_chunk)
@@ -139,13 +146,15 @@ def distill_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *,
 
 def distill_train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                        tx: optax.GradientTransformation, cfg: DistillConfig,
-                       teacher: Teacher | None = None, lr_fn: Callable | None = None,
+                       teacher_graphdef: nnx.GraphDef | None = None, teacher_state: Any = None,
+                       lr_fn: Callable | None = None,
                        aux_loss_coef: float = 0.0, moe_bias_rate: float = 0.0,
                        ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One on-policy distillation update. Pure once the keywords are bound (jit it).
 
     batch: input_ids, targets, loss_mask, segment_ids, sampler_logprobs [B, T], and
-    teacher_logprobs [B, T] for the sampled-token objective (`teacher` for "reverse_kl").
+    teacher_logprobs [B, T] for the sampled-token objective; for "reverse_kl" the teacher
+    (`teacher_graphdef` bound, `teacher_state` passed per call: see the module docstring).
     NaN/Inf loss or gradient skips the update. metrics: loss, entropy, tokens, logp_gap_mean /
     _max, grad_norm, skipped; sampled-token: advantage (mean a_t, i.e. minus the sampled
     reverse-KL estimate), in_band_fraction; reverse_kl: reverse_kl; moe_max_violation with MoE
@@ -157,7 +166,8 @@ def distill_train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDe
     grpo.check_batch(batch, required, "distill_train_step")
     denom = grpo.loss_denominator(batch, token_level=True)
     loss_fn = functools.partial(distill_loss, graphdef=graphdef, cfg=cfg, denom=denom,
-                                teacher=teacher, aux_loss_coef=aux_loss_coef,
+                                teacher_graphdef=teacher_graphdef, teacher_state=teacher_state,
+                                aux_loss_coef=aux_loss_coef,
                                 num_micro=cfg.grad_accum_steps)
     _, stats, grads = grpo.accumulate_with_stats(loss_fn, state.params, state.model_state, batch,
                                                  cfg.grad_accum_steps)
@@ -198,9 +208,11 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def mopd_teacher_logprobs(batch: Mapping[str, Any], domains_B, teachers: Mapping[Any, Teacher], *,
-                          chunk: int = losses.DEFAULT_CHUNK, mode: str = "gather") -> jax.Array:
-    """teacher_logprobs [B, T] with row b scored by `teachers[domains_B[b]]` (MOPD routing).
+def mopd_teacher_logprobs(batch: Mapping[str, Any], teachers: Mapping[Any, Teacher], *,
+                          domains_B=None, chunk: int = losses.DEFAULT_CHUNK,
+                          mode: str = "gather") -> jax.Array:
+    """teacher_logprobs [B, T] with row b scored by `teachers[domains_B[b]]` (MOPD routing);
+    `domains_B` defaults to `batch["domain"]` [B] (host values: routing happens on the host).
 
     Teachers shared by several domains (the same Teacher object) run once over the union of
     their rows. Cost choice (`mode`):
@@ -212,6 +224,10 @@ def mopd_teacher_logprobs(batch: Mapping[str, Any], domains_B, teachers: Mapping
     """
     if mode not in ("gather", "all"):
         raise ValueError(f"mopd_teacher_logprobs: mode {mode!r} not in ('gather', 'all')")
+    if domains_B is None:
+        if "domain" not in batch:
+            raise KeyError("mopd_teacher_logprobs: pass domains_B or a batch['domain'] [B]")
+        domains_B = batch["domain"]
     domains_B = np.asarray(domains_B)
     B = batch["input_ids"].shape[0]
     if domains_B.shape != (B,):

@@ -75,8 +75,9 @@ def test_teacher_scoring_and_mopd_routing(setup):
     _, _, _, (ta, tb), batch = setup
     domains = np.array([0, 1, 2, 1])
     teachers = {0: ta, 1: tb, 2: ta}  # domain 2 shares teacher A: A scores rows 0 and 2 once
-    gathered = distill.mopd_teacher_logprobs(batch, domains, teachers, chunk=8)
-    everything = distill.mopd_teacher_logprobs(batch, domains, teachers, chunk=8, mode="all")
+    gathered = distill.mopd_teacher_logprobs(dict(batch, domain=domains), teachers, chunk=8)
+    everything = distill.mopd_teacher_logprobs(batch, teachers, domains_B=domains, chunk=8,
+                                               mode="all")
     full_a = distill.teacher_logprobs(ta.graphdef, ta.state, batch, chunk=8)
     full_b = distill.teacher_logprobs(tb.graphdef, tb.state, batch, chunk=8)
     want = np.where((domains == 1)[:, None], np.asarray(full_b), np.asarray(full_a))
@@ -88,7 +89,7 @@ def test_teacher_scoring_and_mopd_routing(setup):
     np.testing.assert_allclose(np.asarray(full_a), np.asarray(direct), rtol=TOL, atol=TOL)
     assert not np.allclose(np.asarray(full_a), np.asarray(full_b))
     with pytest.raises(KeyError, match="no teacher for domains"):
-        distill.mopd_teacher_logprobs(batch, np.array([0, 1, 5, 1]), teachers)
+        distill.mopd_teacher_logprobs(batch, teachers, domains_B=np.array([0, 1, 5, 1]))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -132,11 +133,11 @@ def test_reverse_kl_step(setup):
     graphdef, state, tx, (ta, _), batch = setup
     cfg = distill.DistillConfig(objective="reverse_kl", logprob_chunk=8)
     step = jax.jit(functools.partial(distill.distill_train_step, graphdef=graphdef, tx=tx,
-                                     cfg=cfg, teacher=ta))
+                                     cfg=cfg, teacher_graphdef=ta.graphdef))
     kls = []
     st = state
     for _ in range(4):
-        st, m = step(st, batch)
+        st, m = step(st, batch, teacher_state=ta.state)
         kls.append(float(m["reverse_kl"]))
     # the first value is the naive full-vocabulary KL(student || teacher) over response tokens
     ls = _log_softmax(graphdef, (state.params, state.model_state), batch)
