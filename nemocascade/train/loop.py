@@ -84,19 +84,32 @@ def full_shardings(abstract_state: Any, mesh: Mesh) -> Any:
 
 
 class _StopFlag:
-    """Set by SIGTERM (when installed from the main thread)."""
+    """Whether to checkpoint and stop after the current step.
+
+    One process: set by our SIGTERM handler (installed from the main thread). Several processes:
+    JAX's preemption service (started by `jax.distributed.initialize`, listening for SIGTERM)
+    agrees on one step at which every process stops, so all of them join the same save.
+    """
 
     def __init__(self):
-        self.requested = False
+        self._requested = False
         self._previous = None
+        self._multi = jax.process_count() > 1
 
     def install(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self._multi and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def check(self, step: int) -> bool:
+        """Called once per step on every process, with the same step numbers."""
+        if self._multi and not self._requested:
+            from jax.experimental import multihost_utils
+            self._requested = multihost_utils.reached_preemption_sync_point(step)
+        return self._requested
 
     def _handle(self, signum, frame):
         log.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
+        self._requested = True
 
     def uninstall(self):
         if self._previous is not None:
@@ -202,7 +215,8 @@ def _run(config, workdir, mesh, state, shardings, start, step_fn, data_iter, eva
                 last = handle(*pending)
             pending = (done, metrics, tokens)
             is_eval = config.eval_every > 0 and done % config.eval_every == 0
-            is_ckpt = done % config.checkpoint_every == 0 or done == config.steps or stop.requested
+            stopping = stop.check(done)
+            is_ckpt = done % config.checkpoint_every == 0 or done == config.steps or stopping
             if is_eval or is_ckpt:
                 extra = eval_fn(state) if eval_fn is not None else None
                 last = handle(*pending, extra=extra)
@@ -210,7 +224,7 @@ def _run(config, workdir, mesh, state, shardings, start, step_fn, data_iter, eva
                 if is_ckpt:
                     ckpt.save(done, state, data_state, metrics=_ckpt_metrics(last, config),
                               extra={"record": _jsonable(last)})
-                if stop.requested:
+                if stopping:
                     ckpt.wait()
                     return {**last, "preempted": True}
         return last
