@@ -144,7 +144,8 @@ def overlong_loss_mask(loss_mask_BT, truncated_B):
 def prepare_advantages(rewards, group_size: int, cfg: GRPOConfig, truncated=None) -> dict:
     """The host-side part of a GRPO batch: `advantages` [N], `keep` [N] bool (rows to train on:
     dynamic filtering), `sample_weight` [N] (0 for truncated rows under overlong filtering; the
-    baseline still includes them) and `filtered_fraction`."""
+    baseline still includes them) and `filtered_fraction`. The caller keeps the rows
+    `keep` selects and multiplies the batch's `loss_mask` by `sample_weight[:, None]`."""
     adv = group_advantages(rewards, group_size, eps=cfg.adv_eps, leave_one_out=cfg.leave_one_out,
                            normalize_std=cfg.normalize_std, ddof=cfg.std_ddof)
     xp = _xp(adv)
@@ -347,7 +348,8 @@ def grpo_train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     """One GRPO update on a rollout batch. Pure once the keywords are bound (jit it).
 
     batch: input_ids, targets, loss_mask (1 on response targets), segment_ids [B, T];
-    advantages [B] or [B, T]; sampler_logprobs [B, T] (aligned with targets); optional
+    advantages [B] (one response per row) or [B, T] (per token, e.g. rows packing several
+    responses); sampler_logprobs [B, T] (aligned with targets); optional
     ref_logprobs [B, T] (k3 penalty, `cfg.kl_coef`). NaN/Inf loss or gradient skips the update.
     metrics: loss (the policy objective incl. KL, without the MoE aux loss), entropy (mean over
     response tokens), clip_fraction, kl (k3, mean), response_length (tokens per response),
