@@ -168,33 +168,40 @@ _tokens_to_rows.defvjp(_tokens_to_rows_fwd, _tokens_to_rows_bwd)
 
 
 @jax.custom_vjp
-def _rows_to_assignments(y_ND, pos_TK, assign_N):
-    return _take_rows(y_ND, pos_TK)
+def _combine(y_ND, w_TK, pos_TK, assign_N):
+    """fp32 `y_t = sum_k w_tk * y_ND[pos_tk]` (written as gather * w -> sum so XLA can fuse it
+    without a [T, K, D] temporary)."""
+    y_TKD = _take_rows(y_ND, pos_TK).astype(jnp.float32)
+    return jnp.sum(y_TKD * w_TK.astype(jnp.float32)[..., None], axis=1)
 
 
-def _rows_to_assignments_fwd(y_ND, pos_TK, assign_N):
-    return _rows_to_assignments(y_ND, pos_TK, assign_N), (pos_TK, assign_N)
+def _combine_fwd(y_ND, w_TK, pos_TK, assign_N):
+    return _combine(y_ND, w_TK, pos_TK, assign_N), (y_ND, w_TK, pos_TK, assign_N)
 
 
-def _rows_to_assignments_bwd(res, ct_TKD):
-    pos_TK, assign_N = res
-    T, K, D = ct_TKD.shape
-    return _take_rows(ct_TKD.reshape(T * K, D), assign_N), None, None
+def _combine_bwd(res, dy_TD):
+    y_ND, w_TK, pos_TK, assign_N = res
+    T, K = pos_TK.shape
+    # row n holds assignment a = assign_N[n]: dy_ND[n] = w[a] * dy[a // K] (zero for empty rows)
+    w_N = jnp.take(w_TK.reshape(T * K).astype(jnp.float32), assign_N, mode="fill", fill_value=0)
+    dy_ND = (_take_rows(dy_TD, assign_N // K) * w_N[:, None]).astype(y_ND.dtype)
+    dw_TK = jnp.sum(_take_rows(y_ND, pos_TK).astype(jnp.float32) * dy_TD[:, None, :], axis=-1)
+    return dy_ND, dw_TK.astype(w_TK.dtype), None, None
 
 
-_rows_to_assignments.defvjp(_rows_to_assignments_fwd, _rows_to_assignments_bwd)
+_combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def gather_rows(x_TD: jax.Array, perm: Permutation) -> jax.Array:
     """Buffer rows `x_ND[n] = x_TD[token of row n]` (zero for padding rows)."""
-    return _tokens_to_rows(x_TD, perm.assign_N, perm.pos_TK)
+    args = (x_TD, perm.assign_N, perm.pos_TK)
+    return _tokens_to_rows(*_make_varying(args, *args))  # (shard_map: see tiled_expert_mlp)
 
 
 def unpermute(y_ND: jax.Array, perm: Permutation, w_TK: jax.Array, dtype) -> jax.Array:
     """`y_t = sum_k w_tk * y_ND[pos_tk]`, summed in fp32, cast to `dtype`."""
-    y_TKD = _rows_to_assignments(y_ND, perm.pos_TK, perm.assign_N)
-    y_TD = jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), w_TK.astype(jnp.float32))
-    return y_TD.astype(dtype)
+    args = (y_ND, w_TK, perm.pos_TK, perm.assign_N)
+    return _combine(*_make_varying(args, *args)).astype(dtype)  # (shard_map: see tiled_expert_mlp)
 
 
 def _grouped_expert_mlp(gmm: Callable, x_TD, idx_TK, w_TK, up_EDF, down_EFD):
