@@ -57,6 +57,15 @@ def test_filtering():
     np.testing.assert_array_equal(mask.sum(1), [3, 3, 0, 3])
 
 
+def test_config_from_mapping():
+    cfg = grpo.GRPOConfig.from_mapping({"eps_high": 0.2, "kl_coef": 0.03})
+    assert (cfg.eps_low, cfg.eps_high, cfg.kl_coef, cfg.token_level) == (0.2, 0.2, 0.03, True)
+    with pytest.raises(KeyError, match="unknown keys \\['eps'\\]"):
+        grpo.GRPOConfig.from_mapping({"eps": 0.2})
+    with pytest.raises(ValueError, match="eps_low"):
+        grpo.GRPOConfig(eps_low=1.5)
+
+
 # ----------------------------------------------------------------------------- per-token loss
 def test_clipped_loss_and_gradient_hand():
     cfg = grpo.GRPOConfig(eps_low=0.2, eps_high=0.28)
