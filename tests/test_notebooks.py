@@ -89,3 +89,14 @@ def test_quickstart(tmp_path, monkeypatch):
     # the plot was drawn
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 1
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebook_is_committed_clean(path):
+    """Committed without outputs, with one parameters cell, installing the package only in Colab."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name}: outputs"
+    assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
+    assert '"google.colab" in sys.modules' in code[0].source and "REPO_URL" in code[0].source
