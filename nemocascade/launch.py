@@ -14,6 +14,7 @@ DIR/final_metrics.json when its job returns. A job stopped by SIGTERM saves and 
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import subprocess
 import sys
@@ -167,8 +168,8 @@ def check_command_line(argv: Sequence[str]) -> None:
 
 def _quiet_orbax() -> None:
     """orbax logs every save step at INFO through absl; keep its warnings and errors only."""
-    handler = logging.get_absl_handler()
-    handler.addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+    handler = logging.get_absl_handler().python_handler  # ABSLHandler.handle skips its own filters
+    handler.addFilter(lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -190,8 +190,13 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
 
     final = train_loop(config=loop_cfg, workdir=workdir, mesh=mesh, init_fn=init_fn,
                        step_fn=step_fn, data_iter=data_iter, eval_fn=eval_fn)
-    if config.export_hf and not final.get("preempted") and jax.process_index() == 0:
-        export_hf(config, workdir)
+    if config.export_hf and not final.get("preempted"):
+        if jax.process_count() > 1:  # export gathers every array on one host
+            log.warning("export_hf skipped in a %d-process run; export the final checkpoint with "
+                        "one process: nemocascade.train.sft_job.export_hf(config, workdir)",
+                        jax.process_count())
+        else:
+            export_hf(config, workdir)
     return final
 
 
