@@ -4,6 +4,20 @@ See `nemocascade.rollout.engine` for the design (ragged prefill, bucketing, n sa
 sharding) and `nemocascade.rollout.sampling` for the sampling transforms.
 """
 
-from nemocascade.rollout import GenerateResult, SamplingMode, bucket, compiled_program_counts, generate
+from nemocascade.rollout import (
+    GenerateResult,
+    SamplingMode,
+    bucket,
+    compiled_program_counts,
+    generate,
+    precompile,
+)
 
-__all__ = ["GenerateResult", "SamplingMode", "bucket", "compiled_program_counts", "generate"]
+__all__ = [
+    "GenerateResult",
+    "SamplingMode",
+    "bucket",
+    "compiled_program_counts",
+    "generate",
+    "precompile",
+]

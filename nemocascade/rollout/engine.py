@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,13 +50,14 @@ ID_SLOTS = 8  # eos / stop ids are padded to a multiple of this (-1 = unused) to
 @dataclasses.dataclass
 class GenerateResult:
     """Host (numpy) outputs of `generate`; rows are prompt-major (prompt i, sample j -> i*n+j)."""
-    tokens: np.ndarray               # [R, max_new_tokens] int32, pad_id after each row's end
-    logprobs: np.ndarray             # [R, max_new_tokens] fp32, 0 after the end
+
+    tokens: np.ndarray  # [R, max_new_tokens] int32, pad_id after each row's end
+    logprobs: np.ndarray  # [R, max_new_tokens] fp32, 0 after the end
     logprobs_untempered: np.ndarray  # [R, max_new_tokens] fp32, 0 after the end
-    lengths: np.ndarray              # [R] int32, generated tokens including eos / stop
-    finish_reason: list[str]         # "eos" | "stop" | "length"
-    prompt_index: np.ndarray         # [R] index of the prompt each row continues
-    timings: dict[str, float]        # prefill_s, decode_s (wall, including any compile), steps
+    lengths: np.ndarray  # [R] int32, generated tokens including eos / stop
+    finish_reason: list[str]  # "eos" | "stop" | "length"
+    prompt_index: np.ndarray  # [R] index of the prompt each row continues
+    timings: dict[str, float]  # prefill_s, decode_s (wall, including any compile), steps
 
 
 def bucket(length: int, minimum: int = MIN_BUCKET) -> int:
@@ -96,8 +98,26 @@ def _classify(tok_R, step, max_new, eos_E, stop_S):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "gen_len", "mode", "mesh"))
-def _decode(graphdef, state, cache, logits_BV, rows_R, live_rows, seed, temperature, top_p, max_new,
-            eos_E, stop_S, pad_id, *, n: int, gen_len: int, mode: SamplingMode, mesh: Mesh | None):
+def _decode(
+    graphdef,
+    state,
+    cache,
+    logits_BV,
+    rows_R,
+    live_rows,
+    seed,
+    temperature,
+    top_p,
+    max_new,
+    eos_E,
+    stop_S,
+    pad_id,
+    *,
+    n: int,
+    gen_len: int,
+    mode: SamplingMode,
+    mesh: Mesh | None,
+):
     """Samples up to `max_new` (<= gen_len) tokens for each of the B*n rows in one while loop.
 
     Rows at or past `live_rows` are batch padding: they start finished and never hold the loop.
@@ -116,15 +136,20 @@ def _decode(graphdef, state, cache, logits_BV, rows_R, live_rows, seed, temperat
         toks, lps, lprs, lengths, reasons = carry
         active = reasons == RUNNING
         col = lambda buf, v, fill: jax.lax.dynamic_update_index_in_dim(
-            buf, jnp.where(active, v, fill).astype(buf.dtype), step, 1)
+            buf, jnp.where(active, v, fill).astype(buf.dtype), step, 1
+        )
         toks, lps, lprs = col(toks, tok_R, pad_id), col(lps, lp_R, 0.0), col(lprs, lpr_R, 0.0)
         new = jnp.where(active, _classify(tok_R, step, max_new, eos_E, stop_S), reasons)
         lengths = jnp.where(active & (new != RUNNING), step + 1, lengths)
         return toks, lps, lprs, lengths, new
 
-    out0 = (jnp.full((r, gen_len), pad_id, jnp.int32), jnp.zeros((r, gen_len), jnp.float32),
-            jnp.zeros((r, gen_len), jnp.float32), jnp.zeros((r,), jnp.int32),
-            jnp.where(jnp.arange(r) < live_rows, RUNNING, LENGTH).astype(jnp.int32))
+    out0 = (
+        jnp.full((r, gen_len), pad_id, jnp.int32),
+        jnp.zeros((r, gen_len), jnp.float32),
+        jnp.zeros((r, gen_len), jnp.float32),
+        jnp.zeros((r,), jnp.int32),
+        jnp.where(jnp.arange(r) < live_rows, RUNNING, LENGTH).astype(jnp.int32),
+    )
     out0 = _constrain_batch(out0, mesh)
     tok_R, lp_R, lpr_R = sample(logits_BV, keys_R, 0)
     out = record(out0, tok_R, lp_R, lpr_R, 0)
@@ -156,14 +181,16 @@ def _split_model(model) -> tuple[Any, Any]:
         return nnx.split(model)
     if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nnx.GraphDef):
         return model
-    raise TypeError(f"generate: model must be an nnx.Module or a (graphdef, state) pair from nnx.split, "
-                    f"got {type(model).__name__}")
+    raise TypeError(
+        f"generate: model must be an nnx.Module or a (graphdef, state) pair from nnx.split, "
+        f"got {type(model).__name__}"
+    )
 
 
 def _id_array(ids: Sequence[int]) -> np.ndarray:
     slots = max(ID_SLOTS, -(-len(ids) // ID_SLOTS) * ID_SLOTS)
     out = np.full((slots,), -1, np.int32)
-    out[:len(ids)] = ids
+    out[: len(ids)] = ids
     return out
 
 
@@ -175,7 +202,9 @@ def _as_ids(value, name: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in value)
     except TypeError as e:
-        raise TypeError(f"generate: {name} must be an int or a sequence of ints, got {value!r}") from e
+        raise TypeError(
+            f"generate: {name} must be an int or a sequence of ints, got {value!r}"
+        ) from e
 
 
 def _check_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
@@ -187,10 +216,14 @@ def _check_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
     for i, p in enumerate(prompt_ids):
         p = [int(t) for t in (p.tolist() if isinstance(p, np.ndarray) else p)]
         if not p:
-            raise ValueError(f"generate: prompt_ids[{i}] is empty (a prompt needs at least one token)")
+            raise ValueError(
+                f"generate: prompt_ids[{i}] is empty (a prompt needs at least one token)"
+            )
         bad = [t for t in p if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"generate: prompt_ids[{i}] has ids {bad[:5]} outside [0, {vocab_size})")
+            raise ValueError(
+                f"generate: prompt_ids[{i}] has ids {bad[:5]} outside [0, {vocab_size})"
+            )
         out.append(p)
     return out
 
@@ -201,8 +234,8 @@ def _left_pad(prompts: list[list[int]], rows: int, length: int, pad_id: int):
     seg = np.zeros((rows, length), np.int32)
     for i in range(rows):
         p = prompts[i] if i < len(prompts) else prompts[0]
-        ids[i, length - len(p):] = p
-        seg[i, length - len(p):] = 1
+        ids[i, length - len(p) :] = p
+        seg[i, length - len(p) :] = 1
     return ids, seg
 
 
@@ -219,7 +252,7 @@ def _first_stop(tokens: list[int], stop_strings: Sequence[str], tokenizer) -> in
     hit = lambda k: any(s in tokenizer.decode(tokens[:k]) for s in stop_strings)
     if not tokens or not hit(len(tokens)):
         return None
-    lo, hi = 1, len(tokens)          # hit(hi) holds; find the smallest such k
+    lo, hi = 1, len(tokens)  # hit(hi) holds; find the smallest such k
     while lo < hi:
         mid = (lo + hi) // 2
         if hit(mid):
@@ -229,11 +262,45 @@ def _first_stop(tokens: list[int], stop_strings: Sequence[str], tokenizer) -> in
     return lo
 
 
-def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-             eos_id: int | Sequence[int] | None = None, stop_ids: Sequence[int] = (),
-             stop_strings: Sequence[str] = (), tokenizer=None, n: int = 1, pad_id: int = 0,
-             mesh: Mesh | None = None, bucket_batch: bool = False) -> GenerateResult:
+def _compile(prefill_args, prefill_kw, decode_rest, decode_kw) -> dict[str, float]:
+    """Ahead-of-time compiles the prefill and decode programs; returns their compile seconds."""
+    graphdef, state = prefill_args[:2]
+    t0 = time.perf_counter()
+    _prefill.lower(*prefill_args, **prefill_kw).compile()
+    t1 = time.perf_counter()
+    logits, cache = jax.eval_shape(
+        lambda st, i, s: _prefill(graphdef, st, i, s, **prefill_kw), *prefill_args[1:]
+    )
+    _decode.lower(graphdef, state, cache, logits, *decode_rest, **decode_kw).compile()
+    return {"prefill_compile_s": t1 - t0, "decode_compile_s": time.perf_counter() - t1}
+
+
+def precompile(model, prompt_ids: Sequence[Sequence[int]], **kwargs) -> dict[str, float]:
+    """Compiles (ahead of time) the programs `generate(model, prompt_ids, **kwargs)` would run,
+    without running them; returns {"prefill_compile_s", "decode_compile_s"}. Useful to warm an
+    RL loop's buckets and to measure compile time apart from run time."""
+    return generate(model, prompt_ids, _compile_only=True, **kwargs)
+
+
+def generate(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    eos_id: int | Sequence[int] | None = None,
+    stop_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    n: int = 1,
+    pad_id: int = 0,
+    mesh: Mesh | None = None,
+    bucket_batch: bool = False,
+    _compile_only: bool = False,
+) -> GenerateResult:
     """Continues each prompt `n` times; see the module docstring for the layout of the result.
 
     temperature 0 is greedy decoding (then `.logprobs` equals `.logprobs_untempered`, since the
@@ -269,25 +336,44 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
         raise ValueError("generate: stop_strings need a tokenizer (with .decode) to be recognised")
     eos, stops = _as_ids(eos_id, "eos_id"), _as_ids(stop_ids, "stop_ids")
     greedy = temperature == 0.0
-    mode = SamplingMode(greedy=greedy, top_k=0 if greedy else int(top_k),
-                        top_p=(not greedy) and top_p < 1.0)
+    mode = SamplingMode(
+        greedy=greedy, top_k=0 if greedy else int(top_k), top_p=(not greedy) and top_p < 1.0
+    )
 
     b, n, max_new = len(prompts), int(n), int(max_new_tokens)
     mult = _batch_multiple(mesh)
     rows = -(-(bucket(b, 1) if bucket_batch else b) // mult) * mult
     p_len, g_len = bucket(max(len(p) for p in prompts)), bucket(max_new)
     ids, seg = _left_pad(prompts, rows, p_len, pad_id)
-    put = (lambda x: jax.device_put(x, shd.batch_sharding(mesh, x.ndim))) if mesh is not None else jnp.asarray
+    put = (
+        (lambda x: jax.device_put(x, shd.batch_sharding(mesh, x.ndim)))
+        if mesh is not None
+        else jnp.asarray
+    )
     row_ids = np.arange(rows * n, dtype=np.int32)
 
+    prefill_args = (graphdef, state, put(ids), put(seg))
+    prefill_kw = {"cache_len": p_len + g_len, "mesh": mesh}
+    decode_rest = (
+        put(row_ids),
+        jnp.int32(b * n),
+        jnp.int32(seed),
+        jnp.float32(max(temperature, 1e-6)),
+        jnp.float32(top_p),
+        jnp.int32(max_new),
+        jnp.asarray(_id_array(eos)),
+        jnp.asarray(_id_array(stops)),
+        jnp.int32(pad_id),
+    )
+    decode_kw = {"n": n, "gen_len": g_len, "mode": mode, "mesh": mesh}
+    if _compile_only:
+        return _compile(prefill_args, prefill_kw, decode_rest, decode_kw)
+
     t0 = time.perf_counter()
-    logits, cache = _prefill(graphdef, state, put(ids), put(seg), cache_len=p_len + g_len, mesh=mesh)
+    logits, cache = _prefill(*prefill_args, **prefill_kw)
     logits = jax.block_until_ready(logits)
     t1 = time.perf_counter()
-    out = _decode(graphdef, state, cache, logits, put(row_ids), jnp.int32(b * n), jnp.int32(seed),
-                  jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(max_new),
-                  jnp.asarray(_id_array(eos)), jnp.asarray(_id_array(stops)), jnp.int32(pad_id),
-                  n=n, gen_len=g_len, mode=mode, mesh=mesh)
+    out = _decode(graphdef, state, cache, logits, *decode_rest, **decode_kw)
     toks, lps, lprs, lengths, reasons, steps = jax.device_get(jax.block_until_ready(out))
     t2 = time.perf_counter()
 
@@ -296,13 +382,22 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     lengths, reasons = np.array(lengths[:keep]), np.array(reasons[:keep])
     if stop_strings:
         for r in range(keep):
-            k = _first_stop(toks[r, :lengths[r]].tolist(), stop_strings, tokenizer)
+            k = _first_stop(toks[r, : lengths[r]].tolist(), stop_strings, tokenizer)
             if k is not None and (k < lengths[r] or reasons[r] == LENGTH):
                 toks[r, k:], lps[r, k:], lprs[r, k:] = pad_id, 0.0, 0.0
                 lengths[r], reasons[r] = k, STOP
     return GenerateResult(
-        tokens=toks, logprobs=lps, logprobs_untempered=lprs, lengths=lengths.astype(np.int32),
+        tokens=toks,
+        logprobs=lps,
+        logprobs_untempered=lprs,
+        lengths=lengths.astype(np.int32),
         finish_reason=[REASONS[int(c)] for c in reasons],
         prompt_index=np.repeat(np.arange(b), n).astype(np.int32),
-        timings={"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": int(steps),
-                 "prompt_bucket": p_len, "gen_bucket": g_len})
+        timings={
+            "prefill_s": t1 - t0,
+            "decode_s": t2 - t1,
+            "decode_steps": int(steps),
+            "prompt_bucket": p_len,
+            "gen_bucket": g_len,
+        },
+    )

@@ -21,6 +21,7 @@ class SamplingMode:
     top_k:  keep the k largest logits (0 = off). Static because `lax.top_k` needs a static k.
     top_p:  whether nucleus filtering is on (its threshold is a runtime value).
     """
+
     greedy: bool
     top_k: int
     top_p: bool
@@ -32,7 +33,9 @@ def top_k_mask(logits_BV: jax.Array, k: int) -> jax.Array:
     return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
 
 
-def top_p_mask(logits_BV: jax.Array, top_p: jax.Array, sorted_desc_BK: jax.Array | None = None) -> jax.Array:
+def top_p_mask(
+    logits_BV: jax.Array, top_p: jax.Array, sorted_desc_BK: jax.Array | None = None
+) -> jax.Array:
     """Logits outside the nucleus set to -inf.
 
     The nucleus is the smallest set of highest-probability tokens whose probability sums to at
@@ -43,21 +46,22 @@ def top_p_mask(logits_BV: jax.Array, top_p: jax.Array, sorted_desc_BK: jax.Array
     if sorted_desc_BK is None:
         sorted_desc_BK = -jnp.sort(-logits_BV, axis=-1)
     probs_BK = jax.nn.softmax(sorted_desc_BK, axis=-1)
-    before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK           # mass of strictly better ranks
+    before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK  # mass of strictly better ranks
     keep_BK = (before_BK < top_p) | (jnp.arange(probs_BK.shape[-1]) == 0)
     n_keep_B1 = jnp.sum(keep_BK, axis=-1, keepdims=True)
     threshold_B1 = jnp.take_along_axis(sorted_desc_BK, n_keep_B1 - 1, axis=-1)
     return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
 
 
-def sampling_logits(logits_BV: jax.Array, mode: SamplingMode, temperature: jax.Array,
-                    top_p: jax.Array) -> jax.Array:
+def sampling_logits(
+    logits_BV: jax.Array, mode: SamplingMode, temperature: jax.Array, top_p: jax.Array
+) -> jax.Array:
     """The logits of the distribution actually sampled from: logits/T, then top-k, then top-p."""
     x = logits_BV.astype(jnp.float32) / temperature
     candidates = None
     if mode.top_k > 0:
         k = min(mode.top_k, x.shape[-1])
-        candidates = jax.lax.top_k(x, k)[0]                         # [B, k], descending
+        candidates = jax.lax.top_k(x, k)[0]  # [B, k], descending
         x = jnp.where(x < candidates[:, -1:], -jnp.inf, x)
     if mode.top_p:
         x = top_p_mask(x, top_p, candidates)
@@ -70,8 +74,14 @@ def row_keys(seed: int | jax.Array, rows_B: jax.Array) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(base, r))(rows_B)
 
 
-def sample_step(logits_BV: jax.Array, keys_B: jax.Array, step: jax.Array, mode: SamplingMode,
-                temperature: jax.Array, top_p: jax.Array):
+def sample_step(
+    logits_BV: jax.Array,
+    keys_B: jax.Array,
+    step: jax.Array,
+    mode: SamplingMode,
+    temperature: jax.Array,
+    top_p: jax.Array,
+):
     """Samples one token per row.
 
     Returns (tokens_B int32, logprob_B, logprob_untempered_B): the log-probability of the token

@@ -24,5 +24,8 @@ def models(tmp_path_factory):
 
 
 # Ragged prompts: lengths 3, 11 and 21 (prompt bucket 32, several SSD chunks, left padding).
-PROMPTS = [[5, 17, 33], [9, 8, 7, 6, 5, 4, 3, 250, 1, 77, 12],
-           [(13 * i + 3) % 256 for i in range(21)]]
+PROMPTS = [
+    [5, 17, 33],
+    [9, 8, 7, 6, 5, 4, 3, 250, 1, 77, 12],
+    [(13 * i + 3) % 256 for i in range(21)],
+]

@@ -20,27 +20,28 @@ def _cached_and_reference(model, ids, seg, seqs, p_len, decode):
     full = np.zeros((len(seqs), width), np.int32)
     full_seg = np.zeros((len(seqs), width), np.int32)
     for i, s in enumerate(seqs):
-        full[i, :len(s)], full_seg[i, :len(s)] = s, 1
+        full[i, : len(s)], full_seg[i, : len(s)] = s, 1
 
     @jax.jit
     def run(state, ids, seg, steps_BT, full, full_seg):
         m = nnx.merge(graphdef, state)
         cache = m.init_cache(ids.shape[0], p_len + decode)
         la, cache = m(ids[:, :4], segment_ids=seg[:, :4], cache=cache)
-        lb, cache = m(ids[:, 4:], segment_ids=seg[:, 4:], cache=cache)   # continues with T > 1
+        lb, cache = m(ids[:, 4:], segment_ids=seg[:, 4:], cache=cache)  # continues with T > 1
 
         def step(cache, tok_B):
-            lt, cache = nnx.merge(graphdef, state)(tok_B[:, None], segment_ids=jnp.ones_like(tok_B)[:, None],
-                                                   cache=cache)
+            lt, cache = nnx.merge(graphdef, state)(
+                tok_B[:, None], segment_ids=jnp.ones_like(tok_B)[:, None], cache=cache
+            )
             return cache, lt[:, 0]
 
         _, l_TBV = jax.lax.scan(step, cache, steps_BT.T)
         got = jnp.concatenate([la, lb, jnp.swapaxes(l_TBV, 0, 1)], axis=1)
         return got, m(full, segment_ids=full_seg)
 
-    steps = jnp.asarray([s[len(s) - decode:] for s in seqs], jnp.int32)
+    steps = jnp.asarray([s[len(s) - decode :] for s in seqs], jnp.int32)
     got, ref = run(state, jnp.asarray(ids), jnp.asarray(seg), steps, full, full_seg)
-    return np.asarray(got), [np.asarray(ref[i, :len(s)]) for i, s in enumerate(seqs)]
+    return np.asarray(got), [np.asarray(ref[i, : len(s)]) for i, s in enumerate(seqs)]
 
 
 def test_cached_prefill_and_decode_match_full_forward():
@@ -52,14 +53,15 @@ def test_cached_prefill_and_decode_match_full_forward():
     rng = np.random.default_rng(0)
     p_len, decode = 6, 3
     seqs = [rng.integers(0, cfg.vocab_size, size=L).tolist() for L in (2 + decode, 6 + decode)]
-    prompts = [s[:len(s) - decode] for s in seqs]
+    prompts = [s[: len(s) - decode] for s in seqs]
     ids = np.zeros((2, p_len), np.int32)
     seg = np.zeros((2, p_len), np.int32)
     for i, p in enumerate(prompts):
-        ids[i, p_len - len(p):], seg[i, p_len - len(p):] = p, 1
+        ids[i, p_len - len(p) :], seg[i, p_len - len(p) :] = p, 1
     got, refs = _cached_and_reference(model, ids, seg, seqs, p_len, decode)
-    worst = max(float(np.max(np.abs(got[i, p_len - len(prompts[i]):] - refs[i])))
-                for i in range(len(seqs)))
+    worst = max(
+        float(np.max(np.abs(got[i, p_len - len(prompts[i]) :] - refs[i]))) for i in range(len(seqs))
+    )
     print(f"max |cached - uncached| = {worst:.2e}")
     assert worst <= ATOL
 
@@ -74,8 +76,9 @@ def test_ssd_step_recurrence_matches_chunked_scan():
     bb = jax.random.normal(ks[3], (b, t, g, n))
     cc = jax.random.normal(ks[4], (b, t, g, n))
     init = jax.random.normal(ks[5], (b, h, p, n))
-    y_scan, final_scan = jax.jit(ssd_scan, static_argnums=6)(x, dt, a, bb, cc, jnp.ones((b, t), jnp.int32),
-                                                             4, init)
+    y_scan, final_scan = jax.jit(ssd_scan, static_argnums=6)(
+        x, dt, a, bb, cc, jnp.ones((b, t), jnp.int32), 4, init
+    )
 
     def step(state, inputs):
         x_i, dt_i, b_i, c_i = inputs
@@ -83,6 +86,8 @@ def test_ssd_step_recurrence_matches_chunked_scan():
         return state, y
 
     swap = lambda z: jnp.swapaxes(z, 0, 1)
-    state, ys = jax.jit(lambda s0, xs: jax.lax.scan(step, s0, xs))(init, (swap(x), swap(dt), swap(bb), swap(cc)))
+    state, ys = jax.jit(lambda s0, xs: jax.lax.scan(step, s0, xs))(
+        init, (swap(x), swap(dt), swap(bb), swap(cc))
+    )
     np.testing.assert_allclose(swap(ys), y_scan, atol=ATOL, rtol=0)
     np.testing.assert_allclose(state, final_scan, atol=ATOL, rtol=0)

@@ -16,11 +16,17 @@ def test_greedy_tokens_equal_transformers_generate(models):
     assert res.tokens.shape == (len(PROMPTS), new) and res.tokens.dtype == np.int32
     for i, p in enumerate(PROMPTS):
         with torch.no_grad():
-            out = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                               max_new_tokens=new, do_sample=False, eos_token_id=EOS, pad_token_id=0)
-        hf_new = out[0, len(p):].tolist()
+            out = ref.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=EOS,
+                pad_token_id=0,
+            )
+        hf_new = out[0, len(p) :].tolist()
         if EOS in hf_new:
-            hf_new = hf_new[:hf_new.index(EOS) + 1]
+            hf_new = hf_new[: hf_new.index(EOS) + 1]
         n = int(res.lengths[i])
         assert res.tokens[i, :n].tolist() == hf_new, f"prompt {i}"
         assert res.finish_reason[i] == ("eos" if hf_new[-1] == EOS else "length")

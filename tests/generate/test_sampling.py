@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from nemocascade.generate import compiled_program_counts, generate
+from nemocascade.generate import compiled_program_counts, generate, precompile
 from nemocascade.rollout.sampling import SamplingMode, sample_step, sampling_logits
 from tests.generate.conftest import PROMPTS
 
-LOGPROB_ATOL = 1e-4   # fp32 log-probs (logit tolerance), fixed up front
-SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.9)
+LOGPROB_ATOL = 1e-4  # fp32 log-probs (logit tolerance), fixed up front
+SAMPLED = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
 
 
 def _hf_mask(logits, top_k, top_p):
@@ -45,18 +45,22 @@ def test_top_p_hand_case_and_samples_stay_inside_mask():
     assert set(np.asarray(toks).tolist()) == {1, 3, 4}
     renorm = np.log(np.array([0.1, 0.5, 0.05, 0.2, 0.15]) / 0.85)
     np.testing.assert_allclose(lp, renorm[np.asarray(toks)], atol=1e-6)
-    np.testing.assert_allclose(lpr, np.log([0.1, 0.5, 0.05, 0.2, 0.15])[np.asarray(toks)], atol=1e-6)
+    np.testing.assert_allclose(
+        lpr, np.log([0.1, 0.5, 0.05, 0.2, 0.15])[np.asarray(toks)], atol=1e-6
+    )
 
 
 def _trainer_logits(model, prompts, res):
     """The trainer's view: one forward pass over prompt + generated tokens (right-padded)."""
-    seqs = [prompts[res.prompt_index[r]] + res.tokens[r, :res.lengths[r]].tolist()
-            for r in range(len(res.lengths))]
+    seqs = [
+        prompts[res.prompt_index[r]] + res.tokens[r, : res.lengths[r]].tolist()
+        for r in range(len(res.lengths))
+    ]
     width = max(map(len, seqs))
     ids = np.zeros((len(seqs), width), np.int32)
     seg = np.zeros((len(seqs), width), np.int32)
     for r, s in enumerate(seqs):
-        ids[r, :len(s)], seg[r, :len(s)] = s, 1
+        ids[r, : len(s)], seg[r, : len(s)] = s, 1
     return np.asarray(jax.jit(lambda i, s: model(i, segment_ids=s))(ids, seg))
 
 
@@ -72,15 +76,20 @@ def test_sampled_logprobs_equal_trainer_forward(models):
     worst_raw = worst_sampled = 0.0
     for r in range(len(res.lengths)):
         p, L = len(PROMPTS[res.prompt_index[r]]), int(res.lengths[r])
-        step_logits = jnp.asarray(logits[r, p - 1:p - 1 + L])           # predicts tokens 0..L-1
+        step_logits = jnp.asarray(logits[r, p - 1 : p - 1 + L])  # predicts tokens 0..L-1
         toks = res.tokens[r, :L]
         raw = np.asarray(jax.nn.log_softmax(step_logits, -1))[np.arange(L), toks]
-        used = sampling_logits(step_logits, mode, SAMPLED["temperature"], jnp.float32(SAMPLED["top_p"]))
+        used = sampling_logits(
+            step_logits, mode, SAMPLED["temperature"], jnp.float32(SAMPLED["top_p"])
+        )
         assert not np.isinf(np.asarray(used)[np.arange(L), toks]).any(), "token outside top-k/top-p"
         tempered = np.asarray(jax.nn.log_softmax(used, -1))[np.arange(L), toks]
         worst_raw = max(worst_raw, float(np.max(np.abs(raw - res.logprobs_untempered[r, :L]))))
         worst_sampled = max(worst_sampled, float(np.max(np.abs(tempered - res.logprobs[r, :L]))))
-    print(f"max |rollout - trainer| log-prob: untempered {worst_raw:.2e}, sampled dist {worst_sampled:.2e}")
+    print(
+        f"max |rollout - trainer| log-prob: untempered {worst_raw:.2e}, "
+        f"sampled dist {worst_sampled:.2e}"
+    )
     assert worst_raw <= LOGPROB_ATOL and worst_sampled <= LOGPROB_ATOL
     # two samples of one prompt differ (independent per-row keys)
     assert not np.array_equal(res.tokens[0], res.tokens[1])
@@ -95,10 +104,12 @@ def test_seed_reproducible_and_no_recompile_within_buckets(models):
     np.testing.assert_array_equal(a.logprobs, b.logprobs)
     c = generate(model, PROMPTS, max_new_tokens=10, n=2, seed=12, **SAMPLED)
     assert not np.array_equal(a.tokens, c.tokens)
-    # other prompt lengths / max_new_tokens / temperature / top_p in the same buckets: no new program
-    shorter = [p[:max(1, len(p) - 2)] for p in PROMPTS]
+    # other prompt lengths / max_new_tokens / temperature / top_p, same buckets: no new program
+    shorter = [p[: max(1, len(p) - 2)] for p in PROMPTS]
     generate(model, shorter, max_new_tokens=7, n=2, seed=3, temperature=1.3, top_k=40, top_p=0.5)
     assert compiled_program_counts() == before
+    times = precompile(model, shorter, max_new_tokens=7, n=2, temperature=1.3, top_k=40, top_p=0.5)
+    assert set(times) == {"prefill_compile_s", "decode_compile_s"} and min(times.values()) > 0
 
 
 class _CharTokenizer:
@@ -117,12 +128,15 @@ def test_eos_stop_ids_and_stop_strings(models):
     first = row.index(target)
     res = generate(model, PROMPTS, max_new_tokens=12, stop_ids=[target])
     assert res.finish_reason[1] == "stop" and res.lengths[1] == first + 1
-    assert res.tokens[1, :first + 1].tolist() == row[:first + 1] and (res.tokens[1, first + 1:] == 0).all()
+    assert (
+        res.tokens[1, : first + 1].tolist() == row[: first + 1]
+        and (res.tokens[1, first + 1 :] == 0).all()
+    )
     eos = generate(model, PROMPTS, max_new_tokens=12, eos_id=[999, target])
     assert eos.finish_reason[1] == "eos" and eos.lengths[1] == first + 1
     tok = _CharTokenizer()
     stop = tok.decode(row[5:7])
-    cut = tok.decode(row).index(stop) + len(stop)        # one letter per token
+    cut = tok.decode(row).index(stop) + len(stop)  # one letter per token
     s = generate(model, PROMPTS, max_new_tokens=12, stop_strings=[stop], tokenizer=tok)
     assert s.finish_reason[1] == "stop" and s.lengths[1] == cut
     assert (s.tokens[1, cut:] == 0).all() and (s.logprobs[1, cut:] == 0).all()

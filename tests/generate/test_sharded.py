@@ -23,11 +23,13 @@ def test_sharded_generation_matches_single_device(models):
     shardings = state_shardings(state, mesh)
     sharded = jax.device_put(state, shardings)
     up = sharded["layers"][2]["mixer"]["up_EDF"][...]
-    assert up.sharding.spec[0] == "expert"              # experts stay split over `expert`
+    assert up.sharding.spec[0] == "expert"  # experts stay split over `expert`
     # the sampling settings of test_sampling (the unsharded program is shared when run together)
-    kw = dict(max_new_tokens=10, n=2, seed=5, temperature=0.8, top_k=40, top_p=0.9)
+    kw = {"max_new_tokens": 10, "n": 2, "seed": 5, "temperature": 0.8, "top_k": 40, "top_p": 0.9}
     ref = generate(model, PROMPTS, **kw)
-    got = generate((graphdef, sharded), PROMPTS, mesh=mesh, **kw)   # 3 prompts -> 4 rows on 4 data shards
+    got = generate(
+        (graphdef, sharded), PROMPTS, mesh=mesh, **kw
+    )  # 3 prompts -> 4 rows on 4 data shards
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     np.testing.assert_array_equal(got.lengths, ref.lengths)
     # (`.logprobs` under the nucleus is not compared: a token within 1e-6 of the top-p boundary
