@@ -1,0 +1,116 @@
+"""Rematerialisation policies on the `small` config: compiled memory and step time of the SFT step.
+
+    python benchmarks/remat.py              # batch 8 x 512, fp32, CPU
+    python benchmarks/remat.py --quick      # batch 2 x 256
+
+Policies (`ModelConfig.remat`, implemented per block with `jax.checkpoint` in
+`nemocascade/model/nemotron_h.py`):
+
+  none     every intermediate of every block is kept for the backward pass;
+  block    only each block's input is kept; the block is recomputed in the backward pass;
+  matmuls  outputs of matmuls without batch dimensions are kept
+           (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`), the rest recomputed.
+
+For each policy the full `sft_step` (MoE backend `sorted`) is compiled once on one CPU device:
+`temp_bytes` is `compiled.memory_analysis().temp_size_in_bytes` (XLA's scratch peak, excluding
+the state and batch arguments), and the step time is the median of interleaved runs. The
+params tool's analytic activation estimate (`nemocascade.tools.params.activation_estimate`) is
+printed beside it for comparison. Writes benchmarks/results/remat.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from nemocascade.model import ModelConfig, NemotronH  # noqa: E402
+from nemocascade.tools.params import activation_estimate  # noqa: E402
+from nemocascade.train.sft import sft_step  # noqa: E402
+from nemocascade.train.optim import make_optimizer  # noqa: E402
+from nemocascade.train.state import create_train_state  # noqa: E402
+from train_step import OPTIM, interleaved_medians, make_batch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "remat.json"
+POLICIES = ("none", "block", "matmuls")
+
+
+def compile_policy(remat: str, batch: dict, moe_backend: str = "sorted"):
+    """(compiled step, state, temp bytes) for `ModelConfig.small(remat=remat)`."""
+    cfg = ModelConfig.small(remat=remat, moe_backend=moe_backend)
+    tx = make_optimizer(OPTIM, total_steps=1000)
+    graphdef, state = create_train_state(NemotronH(cfg, rngs=nnx.Rngs(0)), tx, jax.random.PRNGKey(0))
+    step = jax.jit(functools.partial(sft_step, graphdef=graphdef, tx=tx, lr_fn=lambda s: OPTIM.lr,
+                                     moe_bias_rate=OPTIM.moe_bias_rate), donate_argnums=0)
+    compiled = step.lower(state, batch).compile()
+    return compiled, state, int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
+        repeats: int | None = None, write: bool = True) -> dict:
+    """Compiles and times the three policies; returns the JSON-ready dict."""
+    batch = batch or (2 if quick else 8)
+    seq = seq or (256 if quick else 512)
+    repeats = repeats or (2 if quick else 3)
+    cfg = ModelConfig.small()
+    data = {k: jnp.asarray(v) for k, v in make_batch(cfg, batch, seq).items()}
+    holders, temps = {}, {}
+    for r in POLICIES:
+        compiled, state, temps[r] = compile_policy(r, data)
+        holders[r] = {"fn": compiled, "state": state}
+
+    def job(r):
+        h = holders[r]
+
+        def go():
+            h["state"], metrics = h["fn"](h["state"], data)
+            jax.block_until_ready(metrics)
+        return go
+
+    times = interleaved_medians({r: job(r) for r in POLICIES}, repeats)
+    tokens = batch * seq
+    rows = {}
+    for r in POLICIES:
+        est = activation_estimate(cfg, tokens, seq, r)
+        rows[r] = {"temp_bytes": temps[r], "step_median_s": times[r]["median_s"],
+                   "step_times_s": times[r]["times_s"],
+                   "time_vs_none": times[r]["median_s"] / times["none"]["median_s"],
+                   "temp_vs_none": temps[r] / temps["none"],
+                   "params_tool_activation_estimate_bytes": int(est["total"])}
+    res = {"config": "small", "batch": batch, "seq": seq, "dtype": "float32",
+           "platform": jax.default_backend(), "policies": rows}
+    print(f"small config, batch {batch} x {seq}, fp32 on {res['platform']}")
+    print(f"{'remat':<9}{'temp MiB':>10}{'x none':>8}{'step s':>9}{'x none':>8}{'estimate MiB':>14}")
+    for r, row in rows.items():
+        print(f"{r:<9}{row['temp_bytes'] / 2**20:>10.1f}{row['temp_vs_none']:>8.2f}"
+              f"{row['step_median_s']:>9.3f}{row['time_vs_none']:>8.2f}"
+              f"{row['params_tool_activation_estimate_bytes'] / 2**20:>14.1f}")
+    if write:
+        out = RESULTS if not quick else RESULTS.with_name("remat_quick.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {out}")
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    a = p.parse_args()
+    run(quick=a.quick, batch=a.batch, seq=a.seq, repeats=a.repeats)
+
+
+if __name__ == "__main__":
+    main()
