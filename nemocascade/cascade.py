@@ -168,7 +168,8 @@ class Cascade:
                              n=int(ecfg.n_samples), max_new_tokens=int(ecfg.max_new_tokens),
                              temperature=float(ecfg.temperature), top_p=float(ecfg.top_p),
                              seed=self.seed, thinking=bool(ecfg.thinking),
-                             reward_cache=self.reward_cache, num_workers=int(self.config.num_workers))
+                             reward_cache=self.reward_cache, num_workers=int(self.config.num_workers),
+                             mesh=self.mesh)
             out[d] = round(100.0 * float(roll.rewards.mean()), 2)
         return out
 
@@ -240,7 +241,7 @@ class Cascade:
                         graphdef=self.graphdef, tx=tx, lr_fn=lr_schedule(ocfg, steps),
                         tokenizer=self.tokenizer, pools=pools, seed=self.seed, teachers=teachers,
                         reward_cache=self.reward_cache, num_workers=int(self.config.num_workers),
-                        progress=bool(self.config.progress))
+                        progress=bool(self.config.progress), mesh=self.mesh)
         state = stage.run(self._fresh_state(params, model_state, tx))
         return state.params, state.model_state
 

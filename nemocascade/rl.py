@@ -26,6 +26,10 @@ import numpy as np
 from flax import nnx
 
 from nemocascade import rollouts as ro
+from nemocascade.data.chat import render_prompt
+from nemocascade.rollout import bucket
+from nemocascade.sharding import batch_sharding
+from nemocascade.train.loop import full_shardings
 from nemocascade.train import distill, grpo
 from nemocascade.train.checkpoint import Checkpointer
 from nemocascade.train.metrics import MetricsWriter
@@ -72,7 +76,7 @@ class RLStage:
                  tx, lr_fn, tokenizer, pools: Mapping[str, list[dict]], seed: int,
                  teachers: Mapping[str, distill.Teacher] | None = None,
                  reward_cache: ro.RewardCache | None = None, num_workers: int = 2,
-                 progress: bool = True):
+                 progress: bool = True, mesh=None):
         if cfg["type"] not in ("grpo", "mopd"):
             raise ValueError(f"stage {name}: RLStage runs 'grpo' or 'mopd', not {cfg['type']!r}")
         if cfg["type"] == "mopd":
@@ -83,8 +87,14 @@ class RLStage:
         self.graphdef, self.tokenizer = graphdef, tokenizer
         self.pools, self.seed, self.teachers = pools, seed, dict(teachers or {})
         self.reward_cache = reward_cache or ro.RewardCache()
-        self.num_workers, self.progress = num_workers, progress
+        self.num_workers, self.progress, self.mesh = num_workers, progress, mesh
         self.rows = int(cfg["prompts_per_step"]) * int(cfg["samples_per_prompt"])
+        # One sequence length for the whole stage (longest prompt + max_new_tokens, rounded up to a
+        # power of two), so the train step compiles once.
+        longest = max(len(render_prompt(tokenizer, r.get("messages") or r.get("prompt"),
+                                        thinking=bool(cfg["thinking"])))
+                      for pool in pools.values() for r in pool)
+        self.seq_len = bucket(longest + int(cfg["max_new_tokens"]))
         common = dict(graphdef=graphdef, tx=tx, lr_fn=lr_fn,
                       moe_bias_rate=float(cfg.get("moe_bias_rate", 0.0)))
         if cfg["type"] == "grpo":
@@ -108,7 +118,13 @@ class RLStage:
                          n=int(c["samples_per_prompt"]), max_new_tokens=int(c["max_new_tokens"]),
                          temperature=float(c["temperature"]), top_p=float(c["top_p"]), seed=seed,
                          thinking=bool(c["thinking"]), reward_cache=self.reward_cache,
-                         num_workers=self.num_workers)
+                         num_workers=self.num_workers, mesh=self.mesh)
+
+    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The batch laid out over the mesh's batch axes (rows must divide evenly)."""
+        if self.mesh is None:
+            return jax.tree.map(jax.numpy.asarray, batch)
+        return {k: jax.device_put(v, batch_sharding(self.mesh, v.ndim)) for k, v in batch.items()}
 
     def _grpo_batch(self, state: TrainState, step: int):
         """Rollouts until `self.rows` rows of informative groups (dynamic filtering) or the cap."""
@@ -136,10 +152,9 @@ class RLStage:
         (empty rows, loss_mask 0, pad the rest) and one length bucket."""
         if not parts:
             return None
-        t = max(ro.training_batch(roll, rows=rows)["input_ids"].shape[1] for roll, rows, _ in parts)
         arrays: dict[str, list[np.ndarray]] = {}
         for roll, rows, extra in parts:
-            b = ro.training_batch(roll, rows=rows, seq_bucket=t, pad_id=self.tokenizer.pad_id)
+            b = ro.training_batch(roll, rows=rows, seq_bucket=self.seq_len, pad_id=self.tokenizer.pad_id)
             if extra is not None:  # GRPO: advantages, and overlong filtering through the mask
                 b["advantages"] = np.asarray(extra["advantages"], np.float32)[rows]
                 b["loss_mask"] *= np.asarray(extra["sample_weight"], np.float32)[rows][:, None]
@@ -165,6 +180,8 @@ class RLStage:
         if restored is not None:
             start, state, _, _ = restored
             log.info("stage %s: resumed at step %d", self.name, start)
+        if self.mesh is not None:  # committed, sharded by the logical table: one compiled step
+            state = jax.device_put(state, full_shardings(state, self.mesh))
         writer = MetricsWriter(self.stage_dir, enabled=jax.process_index() == 0, resume_step=start)
         bar = None
         if self.progress and start < steps:
@@ -200,7 +217,7 @@ class RLStage:
             batch = self._assemble([(roll, np.arange(len(roll.records)), None)])
             domains = roll.domains + [roll.domains[0]] * (self.rows - len(roll.domains))
             batch["teacher_logprobs"] = np.asarray(distill.mopd_teacher_logprobs(
-                batch, np.asarray(domains), self.teachers))
+                self._to_device(batch), np.asarray(domains), self.teachers))
         rewards = np.concatenate([r.rewards for r in rolls])
         domains = [d for r in rolls for d in r.domains]
         record: dict[str, Any] = {
@@ -208,12 +225,15 @@ class RLStage:
             "response_len": float(np.mean(np.concatenate([r.response_lengths() for r in rolls]))),
             "truncated_frac": float(1.0 - np.mean(np.concatenate([r.finished for r in rolls]))),
             "rollout_s": sum(r.timings.get("prefill_s", 0) + r.timings.get("decode_s", 0) for r in rolls),
+            "reward_s": sum(r.timings.get("reward_s", 0) for r in rolls),
             **extra_metrics}
         for d, v in ro.domain_means(rewards, domains).items():
             record[f"reward/{d}"] = v
         if batch is None:  # every group was uninformative and the refill cap was hit
             record.update(loss=0.0, skipped=1)
             return state, record
-        state, metrics = self._step(state, jax.tree.map(jax.numpy.asarray, batch))
+        t0 = time.perf_counter()
+        state, metrics = self._step(state, self._to_device(batch))
         record.update({k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0})
+        record["train_s"] = time.perf_counter() - t0
         return state, record

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -106,9 +107,11 @@ def sample(graphdef, state: nnx.State, tokenizer, records: Sequence[dict], *, n:
              for ids, fin in zip(r_ids, finished)]
     lps = [res.logprobs[r, :res.lengths[r]].astype(np.float32) for r in range(rows)]
     cache = reward_cache or RewardCache()
+    t0 = time.perf_counter()
     scores, metrics = cache.score(recs, texts, finished, num_workers=num_workers,
                                   timeout_s=reward_timeout_s)
-    return Rollouts(recs, p_ids, r_ids, texts, finished, lps, scores, n, dict(res.timings), metrics)
+    timings = dict(res.timings, reward_s=time.perf_counter() - t0)
+    return Rollouts(recs, p_ids, r_ids, texts, finished, lps, scores, n, timings, metrics)
 
 
 def training_batch(roll: Rollouts, *, rows: Sequence[int] | None = None, num_rows: int | None = None,

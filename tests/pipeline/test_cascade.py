@@ -1,0 +1,85 @@
+"""A 2-stage mini Cascade (SFT -> GRPO) end to end: outputs, schema, teacher registry, resume."""
+
+import json
+import os
+
+import pytest
+
+from configs.tiny_cascade import get_config
+from nemocascade.cascade import Cascade
+
+
+def _config():
+    c = get_config("fast")
+    c.progress = False
+    c.num_workers = 1
+    c.data.train_per_domain = 64
+    c.data.eval_per_domain = 8
+    c.eval.max_new_tokens = 12
+    c.stage_order = "sft,math_rl"
+    c.stages.sft.steps = 4
+    c.stages.sft.batch_size = 8
+    c.stages.sft.seq_len = 64
+    c.stages.math_rl.steps = 2
+    c.stages.math_rl.prompts_per_step = 4
+    c.stages.math_rl.samples_per_prompt = 2
+    c.stages.math_rl.max_new_tokens = 8
+    c.stages.math_rl.max_gen_batches = 1
+    c.stages.math_rl.checkpoint_every = 1
+    return c
+
+
+def _lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.slow
+def test_two_stage_pipeline_outputs_and_resume(tmp_path):
+    work = str(tmp_path / "run")
+    c = _config()
+    final = Cascade(c, work).run()
+    assert set(final) == {"final_code", "final_instruction", "final_math"}
+
+    summary = json.load(open(os.path.join(work, "summary.json")))
+    assert [s["name"] for s in summary["stages"]] == ["sft", "math_rl"]
+    for s in summary["stages"]:
+        assert set(s) >= {"name", "type", "domains", "eval"}
+        assert set(s["eval"]) == {"code", "instruction", "math"}
+        assert all(0.0 <= v <= 100.0 for v in s["eval"].values())
+    assert summary["stages"][1]["type"] == "grpo" and summary["stages"][1]["domains"] == ["math"]
+    # the registry names, per domain, the stage with the best score (first one on ties)
+    for d, stage in summary["teachers"].items():
+        scores = {s["name"]: s["eval"][d] for s in summary["stages"]}
+        assert scores[stage] == max(scores.values())
+    report = open(os.path.join(work, "report.md")).read()
+    assert "| sft |" in report and "| math_rl |" in report and "(best)" in report
+    assert os.path.getsize(os.path.join(work, "scores.png")) > 1000
+    rl_metrics = _lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))
+    assert [r["step"] for r in rl_metrics] == [1, 2]
+    assert all("reward/math" in r and "loss" in r for r in rl_metrics)
+
+    # re-running a finished pipeline repeats nothing
+    Cascade(c, work).run()
+    assert json.load(open(os.path.join(work, "summary.json"))) == summary
+    assert len(_lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))) == 2
+
+    # resume mid-stage: forget that math_rl finished and ask for one more step
+    summary["stages"] = summary["stages"][:1]
+    json.dump(summary, open(os.path.join(work, "summary.json"), "w"))
+    c.stages.math_rl.steps = 3
+    Cascade(c, work).run()
+    assert [r["step"] for r in _lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))] == [1, 2, 3]
+    assert [s["name"] for s in json.load(open(os.path.join(work, "summary.json")))["stages"]] == \
+        ["sft", "math_rl"]
+
+
+def test_bad_stage_config_is_named(tmp_path):
+    c = _config()
+    c.stage_order = "sft,nope"
+    with pytest.raises(KeyError, match="nope"):
+        Cascade(c, str(tmp_path))
+    c = _config()
+    c.stages.sft.type = "dpo"
+    with pytest.raises(ValueError, match="stages.sft.type"):
+        Cascade(c, str(tmp_path))
