@@ -70,7 +70,10 @@ class MeshConfig:
 
 def make_mesh(cfg: MeshConfig | Mapping[str, int] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `Mesh` with axes `MESH_AXES` over `devices` (default: all devices)."""
+    """A `Mesh` with axes `MESH_AXES` over `devices` (default: all devices).
+
+    With no axis at -1, a mesh smaller than the device list uses its first devices (e.g. a
+    1-device run on a host that exposes several)."""
     if cfg is None:
         cfg = MeshConfig()
     elif not isinstance(cfg, MeshConfig):
@@ -79,6 +82,9 @@ def make_mesh(cfg: MeshConfig | Mapping[str, int] | None = None,
             raise ValueError(f"mesh config: unknown axes {sorted(unknown)}; use {MESH_AXES}")
         cfg = MeshConfig(**{k: int(v) for k, v in cfg.items()})
     devices = list(jax.devices() if devices is None else devices)
+    sizes = (cfg.data, cfg.fsdp, cfg.expert, cfg.tensor)
+    if -1 not in sizes and 0 < int(np.prod(sizes)) < len(devices):
+        devices = devices[: int(np.prod(sizes))]
     shape = cfg.shape(len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 

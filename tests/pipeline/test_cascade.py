@@ -13,12 +13,13 @@ def _config():
     c = get_config("fast")
     c.progress = False
     c.num_workers = 1
+    c.mesh.data = 1   # one device of the simulated eight: faster, and the code path of a laptop
     c.data.train_per_domain = 64
     c.data.eval_per_domain = 8
     c.eval.max_new_tokens = 12
     c.stage_order = "sft,math_rl"
     c.stages.sft.steps = 4
-    c.stages.sft.batch_size = 8
+    c.stages.sft.batch_size = 4
     c.stages.sft.seq_len = 64
     c.stages.math_rl.steps = 2
     c.stages.math_rl.prompts_per_step = 4
