@@ -1,7 +1,7 @@
 """MoE expert-layer benchmark: forward+backward time of each backend vs an equal-FLOP dense matmul.
 
-    python benchmarks/moe.py                 # small + large shapes, writes benchmarks/results/moe.json
-    python benchmarks/moe.py --quick         # the small shape, fast backends only (~30 s on CPU)
+    python benchmarks/moe.py            # small + large shapes -> benchmarks/results/moe.json
+    python benchmarks/moe.py --quick    # the small shape, fast backends only (~30 s on CPU)
     python benchmarks/moe.py --backends=sorted,ragged_dot --shapes=small
 
 For each shape, every backend computes `sum(expert_mlp(x) * r)` and its gradients w.r.t. x, the
@@ -32,13 +32,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nemocascade.model import moe_backends  # noqa: E402
+from nemocascade.model import moe_backends
 
 SHAPES = {
     # name: tokens, hidden, experts, top_k, width
-    "quick": dict(tokens=1024, hidden=256, experts=16, top_k=4, width=128),
-    "small": dict(tokens=4096, hidden=512, experts=32, top_k=4, width=256),
-    "large": dict(tokens=8192, hidden=1024, experts=64, top_k=6, width=512),
+    "quick": {"tokens": 1024, "hidden": 256, "experts": 16, "top_k": 4, "width": 128},
+    "small": {"tokens": 4096, "hidden": 512, "experts": 32, "top_k": 4, "width": 256},
+    "large": {"tokens": 8192, "hidden": 1024, "experts": 64, "top_k": 6, "width": 512},
 }
 # Backends that do (close to) E/K or E times the useful work on CPU, or run the Pallas
 # interpreter: measured on the quick/small shapes only unless named explicitly.
@@ -94,35 +94,38 @@ def _interleaved_min_times(jobs: dict, rounds: int) -> dict:
     return best
 
 
-def bench_shape(name: str, backends: list[str], iters: int, explicit: bool, skip_slow: bool) -> dict:
+def bench_shape(name: str, backends: list[str], iters: int, explicit: bool,
+                skip_slow: bool) -> dict:
     shape = SHAPES[name]
     x_TD, idx_TK, w_TK, up_EDF, down_EFD, r_TD = _inputs(shape)
-    T, D, E, K, F = (shape[k] for k in ("tokens", "hidden", "experts", "top_k", "width"))
+    T, D, K, F = (shape[k] for k in ("tokens", "hidden", "top_k", "width"))
     A = T * K
     ks = jax.random.split(jax.random.key(1), 2)
-    eq_args = (jax.random.normal(ks[0], (A, D)), up_EDF[0], down_EFD[0], jax.random.normal(ks[1], (A, D)))
+    eq_args = (jax.random.normal(ks[0], (A, D)), up_EDF[0], down_EFD[0],
+               jax.random.normal(ks[1], (A, D)))
     flops = 3 * 2 * 2 * A * D * F  # fwd (2 matmuls) + bwd (2x that), 2 flops per MAC
     rows, fast, slow = {}, {}, {}
     fast["equal_flop_dense"] = (*_compile(_equal_flop_step(), eq_args), eq_args)
     moe_args = (x_TD, w_TK, up_EDF, down_EFD, idx_TK, r_TD)
     for b in backends:
         if b in SLOW_ON_CPU and skip_slow and not explicit and jax.default_backend() == "cpu":
-            rows[b] = dict(skipped="estimated >= E/K x the useful work on CPU; pass --backends to force")
+            rows[b] = {"skipped": "estimated >= E/K x the useful work on CPU; "
+                                  "pass --backends to force"}
             continue
         try:
             entry = (*_compile(_moe_step(b), moe_args), moe_args)
         except Exception as e:  # noqa: BLE001  (e.g. the Pallas kernel not available here)
-            rows[b] = dict(skipped=f"{type(e).__name__}: {e}"[:200])
+            rows[b] = {"skipped": f"{type(e).__name__}: {e}"[:200]}
             continue
         (slow if b in SLOW_ON_CPU and jax.default_backend() == "cpu" else fast)[b] = entry
     times = _interleaved_min_times({k: (c, a) for k, (c, _, a) in fast.items()}, iters)
     times.update(_interleaved_min_times({k: (c, a) for k, (c, _, a) in slow.items()}, 1))
     t_ref = times["equal_flop_dense"]
     for k, (_, temp, _) in {**fast, **slow}.items():
-        rows[k] = dict(time_s=times[k], temp_bytes=temp, vs_equal_flop_dense=times[k] / t_ref,
-                       gflops=flops / times[k] / 1e9)
+        rows[k] = {"time_s": times[k], "temp_bytes": temp, "vs_equal_flop_dense": times[k] / t_ref,
+                   "gflops": flops / times[k] / 1e9}
     order = ["equal_flop_dense"] + [b for b in backends]
-    return dict(shape=shape, results={k: rows[k] for k in order if k in rows})
+    return {"shape": shape, "results": {k: rows[k] for k in order if k in rows}}
 
 
 def _best_ratio(shape_result: dict) -> tuple[str | None, float | None]:
@@ -137,7 +140,8 @@ def _best_ratio(shape_result: dict) -> tuple[str | None, float | None]:
 
 def run(quick: bool = True, backends: list[str] | None = None, shapes: list[str] | None = None,
         iters: int = 8) -> dict:
-    """Benchmark and return {'platform', 'shapes': {...}, 'moe_best_backend', 'moe_best_vs_equal_flop_dense'}.
+    """Benchmark; returns a dict with 'platform', 'shapes' (per-shape tables), 'best_per_shape',
+    'moe_best_backend' and 'moe_best_vs_equal_flop_dense'.
 
     `moe_best_vs_equal_flop_dense` is taken from the last shape measured (`large` in a full run,
     `small` with quick=True); `best_per_shape` has it for every shape.
@@ -145,8 +149,8 @@ def run(quick: bool = True, backends: list[str] | None = None, shapes: list[str]
     explicit = backends is not None
     backends = backends or list(moe_backends.available_backends())
     shapes = shapes or (["small"] if quick else ["small", "large"])
-    out = dict(platform=jax.default_backend(), device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
-               loadavg_before=os.getloadavg(), shapes={})
+    out = {"platform": jax.default_backend(), "device": str(jax.devices()[0]),
+           "cpu_count": os.cpu_count(), "loadavg_before": os.getloadavg(), "shapes": {}}
     for name in shapes:
         out["shapes"][name] = bench_shape(name, backends, iters, explicit,
                                           skip_slow=quick or name == "large")

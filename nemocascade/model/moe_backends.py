@@ -28,7 +28,8 @@ Backends:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -159,7 +160,7 @@ def _tokens_to_rows_fwd(x_TD, assign_N, pos_TK):
 
 
 def _tokens_to_rows_bwd(res, ct_ND):
-    assign_N, pos_TK = res
+    _assign_N, pos_TK = res
     ct_TD = jnp.sum(_take_rows(ct_ND, pos_TK).astype(jnp.float32), axis=1).astype(ct_ND.dtype)
     return ct_TD, None, None
 
@@ -256,7 +257,7 @@ def _varying_axes(x) -> frozenset:
 
 def _tile_loop(n, body, init, *operands):
     """fori_loop over the first `n` tiles. Under `shard_map`, the zero-initialised carry is first
-    marked varying over the manual mesh axes its operands vary over (else the loop's types clash)."""
+    marked varying over the manual mesh axes its operands vary over (else the loop types clash)."""
     return jax.lax.fori_loop(0, n, body, _make_varying(init, n, *operands))
 
 
@@ -381,7 +382,8 @@ def expert_mlp(x_TD, idx_TK, w_TK, up_EDF, down_EFD, *, backend: str = "dense"):
     """
     E, D, F = up_EDF.shape
     if x_TD.ndim != 2 or x_TD.shape[1] != D:
-        raise ValueError(f"moe_backends.expert_mlp: x_TD {x_TD.shape} does not match up_EDF {up_EDF.shape}")
+        raise ValueError(f"moe_backends.expert_mlp: x_TD {x_TD.shape} does not match "
+                         f"up_EDF {up_EDF.shape}")
     if down_EFD.shape != (E, F, D):
         raise ValueError(f"moe_backends.expert_mlp: down_EFD {down_EFD.shape} != {(E, F, D)}")
     if idx_TK.shape != w_TK.shape or idx_TK.shape[0] != x_TD.shape[0] or idx_TK.ndim != 2:

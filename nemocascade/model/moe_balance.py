@@ -22,7 +22,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,8 @@ DEFAULT_AUX_LOSS_COEF = 1e-4
 ROUTER_PARAM_NAMES = ("router_DE",)
 
 
-def expert_counts(idx_TK: jax.Array, num_experts: int, valid_T: jax.Array | None = None) -> jax.Array:
+def expert_counts(idx_TK: jax.Array, num_experts: int,
+                  valid_T: jax.Array | None = None) -> jax.Array:
     """[E] fp32 number of (token, k) assignments routed to each expert (invalid tokens excluded).
 
     `idx_TK` may have any leading shape (`[..., K]`); `valid_T` broadcasts over it without K.
@@ -114,8 +116,8 @@ def update_model_biases(model_state: Any, counts_LE: jax.Array,
     as integers (layers/2 before layers/10). Returns a new state; other leaves are unchanged.
     """
     found = []
-    jax.tree_util.tree_map_with_path(lambda p, x: found.append(tuple(_path_names(p))) if _is_bias_var(x)
-                                     else None, model_state, is_leaf=_is_bias_var)
+    for path, _ in jax.tree_util.tree_leaves_with_path(model_state, is_leaf=_is_bias_var):
+        found.append(tuple(_path_names(path)))
 
     def key(names):
         return tuple((0, int(n), "") if n.isdigit() else (1, 0, n) for n in names)
@@ -152,5 +154,5 @@ def freeze_router(tx: optax.GradientTransformation,
     Use for RL stages (router frozen); keep applying `update_model_biases` after each step so the
     correction bias keeps balancing the load. The optimizer state of the router is not allocated.
     """
-    labels: Callable[[Any], Any] = lambda params: router_labels(params, router_names)  # noqa: E731
+    labels: Callable[[Any], Any] = lambda params: router_labels(params, router_names)
     return optax.multi_transform({"trainable": tx, "router": optax.set_to_zero()}, labels)

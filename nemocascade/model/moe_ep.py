@@ -29,11 +29,12 @@ summed over the other batch axes by `shard_map`.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from nemocascade import sharding
 from nemocascade.model import moe_backends
@@ -54,7 +55,8 @@ def capacity(tokens_per_device: int, top_k: int, num_experts: int, ep_size: int,
     if capacity_factor is None:
         return max(worst, 1)
     if capacity_factor <= 0:
-        raise ValueError(f"moe_ep: capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+        raise ValueError(f"moe_ep: capacity_factor must be > 0 (or None for dropless), "
+                         f"got {capacity_factor}")
     return max(1, min(worst, math.ceil(capacity_factor * tokens_per_device * top_k / ep_size)))
 
 
@@ -77,7 +79,8 @@ def dispatch_permutation(idx_TK: jax.Array, num_experts: int, ep_size: int,
     rank_A = jnp.sum((jnp.cumsum(onehot_AP, axis=0) - 1) * onehot_AP, axis=1)
     keep_A = valid_A & (rank_A < cap)
     slot_A = jnp.where(keep_A, dest_A * cap + rank_A, N)
-    assign_N = jnp.full((N,), A, jnp.int32).at[slot_A].set(jnp.arange(A, dtype=jnp.int32), mode="drop")
+    arange_A = jnp.arange(A, dtype=jnp.int32)
+    assign_N = jnp.full((N,), A, jnp.int32).at[slot_A].set(arange_A, mode="drop")
     local_A = jnp.where(valid_A, e_A % e_local, e_local)
     local_expert_N = jnp.take(local_A, assign_N, mode="fill", fill_value=e_local)
     dropped = jnp.sum(valid_A & ~keep_A)
@@ -96,7 +99,7 @@ def expert_parallel_mlp(x_TD: jax.Array, idx_TK: jax.Array, w_TK: jax.Array, up_
     global number of dropped assignments (always 0 when dropless). Without a mesh or with an
     expert axis of size 1 this is the plain single-device backend.
     """
-    E, D, F = up_EDF.shape
+    E, D, _F = up_EDF.shape
     T, K = idx_TK.shape
     if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) == 1:
         y = moe_backends.expert_mlp(x_TD, idx_TK, w_TK, up_EDF, down_EFD, backend=backend)
@@ -110,7 +113,8 @@ def expert_parallel_mlp(x_TD: jax.Array, idx_TK: jax.Array, w_TK: jax.Array, up_
                          f"(see sharding.LOGICAL_RULES['batch'])")
     shards = math.prod(mesh.shape[a] for a in axes)
     if T % shards:
-        raise ValueError(f"moe_ep: {T} tokens do not divide over the batch axes {axes} ({shards} shards)")
+        raise ValueError(f"moe_ep: {T} tokens do not divide over the batch axes {axes} "
+                         f"({shards} shards)")
     cap = capacity(T // shards, K, E, ep, capacity_factor)
 
     def local(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
@@ -120,8 +124,8 @@ def expert_parallel_mlp(x_TD: jax.Array, idx_TK: jax.Array, w_TK: jax.Array, up_
         recv_e_PC = jax.lax.all_to_all(local_e_N.reshape(ep, cap), EXPERT_AXIS, 0, 0)
         rows = ep * cap
         ones_R1 = jnp.ones((rows, 1), jnp.float32)
-        out_RD = moe_backends.expert_mlp(recv_PCD.reshape(rows, D), recv_e_PC.reshape(rows, 1), ones_R1,
-                                         up_EDF, down_EFD, backend=backend)
+        out_RD = moe_backends.expert_mlp(recv_PCD.reshape(rows, D), recv_e_PC.reshape(rows, 1),
+                                         ones_R1, up_EDF, down_EFD, backend=backend)
         back_ND = jax.lax.all_to_all(out_RD.reshape(ep, cap, D), EXPERT_AXIS, 0, 0).reshape(rows, D)
         y_TD = moe_backends.unpermute(back_ND, perm, w_TK, x_TD.dtype)
         return y_TD, jax.lax.psum(dropped, axes)
@@ -135,8 +139,9 @@ def set_expert_mesh(model, mesh: Mesh | None) -> int:
     """Make every `moe.MoE` layer inside `model` (an nnx module) run expert-parallel over `mesh`
     (None, or an expert axis of size 1: the single-device backend). Returns the number of layers
     set. Call before `nnx.split`, so the mesh is part of the graph definition."""
-    from nemocascade.model.moe import MoE  # here, not at the top: moe imports this module
     from flax import nnx
+
+    from nemocascade.model.moe import MoE  # here, not at the top: moe imports this module
 
     if mesh is not None and mesh.shape.get(EXPERT_AXIS, 1) == 1:
         mesh = None

@@ -1,4 +1,4 @@
-"""Every MoE backend agrees with the one-hot `dense` oracle in forward and gradients (fp32, 1e-5)."""
+"""Every MoE backend agrees with the one-hot `dense` oracle: forward and gradients, fp32, 1e-5."""
 
 import functools
 
@@ -9,7 +9,7 @@ import pytest
 
 from nemocascade.model import moe_backends as mb
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _case(T=24, D=16, F=8, E=6, K=2, seed=0):

@@ -20,7 +20,8 @@ def test_expert_counts_masks_invalid_tokens_and_ignores_dropped_slots():
     np.testing.assert_array_equal(bal.expert_counts(idx_TK, 4), [2, 2, 2, 1])
     np.testing.assert_array_equal(bal.expert_counts(idx_TK, 4, valid_T), [1, 2, 2, 0])
     idx_BTK = idx_TK.reshape(2, 2, 2)
-    np.testing.assert_array_equal(bal.expert_counts(idx_BTK, 4, valid_T.reshape(2, 2)), [1, 2, 2, 0])
+    np.testing.assert_array_equal(bal.expert_counts(idx_BTK, 4, valid_T.reshape(2, 2)),
+                                  [1, 2, 2, 0])
 
 
 def test_bias_update_follows_sign_rule():
@@ -98,7 +99,8 @@ def test_update_model_biases_in_layer_order():
     L, E = 11, 4  # 11 layers: layers/2 must come before layers/10
     model = _Stack(L, E)
     _, rest = nnx.split(model, ExpertBias)
-    counts_LE = jnp.zeros((L, E)).at[jnp.arange(L), jnp.arange(L) % E].set(10.0)  # layer l: expert l%4 hot
+    # layer l: expert l % 4 is hot
+    counts_LE = jnp.zeros((L, E)).at[jnp.arange(L), jnp.arange(L) % E].set(10.0)
     nnx.update(model, bal.update_model_biases(rest, counts_LE, rate=0.5))
     for layer_i, block in enumerate(model.layers):
         want = np.full(E, 0.5)
@@ -118,7 +120,8 @@ def test_freeze_router_zeroes_router_updates_only():
     new = optax.apply_updates(params, updates)
     router_old = params["layers"][0]["mixer"]["router_DE"][...]
     np.testing.assert_array_equal(new["layers"][0]["mixer"]["router_DE"][...], router_old)
-    assert not np.allclose(new["layers"][0]["mixer"]["up_EDF"][...], params["layers"][0]["mixer"]["up_EDF"][...])
+    up_old = params["layers"][0]["mixer"]["up_EDF"][...]
+    assert not np.allclose(new["layers"][0]["mixer"]["up_EDF"][...], up_old)
     labels = jax.tree.leaves(bal.router_labels(params))
     assert labels.count("router") == 1
     # the bias of the real model state follows the rule (the optimizer never sees it)

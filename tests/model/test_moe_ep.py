@@ -7,15 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nemocascade import sharding
 from nemocascade.model import moe_backends as mb
 from nemocascade.model import moe_balance as bal
 from nemocascade.model import moe_ep
 
-TOL = dict(rtol=1e-5, atol=1e-5)
-MESHES = {"ep8": dict(data=1, expert=8), "ep4_data2": dict(data=2, expert=4)}
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+MESHES = {"ep8": {"data": 1, "expert": 8}, "ep4_data2": {"data": 2, "expert": 4}}
 
 
 def _case(T=64, D=16, F=8, E=16, K=4, seed=0, skew=0.0):
@@ -111,7 +112,7 @@ def _expected_drops(idx_TK, E, ep, shards, cap):
 
 def test_capacity_factor_drops_and_counts():
     mesh = sharding.make_mesh(MESHES["ep4_data2"])
-    x_TD, idx_TK, w_TK, up_EDF, down_EFD, r_TD = _case(seed=2, skew=3.0)  # very unbalanced
+    x_TD, idx_TK, w_TK, up_EDF, down_EFD, _r_TD = _case(seed=2, skew=3.0)  # very unbalanced
     T, K = idx_TK.shape
     E, ep, shards = 16, 4, 8
     cf = 1.0
@@ -128,7 +129,8 @@ def test_capacity_factor_drops_and_counts():
 
 
 def test_dropless_capacity_is_worst_case_and_errors_are_clear():
-    assert moe_ep.capacity(8, 4, 16, 8, None) == 8 * 2  # a token sends <= min(K, E_l) rows per device
+    # a token sends at most min(K, E_l) rows to one device
+    assert moe_ep.capacity(8, 4, 16, 8, None) == 8 * 2
     assert moe_ep.capacity(8, 4, 16, 4, 100.0) == 8 * 4  # never above the dropless worst case
     with pytest.raises(ValueError, match="capacity_factor"):
         moe_ep.capacity(8, 4, 16, 4, 0.0)
