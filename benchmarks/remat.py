@@ -11,7 +11,9 @@ Policies (`ModelConfig.remat`, implemented per block with `jax.checkpoint` in
   matmuls  outputs of matmuls without batch dimensions are kept
            (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`), the rest recomputed.
 
-For each policy the full `sft_step` (MoE backend `sorted`) is compiled once on one CPU device:
+For each policy the full `sft_step` (MoE backend `sorted`, cross-entropy chunked over 1024
+tokens as in the train-step benchmark, so that the [B, T, V] logits do not hide the blocks'
+activations) is compiled once on one CPU device:
 `temp_bytes` is `compiled.memory_analysis().temp_size_in_bytes` (XLA's scratch peak, excluding
 the state and batch arguments), and the step time is the median of interleaved runs. The
 params tool's analytic activation estimate (`nemocascade.tools.params.activation_estimate`) is
@@ -44,13 +46,14 @@ RESULTS = Path(__file__).resolve().parent / "results" / "remat.json"
 POLICIES = ("none", "block", "matmuls")
 
 
-def compile_policy(remat: str, batch: dict, moe_backend: str = "sorted"):
+def compile_policy(remat: str, batch: dict, moe_backend: str = "sorted", loss_chunk: int = 1024):
     """(compiled step, state, temp bytes) for `ModelConfig.small(remat=remat)`."""
     cfg = ModelConfig.small(remat=remat, moe_backend=moe_backend)
     tx = make_optimizer(OPTIM, total_steps=1000)
     graphdef, state = create_train_state(NemotronH(cfg, rngs=nnx.Rngs(0)), tx, jax.random.PRNGKey(0))
     step = jax.jit(functools.partial(sft_step, graphdef=graphdef, tx=tx, lr_fn=lambda s: OPTIM.lr,
-                                     moe_bias_rate=OPTIM.moe_bias_rate), donate_argnums=0)
+                                     moe_bias_rate=OPTIM.moe_bias_rate,
+                                     loss_chunk_size=loss_chunk), donate_argnums=0)
     compiled = step.lower(state, batch).compile()
     return compiled, state, int(compiled.memory_analysis().temp_size_in_bytes)
 
@@ -80,7 +83,7 @@ def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
     tokens = batch * seq
     rows = {}
     for r in POLICIES:
-        est = activation_estimate(cfg, tokens, seq, r)
+        est = activation_estimate(cfg, tokens, seq, r, loss_chunk=1024)
         rows[r] = {"temp_bytes": temps[r], "step_median_s": times[r]["median_s"],
                    "step_times_s": times[r]["times_s"],
                    "time_vs_none": times[r]["median_s"] / times["none"]["median_s"],

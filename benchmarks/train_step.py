@@ -10,7 +10,10 @@ token batch, with the same optimizer (AdamW b1 0.9, b2 0.98, eps 1e-8, weight de
 weights that are not norms/biases, global-norm clipping at 1.0, constant lr):
 
   ours          `nemocascade.train.sft.sft_step` (forward, backward, clipping, AdamW, MoE bias
-                update), `jax.jit` with the state donated, MoE backend `sorted` (the CPU one).
+                update), `jax.jit` with the state donated, MoE backend `sorted` (the CPU one),
+                cross-entropy chunked over 1024 tokens (`loss_chunk_size`, the same option the
+                nano SFT config uses; `--loss_chunk=0` materialises [B, T, V] logits and is
+                slower: the logits' backward then makes several passes over B*T*V fp32).
   transformers  `model(ids).logits` -> token cross-entropy -> `backward()` ->
                 `clip_grad_norm_` -> `torch.optim.AdamW.step()`; attention `sdpa` and the
                 default experts implementation (what a user gets; both recorded in the JSON).
@@ -137,13 +140,14 @@ def make_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> dict[st
             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
 
 
-def ours_programs(model, batch: dict):
+def ours_programs(model, batch: dict, loss_chunk: int = 1024):
     """(train_step() -> metrics, prefill() -> logits) closures over our jitted programs."""
     from flax import nnx
     tx = make_optimizer(OPTIM, total_steps=1000)
     graphdef, state = create_train_state(model, tx, jax.random.PRNGKey(0))
     step = jax.jit(functools.partial(sft_step, graphdef=graphdef, tx=tx, lr_fn=lambda s: OPTIM.lr,
-                                     moe_bias_rate=OPTIM.moe_bias_rate), donate_argnums=0)
+                                     moe_bias_rate=OPTIM.moe_bias_rate,
+                                     loss_chunk_size=loss_chunk), donate_argnums=0)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     holder = {"state": state}
 
@@ -211,7 +215,8 @@ def interleaved_medians(jobs: dict, repeats: int) -> dict[str, dict]:
 
 
 def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
-        repeats: int | None = None, moe_backend: str = "sorted", write: bool = True) -> dict:
+        repeats: int | None = None, moe_backend: str = "sorted", loss_chunk: int = 1024,
+        write: bool = True) -> dict:
     """Measures everything above on `ModelConfig.small()`; returns the JSON-ready dict."""
     import torch
     batch = batch or (2 if quick else 8)
@@ -220,7 +225,7 @@ def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
     cfg = ModelConfig.small(moe_backend=moe_backend)
     hf, ours = build_models(cfg, moe_backend)
     data = make_batch(cfg, batch, seq)
-    o_train, o_pre = ours_programs(ours, data)
+    o_train, o_pre = ours_programs(ours, data, loss_chunk)
     h_train, h_pre = transformers_programs(hf, data)
     jobs = {"ours_train": o_train, "hf_train": h_train, "ours_prefill": o_pre, "hf_prefill": h_pre,
             "matmul_peak": lambda: None}
@@ -234,6 +239,7 @@ def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
     res = {
         "config": "small", "batch": batch, "seq": seq, "tokens_per_step": tokens, "dtype": "float32",
         "platform": jax.default_backend(), "moe_backend": moe_backend, "repeats": repeats,
+        "ours_loss_chunk_size": loss_chunk,
         "torch_threads": torch.get_num_threads(),
         "transformers_attn_implementation": hf.config._attn_implementation,
         "transformers_experts_implementation": getattr(hf.config, "_experts_implementation", None),
@@ -279,8 +285,10 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--moe_backend", default="sorted")
+    p.add_argument("--loss_chunk", type=int, default=1024, help="our loss_chunk_size (0: off)")
     a = p.parse_args()
-    run(quick=a.quick, batch=a.batch, seq=a.seq, repeats=a.repeats, moe_backend=a.moe_backend)
+    run(quick=a.quick, batch=a.batch, seq=a.seq, repeats=a.repeats, moe_backend=a.moe_backend,
+        loss_chunk=a.loss_chunk)
 
 
 if __name__ == "__main__":

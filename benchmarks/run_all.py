@@ -1,0 +1,118 @@
+"""Runs the CPU benchmarks and writes one JSON with their headline numbers.
+
+    python benchmarks/run_all.py --quick --json=/tmp/bench.json     # a few minutes on CPU
+    python benchmarks/run_all.py --json=benchmarks/results/all.json # the full sizes (long)
+    python benchmarks/run_all.py --quick --only=train_step,moe
+
+Each benchmark module's `run(quick)` is called in this process, in order (compile_time runs in a
+child process because it needs simulated devices set before jax is imported). A benchmark that
+is missing or fails is reported with `null` for its keys and its error under `errors`, and the
+others still run. Headline keys:
+
+  train_mfu, train_speedup_vs_transformers, prefill_speedup_vs_transformers   (train_step.py)
+  decode_speedup_vs_transformers (and generate's prefill speedup as generate_prefill_speedup)
+                                                                               (generate.py)
+  moe_best_vs_equal_flop_dense                                                 (moe.py)
+  logprob_peak_memory_reduction                                                (logprob_memory.py)
+  remat_block_temp_vs_none, remat_block_time_vs_none                           (remat.py)
+  compile_lower_s, compile_s                                                   (compile_time.py)
+
+`prefill_speedup_vs_transformers` is the train_step benchmark's (a full forward over a batch);
+generate.py's cached-prefill speedup is kept as `generate_prefill_speedup_vs_transformers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+# benchmark -> {headline key: key in that benchmark's result}
+HEADLINES = {
+    "train_step": {"train_mfu": "train_mfu",
+                   "train_speedup_vs_transformers": "train_speedup_vs_transformers",
+                   "prefill_speedup_vs_transformers": "prefill_speedup_vs_transformers"},
+    "generate": {"decode_speedup_vs_transformers": "decode_speedup_vs_transformers",
+                 "generate_prefill_speedup_vs_transformers": "prefill_speedup_vs_transformers"},
+    "moe": {"moe_best_vs_equal_flop_dense": "moe_best_vs_equal_flop_dense"},
+    "logprob_memory": {"logprob_peak_memory_reduction": "logprob_peak_memory_reduction"},
+    "remat": {"remat_block_temp_vs_none": ("policies", "block", "temp_vs_none"),
+              "remat_block_time_vs_none": ("policies", "block", "time_vs_none")},
+    "compile_time": {"compile_lower_s": "compile_lower_s", "compile_s": "compile_s"},
+}
+SUBPROCESS = ("compile_time",)
+
+
+def _get(result: dict, key):
+    for k in (key if isinstance(key, tuple) else (key,)):
+        result = result[k]
+    return result
+
+
+def _run_subprocess(name: str, quick: bool) -> dict:
+    """Runs `benchmarks/<name>.py` in a child process; returns the JSON it wrote."""
+    mod = importlib.import_module(name)
+    out = mod.RESULTS.with_name(f"{name}_quick.json") if quick else mod.RESULTS
+    cmd = [sys.executable, str(HERE / f"{name}.py")] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout)
+    if proc.returncode:
+        raise RuntimeError(f"{name}.py exited {proc.returncode}: {proc.stderr[-1500:]}")
+    return json.loads(out.read_text())
+
+
+def run_all(quick: bool, only: list[str] | None = None) -> dict:
+    """Runs the benchmarks (all, or `only`); returns {headline keys..., details, errors, seconds}."""
+    names = only or list(HEADLINES)
+    unknown = sorted(set(names) - set(HEADLINES))
+    if unknown:
+        raise ValueError(f"run_all: unknown benchmarks {unknown}; choose from {list(HEADLINES)}")
+    out = {k: None for name in HEADLINES for k in HEADLINES[name]}
+    out.update(quick=quick, details={}, errors={}, seconds={})
+    for name in names:
+        print(f"\n===== {name} =====", flush=True)
+        t0 = time.perf_counter()
+        try:
+            if name in SUBPROCESS:
+                result = _run_subprocess(name, quick)
+            else:
+                result = importlib.import_module(name).run(quick=quick)
+            for key, src in HEADLINES[name].items():
+                out[key] = _get(result, src)
+            out["details"][name] = result
+        except Exception as err:  # noqa: BLE001  (one failing benchmark must not stop the rest)
+            out["errors"][name] = f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+        out["seconds"][name] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", required=True, help="output file")
+    p.add_argument("--only", default=None, help="comma list of " + ",".join(HEADLINES))
+    a = p.parse_args()
+    res = run_all(a.quick, a.only.split(",") if a.only else None)
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
+    print("\n===== headline =====")
+    for k, v in res.items():
+        if k not in ("details", "errors", "seconds", "quick"):
+            print(f"{k:<44}{v}")
+    if res["errors"]:
+        print(f"errors: {res['errors']}")
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
