@@ -45,11 +45,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pallas_kernels  # noqa: E402
-from nemocascade.model import moe_backends  # noqa: E402
+import pallas_kernels
+from nemocascade.model import moe_backends
 
-NANO = dict(hidden=2688, width=1856, experts=128, top_k=6)
-SMOKE = dict(hidden=128, width=64, experts=8, top_k=2)
+NANO = {"hidden": 2688, "width": 1856, "experts": 128, "top_k": 6}
+SMOKE = {"hidden": 128, "width": 64, "experts": 8, "top_k": 2}
 # bf16 dense peak TFLOP/s per chip (vendor specs; H100/H200 SXM without sparsity)
 PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
                "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H100": 989.0,

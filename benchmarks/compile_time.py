@@ -61,6 +61,7 @@ def measure(mesh_spec: str = "fsdp=2,expert=4", batch: int = 8, seq: int = 128,
     import jax
     import jax.numpy as jnp
     from flax import nnx
+
     from nemocascade.model import ModelConfig, NemotronH
     from nemocascade.model.moe_ep import set_expert_mesh
     from nemocascade.sharding import MeshConfig, batch_sharding, make_mesh
@@ -147,7 +148,7 @@ def main() -> None:
     p.add_argument("--remat", default="block", choices=["none", "block", "matmuls"])
     p.add_argument("--moe_backend", default="ragged_dot")
     a = p.parse_args()
-    kw = dict(mesh_spec=a.mesh, batch=a.batch, remat=a.remat, moe_backend=a.moe_backend)
+    kw = {"mesh_spec": a.mesh, "batch": a.batch, "remat": a.remat, "moe_backend": a.moe_backend}
     if a.seq:
         kw["seq"] = a.seq
     run(quick=a.quick, **kw)

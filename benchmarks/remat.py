@@ -35,12 +35,13 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nemocascade.model import ModelConfig, NemotronH  # noqa: E402
-from nemocascade.tools.params import activation_estimate  # noqa: E402
-from nemocascade.train.sft import sft_step  # noqa: E402
-from nemocascade.train.optim import make_optimizer  # noqa: E402
-from nemocascade.train.state import create_train_state  # noqa: E402
-from train_step import OPTIM, interleaved_medians, make_batch  # noqa: E402
+from train_step import OPTIM, interleaved_medians, make_batch
+
+from nemocascade.model import ModelConfig, NemotronH
+from nemocascade.tools.params import activation_estimate
+from nemocascade.train.optim import make_optimizer
+from nemocascade.train.sft import sft_step
+from nemocascade.train.state import create_train_state
 
 RESULTS = Path(__file__).resolve().parent / "results" / "remat.json"
 POLICIES = ("none", "block", "matmuls")

@@ -59,10 +59,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nemocascade.model import ModelConfig, load_hf_checkpoint  # noqa: E402
-from nemocascade.train.optim import OptimConfig, make_optimizer  # noqa: E402
-from nemocascade.train.sft import sft_step  # noqa: E402
-from nemocascade.train.state import create_train_state  # noqa: E402
+from nemocascade.model import ModelConfig, load_hf_checkpoint
+from nemocascade.train.optim import OptimConfig, make_optimizer
+from nemocascade.train.sft import sft_step
+from nemocascade.train.state import create_train_state
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 OPTIM = OptimConfig(lr=1e-5, min_lr=1e-5, warmup_steps=0, b1=0.9, b2=0.98, eps=1e-8,

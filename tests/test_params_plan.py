@@ -47,7 +47,7 @@ def test_expert_and_fsdp_axes():
 
 
 def test_fits_flips_with_hbm_size():
-    kw = dict(batch=16, seq=1024, remat="block")
+    kw = {"batch": 16, "seq": 1024, "remat": "block"}
     need = memory_plan(NANO, parse_mesh("expert=8"), **kw)["per_device_bytes"]["total"]
     assert memory_plan(NANO, parse_mesh("expert=8"), hbm_gb=1.01 * need / 1e9, **kw)["fits"]
     assert not memory_plan(NANO, parse_mesh("expert=8"), hbm_gb=0.99 * need / 1e9, **kw)["fits"]
