@@ -65,7 +65,7 @@ def get_config(arg: str = "") -> ConfigDict:
         sft=dict(type="sft", domains="instruction,math,code", steps=40 if fast else 300,
                  seq_len=128, batch_size=16, thinking=False, optim=_optim(3e-3, warmup=20)),
         if_rl=_grpo("instruction", 30, 2e-4, max_new=24),
-        math_rl=_grpo("math", 4 if fast else 30, 2e-4, max_new=12,
+        math_rl=_grpo("math", 4 if fast else 30, 2e-4, max_new=40,
                       prompts=8 if fast else 16, samples=4 if fast else 8),
         mopd=dict(type="mopd", domains="instruction,math,code", steps=20, prompts_per_step=24,
                   samples_per_prompt=4, max_new_tokens=32, temperature=1.0, top_p=1.0,

@@ -199,7 +199,8 @@ class Cascade:
         init = lambda: self._fresh_state(params, model_state, tx)  # noqa: E731
         train_loop(config=loop_cfg, workdir=stage_dir, mesh=self.mesh, init_fn=init,
                    step_fn=lambda s, b: sft_step(s, b, graphdef=self.graphdef, tx=tx,
-                                                 lr_fn=lr_schedule(ocfg, steps)),
+                                                 lr_fn=lr_schedule(ocfg, steps),
+                                                 moe_bias_rate=ocfg.moe_bias_rate),
                    data_iter=data_iter)
         abstract = jax.eval_shape(init)
         ckpt = Checkpointer(os.path.join(stage_dir, CHECKPOINT_DIR), keep_last=1)

@@ -154,7 +154,8 @@ class RLStage:
             return None
         arrays: dict[str, list[np.ndarray]] = {}
         for roll, rows, extra in parts:
-            b = ro.training_batch(roll, rows=rows, seq_bucket=self.seq_len, pad_id=self.tokenizer.pad_id)
+            b = ro.training_batch(roll, rows=rows, seq_bucket=self.seq_len, pad_id=self.tokenizer.pad_id,
+                                  behaviour="policy" if self.cfg["type"] == "grpo" else "sampled")
             if extra is not None:  # GRPO: advantages, and overlong filtering through the mask
                 b["advantages"] = np.asarray(extra["advantages"], np.float32)[rows]
                 b["loss_mask"] *= np.asarray(extra["sample_weight"], np.float32)[rows][:, None]

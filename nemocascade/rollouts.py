@@ -37,6 +37,7 @@ class Rollouts:
     responses: list[str]             # decoded text (without the eos token)
     finished: np.ndarray             # [R] bool: ended with eos / stop (not cut at the limit)
     sampler_logprobs: list[np.ndarray]  # per row, log-prob of each response token (sampled dist.)
+    policy_logprobs: list[np.ndarray]   # the same under the plain temperature-1 policy
     rewards: np.ndarray              # [R] fp32
     n: int
     timings: dict[str, float]
@@ -106,21 +107,30 @@ def sample(graphdef, state: nnx.State, tokenizer, records: Sequence[dict], *, n:
     texts = [tokenizer.decode(ids[:-1] if fin and ids and ids[-1] == eos else ids)
              for ids, fin in zip(r_ids, finished)]
     lps = [res.logprobs[r, :res.lengths[r]].astype(np.float32) for r in range(rows)]
+    plps = [res.logprobs_untempered[r, :res.lengths[r]].astype(np.float32) for r in range(rows)]
     cache = reward_cache or RewardCache()
     t0 = time.perf_counter()
     scores, metrics = cache.score(recs, texts, finished, num_workers=num_workers,
                                   timeout_s=reward_timeout_s)
     timings = dict(res.timings, reward_s=time.perf_counter() - t0)
-    return Rollouts(recs, p_ids, r_ids, texts, finished, lps, scores, n, timings, metrics)
+    return Rollouts(recs, p_ids, r_ids, texts, finished, lps, plps, scores, n, timings, metrics)
 
 
 def training_batch(roll: Rollouts, *, rows: Sequence[int] | None = None, num_rows: int | None = None,
-                   seq_bucket: int = 16, pad_id: int = 0) -> dict[str, np.ndarray]:
+                   seq_bucket: int = 16, pad_id: int = 0, behaviour: str = "sampled"
+                   ) -> dict[str, np.ndarray]:
     """Packs the chosen rollout rows into fixed-shape arrays (see the module docstring).
+
+    `behaviour` picks the log-probs stored as `sampler_logprobs`: "sampled" (the distribution the
+    tokens were drawn from, after temperature / top-k / top-p: MOPD's pi_inf) or "policy" (the
+    plain temperature-1 policy, which makes GRPO's ratio exactly 1 when strictly on-policy).
 
     `num_rows` pads the batch with empty rows (loss_mask 0) to a fixed count, and the length is
     rounded up to a power of two >= `seq_bucket`, so the train step compiles once per bucket.
     """
+    if behaviour not in ("sampled", "policy"):
+        raise ValueError(f"training_batch: behaviour {behaviour!r} not in ('sampled', 'policy')")
+    source = roll.sampler_logprobs if behaviour == "sampled" else roll.policy_logprobs
     rows = list(range(len(roll.records))) if rows is None else list(rows)
     num_rows = len(rows) if num_rows is None else num_rows
     if len(rows) > num_rows:
@@ -141,7 +151,7 @@ def training_batch(roll: Rollouts, *, rows: Sequence[int] | None = None, num_row
         out["targets"][i, :n_in] = s[1:]
         out["segment_ids"][i, :n_in] = 1
         out["loss_mask"][i, p - 1:n_in] = 1.0          # targets that are response tokens
-        out["sampler_logprobs"][i, p - 1:n_in] = roll.sampler_logprobs[r]
+        out["sampler_logprobs"][i, p - 1:n_in] = source[r]
     return out
 
 

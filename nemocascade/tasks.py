@@ -9,7 +9,7 @@ in the formats that `nemocascade.data` reads and `nemocascade.rewards` scores.
 Domains (the paper's IF / math / code, at toy size):
   instruction  "Write the word 'sun' 4 times in uppercase letters."  -> "SUN SUN SUN SUN"
                verified by IFEval ids change_case:* and keywords:frequency (exact count);
-  math         "What is 47 + 38?"                                    -> "\\boxed{85}"
+  math         "What is 347 + 158?"  -> "7+8+0=15, 4+5+1=10, 3+1+1=5. \\boxed{505}"
                verified by math-verify;
   code         "Write a Python function f() that returns the letters of 'dgab' in
                 alphabetical order."  -> a ```python block; unit tests run in the sandbox.
@@ -63,8 +63,16 @@ def _instruction(rng: random.Random) -> Problem:
 
 
 def _math(rng: random.Random) -> Problem:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return Problem("math", f"What is {a} + {b}?", f"\\boxed{{{a + b}}}",
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    # a short worked solution, column by column with the carries, as reasoning traces do
+    steps, carry = [], 0
+    for place in (1, 10, 100):
+        da, db = a // place % 10, b // place % 10
+        total = da + db + carry
+        steps.append(f"{da}+{db}+{carry}={total}")
+        carry = total // 10
+    work = ", ".join(steps) + "."
+    return Problem("math", f"What is {a} + {b}?", f"{work} \\boxed{{{a + b}}}",
                    {"type": "math", "answer": str(a + b)})
 
 

@@ -11,6 +11,7 @@ def _roll():
         records=recs, prompt_ids=[[5, 6, 7], [5, 6]], response_ids=[[8, 9, 2], [10]],
         responses=["a", "b"], finished=np.array([True, False]),
         sampler_logprobs=[np.array([-0.1, -0.2, -0.3], np.float32), np.array([-0.5], np.float32)],
+        policy_logprobs=[np.array([-0.15, -0.25, -0.35], np.float32), np.array([-0.6], np.float32)],
         rewards=np.array([1.0, 0.0], np.float32), n=2, timings={}, reward_metrics={})
 
 
@@ -25,6 +26,8 @@ def test_training_batch_layout():
     np.testing.assert_array_equal(b["segment_ids"][0], [1] * 5 + [0] * 3)
     np.testing.assert_array_equal(b["loss_mask"][1, :3], [0, 1, 0])
     assert b["loss_mask"][2].sum() == 0 and b["segment_ids"][2].sum() == 0   # padding row
+    p = ro.training_batch(_roll(), seq_bucket=8, behaviour="policy")
+    np.testing.assert_allclose(p["sampler_logprobs"][0, 2:5], [-0.15, -0.25, -0.35])
 
 
 def test_reward_cache_reuses_identical_pairs():
