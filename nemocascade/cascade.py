@@ -10,7 +10,8 @@ Config (see configs/tiny_cascade.py for a complete example):
                 eval_per_domain, paths: {domain: {sft, rl, eval}} for jsonl}
     eval       {n_samples, temperature, top_p, max_new_tokens, thinking}
     stage_order  comma-separated stage names, run in this order
-    stages.<name>  {type: sft | grpo | mopd, domains, steps, optim, ...}
+    stages.<name>  {type: sft | grpo | mopd, domains, steps, optim, ...}; an SFT stage may cap its
+                   data per domain with records_per_domain {domain: n}
 
 Outputs in DIR: summary.json ({"stages": [{"name", "type", "domains", "eval": {domain: score}}],
 "teachers": {domain: stage}}), report.md (stages x domains, best per domain marked), scores.png,
@@ -187,7 +188,9 @@ class Cascade:
         stage_dir = os.path.join(self.workdir, "stages", name)
         steps = int(scfg.steps)
         ocfg, tx = self._optimizer(scfg, steps)
-        records = [r for d in self._stage_domains(name) for r in self._records(d, "sft")]
+        limits = dict(scfg.get("records_per_domain", {}) or {})
+        records = [r for d in self._stage_domains(name)
+                   for r in self._records(d, "sft")[: limits.get(d)]]
         ds = nc_data.sft_dataset(records, self.tokenizer, seq_len=int(scfg.seq_len),
                                  batch_size=int(scfg.batch_size), seed=self.seed, shuffle=True,
                                  num_epochs=None, thinking=bool(scfg.thinking),

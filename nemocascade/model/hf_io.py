@@ -194,8 +194,11 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32, config: ModelConfig | None = 
         shapes = [_shape_of(keys[k], renamed.get(k, k)) for k in hf_keys if k in keys]
         if len(shapes) != len(hf_keys):
             continue
-        got = to_ours([np.empty(s, np.float32) for s in shapes]).shape
-        if tuple(got) != tuple(want):
+        try:
+            got = to_ours([np.empty(s, np.float32) for s in shapes]).shape
+        except ValueError:  # e.g. a reshape that cannot fit: certainly the wrong shape
+            got = None
+        if got is None or tuple(got) != tuple(want):
             bad_shapes.append(f"{hf_keys[0] if len(hf_keys) == 1 else hf_keys[0] + ' (+experts)'}: "
                               f"shape {shapes[0]} does not fit {'/'.join(map(str, our_path))} {tuple(want)}")
     if missing or unexpected or bad_shapes:
