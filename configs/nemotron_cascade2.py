@@ -51,7 +51,9 @@ def get_config(arg: str = "") -> ConfigDict:
     c.num_workers = 64
     c.export_hf = True
     c.model_path = ""   # released Nemotron-3-Nano-30B-A3B-Base (safetensors dir); "" = random init
-    c.model = dataclasses.asdict(ModelConfig.nano_30b_a3b(moe_backend="ragged_dot", remat="block"))
+    # fp32 master weights, bf16 compute; router, SSM recurrence and losses stay fp32
+    c.model = dataclasses.asdict(ModelConfig.nano_30b_a3b(
+        param_dtype="float32", compute_dtype="bfloat16", moe_backend="ragged_dot", remat="block"))
     c.mesh = dict(data=1, fsdp=-1, expert=8, tensor=1)
     c.tokenizer = dict(path="", vocab_size=131072, split_digits=False)
     domains = ("math", "science", "chat", "instruction", "agent", "code", "rlhf", "long_context",
