@@ -79,7 +79,7 @@ def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
     """Compiles and times the three policies; returns the JSON-ready dict."""
     batch = batch or (2 if quick else 8)
     seq = seq or (256 if quick else 512)
-    repeats = repeats or (2 if quick else 3)
+    repeats = repeats or (1 if quick else 3)
     cfg = ModelConfig.small()
     data = {k: jnp.asarray(v) for k, v in make_batch(cfg, batch, seq).items()}
     holders, temps = {}, {}

@@ -221,7 +221,7 @@ def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
     import torch
     batch = batch or (2 if quick else 8)
     seq = seq or (256 if quick else 512)
-    repeats = repeats or (2 if quick else 3)
+    repeats = repeats or (1 if quick else 3)
     cfg = ModelConfig.small(moe_backend=moe_backend)
     hf, ours = build_models(cfg, moe_backend)
     data = make_batch(cfg, batch, seq)
