@@ -30,7 +30,6 @@ import time
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 

@@ -178,3 +178,14 @@ def write_sweep_tables(rows: Sequence[Mapping[str, Any]], workdir: str | os.Path
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     with open(path) as f:
         return json.load(f)
+
+
+def dataclass_from_mapping(cls, cfg: Mapping[str, Any], section: str):
+    """`cls(**cfg)` for a dataclass config section; unknown keys raise, naming the valid ones."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+        raise KeyError(f"{section}: unknown keys {unknown}; valid keys are {sorted(fields)}")
+    return cls(**dict(cfg))

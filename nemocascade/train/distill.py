@@ -35,7 +35,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nemocascade.train import grpo, losses
+from nemocascade.configs_lib import dataclass_from_mapping
+from nemocascade.train import grpo, losses, optim
 from nemocascade.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -64,11 +65,8 @@ class DistillConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> DistillConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - fields)
-        if unknown:
-            raise KeyError(f"distill: unknown keys {unknown}; valid keys are {sorted(fields)}")
-        return cls(**dict(cfg))
+        """From a config section; unknown keys raise, naming the valid ones."""
+        return dataclass_from_mapping(cls, cfg, "distill")
 
 
 class Teacher(NamedTuple):
@@ -172,7 +170,7 @@ def distill_train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDe
     _, stats, grads = grpo.accumulate_with_stats(loss_fn, state.params, state.model_state, batch,
                                                  cfg.grad_accum_steps)
     loss = stats["loss_sum"] / denom
-    new_state, grad_norm, skipped = grpo.apply_update(state, loss, grads, stats["expert_counts"],
+    new_state, grad_norm, skipped = optim.apply_update(state, loss, grads, stats["expert_counts"],
                                                       tx=tx, moe_bias_rate=moe_bias_rate)
     metrics = grpo.step_metrics(state, stats, lr_fn) | {
         "loss": loss, "grad_norm": grad_norm, "skipped": skipped}

@@ -34,8 +34,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nemocascade.model.moe_balance import load_metrics, update_model_biases
-from nemocascade.train import losses
+from nemocascade.configs_lib import dataclass_from_mapping
+from nemocascade.model.moe_balance import load_metrics
+from nemocascade.train import losses, optim
 from nemocascade.train.sft import schedule_count
 from nemocascade.train.state import TrainState
 
@@ -71,11 +72,7 @@ class GRPOConfig:
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> GRPOConfig:
         """From a config section; unknown keys raise, naming the valid ones."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - fields)
-        if unknown:
-            raise KeyError(f"grpo: unknown keys {unknown}; valid keys are {sorted(fields)}")
-        return cls(**dict(cfg))
+        return dataclass_from_mapping(cls, cfg, "grpo")
 
 
 # ============================================================================ host-side advantages
@@ -279,32 +276,6 @@ def accumulate_with_stats(loss_fn: Callable, params, model_state, batch: Batch, 
     return loss, stats, grads
 
 
-def _select(pred, on_true, on_false):
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
-def apply_update(state: TrainState, loss: jax.Array, grads, expert_counts_LE: jax.Array, *,
-                 tx: optax.GradientTransformation, moe_bias_rate: float = 0.0):
-    """The optimizer update with the SFT step's NaN guard and MoE bias rule: if the loss or the
-    gradient norm is not finite, params, optimizer and model state stay unchanged (`step` still
-    advances); otherwise the MoE correction biases follow `moe_balance.update_model_biases`
-    from this batch's expert counts (if `moe_bias_rate` > 0). Returns
-    (new_state, grad_norm, skipped)."""
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    new_ms = state.model_state
-    if moe_bias_rate and expert_counts_LE.shape[0]:
-        new_ms = update_model_biases(state.model_state, expert_counts_LE, moe_bias_rate)
-    rng, _ = jax.random.split(state.rng)
-    new_state = TrainState(step=state.step + 1,
-                           params=_select(finite, new_params, state.params),
-                           model_state=_select(finite, new_ms, state.model_state),
-                           opt_state=_select(finite, new_opt, state.opt_state), rng=rng)
-    return new_state, grad_norm, (~finite).astype(jnp.int32)
-
-
 def step_metrics(state: TrainState, stats: dict, lr_fn: Callable | None) -> dict:
     """Means over response tokens of the common stats, MoE load and (with `lr_fn`) the lr."""
     tokens = jnp.maximum(stats["tokens"], 1.0)
@@ -363,7 +334,7 @@ def grpo_train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     _, stats, grads = accumulate_with_stats(loss_fn, state.params, state.model_state, batch,
                                             cfg.grad_accum_steps)
     loss = stats["pg_sum"] / denom
-    new_state, grad_norm, skipped = apply_update(state, loss, grads, stats["expert_counts"],
+    new_state, grad_norm, skipped = optim.apply_update(state, loss, grads, stats["expert_counts"],
                                                  tx=tx, moe_bias_rate=moe_bias_rate)
     tokens = jnp.maximum(stats["tokens"], 1.0)
     metrics = step_metrics(state, stats, lr_fn) | {

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from nemocascade.configs_lib import dataclass_from_mapping
 from nemocascade.sharding import batch_sharding, state_shardings
 from nemocascade.train.checkpoint import Checkpointer, abstract_with_shardings
 from nemocascade.train.metrics import MetricsWriter, read_metrics
@@ -65,11 +66,8 @@ class LoopConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> LoopConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - fields)
-        if unknown:
-            raise KeyError(f"train: unknown keys {unknown}; valid keys are {sorted(fields)}")
-        return cls(**dict(cfg))
+        """From a config section; unknown keys raise, naming the valid ones."""
+        return dataclass_from_mapping(cls, cfg, "train")
 
 
 class NonFiniteError(RuntimeError):

@@ -23,6 +23,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from nemocascade.configs_lib import dataclass_from_mapping
+from nemocascade.model.moe_balance import update_model_biases
+from nemocascade.train.state import TrainState
+
 NO_DECAY_NAME_PARTS = ("norm", "bias")
 
 
@@ -55,11 +59,7 @@ class OptimConfig:
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> OptimConfig:
         """From a config section; unknown keys raise, naming the valid ones."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - fields)
-        if unknown:
-            raise KeyError(f"optim: unknown keys {unknown}; valid keys are {sorted(fields)}")
-        return cls(**dict(cfg))
+        return dataclass_from_mapping(cls, cfg, "optim")
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> Callable[[jax.Array], jax.Array]:
@@ -139,3 +139,31 @@ def accumulate_gradients(loss_fn: Callable, params: Any, model_state: Any,
     rest = jax.tree.map(lambda x: x[1:], micro)
     (loss, aux, grads), _ = jax.lax.scan(body, (loss0, aux0, grads0), rest)
     return loss, aux, grads
+
+
+def _select(pred, on_true, on_false):
+    """Elementwise `pred ? on_true : on_false` over two pytrees of the same structure."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def apply_update(state: TrainState, loss: jax.Array, grads, expert_counts_LE: jax.Array, *,
+                 tx: optax.GradientTransformation, moe_bias_rate: float = 0.0):
+    """The optimizer update shared by the SFT, GRPO and distillation steps.
+
+    NaN guard: if the loss or the gradient norm is not finite, params, optimizer and model state
+    stay unchanged (`step` still advances). Otherwise the MoE correction biases follow
+    `moe_balance.update_model_biases` from this batch's expert counts (if `moe_bias_rate` > 0).
+    Returns (new_state, grad_norm, skipped)."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    new_ms = state.model_state
+    if moe_bias_rate and expert_counts_LE.shape[0]:
+        new_ms = update_model_biases(state.model_state, expert_counts_LE, moe_bias_rate)
+    rng, _ = jax.random.split(state.rng)
+    new_state = TrainState(step=state.step + 1,
+                           params=_select(finite, new_params, state.params),
+                           model_state=_select(finite, new_ms, state.model_state),
+                           opt_state=_select(finite, new_opt, state.opt_state), rng=rng)
+    return new_state, grad_norm, (~finite).astype(jnp.int32)

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nemocascade.model.moe_balance import load_metrics, update_model_biases
+from nemocascade.model.moe_balance import load_metrics
 from nemocascade.train.losses import model_hidden_and_head, token_cross_entropy_sum
-from nemocascade.train.optim import accumulate_gradients
+from nemocascade.train.optim import accumulate_gradients, apply_update
 from nemocascade.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -78,10 +77,6 @@ def schedule_count(opt_state: optax.OptState) -> jax.Array:
     return found[0]
 
 
-def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
 def sft_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
              tx: optax.GradientTransformation, lr_fn: Callable[[jax.Array], jax.Array],
              grad_accum_steps: int = 1, aux_loss_coef: float = 0.0, moe_bias_rate: float = 0.0,
@@ -105,25 +100,11 @@ def sft_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     _, (nll_sum, count, counts_LE), grads = accumulate_gradients(
         loss_fn, state.params, state.model_state, batch, grad_accum_steps)
     loss = nll_sum / denom
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    new_model_state = state.model_state
-    if moe_bias_rate and counts_LE.shape[0]:
-        new_model_state = update_model_biases(state.model_state, counts_LE, moe_bias_rate)
-    rng, _ = jax.random.split(state.rng)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=_select(finite, new_params, state.params),
-        model_state=_select(finite, new_model_state, state.model_state),
-        opt_state=_select(finite, new_opt_state, state.opt_state),
-        rng=rng,
-    )
+    new_state, grad_norm, skipped = apply_update(state, loss, grads, counts_LE, tx=tx,
+                                                 moe_bias_rate=moe_bias_rate)
     metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm,
                "lr": lr_fn(schedule_count(state.opt_state)),
-               "skipped": (~finite).astype(jnp.int32)}
+               "skipped": skipped}
     if counts_LE.shape[0]:
         metrics["moe_max_violation"] = jnp.max(load_metrics(counts_LE)["moe/max_violation"])
     return new_state, metrics
