@@ -66,7 +66,7 @@ def get_config(arg: str = "") -> ConfigDict:
     c.stages = dict(
         # few math examples: the column-addition skill stays unreliable, leaving room for RL
         sft=dict(type="sft", domains="instruction,math,code", steps=40 if fast else 800,
-                 seq_len=128, batch_size=16, thinking=False, records_per_domain={"math": 200},
+                 seq_len=128, batch_size=16, thinking=False, records_per_domain={"math": 400},
                  optim=_optim(3e-3, warmup=20)),
         if_rl=_grpo("instruction", 30, 3e-4, max_new=24),
         math_rl=_grpo("math", 4 if fast else 30, 3e-4, max_new=40,
