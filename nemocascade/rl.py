@@ -138,11 +138,12 @@ class RLStage:
             groups = len(roll.rewards) // n
             seen += groups
             dropped += prep["filtered_fraction"] * groups
-            rows = np.flatnonzero(prep["keep"])[: self.rows - total]
+            room = (self.rows - total) // n * n   # whole groups only: a cut group biases its baseline
+            rows = np.flatnonzero(prep["keep"])[:room]
             if rows.size:
                 parts.append((roll, rows, prep))
                 total += rows.size
-            if total >= self.rows:
+            if self.rows - total < n:
                 break
         metrics = {"groups_filtered_frac": dropped / max(seen, 1), "gen_rounds": len(rolls)}
         return parts, rolls, metrics
