@@ -219,7 +219,7 @@ class RLStage:
             batch = self._assemble([(roll, np.arange(len(roll.records)), None)])
             domains = roll.domains + [roll.domains[0]] * (self.rows - len(roll.domains))
             batch["teacher_logprobs"] = np.asarray(distill.mopd_teacher_logprobs(
-                self._to_device(batch), np.asarray(domains), self.teachers))
+                self._to_device(batch), self.teachers, domains_B=np.asarray(domains)))
         rewards = np.concatenate([r.rewards for r in rolls])
         domains = [d for r in rolls for d in r.domains]
         record: dict[str, Any] = {

@@ -27,6 +27,11 @@ def _config():
     c.stages.math_rl.max_new_tokens = 8
     c.stages.math_rl.max_gen_batches = 1
     c.stages.math_rl.checkpoint_every = 1
+    c.stages.mopd.domains = "math,code"
+    c.stages.mopd.steps = 1
+    c.stages.mopd.prompts_per_step = 4
+    c.stages.mopd.samples_per_prompt = 2
+    c.stages.mopd.max_new_tokens = 8
     return c
 
 
@@ -64,6 +69,16 @@ def test_two_stage_pipeline_outputs_and_resume(tmp_path):
     Cascade(c, work).run()
     assert json.load(open(os.path.join(work, "summary.json"))) == summary
     assert len(_lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))) == 2
+
+    # MOPD after the GRPO stage: every domain scored by its registered teacher
+    c.stage_order = "sft,math_rl,mopd"
+    Cascade(c, work).run()
+    summary = json.load(open(os.path.join(work, "summary.json")))
+    assert [s["name"] for s in summary["stages"]] == ["sft", "math_rl", "mopd"]
+    mopd = _lines(os.path.join(work, "stages", "mopd", "metrics.jsonl"))
+    assert len(mopd) == 1 and {"in_band_fraction", "advantage", "loss"} <= set(mopd[0])
+    c.stage_order = "sft,math_rl"
+    summary["stages"] = summary["stages"][:2]
 
     # resume mid-stage: forget that math_rl finished and ask for one more step
     summary["stages"] = summary["stages"][:1]
