@@ -27,7 +27,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -37,14 +38,14 @@ from nemocascade import data as nc_data
 from nemocascade import rollouts as ro
 from nemocascade import tasks
 from nemocascade.model import ModelConfig, NemotronH, load_hf_checkpoint, save_hf_checkpoint
-from nemocascade.report import write_report
 from nemocascade.model.moe_balance import freeze_router
+from nemocascade.report import write_report
 from nemocascade.rl import RLStage
-from nemocascade.train import distill
 from nemocascade.sharding import MeshConfig, make_mesh
+from nemocascade.train import distill
+from nemocascade.train.checkpoint import Checkpointer
 from nemocascade.train.jobs import register_job
 from nemocascade.train.loop import CHECKPOINT_DIR, LoopConfig, train_loop
-from nemocascade.train.checkpoint import Checkpointer
 from nemocascade.train.optim import OptimConfig, lr_schedule, make_optimizer
 from nemocascade.train.sft import sft_step
 from nemocascade.train.state import TrainState, split_model
@@ -198,7 +199,7 @@ class Cascade:
         loop_cfg = LoopConfig(steps=steps, checkpoint_every=max(1, steps // 2), keep_checkpoints=1,
                               best_metric="", progress=bool(self.config.progress),
                               async_checkpoint=False)
-        init = lambda: self._fresh_state(params, model_state, tx)  # noqa: E731
+        init = lambda: self._fresh_state(params, model_state, tx)
         train_loop(config=loop_cfg, workdir=stage_dir, mesh=self.mesh, init_fn=init,
                    step_fn=lambda s, b: sft_step(s, b, graphdef=self.graphdef, tx=tx,
                                                  lr_fn=lr_schedule(ocfg, steps),

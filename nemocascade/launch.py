@@ -107,7 +107,7 @@ def _run_parallel(spec, workdir, names, variants, parallel, child_args) -> list[
             name, overrides = queue.pop(0)
             vdir = os.path.join(workdir, name)
             os.makedirs(vdir, exist_ok=True)
-            log_file = open(os.path.join(vdir, "launch.log"), "w")
+            log_file = open(os.path.join(vdir, "launch.log"), "w")  # noqa: SIM115 - child's log
             cmd = [sys.executable, "-m", "nemocascade.launch", f"--config={spec}",
                    f"--workdir={vdir}", f"--variant={name}", *child_args]
             running.append((name, overrides, subprocess.Popen(cmd, stdout=log_file,

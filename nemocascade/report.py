@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def markdown_table(summary: dict, domains: Sequence[str]) -> str:

@@ -19,7 +19,8 @@ import os
 import random
 import time
 import zlib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,9 +30,9 @@ from nemocascade import rollouts as ro
 from nemocascade.data.chat import render_prompt
 from nemocascade.rollout import bucket
 from nemocascade.sharding import batch_sharding
-from nemocascade.train.loop import full_shardings
 from nemocascade.train import distill, grpo
 from nemocascade.train.checkpoint import Checkpointer
+from nemocascade.train.loop import full_shardings
 from nemocascade.train.metrics import MetricsWriter
 from nemocascade.train.state import TrainState
 

@@ -19,7 +19,8 @@ import dataclasses
 import hashlib
 import json
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from flax import nnx

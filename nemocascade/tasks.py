@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 WORDS = ("sun", "cat", "tree", "blue", "star", "rock", "fish", "moon", "rain", "bird", "lamp",
          "door", "milk", "leaf", "ship", "gold", "wind", "snow", "fire", "road", "bell", "king",

@@ -23,7 +23,7 @@ class KVCache:
     index: jax.Array       # scalar int32: number of positions written
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> "KVCache":
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
         shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))

@@ -131,12 +131,12 @@ class ModelConfig:
     def dt_limit(self) -> tuple[float, float]:
         return (self.time_step_min if self.dt_floor_like_hf else 0.0, math.inf)
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def tiny(cls, **kw) -> "ModelConfig":
+    def tiny(cls, **kw) -> ModelConfig:
         """A few-thousand-parameter model with every block type, for tests."""
         base = dict(
                 vocab_size=256, hidden_size=64, pattern="M*EM-E",
@@ -150,7 +150,7 @@ class ModelConfig:
         return cls(**base)
 
     @classmethod
-    def small(cls, **kw) -> "ModelConfig":
+    def small(cls, **kw) -> ModelConfig:
         """The benchmark size (issue spec)."""
         base = dict(
                 vocab_size=32768, hidden_size=512, pattern="MEMEM*EMEMEM*E",
@@ -163,7 +163,7 @@ class ModelConfig:
         return cls(**base)
 
     @classmethod
-    def nano_30b_a3b(cls, **kw) -> "ModelConfig":
+    def nano_30b_a3b(cls, **kw) -> ModelConfig:
         """NVIDIA-Nemotron-3-Nano-30B-A3B (and Nemotron-Cascade-2-30B-A3B)."""
         base = dict(
                 vocab_size=131072, hidden_size=2688,
@@ -179,7 +179,7 @@ class ModelConfig:
         return cls(**base)
 
     @classmethod
-    def preset(cls, name: str, **kw) -> "ModelConfig":
+    def preset(cls, name: str, **kw) -> ModelConfig:
         presets = {"tiny": cls.tiny, "small": cls.small, "nano_30b_a3b": cls.nano_30b_a3b}
         if name not in presets:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets)}")
@@ -187,7 +187,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
+    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> ModelConfig:
         """Reads a Hugging Face NemotronH `config.json` dict (old and new spellings)."""
         hf = dict(hf)
         legacy = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel",
@@ -313,7 +313,7 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_json_file(cls, path: str | Path, **overrides) -> "ModelConfig":
+    def from_json_file(cls, path: str | Path, **overrides) -> ModelConfig:
         path = Path(path)
         try:
             hf = json.loads(path.read_text())

@@ -13,8 +13,8 @@ holds the model once plus one tensor (one MoE layer's experts while stacking the
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +69,7 @@ def _param_plan(cfg: ModelConfig, prefix: str, stacked: bool):
         elif kind == "attention":
             for ours, theirs, heads in (("q_DNH", "q_proj", n), ("k_DKH", "k_proj", kv), ("v_DKH", "v_proj", kv)):
                 yield (m + (ours,), [f"{mp}.{theirs}.weight"],
-                       (lambda hh: lambda ws: ws[0].T.reshape(d, hh, h))(heads),
+                       lambda ws, hh=heads: ws[0].T.reshape(d, hh, h),
                        lambda a: [a.reshape(d, -1).T])
             yield (m + ("o_NHD",), [f"{mp}.o_proj.weight"], lambda ws: ws[0].T.reshape(n, h, d),
                    lambda a: [a.reshape(-1, d).T])
@@ -202,8 +202,9 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32, config: ModelConfig | None = 
             bad_shapes.append(f"{hf_keys[0] if len(hf_keys) == 1 else hf_keys[0] + ' (+experts)'}: "
                               f"shape {shapes[0]} does not fit {'/'.join(map(str, our_path))} {tuple(want)}")
     if missing or unexpected or bad_shapes:
-        lines = [f"checkpoint {path} does not match config ({config.num_layers} layers, "
-                 f"pattern {config.pattern}):"]
+        header = (f"checkpoint {path} does not match config ({config.num_layers} layers, "
+                  f"pattern {config.pattern}):")
+        lines = [header]
         lines += [f"  missing: {k}" for k in missing]
         lines += [f"  unexpected: {k}" for k in unexpected]
         lines += [f"  wrong shape: {s}" for s in bad_shapes]

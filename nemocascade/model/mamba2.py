@@ -35,13 +35,13 @@ class MambaCache:
     seg_B: jax.Array       # [B] int32 segment id the states belong to (that of the last position)
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, dtype) -> "MambaCache":
+    def init(cls, cfg: ModelConfig, batch: int, dtype) -> MambaCache:
         return cls(jnp.zeros((batch, cfg.conv_kernel - 1, cfg.conv_dim), dtype),
                    jnp.zeros((batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size),
                              jnp.float32),
                    jnp.zeros((batch,), jnp.int32))
 
-    def continuing(self, seg_BT: jax.Array) -> "MambaCache":
+    def continuing(self, seg_BT: jax.Array) -> MambaCache:
         """The states with rows zeroed whose cached segment differs from that of `seg_BT[:, 0]`
         (a new segment starts from a zero state, so states of padding or of an earlier document
         never leak into it)."""

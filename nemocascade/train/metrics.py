@@ -57,7 +57,7 @@ class MetricsWriter:
         kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
         with open(path, "w") as f:  # rewrite: drop records beyond the checkpoint resumed from
             f.writelines(json.dumps(r) + "\n" for r in kept)
-        self._file = open(path, "a")
+        self._file = open(path, "a")  # noqa: SIM115 - held open for the run, closed in close()
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
             self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR))

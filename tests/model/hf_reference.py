@@ -24,7 +24,7 @@ def hf_model(cfg: ModelConfig, seed: int = 0, scale: float = 0.2):
                 p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 8 + 0.5))
             elif name.endswith("dt_bias"):
                 p.copy_(torch.rand(p.shape, generator=gen) * 4 - 4)  # softplus in ~[0.02, 0.7]
-            elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+            elif name.endswith(("norm.weight", "norm_f.weight")):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(scale * torch.randn(p.shape, generator=gen))

@@ -5,7 +5,13 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from nemocascade.model import CheckpointError, ModelConfig, NemotronH, load_hf_checkpoint, save_hf_checkpoint
+from nemocascade.model import (
+    CheckpointError,
+    ModelConfig,
+    NemotronH,
+    load_hf_checkpoint,
+    save_hf_checkpoint,
+)
 
 
 @pytest.fixture()

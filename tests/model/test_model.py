@@ -25,7 +25,6 @@ def test_causal_by_gradient():
     """d loss(t) / d embedding(s) == 0 for every s > t, through every block type."""
     model = _model(ModelConfig.tiny(chunk_size=4))
     t, d = 11, model.cfg.hidden_size
-    ids = jnp.arange(t)[None] % model.cfg.vocab_size
     graphdef, state = nnx.split(model)
 
     def out_at(x_emb, pos):

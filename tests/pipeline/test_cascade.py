@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,11 @@ def _config():
     return c
 
 
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def _lines(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -47,7 +53,7 @@ def test_two_stage_pipeline_outputs_and_resume(tmp_path):
     final = Cascade(c, work).run()
     assert set(final) == {"final_code", "final_instruction", "final_math"}
 
-    summary = json.load(open(os.path.join(work, "summary.json")))
+    summary = _json(os.path.join(work, "summary.json"))
     assert [s["name"] for s in summary["stages"]] == ["sft", "math_rl"]
     for s in summary["stages"]:
         assert set(s) >= {"name", "type", "domains", "eval"}
@@ -58,7 +64,7 @@ def test_two_stage_pipeline_outputs_and_resume(tmp_path):
     for d, stage in summary["teachers"].items():
         scores = {s["name"]: s["eval"][d] for s in summary["stages"]}
         assert scores[stage] == max(scores.values())
-    report = open(os.path.join(work, "report.md")).read()
+    report = Path(work, "report.md").read_text()
     assert "| sft |" in report and "| math_rl |" in report and "(best)" in report
     assert os.path.getsize(os.path.join(work, "scores.png")) > 1000
     rl_metrics = _lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))
@@ -67,13 +73,13 @@ def test_two_stage_pipeline_outputs_and_resume(tmp_path):
 
     # re-running a finished pipeline repeats nothing
     Cascade(c, work).run()
-    assert json.load(open(os.path.join(work, "summary.json"))) == summary
+    assert _json(os.path.join(work, "summary.json")) == summary
     assert len(_lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))) == 2
 
     # MOPD after the GRPO stage: every domain scored by its registered teacher
     c.stage_order = "sft,math_rl,mopd"
     Cascade(c, work).run()
-    summary = json.load(open(os.path.join(work, "summary.json")))
+    summary = _json(os.path.join(work, "summary.json"))
     assert [s["name"] for s in summary["stages"]] == ["sft", "math_rl", "mopd"]
     mopd = _lines(os.path.join(work, "stages", "mopd", "metrics.jsonl"))
     assert len(mopd) == 1 and {"in_band_fraction", "advantage", "loss"} <= set(mopd[0])
@@ -82,11 +88,11 @@ def test_two_stage_pipeline_outputs_and_resume(tmp_path):
 
     # resume mid-stage: forget that math_rl finished and ask for one more step
     summary["stages"] = summary["stages"][:1]
-    json.dump(summary, open(os.path.join(work, "summary.json"), "w"))
+    Path(work, "summary.json").write_text(json.dumps(summary))
     c.stages.math_rl.steps = 3
     Cascade(c, work).run()
     assert [r["step"] for r in _lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))] == [1, 2, 3]
-    assert [s["name"] for s in json.load(open(os.path.join(work, "summary.json")))["stages"]] == \
+    assert [s["name"] for s in _json(os.path.join(work, "summary.json"))["stages"]] == \
         ["sft", "math_rl"]
 
 
