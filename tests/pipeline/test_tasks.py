@@ -50,4 +50,4 @@ def test_unknown_domain_and_exhausted_split():
     with pytest.raises(ValueError, match="unknown domain"):
         tasks.problems("poetry", "train", 1)
     with pytest.raises(ValueError, match="distinct problems"):
-        tasks.problems("instruction", "test", 10_000)
+        tasks.problems("instruction", "test", 1_000)
