@@ -23,11 +23,12 @@ Writes benchmarks/results/compile_time.json; `run(quick)` returns the dict.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from results_io import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compile_time.json"
 
@@ -133,9 +134,7 @@ def run(quick: bool = True, write: bool = True, **kw) -> dict:
            "compile_s": rows[-1]["compile_s"]}
     if write:
         out = RESULTS if not quick else RESULTS.with_name("compile_time_quick.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_result(res, out)
     return res
 
 

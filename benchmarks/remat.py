@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from results_io import write_result
 from train_step import OPTIM, interleaved_medians, make_batch
 
 from nemocascade.model import ModelConfig, NemotronH
@@ -126,9 +126,7 @@ def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
     if write:
         name = "remat" + ("_quick" if quick else "") + ("_compile_only" if compile_only else "")
         out = RESULTS.with_name(name + ".json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_result(res, out)
     return res
 
 

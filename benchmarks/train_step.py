@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
 import tempfile
@@ -58,6 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from results_io import write_result
 
 from nemocascade.model import ModelConfig, load_hf_checkpoint
 from nemocascade.train.optim import OptimConfig, make_optimizer
@@ -258,9 +259,7 @@ def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
     print_table(res)
     if write:
         out = RESULTS if not quick else RESULTS.with_name("train_step_quick.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_result(res, out)
     return res
 
 
