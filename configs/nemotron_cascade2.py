@@ -35,7 +35,8 @@ def _grpo(domains: str, steps: int, max_new: int, *, top_p: float = 1.0, dynamic
           overlong_filter: bool = False, kl: float = 0.0, reward: str = "verifier"):
     return dict(type="grpo", domains=domains, steps=steps, prompts_per_step=128,
                 samples_per_prompt=16, max_new_tokens=max_new, temperature=1.0, top_p=top_p,
-                thinking=True, max_gen_batches=4, checkpoint_every=5, domain_weights={},
+                thinking=True, max_gen_batches=4, checkpoint_every=5, eval_every=0,
+                domain_weights={},
                 reward=reward, reward_model_path="", moe_bias_rate=1e-3, freeze_router=True,
                 loss=dict(eps_low=0.2, eps_high=0.28, kl_coef=kl, leave_one_out=False,
                           dynamic_filtering=dynamic, overlong_filtering=overlong_filter),
@@ -76,7 +77,7 @@ def get_config(arg: str = "") -> ConfigDict:
         # C2 §4.4: MOPD, teachers = best checkpoint per domain so far.
         mopd=dict(type="mopd", domains="math,instruction,workplace,mcqa,structured_output", steps=52,
                   prompts_per_step=128, samples_per_prompt=4, max_new_tokens=98_304,
-                  temperature=1.0, top_p=1.0, thinking=True, checkpoint_every=5,
+                  temperature=1.0, top_p=1.0, thinking=True, checkpoint_every=5, eval_every=0,
                   moe_bias_rate=1e-3, freeze_router=True,
                   domain_weights=dict(math=1853, instruction=1854, workplace=610, mcqa=927,
                                       structured_output=927),

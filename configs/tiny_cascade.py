@@ -30,7 +30,8 @@ def _grpo(domains: str, steps: int, lr: float, *, prompts: int = 16, samples: in
           max_new: int = 32, top_p: float = 1.0):
     return dict(type="grpo", domains=domains, steps=steps, prompts_per_step=prompts,
                 samples_per_prompt=samples, max_new_tokens=max_new, temperature=1.0, top_p=top_p,
-                thinking=False, max_gen_batches=3, checkpoint_every=10, domain_weights={},
+                thinking=False, max_gen_batches=3, checkpoint_every=10, eval_every=0,
+                domain_weights={},
                 reward="verifier", reward_model_path="", moe_bias_rate=1e-3, freeze_router=True,
                 loss=dict(eps_low=0.2, eps_high=0.28, kl_coef=0.0, leave_one_out=False,
                           dynamic_filtering=True, overlong_filtering=False),
@@ -60,7 +61,7 @@ def get_config(arg: str = "") -> ConfigDict:
     c.data = dict(source="synthetic", train_per_domain=600 if fast else 1000,
                   eval_per_domain=64 if fast else 150, paths={})
     # pass@1 estimated from 4 samples per prompt at temperature 1 (the paper's avg@k protocol)
-    c.eval = dict(n_samples=1 if fast else 4, temperature=1.0, top_p=1.0, max_new_tokens=40,
+    c.eval = dict(n_samples=1 if fast else 4, temperature=1.0, top_p=1.0, max_new_tokens=48,
                   thinking=False)
     c.stage_order = "sft,math_rl" if fast else "sft,if_rl,math_rl,mopd,code_rl"
     c.stages = dict(
@@ -68,15 +69,18 @@ def get_config(arg: str = "") -> ConfigDict:
         sft=dict(type="sft", domains="instruction,math,code", steps=40 if fast else 800,
                  seq_len=128, batch_size=16, thinking=False, records_per_domain={"math": 400},
                  optim=_optim(3e-3, warmup=20)),
-        if_rl=_grpo("instruction", 30, 3e-4, max_new=24),
-        math_rl=_grpo("math", 4 if fast else 30, 3e-4, max_new=40,
+        # 48 new tokens: 'EAGLE' x 8 is 47 tokens of this BPE (a shorter cap makes correct answers
+        # impossible and caps the reward)
+        if_rl=_grpo("instruction", 30, 3e-4, max_new=48),
+        math_rl=_grpo("math", 4 if fast else 45, 3e-4, max_new=40,
                       prompts=8 if fast else 16, samples=4 if fast else 8),
         mopd=dict(type="mopd", domains="instruction,math,code", steps=30, prompts_per_step=32,
-                  samples_per_prompt=4, max_new_tokens=40, temperature=1.0, top_p=1.0,
-                  thinking=False, checkpoint_every=10, domain_weights={}, moe_bias_rate=1e-3,
+                  samples_per_prompt=4, max_new_tokens=48, temperature=1.0, top_p=1.0,
+                  thinking=False, checkpoint_every=10, eval_every=0, domain_weights={},
+                  moe_bias_rate=1e-3,
                   freeze_router=True, loss=dict(is_low=0.5, is_high=2.0),
                   optim=_optim(3e-4, warmup=3, min_ratio=1.0, b2=0.999)),
-        code_rl=_grpo("code", 30, 3e-4, max_new=32, top_p=0.95),
+        code_rl=_grpo("code", 40, 3e-4, max_new=32),
     )
     return c
 

@@ -11,7 +11,9 @@ Config (see configs/tiny_cascade.py for a complete example):
     eval       {n_samples, temperature, top_p, max_new_tokens, thinking}
     stage_order  comma-separated stage names, run in this order
     stages.<name>  {type: sft | grpo | mopd, domains, steps, optim, ...}; an SFT stage may cap its
-                   data per domain with records_per_domain {domain: n}
+                   data per domain with records_per_domain {domain: n}; an RL stage with
+                   eval_every=k evaluates every domain every k steps (`eval/<domain>` in its
+                   metrics.jsonl: the held-out learning curve within the stage)
 
 Outputs in DIR: summary.json ({"stages": [{"name", "type", "domains", "eval": {domain: score}}],
 "teachers": {domain: stage}}), report.md (stages x domains, best per domain marked), scores.png,
@@ -40,7 +42,7 @@ from nemocascade import tasks
 from nemocascade.model import ModelConfig, NemotronH, load_hf_checkpoint, save_hf_checkpoint
 from nemocascade.model.moe_balance import freeze_router
 from nemocascade.report import write_report
-from nemocascade.rl import RLStage
+from nemocascade.rl import Preempted, RLStage
 from nemocascade.sharding import MeshConfig, make_mesh
 from nemocascade.train import distill
 from nemocascade.train.checkpoint import Checkpointer
@@ -200,19 +202,23 @@ class Cascade:
                               best_metric="", progress=bool(self.config.progress),
                               async_checkpoint=False)
         init = lambda: self._fresh_state(params, model_state, tx)
-        train_loop(config=loop_cfg, workdir=stage_dir, mesh=self.mesh, init_fn=init,
-                   step_fn=lambda s, b: sft_step(s, b, graphdef=self.graphdef, tx=tx,
-                                                 lr_fn=lr_schedule(ocfg, steps),
-                                                 moe_bias_rate=ocfg.moe_bias_rate),
-                   data_iter=data_iter)
+        out = train_loop(config=loop_cfg, workdir=stage_dir, mesh=self.mesh, init_fn=init,
+                         step_fn=lambda s, b: sft_step(s, b, graphdef=self.graphdef, tx=tx,
+                                                       lr_fn=lr_schedule(ocfg, steps),
+                                                       moe_bias_rate=ocfg.moe_bias_rate),
+                         data_iter=data_iter)
+        if out.get("preempted"):   # never go on to the next stage with a partly trained model
+            raise Preempted(f"stage {name}: SIGTERM at step {out.get('step')}/{steps}; checkpoint "
+                            "saved, run the same command again to resume")
         abstract = jax.eval_shape(init)
         ckpt = Checkpointer(os.path.join(stage_dir, CHECKPOINT_DIR), keep_last=1)
         try:
             restored = ckpt.restore_latest(abstract)
         finally:
             ckpt.close()
-        if restored is None:
-            raise RuntimeError(f"stage {name}: no checkpoint after training in {stage_dir}")
+        if restored is None or restored[0] != steps:
+            raise RuntimeError(f"stage {name}: expected the step-{steps} checkpoint in {stage_dir}, "
+                               f"found {None if restored is None else restored[0]}")
         state = restored[1]
         return state.params, state.model_state
 
@@ -246,7 +252,8 @@ class Cascade:
                         tokenizer=self.tokenizer, pools=pools, seed=self.seed, teachers=teachers,
                         reward_cache=self.reward_cache, num_workers=int(self.config.num_workers),
                         progress=bool(self.config.progress), mesh=self.mesh)
-        state = stage.run(self._fresh_state(params, model_state, tx))
+        state = stage.run(self._fresh_state(params, model_state, tx),
+                          eval_fn=lambda st: self.evaluate(st.params, st.model_state))
         return state.params, state.model_state
 
     # ------------------------------------------------------------------ the pipeline

@@ -6,8 +6,9 @@ Each step (strictly on-policy, one update per rollout batch, as in Cascade 2):
   3. GRPO: verifier rewards -> group-normalised advantages; dynamic filtering drops groups whose
      rewards are all equal and samples more prompts until the batch is full (at most
      `max_gen_batches` rounds); MOPD: each row's domain teacher scores the sampled tokens;
-  4. one optimizer update (`train.grpo` / `train.distill` steps, jitted once per length bucket).
-Checkpoints every `checkpoint_every` steps make the stage resumable; metrics go to
+  4. one optimizer update (`train.grpo` / `train.distill` steps, jitted once per stage).
+Checkpoints every `checkpoint_every` steps (and on SIGTERM, which then raises `Preempted`) make
+the stage resumable; metrics go to
 `<stage dir>/metrics.jsonl` (+ TensorBoard) with the per-domain reward means.
 """
 
@@ -28,15 +29,15 @@ from flax import nnx
 
 from nemocascade import rollouts as ro
 from nemocascade.data.chat import render_prompt
-from nemocascade.rollout import bucket
 from nemocascade.sharding import batch_sharding
 from nemocascade.train import distill, grpo
 from nemocascade.train.checkpoint import Checkpointer
-from nemocascade.train.loop import full_shardings
+from nemocascade.train.loop import StopFlag, full_shardings
 from nemocascade.train.metrics import MetricsWriter
 from nemocascade.train.state import TrainState
 
 log = logging.getLogger(__name__)
+SEQ_MULTIPLE = 16  # the train step's sequence length is a multiple of this
 
 
 def _prompt_rng(seed: int, stage: str, step: int, round_: int) -> random.Random:
@@ -57,6 +58,10 @@ def draw_prompts(pools: Mapping[str, list[dict]], count: int, rng: random.Random
         out.extend(rng.sample(pools[d], min(int(k), len(pools[d]))))
     rng.shuffle(out)
     return out
+
+
+class Preempted(RuntimeError):
+    """A stage stopped on SIGTERM after saving a checkpoint; running the job again resumes it."""
 
 
 def _seed(*parts) -> int:
@@ -90,12 +95,13 @@ class RLStage:
         self.reward_cache = reward_cache or ro.RewardCache()
         self.num_workers, self.progress, self.mesh = num_workers, progress, mesh
         self.rows = int(cfg["prompts_per_step"]) * int(cfg["samples_per_prompt"])
-        # One sequence length for the whole stage (longest prompt + max_new_tokens, rounded up to a
-        # power of two), so the train step compiles once.
+        # One sequence length for the whole stage (longest prompt + max_new_tokens - 1 inputs,
+        # rounded up to a multiple of 16, not a power of two: up to 1.9x less work per step), so
+        # the train step compiles once.
         longest = max(len(render_prompt(tokenizer, r.get("messages") or r.get("prompt"),
                                         thinking=bool(cfg["thinking"])))
                       for pool in pools.values() for r in pool)
-        self.seq_len = bucket(longest + int(cfg["max_new_tokens"]))
+        self.seq_len = -(-(longest + int(cfg["max_new_tokens"]) - 1) // SEQ_MULTIPLE) * SEQ_MULTIPLE
         common = dict(graphdef=graphdef, tx=tx, lr_fn=lr_fn,
                       moe_bias_rate=float(cfg.get("moe_bias_rate", 0.0)))
         if cfg["type"] == "grpo":
@@ -156,7 +162,7 @@ class RLStage:
             return None
         arrays: dict[str, list[np.ndarray]] = {}
         for roll, rows, extra in parts:
-            b = ro.training_batch(roll, rows=rows, seq_bucket=self.seq_len, pad_id=self.tokenizer.pad_id,
+            b = ro.training_batch(roll, rows=rows, seq_len=self.seq_len, pad_id=self.tokenizer.pad_id,
                                   behaviour="policy" if self.cfg["type"] == "grpo" else "sampled")
             if extra is not None:  # GRPO: advantages, and overlong filtering through the mask
                 b["advantages"] = np.asarray(extra["advantages"], np.float32)[rows]
@@ -171,8 +177,13 @@ class RLStage:
         return batch
 
     # ------------------------------------------------------------------ the loop
-    def run(self, state: TrainState, *, on_step: Callable[[dict], None] | None = None) -> TrainState:
+    def run(self, state: TrainState, *, on_step: Callable[[dict], None] | None = None,
+            eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None) -> TrainState:
+        """`eval_fn(state) -> {domain: score}` runs every `cfg["eval_every"]` steps (0: never);
+        its scores are logged as `eval/<domain>` with that step's metrics (a held-out learning
+        curve within the stage)."""
         c = self.cfg
+        eval_every = int(c.get("eval_every", 0) or 0)
         steps = int(c["steps"])
         ckpt = Checkpointer(os.path.join(self.stage_dir, "checkpoints"), keep_last=1,
                             async_save=False)
@@ -186,6 +197,8 @@ class RLStage:
         if self.mesh is not None:  # committed, sharded by the logical table: one compiled step
             state = jax.device_put(state, full_shardings(state, self.mesh))
         writer = MetricsWriter(self.stage_dir, enabled=jax.process_index() == 0, resume_step=start)
+        stop = StopFlag()
+        stop.install()
         bar = None
         if self.progress and start < steps:
             from tqdm import tqdm
@@ -195,15 +208,22 @@ class RLStage:
                 t0 = time.perf_counter()
                 state, record = self._one_step(state, step)
                 record["step_s"] = time.perf_counter() - t0
+                if eval_fn is not None and eval_every > 0 and step % eval_every == 0:
+                    record.update({f"eval/{d}": v for d, v in eval_fn(state).items()})
                 record = writer.write(step, record)
                 if on_step is not None:
                     on_step(record)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(reward=f"{record['reward_mean']:.2f}", s=f"{record['step_s']:.1f}")
-                if step % int(c["checkpoint_every"]) == 0 or step == steps:
+                stopping = stop.check(step)
+                if step % int(c["checkpoint_every"]) == 0 or step == steps or stopping:
                     ckpt.save(step, state, {}, extra={"stage": self.name})
+                if stopping:
+                    raise Preempted(f"stage {self.name}: SIGTERM at step {step}/{steps}; "
+                                    "checkpoint saved, run the same command again to resume")
         finally:
+            stop.uninstall()
             if bar is not None:
                 bar.close()
             writer.close()

@@ -118,8 +118,8 @@ def sample(graphdef, state: nnx.State, tokenizer, records: Sequence[dict], *, n:
 
 
 def training_batch(roll: Rollouts, *, rows: Sequence[int] | None = None, num_rows: int | None = None,
-                   seq_bucket: int = 16, pad_id: int = 0, behaviour: str = "sampled"
-                   ) -> dict[str, np.ndarray]:
+                   seq_bucket: int = 16, seq_len: int | None = None, pad_id: int = 0,
+                   behaviour: str = "sampled") -> dict[str, np.ndarray]:
     """Packs the chosen rollout rows into fixed-shape arrays (see the module docstring).
 
     `behaviour` picks the log-probs stored as `sampler_logprobs`: "sampled" (the distribution the
@@ -127,7 +127,8 @@ def training_batch(roll: Rollouts, *, rows: Sequence[int] | None = None, num_row
     plain temperature-1 policy, which makes GRPO's ratio exactly 1 when strictly on-policy).
 
     `num_rows` pads the batch with empty rows (loss_mask 0) to a fixed count, and the length is
-    rounded up to a power of two >= `seq_bucket`, so the train step compiles once per bucket.
+    rounded up to a power of two >= `seq_bucket`, so the train step compiles once per bucket;
+    `seq_len` instead fixes the length exactly (a row that does not fit raises).
     """
     if behaviour not in ("sampled", "policy"):
         raise ValueError(f"training_batch: behaviour {behaviour!r} not in ('sampled', 'policy')")
@@ -137,7 +138,10 @@ def training_batch(roll: Rollouts, *, rows: Sequence[int] | None = None, num_row
     if len(rows) > num_rows:
         raise ValueError(f"training_batch: {len(rows)} rows > num_rows={num_rows}")
     seqs = [roll.prompt_ids[r] + roll.response_ids[r] for r in rows]
-    t = bucket(max((len(s) - 1 for s in seqs), default=1), seq_bucket)
+    longest = max((len(s) - 1 for s in seqs), default=1)
+    if seq_len is not None and longest > seq_len:
+        raise ValueError(f"training_batch: a row of {longest} tokens does not fit seq_len={seq_len}")
+    t = seq_len if seq_len is not None else bucket(longest, seq_bucket)
     out = {
         "input_ids": np.full((num_rows, t), pad_id, np.int32),
         "targets": np.full((num_rows, t), pad_id, np.int32),

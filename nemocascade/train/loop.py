@@ -81,9 +81,10 @@ def full_shardings(abstract_state: Any, mesh: Mesh) -> Any:
                         is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-class _StopFlag:
+class StopFlag:
     """Whether to checkpoint and stop after the current step.
 
+    Shared by the SFT loop and the RL stages (`nemocascade.rl`).
     One process: set by our SIGTERM handler (installed from the main thread). Several processes:
     JAX's preemption service (started by `jax.distributed.initialize`, listening for SIGTERM)
     agrees on one step at which every process stops, so all of them join the same save.
@@ -162,7 +163,7 @@ def train_loop(*, config: LoopConfig, workdir: str | os.PathLike, mesh: Mesh,
 
 def _run(config, workdir, mesh, state, shardings, start, step_fn, data_iter, eval_fn, on_record,
          ckpt, writer, is_main) -> dict[str, Any]:
-    stop = _StopFlag()
+    stop = StopFlag()
     stop.install()
     jstep = None
     progress = None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ def _config():
     c.stages.math_rl.max_new_tokens = 8
     c.stages.math_rl.max_gen_batches = 1
     c.stages.math_rl.checkpoint_every = 1
+    c.stages.math_rl.eval_every = 2   # the held-out learning curve within the stage
     c.stages.mopd.domains = "math,code"
     c.stages.mopd.steps = 1
     c.stages.mopd.prompts_per_step = 4
@@ -70,6 +72,8 @@ def test_two_stage_pipeline_outputs_and_resume(tmp_path):
     rl_metrics = _lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))
     assert [r["step"] for r in rl_metrics] == [1, 2]
     assert all("reward/math" in r and "loss" in r for r in rl_metrics)
+    assert "eval/math" not in rl_metrics[0]
+    assert set(rl_metrics[1]) >= {"eval/math", "eval/code", "eval/instruction"}
 
     # re-running a finished pipeline repeats nothing
     Cascade(c, work).run()
@@ -105,3 +109,62 @@ def test_bad_stage_config_is_named(tmp_path):
     c.stages.sft.type = "dpo"
     with pytest.raises(ValueError, match="stages.sft.type"):
         Cascade(c, str(tmp_path))
+
+
+class _SigtermAfter:
+    """A data iterator that sends this process SIGTERM when its `n`-th batch is taken."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.taken = inner, n, 0
+
+    def __next__(self):
+        self.taken += 1
+        if self.taken == self.n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self.inner)
+
+    def __iter__(self):
+        return self
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_pipeline_and_the_rerun_resumes(tmp_path, monkeypatch):
+    """SIGTERM in SFT or in an RL stage saves a checkpoint and stops the whole job (never the
+    next stage on a partly trained model); running it again resumes where it stopped."""
+    import nemocascade.cascade as cascade_mod
+    from nemocascade.rl import Preempted, RLStage
+    c, work = _config(), str(tmp_path / "run")
+    handler = signal.getsignal(signal.SIGTERM)
+    real_loop = cascade_mod.train_loop
+    monkeypatch.setattr(cascade_mod, "train_loop", lambda **kw: real_loop(
+        **{**kw, "data_iter": _SigtermAfter(kw["data_iter"], 2)}))
+    with pytest.raises(Preempted, match="stage sft: SIGTERM at step 2/4"):
+        Cascade(c, work).run()
+    assert not os.path.exists(os.path.join(work, "summary.json"))
+    assert signal.getsignal(signal.SIGTERM) == handler
+    monkeypatch.setattr(cascade_mod, "train_loop", real_loop)
+
+    real_step = RLStage._one_step
+
+    def step_then_sigterm(self, state, step):
+        out = real_step(self, state, step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    monkeypatch.setattr(RLStage, "_one_step", step_then_sigterm)
+    with pytest.raises(Preempted, match="stage math_rl: SIGTERM at step 1/2"):
+        Cascade(c, work).run()
+    assert [s["name"] for s in _json(os.path.join(work, "summary.json"))["stages"]] == ["sft"]
+    assert signal.getsignal(signal.SIGTERM) == handler
+    monkeypatch.setattr(RLStage, "_one_step", real_step)
+
+    Cascade(c, work).run()
+    assert [r["step"] for r in _lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))] == [1, 2]
+    assert [s["name"] for s in _json(os.path.join(work, "summary.json"))["stages"]] == \
+        ["sft", "math_rl"]

@@ -1,6 +1,7 @@
 """Rollout rows -> training batch layout, and the reward memo."""
 
 import numpy as np
+import pytest
 
 from nemocascade import rollouts as ro
 
@@ -28,6 +29,14 @@ def test_training_batch_layout():
     assert b["loss_mask"][2].sum() == 0 and b["segment_ids"][2].sum() == 0   # padding row
     p = ro.training_batch(_roll(), seq_bucket=8, behaviour="policy")
     np.testing.assert_allclose(p["sampler_logprobs"][0, 2:5], [-0.15, -0.25, -0.35])
+
+
+def test_training_batch_exact_length():
+    b = ro.training_batch(_roll(), seq_len=6)   # not a power of two: the RL stage's length
+    assert b["input_ids"].shape == (2, 6)
+    np.testing.assert_array_equal(b["loss_mask"][0], [0, 0, 1, 1, 1, 0])
+    with pytest.raises(ValueError, match="does not fit seq_len=4"):
+        ro.training_batch(_roll(), seq_len=4)
 
 
 def test_reward_cache_reuses_identical_pairs():

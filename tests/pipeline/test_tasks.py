@@ -51,3 +51,30 @@ def test_unknown_domain_and_exhausted_split():
         tasks.problems("poetry", "train", 1)
     with pytest.raises(ValueError, match="distinct problems"):
         tasks.problems("instruction", "test", 1_000)
+
+
+def test_reference_responses_fit_the_tiny_cascade_token_budgets(tmp_path):
+    """Every reference answer (+ eos) fits the main job's eval and RL `max_new_tokens` with the
+    tokenizer the job trains: a shorter cap makes correct answers impossible and caps the score."""
+    import importlib.util
+    import pathlib
+
+    from nemocascade.data import train_bpe
+    path = pathlib.Path(__file__).parents[2] / "configs" / "tiny_cascade.py"
+    spec = importlib.util.spec_from_file_location("tiny_cascade_cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    tok = train_bpe(tasks.all_texts(seed=cfg.seed), int(cfg.tokenizer.vocab_size),
+                    split_digits=bool(cfg.tokenizer.split_digits))
+    caps = {d: [("eval", int(cfg.eval.max_new_tokens))] for d in tasks.DOMAINS}
+    for name, st in cfg.stages.items():
+        if st.type != "sft":
+            for d in str(st.domains).split(","):
+                caps[d.strip()].append((name, int(st.max_new_tokens)))
+    for d, limits in caps.items():
+        ps = tasks.problems(d, "train", int(cfg.data.train_per_domain), seed=cfg.seed) + \
+            tasks.problems(d, "test", int(cfg.data.eval_per_domain), seed=cfg.seed)
+        longest = max(len(tok.encode(p.response)) + 1 for p in ps)
+        for where, cap in limits:
+            assert longest <= cap, f"{d}: a reference answer needs {longest} tokens, {where} allows {cap}"
