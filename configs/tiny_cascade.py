@@ -8,7 +8,7 @@ backend) and a BPE trained on the fly learn three synthetic domains checked by t
 and small Python functions (unit tests run in the bubblewrap sandbox). Stages follow the paper's
 spirit: SFT leaves headroom, each GRPO stage trains one domain (strictly on-policy, group-normalised
 rewards, token-level loss, dynamic filtering), MOPD distils every domain from its best checkpoint
-so far, then code RL. About 10-15 minutes on 2 CPU cores; `:fast` is a 2-stage smoke run.
+so far, then code RL. About 14 minutes on 2 CPU cores; `:fast` is a 2-stage smoke run.
 
 Writes DIR/summary.json, DIR/report.md and DIR/scores.png (see nemocascade/cascade.py).
 Measured results: experiments/tiny_cascade/README.md.
@@ -71,16 +71,16 @@ def get_config(arg: str = "") -> ConfigDict:
                  optim=_optim(3e-3, warmup=20)),
         # 48 new tokens: 'EAGLE' x 8 is 47 tokens of this BPE (a shorter cap makes correct answers
         # impossible and caps the reward)
-        if_rl=_grpo("instruction", 30, 3e-4, max_new=48),
-        math_rl=_grpo("math", 4 if fast else 45, 3e-4, max_new=40,
+        if_rl=_grpo("instruction", 20, 3e-4, max_new=48),
+        math_rl=_grpo("math", 4 if fast else 60, 3e-4, max_new=40,
                       prompts=8 if fast else 16, samples=4 if fast else 8),
-        mopd=dict(type="mopd", domains="instruction,math,code", steps=30, prompts_per_step=32,
+        mopd=dict(type="mopd", domains="instruction,math,code", steps=20, prompts_per_step=32,
                   samples_per_prompt=4, max_new_tokens=48, temperature=1.0, top_p=1.0,
                   thinking=False, checkpoint_every=10, eval_every=0, domain_weights={},
                   moe_bias_rate=1e-3,
                   freeze_router=True, loss=dict(is_low=0.5, is_high=2.0),
                   optim=_optim(3e-4, warmup=3, min_ratio=1.0, b2=0.999)),
-        code_rl=_grpo("code", 40, 3e-4, max_new=32),
+        code_rl=_grpo("code", 60, 3e-4, max_new=32),
     )
     return c
 
