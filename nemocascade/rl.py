@@ -8,8 +8,8 @@ Each step (strictly on-policy, one update per rollout batch, as in Cascade 2):
      `max_gen_batches` rounds); MOPD: each row's domain teacher scores the sampled tokens;
   4. one optimizer update (`train.grpo` / `train.distill` steps, jitted once per stage).
 Checkpoints every `checkpoint_every` steps (and on SIGTERM, which then raises `Preempted`) make
-the stage resumable; metrics go to
-`<stage dir>/metrics.jsonl` (+ TensorBoard) with the per-domain reward means.
+the stage resumable; metrics go to `<stage dir>/metrics.jsonl` (+ TensorBoard) with the
+per-domain reward means.
 """
 
 from __future__ import annotations
