@@ -72,7 +72,7 @@ def get_config(arg: str = "") -> ConfigDict:
         # 48 new tokens: 'EAGLE' x 8 is 47 tokens of this BPE (a shorter cap makes correct answers
         # impossible and caps the reward)
         if_rl=_grpo("instruction", 20, 3e-4, max_new=48),
-        math_rl=_grpo("math", 4 if fast else 60, 3e-4, max_new=40,
+        math_rl=_grpo("math", 4 if fast else 80, 3e-4, max_new=40,
                       prompts=8 if fast else 16, samples=4 if fast else 8),
         mopd=dict(type="mopd", domains="instruction,math,code", steps=20, prompts_per_step=32,
                   samples_per_prompt=4, max_new_tokens=48, temperature=1.0, top_p=1.0,
@@ -82,7 +82,7 @@ def get_config(arg: str = "") -> ConfigDict:
                   # below the GRPO lr, as in the paper (2e-6 vs 3e-6): at 3e-4 the held-out
                   # instruction score fell 58.5 -> 50.8 in 20 steps, at 1e-4 to 53.8
                   optim=_optim(1e-4, warmup=3, min_ratio=1.0, b2=0.999)),
-        code_rl=_grpo("code", 60, 3e-4, max_new=32),
+        code_rl=_grpo("code", 90, 3e-4, max_new=32),
     )
     return c
 
