@@ -68,6 +68,15 @@ def _model_config(cfg: Mapping[str, Any], vocab_size: int) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+def record_stage(summary: dict, entry: Mapping[str, Any]) -> None:
+    """Updates the registry of the best checkpoint per domain (`summary["best"]` scores and
+    `summary["teachers"]` stage names) with one evaluated stage; ties keep the earlier stage."""
+    for d, s in entry["eval"].items():
+        if d not in summary["best"] or s > summary["best"][d]:
+            summary["best"][d] = s
+            summary["teachers"][d] = entry["name"]
+
+
 class Cascade:
     """Holds the run's tokenizer, data, model structure and results; `run()` executes the stages."""
 
@@ -295,10 +304,7 @@ class Cascade:
                      "eval": scores, "train_s": round(train_s, 1),
                      "eval_s": round(time.perf_counter() - t0 - train_s, 1)}
             summary["stages"].append(entry)
-            for d, s in scores.items():   # the registry of the best checkpoint per domain
-                if d not in summary["best"] or s > summary["best"][d]:
-                    summary["best"][d] = s
-                    summary["teachers"][d] = name
+            record_stage(summary, entry)
             self._write_summary(summary)
             log.info("stage %s: eval %s (%.0fs)", name, scores, time.perf_counter() - t0)
             print(f"[cascade] {name:>10s} ({scfg.type}): " +

@@ -19,6 +19,8 @@ import os
 import shutil
 import sys
 
+from nemocascade.cascade import record_stage
+
 
 def fork(src: str, dst: str, after: str) -> dict:
     with open(os.path.join(src, "summary.json")) as f:
@@ -29,17 +31,14 @@ def fork(src: str, dst: str, after: str) -> dict:
     if os.path.exists(dst):
         raise SystemExit(f"{dst} exists; pick a new directory (nothing was written)")
     kept = summary["stages"][: names.index(after) + 1]
-    best, teachers = {}, {}
+    out = {"stages": kept, "teachers": {}, "best": {}}
     for st in kept:
-        for d, v in st["eval"].items():
-            if d not in best or v > best[d]:
-                best[d], teachers[d] = v, st["name"]
+        record_stage(out, st)
     os.makedirs(os.path.join(dst, "stages"))
     shutil.copy(os.path.join(src, "tokenizer.json"), dst)
     for st in kept:
         shutil.copytree(os.path.join(src, "stages", st["name"], "final"),
                         os.path.join(dst, "stages", st["name"], "final"))
-    out = {"stages": kept, "teachers": teachers, "best": best}
     with open(os.path.join(dst, "summary.json"), "w") as f:
         json.dump(out, f, indent=2)
     return out
