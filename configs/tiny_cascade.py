@@ -8,7 +8,7 @@ backend) and a BPE trained on the fly learn three synthetic domains checked by t
 and small Python functions (unit tests run in the bubblewrap sandbox). Stages follow the paper's
 spirit: SFT leaves headroom, each GRPO stage trains one domain (strictly on-policy, group-normalised
 rewards, token-level loss, dynamic filtering), MOPD distils every domain from its best checkpoint
-so far, then code RL. About 12.5 minutes on 2 CPU cores; `:fast` is a 2-stage smoke run.
+so far, then code RL. About 12-13 minutes on 2 CPU cores; `:fast` is a 2-stage smoke run.
 
 Writes DIR/summary.json, DIR/report.md and DIR/scores.png (see nemocascade/cascade.py).
 Measured results: experiments/tiny_cascade/README.md.
