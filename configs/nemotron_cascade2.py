@@ -81,7 +81,7 @@ def get_config(arg: str = "") -> ConfigDict:
                   moe_bias_rate=1e-3, freeze_router=True,
                   domain_weights=dict(math=1853, instruction=1854, workplace=610, mcqa=927,
                                       structured_output=927),
-                  loss=dict(is_low=0.5, is_high=2.0),
+                  loss=dict(is_low=0.5, is_high=2.0, objective="sampled_token"),
                   optim=_optim(2e-6, warmup=30)),
         # C2 §4.5: RLHF with a GenRM (Qwen3-235B-A22B-Thinking-2507), KL 0.03, thinking only.
         rlhf=_grpo("rlhf", 25, 16_384, kl=0.03, overlong_filter=True, reward="genrm"),

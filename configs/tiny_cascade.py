@@ -81,7 +81,7 @@ def get_config(arg: str = "") -> ConfigDict:
                   samples_per_prompt=4, max_new_tokens=48, temperature=1.0, top_p=1.0,
                   thinking=False, checkpoint_every=10, eval_every=0, domain_weights={},
                   moe_bias_rate=1e-3,
-                  freeze_router=True, loss=dict(is_low=0.5, is_high=2.0),
+                  freeze_router=True, loss=dict(is_low=0.5, is_high=2.0, objective="sampled_token"),
                   # below the GRPO lr, as in the paper (2e-6 vs 3e-6): at 3e-4 the held-out
                   # instruction score fell 58.5 -> 50.8 in 20 steps, at 1e-4 to 53.8
                   optim=_optim(1e-4, warmup=3, min_ratio=1.0, b2=0.999)),

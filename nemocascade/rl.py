@@ -5,7 +5,8 @@ Each step (strictly on-policy, one update per rollout batch, as in Cascade 2):
   2. sample `samples_per_prompt` responses each from the current policy;
   3. GRPO: verifier rewards -> group-normalised advantages; dynamic filtering drops groups whose
      rewards are all equal and samples more prompts until the batch is full (at most
-     `max_gen_batches` rounds); MOPD: each row's domain teacher scores the sampled tokens;
+     `max_gen_batches` rounds); MOPD: each row's domain teacher scores the sampled tokens
+     (`loss.objective="reverse_kl"`: the teachers run inside the step, full-vocabulary KL);
   4. one optimizer update (`train.grpo` / `train.distill` steps, jitted once per stage).
 Checkpoints every `checkpoint_every` steps (and on SIGTERM, which then raises `Preempted`) make
 the stage resumable; metrics go to `<stage dir>/metrics.jsonl` (+ TensorBoard) with the
@@ -95,6 +96,7 @@ class RLStage:
         self.reward_cache = reward_cache or ro.RewardCache()
         self.num_workers, self.progress, self.mesh = num_workers, progress, mesh
         self.rows = int(cfg["prompts_per_step"]) * int(cfg["samples_per_prompt"])
+        self._step_kwargs: dict[str, Any] = {}   # traced per-call arguments (reverse-KL teachers)
         # One sequence length for the whole stage (longest prompt + max_new_tokens - 1 inputs,
         # rounded up to a multiple of 16, not a power of two: up to 1.9x less work per step), so
         # the train step compiles once.
@@ -109,6 +111,14 @@ class RLStage:
             step = functools.partial(grpo.grpo_train_step, cfg=self.loss_cfg, **common)
         else:
             self.loss_cfg = distill.DistillConfig.from_mapping(dict(cfg["loss"]))
+            if self.loss_cfg.objective == "reverse_kl":
+                # the full-vocabulary KL needs the teachers inside the step: each distinct
+                # teacher once (a tuple), each domain's rows routed by batch["teacher_index"]
+                distinct = list({id(t): t for t in self.teachers.values()}.values())
+                index = {id(t): k for k, t in enumerate(distinct)}
+                self._teacher_of = {d: index[id(t)] for d, t in self.teachers.items()}
+                self._step_kwargs = {"teacher_state": tuple(t.state for t in distinct)}
+                common["teacher_graphdef"] = tuple(t.graphdef for t in distinct)
             step = functools.partial(distill.distill_train_step, cfg=self.loss_cfg, **common)
         self._step = jax.jit(step, donate_argnums=0)
 
@@ -239,8 +249,12 @@ class RLStage:
             rolls, extra_metrics = [roll], {}
             batch = self._assemble([(roll, np.arange(len(roll.records)), None)])
             domains = roll.domains + [roll.domains[0]] * (self.rows - len(roll.domains))
-            batch["teacher_logprobs"] = np.asarray(distill.mopd_teacher_logprobs(
-                self._to_device(batch), self.teachers, domains_B=np.asarray(domains)))
+            if self.loss_cfg.objective == "reverse_kl":   # the step runs the teachers
+                batch["teacher_index"] = np.asarray([self._teacher_of[d] for d in domains],
+                                                    np.int32)
+            else:
+                batch["teacher_logprobs"] = np.asarray(distill.mopd_teacher_logprobs(
+                    self._to_device(batch), self.teachers, domains_B=np.asarray(domains)))
         rewards = np.concatenate([r.rewards for r in rolls])
         domains = [d for r in rolls for d in r.domains]
         record: dict[str, Any] = {
@@ -256,7 +270,7 @@ class RLStage:
             record.update(loss=0.0, skipped=1)
             return state, record
         t0 = time.perf_counter()
-        state, metrics = self._step(state, self._to_device(batch))
+        state, metrics = self._step(state, self._to_device(batch), **self._step_kwargs)
         record.update({k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0})
         record["train_s"] = time.perf_counter() - t0
         return state, record

@@ -19,7 +19,9 @@ the jitted step, not constants baked into it:
     state, metrics = step(state, batch, teacher_state=teacher_states)
 
 MOPD routing (`mopd_teacher_logprobs`): each row carries a domain index; each domain maps to one
-teacher (several teachers held at once); teachers are never mixed.
+teacher (several teachers held at once); teachers are never mixed. The reverse-KL objective routes
+the same way inside the step: `teacher_graphdef` a tuple of K graphdefs, `teacher_state` a tuple
+of K states, `batch["teacher_index"]` [B] each row's teacher.
 """
 
 from __future__ import annotations
@@ -106,6 +108,21 @@ def _merge(graphdef, state):
     return nnx.merge(graphdef, *_states(state))
 
 
+def _teacher_rows(teacher_graphdef, teacher_state, batch: Batch):
+    """[(graphdef, state, rows [B] bool or None)]: one teacher for every row, or (MOPD) a tuple of
+    teachers with `batch["teacher_index"]` [B] choosing each row's."""
+    if not isinstance(teacher_graphdef, tuple):
+        return [(teacher_graphdef, teacher_state, None)]
+    if not isinstance(teacher_state, (tuple, list)) or len(teacher_state) != len(teacher_graphdef):
+        raise ValueError(f"distill: {len(teacher_graphdef)} teacher graphdefs need as many teacher "
+                         "states (a tuple, one per teacher)")
+    if "teacher_index" not in batch:
+        raise KeyError("distill: several teachers need batch['teacher_index'] [B] (each row's "
+                       "teacher)")
+    idx_B = batch["teacher_index"]
+    return [(g, st, idx_B == k) for k, (g, st) in enumerate(zip(teacher_graphdef, teacher_state))]
+
+
 def distill_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *,
                  graphdef: nnx.GraphDef, cfg: DistillConfig, denom: jax.Array,
                  teacher_graphdef: nnx.GraphDef | None = None, teacher_state: Any = None,
@@ -127,10 +144,13 @@ def distill_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *,
         if teacher_graphdef is None or teacher_state is None:
             raise ValueError("distill: objective 'reverse_kl' needs teacher_graphdef and "
                              "teacher_state")
-        t_model = _merge(teacher_graphdef, teacher_state)
-        ht_BTE, wt_EV, _ = losses.model_hidden_and_head(t_model, batch)
-        loss_BT = losses.reverse_kl_per_token(h_BTD, w_DV, ht_BTE, wt_EV,
-                                              chunk_size=cfg.logprob_chunk)
+        loss_BT = jnp.zeros(mask_BT.shape, jnp.float32)
+        for k, (t_graphdef, t_state, row_B) in enumerate(
+                _teacher_rows(teacher_graphdef, teacher_state, batch)):
+            ht_BTE, wt_EV, _ = losses.model_hidden_and_head(_merge(t_graphdef, t_state), batch)
+            kl_BT = losses.reverse_kl_per_token(h_BTD, w_DV, ht_BTE, wt_EV,
+                                                chunk_size=cfg.logprob_chunk)
+            loss_BT = kl_BT if row_B is None else jnp.where(row_B[:, None], kl_BT, loss_BT)
         extra = {"reverse_kl_sum": jnp.sum(jax.lax.stop_gradient(loss_BT) * mask_BT)}
     num = jnp.sum(loss_BT * mask_BT)
     loss = num / denom
@@ -152,7 +172,11 @@ def distill_train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDe
 
     batch: input_ids, targets, loss_mask, segment_ids, sampler_logprobs [B, T], and
     teacher_logprobs [B, T] for the sampled-token objective; for "reverse_kl" the teacher
-    (`teacher_graphdef` bound, `teacher_state` passed per call: see the module docstring).
+    (`teacher_graphdef` bound, `teacher_state` passed per call: see the module docstring), or
+    for MOPD several: a tuple of K graphdefs, a tuple of K states and batch["teacher_index"] [B]
+    (int, each row's teacher). Every teacher runs on every row and its KL is kept on its own
+    rows: K teacher forwards and K full-vocabulary KL passes per row, which is cheap for a few
+    small teachers; for several large ones the sampled-token objective scores each row once.
     NaN/Inf loss or gradient skips the update. metrics: loss, entropy, tokens, logp_gap_mean /
     _max, grad_norm, skipped; sampled-token: advantage (mean a_t, i.e. minus the sampled
     reverse-KL estimate), in_band_fraction; reverse_kl: reverse_kl; moe_max_violation with MoE

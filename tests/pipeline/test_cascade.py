@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from ml_collections import ConfigDict
 
 from configs.tiny_cascade import get_config
 from nemocascade.cascade import Cascade
@@ -87,6 +88,13 @@ def test_two_stage_pipeline_outputs_and_resume(tmp_path):
     assert [s["name"] for s in summary["stages"]] == ["sft", "math_rl", "mopd"]
     mopd = _lines(os.path.join(work, "stages", "mopd", "metrics.jsonl"))
     assert len(mopd) == 1 and {"in_band_fraction", "advantage", "loss"} <= set(mopd[0])
+    # the full-vocabulary reverse-KL objective: the registered teachers run inside the step
+    c.stages.mopd_rkl = ConfigDict(c.stages.mopd.to_dict())
+    c.stages.mopd_rkl.loss.objective = "reverse_kl"
+    c.stage_order = "sft,math_rl,mopd_rkl"
+    Cascade(c, work).run()
+    rkl = _lines(os.path.join(work, "stages", "mopd_rkl", "metrics.jsonl"))
+    assert len(rkl) == 1 and rkl[0]["reverse_kl"] >= 0 and rkl[0]["skipped"] == 0
     c.stage_order = "sft,math_rl"
     summary["stages"] = summary["stages"][:2]
 

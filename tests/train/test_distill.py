@@ -151,3 +151,45 @@ def test_reverse_kl_step(setup):
     with pytest.raises(KeyError, match="teacher_logprobs"):
         distill.distill_train_step(state, batch, graphdef=graphdef, tx=tx,
                                    cfg=distill.DistillConfig())
+
+
+def test_reverse_kl_routes_rows_to_their_teachers(setup):
+    """MOPD with the full-vocabulary objective: row b's KL is against teacher_index[b]'s model."""
+    graphdef, state, tx, (ta, tb), batch = setup
+    cfg = distill.DistillConfig(objective="reverse_kl", logprob_chunk=8)
+    index = np.array([1, 0, 0, 1], np.int32)
+    step = jax.jit(functools.partial(distill.distill_train_step, graphdef=graphdef, tx=tx,
+                                     cfg=cfg, teacher_graphdef=(ta.graphdef, tb.graphdef)))
+    _, m = step(state, dict(batch, teacher_index=jnp.asarray(index)),
+                teacher_state=(ta.state, tb.state))
+    ls = _log_softmax(graphdef, (state.params, state.model_state), batch)
+    kl = {name: jnp.sum(jnp.exp(ls) * (ls - _log_softmax(t.graphdef, t.state, batch)), -1)
+          for name, t in (("a", ta), ("b", tb))}
+    want_BT = jnp.where(jnp.asarray(index == 1)[:, None], kl["b"], kl["a"])
+    mask = batch["loss_mask"]
+    np.testing.assert_allclose(float(m["reverse_kl"]),
+                               float(jnp.sum(want_BT * mask) / jnp.sum(mask)), rtol=1e-4)
+    # differs from either teacher alone (the routing is not a no-op)
+    for one in kl.values():
+        assert abs(float(jnp.sum(one * mask) / jnp.sum(mask)) - float(m["reverse_kl"])) > 1e-3
+    # the gradient is the per-row teacher's: equal to the sum of two single-teacher losses on
+    # the complementary rows
+    def loss(params, teachers, rows):
+        total = 0.0
+        for t, r in zip(teachers, rows):
+            b = dict(batch, loss_mask=batch["loss_mask"] * jnp.asarray(r, jnp.float32)[:, None])
+            total = total + distill.distill_loss(
+                params, state.model_state, b, graphdef=graphdef, cfg=cfg,
+                denom=jnp.sum(mask), teacher_graphdef=t.graphdef, teacher_state=t.state)[0]
+        return total
+    g_split = jax.grad(loss)(state.params, (ta, tb), (index == 0, index == 1))
+    g_routed = jax.grad(lambda p: distill.distill_loss(
+        p, state.model_state, dict(batch, teacher_index=jnp.asarray(index)), graphdef=graphdef,
+        cfg=cfg, denom=jnp.sum(mask), teacher_graphdef=(ta.graphdef, tb.graphdef),
+        teacher_state=(ta.state, tb.state))[0])(state.params)
+    for x, y in zip(jax.tree.leaves(g_split), jax.tree.leaves(g_routed)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    with pytest.raises(KeyError, match="teacher_index"):
+        step(state, batch, teacher_state=(ta.state, tb.state))
+    with pytest.raises(ValueError, match="as many teacher"):
+        step(state, dict(batch, teacher_index=jnp.asarray(index)), teacher_state=(ta.state,))
