@@ -174,19 +174,19 @@ def test_reverse_kl_routes_rows_to_their_teachers(setup):
         assert abs(float(jnp.sum(one * mask) / jnp.sum(mask)) - float(m["reverse_kl"])) > 1e-3
     # the gradient is the per-row teacher's: equal to the sum of two single-teacher losses on
     # the complementary rows
-    def loss(params, teachers, rows):
+    def split_loss(params):
         total = 0.0
-        for t, r in zip(teachers, rows):
-            b = dict(batch, loss_mask=batch["loss_mask"] * jnp.asarray(r, jnp.float32)[:, None])
+        for t, rows in ((ta, index == 0), (tb, index == 1)):
+            b = dict(batch, loss_mask=mask * jnp.asarray(rows, jnp.float32)[:, None])
             total = total + distill.distill_loss(
                 params, state.model_state, b, graphdef=graphdef, cfg=cfg,
                 denom=jnp.sum(mask), teacher_graphdef=t.graphdef, teacher_state=t.state)[0]
         return total
-    g_split = jax.grad(loss)(state.params, (ta, tb), (index == 0, index == 1))
-    g_routed = jax.grad(lambda p: distill.distill_loss(
+    g_split = jax.jit(jax.grad(split_loss))(state.params)
+    g_routed = jax.jit(jax.grad(lambda p: distill.distill_loss(
         p, state.model_state, dict(batch, teacher_index=jnp.asarray(index)), graphdef=graphdef,
         cfg=cfg, denom=jnp.sum(mask), teacher_graphdef=(ta.graphdef, tb.graphdef),
-        teacher_state=(ta.state, tb.state))[0])(state.params)
+        teacher_state=(ta.state, tb.state))[0]))(state.params)
     for x, y in zip(jax.tree.leaves(g_split), jax.tree.leaves(g_routed)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
     with pytest.raises(KeyError, match="teacher_index"):
