@@ -145,8 +145,7 @@ def distill_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *,
             raise ValueError("distill: objective 'reverse_kl' needs teacher_graphdef and "
                              "teacher_state")
         loss_BT = jnp.zeros(mask_BT.shape, jnp.float32)
-        for k, (t_graphdef, t_state, row_B) in enumerate(
-                _teacher_rows(teacher_graphdef, teacher_state, batch)):
+        for t_graphdef, t_state, row_B in _teacher_rows(teacher_graphdef, teacher_state, batch):
             ht_BTE, wt_EV, _ = losses.model_hidden_and_head(_merge(t_graphdef, t_state), batch)
             kl_BT = losses.reverse_kl_per_token(h_BTD, w_DV, ht_BTE, wt_EV,
                                                 chunk_size=cfg.logprob_chunk)
