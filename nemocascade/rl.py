@@ -114,11 +114,10 @@ class RLStage:
             if self.loss_cfg.objective == "reverse_kl":
                 # the full-vocabulary KL needs the teachers inside the step: each distinct
                 # teacher once (a tuple), each domain's rows routed by batch["teacher_index"]
-                distinct = list({id(t): t for t in self.teachers.values()}.values())
-                index = {id(t): k for k, t in enumerate(distinct)}
-                self._teacher_of = {d: index[id(t)] for d, t in self.teachers.items()}
-                self._step_kwargs = {"teacher_state": tuple(t.state for t in distinct)}
-                common["teacher_graphdef"] = tuple(t.graphdef for t in distinct)
+                groups = distill.teacher_groups(self.teachers)
+                self._teacher_of = {d: k for k, (_, doms) in enumerate(groups) for d in doms}
+                self._step_kwargs = {"teacher_state": tuple(t.state for t, _ in groups)}
+                common["teacher_graphdef"] = tuple(t.graphdef for t, _ in groups)
             step = functools.partial(distill.distill_train_step, cfg=self.loss_cfg, **common)
         self._step = jax.jit(step, donate_argnums=0)
 

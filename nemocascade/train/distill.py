@@ -229,6 +229,15 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def teacher_groups(teachers: Mapping[Any, Teacher]) -> list[tuple[Teacher, list]]:
+    """[(teacher, its domains)], each distinct Teacher object once (a checkpoint that teaches
+    several domains is run once), in first-seen order."""
+    groups: dict[int, tuple[Teacher, list]] = {}
+    for dom, t in teachers.items():
+        groups.setdefault(id(t), (t, []))[1].append(dom)
+    return list(groups.values())
+
+
 def mopd_teacher_logprobs(batch: Mapping[str, Any], teachers: Mapping[Any, Teacher], *,
                           domains_B=None, chunk: int = losses.DEFAULT_CHUNK,
                           mode: str = "gather") -> jax.Array:
@@ -257,11 +266,8 @@ def mopd_teacher_logprobs(batch: Mapping[str, Any], teachers: Mapping[Any, Teach
     if unknown:
         raise KeyError(f"mopd_teacher_logprobs: no teacher for domains {unknown}; teachers are "
                        f"{sorted(teachers)}")
-    groups: dict[int, tuple[Teacher, list]] = {}
-    for dom, t in teachers.items():
-        groups.setdefault(id(t), (t, []))[1].append(dom)
     out = jnp.zeros(batch["targets"].shape, jnp.float32)
-    for t, doms in groups.values():
+    for t, doms in teacher_groups(teachers):
         rows = np.nonzero(np.isin(domains_B, doms))[0]
         if rows.size == 0:
             continue
