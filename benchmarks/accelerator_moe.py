@@ -1,5 +1,6 @@
-"""MoE expert matmuls on an accelerator: achieved TFLOP/s of the gmm kernel, `lax.ragged_dot` and the
-dense equal-FLOP matmul, in bf16, on the real Nemotron-3-Nano MoE shapes, against the chip's peak.
+"""MoE expert matmuls on an accelerator: achieved TFLOP/s of the gmm kernel, `lax.ragged_dot` and
+the dense equal-FLOP matmul, in bf16, on the real Nemotron-3-Nano MoE shapes, against the chip's
+peak.
 
     python benchmarks/accelerator_moe.py                 # on a TPU or GPU; about 2-4 minutes
     python benchmarks/accelerator_moe.py --tokens=8192,32768 --out=/tmp/moe_acc.json
@@ -27,7 +28,8 @@ useful FLOPs). TFLOP/s count useful work only (2 * routed rows * K * N per matmu
 
 Peak: the chip's bf16 dense spec (table below, by `device_kind`) and, measured in the same
 run, the best bf16 `jnp.dot` on 8192^2 squares. Each program: one compile/warm-up call, then
-the median of `--repeats` timed calls. Writes JSON (default benchmarks/results/accelerator_moe.json).
+the median of `--repeats` timed calls. Writes JSON (default
+benchmarks/results/accelerator_moe.json).
 """
 
 from __future__ import annotations
@@ -51,9 +53,18 @@ from nemocascade.model import moe_backends
 NANO = {"hidden": 2688, "width": 1856, "experts": 128, "top_k": 6}
 SMOKE = {"hidden": 128, "width": 64, "experts": 8, "top_k": 2}
 # bf16 dense peak TFLOP/s per chip (vendor specs; H100/H200 SXM without sparsity)
-PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
-               "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H100": 989.0,
-               "NVIDIA H200": 989.0, "NVIDIA A100": 312.0}
+PEAK_TFLOPS = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+    "NVIDIA H100": 989.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA A100": 312.0,
+}
 RESULTS = Path(__file__).resolve().parent / "results" / "accelerator_moe.json"
 
 
@@ -81,7 +92,7 @@ def measured_matmul_peak(n: int, repeats: int) -> float:
     """Best-case bf16 TFLOP/s of one [n, n] x [n, n] jnp.dot with fp32 accumulation."""
     a = jnp.ones((n, n), jnp.bfloat16)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    return 2 * n ** 3 / median_ms(f, (a, a), repeats) / 1e9
+    return 2 * n**3 / median_ms(f, (a, a), repeats) / 1e9
 
 
 def routing(tokens: int, experts: int, top_k: int, seed: int = 0):
@@ -101,8 +112,9 @@ def _gmm_fn(impl: str):
     if impl == "pallas":
         return lambda a, b, s: pallas_kernels.gmm(a, b, s, impl="pallas")
     if impl == "ragged_dot":
-        return lambda a, b, s: jax.lax.ragged_dot(a, b, s, preferred_element_type=jnp.float32
-                                                  ).astype(a.dtype)
+        return lambda a, b, s: jax.lax.ragged_dot(
+            a, b, s, preferred_element_type=jnp.float32
+        ).astype(a.dtype)
     if impl == "dense":
         return lambda a, b, s: jnp.dot(a, b[0], preferred_element_type=jnp.float32).astype(a.dtype)
     raise ValueError(f"accelerator_moe: unknown impl {impl!r}")
@@ -119,17 +131,41 @@ def bench_projection(proj: str, m: int, shape: dict, sizes, impls, repeats: int)
     rows = []
     for impl in impls:
         fn = _gmm_fn(impl)
-        loss = lambda a, b, s, fn=fn: jnp.sum(fn(a, b, s).astype(jnp.float32) * cot)
-        for mode, prog, mult in (("fwd", jax.jit(fn), 1),
-                                 ("fwd_bwd", jax.jit(jax.grad(loss, argnums=(0, 1))), 3)):
+
+        def loss(a, b, s, fn=fn):
+            return jnp.sum(fn(a, b, s).astype(jnp.float32) * cot)
+
+        for mode, prog, mult in (
+            ("fwd", jax.jit(fn), 1),
+            ("fwd_bwd", jax.jit(jax.grad(loss, argnums=(0, 1))), 3),
+        ):
             try:
                 ms = median_ms(prog, (lhs, rhs, sizes), repeats)
             except Exception as err:  # noqa: BLE001  (e.g. the TPU kernel on a GPU)
-                rows.append({"proj": proj, "M": m, "K": k, "N": n, "impl": impl, "mode": mode,
-                             "error": f"{type(err).__name__}: {err}"[:300]})
+                rows.append(
+                    {
+                        "proj": proj,
+                        "M": m,
+                        "K": k,
+                        "N": n,
+                        "impl": impl,
+                        "mode": mode,
+                        "error": f"{type(err).__name__}: {err}"[:300],
+                    }
+                )
                 continue
-            rows.append({"proj": proj, "M": m, "K": k, "N": n, "impl": impl, "mode": mode,
-                         "ms": ms, "tflops": mult * useful / ms / 1e9})
+            rows.append(
+                {
+                    "proj": proj,
+                    "M": m,
+                    "K": k,
+                    "N": n,
+                    "impl": impl,
+                    "mode": mode,
+                    "ms": ms,
+                    "tflops": mult * useful / ms / 1e9,
+                }
+            )
     return rows
 
 
@@ -149,16 +185,32 @@ def bench_layer(tokens: int, shape: dict, idx, w, backends, repeats: int) -> lis
             try:
                 ms = median_ms(prog, args, repeats)
             except Exception as err:  # noqa: BLE001
-                rows.append({"layer": name, "tokens": tokens, "mode": mode,
-                             "error": f"{type(err).__name__}: {err}"[:300]})
+                rows.append(
+                    {
+                        "layer": name,
+                        "tokens": tokens,
+                        "mode": mode,
+                        "error": f"{type(err).__name__}: {err}"[:300],
+                    }
+                )
                 continue
-            rows.append({"layer": name, "tokens": tokens, "mode": mode, "ms": ms,
-                         "tflops": mult * useful / ms / 1e9})
+            rows.append(
+                {
+                    "layer": name,
+                    "tokens": tokens,
+                    "mode": mode,
+                    "ms": ms,
+                    "tflops": mult * useful / ms / 1e9,
+                }
+            )
 
     for b in backends:
         fn = moe_backends.get_backend(b)
         fwd = jax.jit(lambda x, w, u, dn, fn=fn: fn(x, idx, w, u, dn))
-        loss = lambda x, w, u, dn, fn=fn: jnp.sum(fn(x, idx, w, u, dn).astype(jnp.float32) * r)
+
+        def loss(x, w, u, dn, fn=fn):
+            return jnp.sum(fn(x, idx, w, u, dn).astype(jnp.float32) * r)
+
         timed(b, fwd, jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), (x, w, up, down))
     xa = jax.random.normal(ks[4], (a, d), jnp.bfloat16)
     ra = jnp.tile(r, (k, 1))
@@ -166,9 +218,15 @@ def bench_layer(tokens: int, shape: dict, idx, w, backends, repeats: int) -> lis
     def dense(x, u, dn):
         return moe_backends.relu2(x @ u) @ dn
 
-    dloss = lambda x, u, dn: jnp.sum(dense(x, u, dn).astype(jnp.float32) * ra)
-    timed("equal_flop_dense", jax.jit(dense), jax.jit(jax.grad(dloss, argnums=(0, 1, 2))),
-          (xa, up[0], down[0]))
+    def dloss(x, u, dn):
+        return jnp.sum(dense(x, u, dn).astype(jnp.float32) * ra)
+
+    timed(
+        "equal_flop_dense",
+        jax.jit(dense),
+        jax.jit(jax.grad(dloss, argnums=(0, 1, 2))),
+        (xa, up[0], down[0]),
+    )
     return rows
 
 
@@ -179,10 +237,17 @@ def run(tokens_list=(8192, 32768), repeats: int = 10, smoke: bool = False) -> di
     on_tpu = dev.platform == "tpu"
     impls = ["gmm", "ragged_dot", "dense"] + (["pallas"] if (on_tpu or smoke) else [])
     backends = ["ragged_dot"] + (["pallas"] if (on_tpu or smoke) else [])
-    res = {"device": str(dev), "device_kind": dev.device_kind, "platform": dev.platform,
-           "dtype": "bfloat16", "shape": shape, "spec_peak_tflops": chip_peak_tflops(dev),
-           "measured_matmul_peak_tflops": measured_matmul_peak(512 if smoke else 8192, repeats),
-           "projections": [], "layers": []}
+    res = {
+        "device": str(dev),
+        "device_kind": dev.device_kind,
+        "platform": dev.platform,
+        "dtype": "bfloat16",
+        "shape": shape,
+        "spec_peak_tflops": chip_peak_tflops(dev),
+        "measured_matmul_peak_tflops": measured_matmul_peak(512 if smoke else 8192, repeats),
+        "projections": [],
+        "layers": [],
+    }
     for tokens in tokens_list:
         idx, w, sizes = routing(tokens, shape["experts"], shape["top_k"])
         m = tokens * shape["top_k"]
@@ -197,18 +262,32 @@ def run(tokens_list=(8192, 32768), repeats: int = 10, smoke: bool = False) -> di
 
 
 def print_table(res: dict) -> None:
-    print(f"{res['device_kind']} ({res['platform']}): spec bf16 peak {res['spec_peak_tflops']} "
-          f"TFLOP/s, measured dense matmul {res['measured_matmul_peak_tflops']:.1f} TFLOP/s")
+    print(
+        f"{res['device_kind']} ({res['platform']}): spec bf16 peak {res['spec_peak_tflops']} "
+        f"TFLOP/s, measured dense matmul {res['measured_matmul_peak_tflops']:.1f} TFLOP/s"
+    )
     for row in res["projections"]:
         tag = f"{row['proj']:<5} M={row['M']:<7} {row['impl']:<11}{row['mode']:<8}"
-        print(tag + (f"{row['ms']:9.3f} ms {row['tflops']:8.1f} TFLOP/s "
-                     f"{100 * row['fraction_of_peak']:5.1f}% of peak" if "ms" in row
-                     else f" error: {row['error'][:90]}"))
+        print(
+            tag
+            + (
+                f"{row['ms']:9.3f} ms {row['tflops']:8.1f} TFLOP/s "
+                f"{100 * row['fraction_of_peak']:5.1f}% of peak"
+                if "ms" in row
+                else f" error: {row['error'][:90]}"
+            )
+        )
     for row in res["layers"]:
         tag = f"layer T={row['tokens']:<7} {row['layer']:<17}{row['mode']:<8}"
-        print(tag + (f"{row['ms']:9.3f} ms {row['tflops']:8.1f} TFLOP/s "
-                     f"{100 * row['fraction_of_peak']:5.1f}% of peak" if "ms" in row
-                     else f" error: {row['error'][:90]}"))
+        print(
+            tag
+            + (
+                f"{row['ms']:9.3f} ms {row['tflops']:8.1f} TFLOP/s "
+                f"{100 * row['fraction_of_peak']:5.1f}% of peak"
+                if "ms" in row
+                else f" error: {row['error'][:90]}"
+            )
+        )
 
 
 def main() -> None:

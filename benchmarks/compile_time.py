@@ -36,9 +36,12 @@ RESULTS = Path(__file__).resolve().parent / "results" / "compile_time.json"
 def _set_devices(n: int) -> None:
     if "jax" in sys.modules:
         import jax
+
         if jax.device_count() < n:
-            raise RuntimeError(f"compile_time: jax was imported with {jax.device_count()} devices; "
-                               f"run this script as its own process (needs {n})")
+            raise RuntimeError(
+                f"compile_time: jax was imported with {jax.device_count()} devices; "
+                f"run this script as its own process (needs {n})"
+            )
         return
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
@@ -46,8 +49,14 @@ def _set_devices(n: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def measure(mesh_spec: str = "fsdp=2,expert=4", batch: int = 8, seq: int = 128,
-            remat: str = "block", moe_backend: str = "ragged_dot", layers: int | None = None) -> dict:
+def measure(
+    mesh_spec: str = "fsdp=2,expert=4",
+    batch: int = 8,
+    seq: int = 128,
+    remat: str = "block",
+    moe_backend: str = "ragged_dot",
+    layers: int | None = None,
+) -> dict:
     """Lowers and compiles the sharded SFT step of nano_30b_a3b (first `layers` blocks if given)."""
     n_dev = 1
     for part in filter(None, mesh_spec.split(",")):
@@ -55,6 +64,7 @@ def measure(mesh_spec: str = "fsdp=2,expert=4", batch: int = 8, seq: int = 128,
     _set_devices(n_dev)  # before jax is imported
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from nemocascade.tools.params import parse_mesh
+
     sizes = parse_mesh(mesh_spec)
 
     import functools
@@ -91,16 +101,31 @@ def measure(mesh_spec: str = "fsdp=2,expert=4", batch: int = 8, seq: int = 128,
     eval_shape_s = time.perf_counter() - t0
     shardings = full_shardings(abstract, mesh)
     bsh = batch_sharding(mesh, 2)
-    abatch = {k: jax.ShapeDtypeStruct((batch, seq), dt, sharding=bsh)
-              for k, dt in (("input_ids", jnp.int32), ("targets", jnp.int32),
-                            ("loss_mask", jnp.float32), ("segment_ids", jnp.int32),
-                            ("positions", jnp.int32))}
-    astate = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-    step = jax.jit(functools.partial(sft_step, graphdef=holder["graphdef"], tx=tx,
-                                     lr_fn=lambda s: optim.lr, moe_bias_rate=optim.moe_bias_rate),
-                   in_shardings=(shardings, {k: bsh for k in abatch}),
-                   out_shardings=(shardings, None), donate_argnums=0)
+    abatch = {
+        k: jax.ShapeDtypeStruct((batch, seq), dt, sharding=bsh)
+        for k, dt in (
+            ("input_ids", jnp.int32),
+            ("targets", jnp.int32),
+            ("loss_mask", jnp.float32),
+            ("segment_ids", jnp.int32),
+            ("positions", jnp.int32),
+        )
+    }
+    astate = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    step = jax.jit(
+        functools.partial(
+            sft_step,
+            graphdef=holder["graphdef"],
+            tx=tx,
+            lr_fn=lambda s: optim.lr,
+            moe_bias_rate=optim.moe_bias_rate,
+        ),
+        in_shardings=(shardings, {k: bsh for k in abatch}),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
     t0 = time.perf_counter()
     lowered = step.lower(astate, abatch)
     lower_s = time.perf_counter() - t0
@@ -108,14 +133,23 @@ def measure(mesh_spec: str = "fsdp=2,expert=4", batch: int = 8, seq: int = 128,
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    return {"model": "nano_30b_a3b", "layers": cfg.num_layers, "mesh": sizes, "devices": n_dev,
-            "batch": batch, "seq": seq, "remat": remat, "moe_backend": moe_backend,
-            "eval_shape_s": round(eval_shape_s, 2), "trace_lower_s": round(lower_s, 2),
-            "compile_s": round(compile_s, 2),
-            "hlo_chars": len(lowered.as_text()),
-            "per_device_argument_bytes": int(mem.argument_size_in_bytes),
-            "per_device_output_bytes": int(mem.output_size_in_bytes),
-            "per_device_temp_bytes": int(mem.temp_size_in_bytes)}
+    return {
+        "model": "nano_30b_a3b",
+        "layers": cfg.num_layers,
+        "mesh": sizes,
+        "devices": n_dev,
+        "batch": batch,
+        "seq": seq,
+        "remat": remat,
+        "moe_backend": moe_backend,
+        "eval_shape_s": round(eval_shape_s, 2),
+        "trace_lower_s": round(lower_s, 2),
+        "compile_s": round(compile_s, 2),
+        "hlo_chars": len(lowered.as_text()),
+        "per_device_argument_bytes": int(mem.argument_size_in_bytes),
+        "per_device_output_bytes": int(mem.output_size_in_bytes),
+        "per_device_temp_bytes": int(mem.temp_size_in_bytes),
+    }
 
 
 def run(quick: bool = True, write: bool = True, **kw) -> dict:
@@ -126,12 +160,18 @@ def run(quick: bool = True, write: bool = True, **kw) -> dict:
     if not quick:
         rows.append(measure(**kw))
     for r in rows:
-        print(f"{r['layers']:>3} layers, mesh {r['mesh']}, batch {r['batch']} x {r['seq']}, "
-              f"remat {r['remat']}: lower {r['trace_lower_s']:.1f} s, compile {r['compile_s']:.1f} s, "
-              f"temp {r['per_device_temp_bytes'] / 2**30:.2f} GiB/device, "
-              f"args {r['per_device_argument_bytes'] / 2**30:.2f} GiB/device")
-    res = {"rows": rows, "compile_lower_s": rows[-1]["trace_lower_s"],
-           "compile_s": rows[-1]["compile_s"]}
+        print(
+            f"{r['layers']:>3} layers, mesh {r['mesh']}, batch {r['batch']} x {r['seq']}, "
+            f"remat {r['remat']}: lower {r['trace_lower_s']:.1f} s, "
+            f"compile {r['compile_s']:.1f} s, "
+            f"temp {r['per_device_temp_bytes'] / 2**30:.2f} GiB/device, "
+            f"args {r['per_device_argument_bytes'] / 2**30:.2f} GiB/device"
+        )
+    res = {
+        "rows": rows,
+        "compile_lower_s": rows[-1]["trace_lower_s"],
+        "compile_s": rows[-1]["compile_s"],
+    }
     if write:
         out = RESULTS if not quick else RESULTS.with_name("compile_time_quick.json")
         write_result(res, out)

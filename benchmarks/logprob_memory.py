@@ -57,9 +57,11 @@ def _cases(chunk: int):
     def kl_chunk(h, w, ht, wt, m):
         return jnp.sum(losses.reverse_kl_per_token(h, w, ht, wt, chunk_size=chunk) * m)
 
-    return {"logprob": (lp_naive, lp_chunk, False),
-            "logprob+entropy": (ent_naive, ent_chunk, False),
-            "reverse_kl": (kl_naive, kl_chunk, True)}
+    return {
+        "logprob": (lp_naive, lp_chunk, False),
+        "logprob+entropy": (ent_naive, ent_chunk, False),
+        "reverse_kl": (kl_naive, kl_chunk, True),
+    }
 
 
 def _temp_bytes(fn, args) -> tuple[int, float]:
@@ -83,25 +85,36 @@ def measure(shape: dict, *, chunk: int, dtype: str, cases: list[str] | None = No
         args = (h, w, h, w, m) if teacher else (h, w, t, m)
         naive_b, naive_s = _temp_bytes(naive, args)
         chunk_b, chunk_s = _temp_bytes(chunked, args)
-        rows[name] = {"naive_temp_bytes": naive_b, "chunked_temp_bytes": chunk_b,
-                      "reduction": naive_b / max(chunk_b, 1),
-                      "compile_s": round(naive_s + chunk_s, 2)}
-    return {"shape": shape, "chunk_size": chunk, "dtype": dtype,
-            "backend": jax.default_backend(), "cases": rows}
+        rows[name] = {
+            "naive_temp_bytes": naive_b,
+            "chunked_temp_bytes": chunk_b,
+            "reduction": naive_b / max(chunk_b, 1),
+            "compile_s": round(naive_s + chunk_s, 2),
+        }
+    return {
+        "shape": shape,
+        "chunk_size": chunk,
+        "dtype": dtype,
+        "backend": jax.default_backend(),
+        "cases": rows,
+    }
 
 
 def _print(result: dict) -> None:
     s = result["shape"]
-    print(f"B x T = {s['batch']} x {s['seq']}, D = {s['hidden']}, V = {s['vocab']}, "
-          f"chunk = {result['chunk_size']}, {result['dtype']} on {result['backend']}")
+    print(
+        f"B x T = {s['batch']} x {s['seq']}, D = {s['hidden']}, V = {s['vocab']}, "
+        f"chunk = {result['chunk_size']}, {result['dtype']} on {result['backend']}"
+    )
     print(f"{'case':<18}{'naive GiB':>12}{'chunked GiB':>14}{'reduction':>12}")
     for name, r in result["cases"].items():
-        print(f"{name:<18}{r['naive_temp_bytes'] / 2**30:>12.2f}"
-              f"{r['chunked_temp_bytes'] / 2**30:>14.2f}{r['reduction']:>11.1f}x")
+        print(
+            f"{name:<18}{r['naive_temp_bytes'] / 2**30:>12.2f}"
+            f"{r['chunked_temp_bytes'] / 2**30:>14.2f}{r['reduction']:>11.1f}x"
+        )
 
 
-def run(quick: bool = True, chunk: int = 1024, dtype: str = "bfloat16",
-        write: bool = True) -> dict:
+def run(quick: bool = True, chunk: int = 1024, dtype: str = "bfloat16", write: bool = True) -> dict:
     """Measure, print, write the JSON; returns it with `logprob_peak_memory_reduction` added."""
     result = measure(SHAPE, chunk=chunk, dtype=dtype, cases=["logprob"] if quick else None)
     result["logprob_peak_memory_reduction"] = result["cases"]["logprob"]["reduction"]

@@ -94,23 +94,29 @@ def _interleaved_min_times(jobs: dict, rounds: int) -> dict:
     return best
 
 
-def bench_shape(name: str, backends: list[str], iters: int, explicit: bool,
-                skip_slow: bool) -> dict:
+def bench_shape(
+    name: str, backends: list[str], iters: int, explicit: bool, skip_slow: bool
+) -> dict:
     shape = SHAPES[name]
     x_TD, idx_TK, w_TK, up_EDF, down_EFD, r_TD = _inputs(shape)
     T, D, K, F = (shape[k] for k in ("tokens", "hidden", "top_k", "width"))
     A = T * K
     ks = jax.random.split(jax.random.key(1), 2)
-    eq_args = (jax.random.normal(ks[0], (A, D)), up_EDF[0], down_EFD[0],
-               jax.random.normal(ks[1], (A, D)))
+    eq_args = (
+        jax.random.normal(ks[0], (A, D)),
+        up_EDF[0],
+        down_EFD[0],
+        jax.random.normal(ks[1], (A, D)),
+    )
     flops = 3 * 2 * 2 * A * D * F  # fwd (2 matmuls) + bwd (2x that), 2 flops per MAC
     rows, fast, slow = {}, {}, {}
     fast["equal_flop_dense"] = (*_compile(_equal_flop_step(), eq_args), eq_args)
     moe_args = (x_TD, w_TK, up_EDF, down_EFD, idx_TK, r_TD)
     for b in backends:
         if b in SLOW_ON_CPU and skip_slow and not explicit and jax.default_backend() == "cpu":
-            rows[b] = {"skipped": "estimated >= E/K x the useful work on CPU; "
-                                  "pass --backends to force"}
+            rows[b] = {
+                "skipped": "estimated >= E/K x the useful work on CPU; pass --backends to force"
+            }
             continue
         try:
             entry = (*_compile(_moe_step(b), moe_args), moe_args)
@@ -122,8 +128,12 @@ def bench_shape(name: str, backends: list[str], iters: int, explicit: bool,
     times.update(_interleaved_min_times({k: (c, a) for k, (c, _, a) in slow.items()}, 1))
     t_ref = times["equal_flop_dense"]
     for k, (_, temp, _) in {**fast, **slow}.items():
-        rows[k] = {"time_s": times[k], "temp_bytes": temp, "vs_equal_flop_dense": times[k] / t_ref,
-                   "gflops": flops / times[k] / 1e9}
+        rows[k] = {
+            "time_s": times[k],
+            "temp_bytes": temp,
+            "vs_equal_flop_dense": times[k] / t_ref,
+            "gflops": flops / times[k] / 1e9,
+        }
     order = ["equal_flop_dense"] + [b for b in backends]
     return {"shape": shape, "results": {k: rows[k] for k in order if k in rows}}
 
@@ -138,8 +148,12 @@ def _best_ratio(shape_result: dict) -> tuple[str | None, float | None]:
     return best if best else (None, None)
 
 
-def run(quick: bool = True, backends: list[str] | None = None, shapes: list[str] | None = None,
-        iters: int = 8) -> dict:
+def run(
+    quick: bool = True,
+    backends: list[str] | None = None,
+    shapes: list[str] | None = None,
+    iters: int = 8,
+) -> dict:
     """Benchmark; returns a dict with 'platform', 'shapes' (per-shape tables), 'best_per_shape',
     'moe_best_backend' and 'moe_best_vs_equal_flop_dense'.
 
@@ -149,14 +163,22 @@ def run(quick: bool = True, backends: list[str] | None = None, shapes: list[str]
     explicit = backends is not None
     backends = backends or list(moe_backends.available_backends())
     shapes = shapes or (["small"] if quick else ["small", "large"])
-    out = {"platform": jax.default_backend(), "device": str(jax.devices()[0]),
-           "cpu_count": os.cpu_count(), "loadavg_before": os.getloadavg(), "shapes": {}}
+    out = {
+        "platform": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": os.getloadavg(),
+        "shapes": {},
+    }
     for name in shapes:
-        out["shapes"][name] = bench_shape(name, backends, iters, explicit,
-                                          skip_slow=quick or name == "large")
+        out["shapes"][name] = bench_shape(
+            name, backends, iters, explicit, skip_slow=quick or name == "large"
+        )
     out["loadavg_after"] = os.getloadavg()  # a shared machine: other processes skew the times
-    out["best_per_shape"] = {name: dict(zip(("backend", "vs_equal_flop_dense"), _best_ratio(sr)))
-                             for name, sr in out["shapes"].items()}
+    out["best_per_shape"] = {
+        name: dict(zip(("backend", "vs_equal_flop_dense"), _best_ratio(sr), strict=True))
+        for name, sr in out["shapes"].items()
+    }
     best_b, best_r = _best_ratio(out["shapes"][shapes[-1]])
     out["moe_best_backend"] = best_b
     out["moe_best_vs_equal_flop_dense"] = best_r
@@ -164,8 +186,10 @@ def run(quick: bool = True, backends: list[str] | None = None, shapes: list[str]
 
 
 def _print_table(res: dict) -> None:
-    print(f"platform: {res['platform']} ({res['device']}), {res['cpu_count']} cpus, load average "
-          f"{res['loadavg_before'][0]:.1f} -> {res['loadavg_after'][0]:.1f}")
+    print(
+        f"platform: {res['platform']} ({res['device']}), {res['cpu_count']} cpus, load average "
+        f"{res['loadavg_before'][0]:.1f} -> {res['loadavg_after'][0]:.1f}"
+    )
     for name, sr in res["shapes"].items():
         print(f"\n== {name}: {sr['shape']}")
         print(f"{'backend':<18}{'time ms':>10}{'x eq-FLOP':>11}{'GFLOP/s':>10}{'temp MiB':>10}")
@@ -173,10 +197,14 @@ def _print_table(res: dict) -> None:
             if "time_s" not in r:
                 print(f"{b:<18}  skipped: {r['skipped']}")
                 continue
-            print(f"{b:<18}{1e3 * r['time_s']:>10.1f}{r['vs_equal_flop_dense']:>11.2f}"
-                  f"{r['gflops']:>10.1f}{r['temp_bytes'] / 2**20:>10.1f}")
-    print(f"\nbest dropless backend: {res['moe_best_backend']} at "
-          f"{res['moe_best_vs_equal_flop_dense']} x the equal-FLOP dense matmul")
+            print(
+                f"{b:<18}{1e3 * r['time_s']:>10.1f}{r['vs_equal_flop_dense']:>11.2f}"
+                f"{r['gflops']:>10.1f}{r['temp_bytes'] / 2**20:>10.1f}"
+            )
+    print(
+        f"\nbest dropless backend: {res['moe_best_backend']} at "
+        f"{res['moe_best_vs_equal_flop_dense']} x the equal-FLOP dense matmul"
+    )
 
 
 def main() -> None:
@@ -187,8 +215,12 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=8, help="interleaved timing rounds (min is kept)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "moe.json"))
     a = p.parse_args()
-    res = run(quick=a.quick, backends=a.backends.split(",") if a.backends else None,
-              shapes=a.shapes.split(",") if a.shapes else None, iters=a.iters)
+    res = run(
+        quick=a.quick,
+        backends=a.backends.split(",") if a.backends else None,
+        shapes=a.shapes.split(",") if a.shapes else None,
+        iters=a.iters,
+    )
     _print_table(res)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:

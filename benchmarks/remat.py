@@ -54,28 +54,48 @@ def compile_policy(remat: str, batch: dict, moe_backend: str = "sorted", loss_ch
     """(compiled step, state, temp bytes) for `ModelConfig.small(remat=remat)`."""
     cfg = ModelConfig.small(remat=remat, moe_backend=moe_backend)
     tx = make_optimizer(OPTIM, total_steps=1000)
-    graphdef, state = create_train_state(NemotronH(cfg, rngs=nnx.Rngs(0)), tx, jax.random.PRNGKey(0))
-    step = jax.jit(functools.partial(sft_step, graphdef=graphdef, tx=tx, lr_fn=lambda s: OPTIM.lr,
-                                     moe_bias_rate=OPTIM.moe_bias_rate,
-                                     loss_chunk_size=loss_chunk), donate_argnums=0)
+    graphdef, state = create_train_state(
+        NemotronH(cfg, rngs=nnx.Rngs(0)), tx, jax.random.PRNGKey(0)
+    )
+    step = jax.jit(
+        functools.partial(
+            sft_step,
+            graphdef=graphdef,
+            tx=tx,
+            lr_fn=lambda s: OPTIM.lr,
+            moe_bias_rate=OPTIM.moe_bias_rate,
+            loss_chunk_size=loss_chunk,
+        ),
+        donate_argnums=0,
+    )
     compiled = step.lower(state, batch).compile()
     return compiled, state, int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def grad_temp_bytes(remat: str, batch: dict, moe_backend: str = "sorted",
-                    loss_chunk: int = 1024) -> int:
+def grad_temp_bytes(
+    remat: str, batch: dict, moe_backend: str = "sorted", loss_chunk: int = 1024
+) -> int:
     """Compiled temp bytes of the gradient of the SFT loss alone (no optimizer)."""
     cfg = ModelConfig.small(remat=remat, moe_backend=moe_backend)
     model = nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    loss = functools.partial(sft_loss, graphdef=graphdef, denom=jnp.float32(1.0),
-                             loss_chunk_size=loss_chunk)
+    loss = functools.partial(
+        sft_loss, graphdef=graphdef, denom=jnp.float32(1.0), loss_chunk_size=loss_chunk
+    )
     grad = jax.jit(jax.grad(lambda p, m, b: loss(p, m, b)[0]))
-    return int(grad.lower(params, model_state, batch).compile().memory_analysis().temp_size_in_bytes)
+    return int(
+        grad.lower(params, model_state, batch).compile().memory_analysis().temp_size_in_bytes
+    )
 
 
-def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
-        repeats: int | None = None, write: bool = True, compile_only: bool = False) -> dict:
+def run(
+    quick: bool = True,
+    batch: int | None = None,
+    seq: int | None = None,
+    repeats: int | None = None,
+    write: bool = True,
+    compile_only: bool = False,
+) -> dict:
     """Compiles and times the three policies; returns the JSON-ready dict."""
     batch = batch or (2 if quick else 8)
     seq = seq or (256 if quick else 512)
@@ -96,6 +116,7 @@ def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
         def go():
             h["state"], metrics = h["fn"](h["state"], data)
             jax.block_until_ready(metrics)
+
         return go
 
     if compile_only:
@@ -106,23 +127,36 @@ def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
     rows = {}
     for r in POLICIES:
         est = activation_estimate(cfg, tokens, seq, r, loss_chunk=1024)
-        rows[r] = {"temp_bytes": temps[r], "grad_temp_bytes": gtemps[r],
-                   "grad_temp_vs_none": gtemps[r] / gtemps["none"],
-                   "step_median_s": times[r]["median_s"],
-                   "step_times_s": times[r]["times_s"],
-                   "time_vs_none": times[r]["median_s"] / times["none"]["median_s"],
-                   "temp_vs_none": temps[r] / temps["none"],
-                   "params_tool_activation_estimate_bytes": int(est["total"])}
-    res = {"config": "small", "batch": batch, "seq": seq, "dtype": "float32",
-           "platform": jax.default_backend(), "policies": rows}
+        rows[r] = {
+            "temp_bytes": temps[r],
+            "grad_temp_bytes": gtemps[r],
+            "grad_temp_vs_none": gtemps[r] / gtemps["none"],
+            "step_median_s": times[r]["median_s"],
+            "step_times_s": times[r]["times_s"],
+            "time_vs_none": times[r]["median_s"] / times["none"]["median_s"],
+            "temp_vs_none": temps[r] / temps["none"],
+            "params_tool_activation_estimate_bytes": int(est["total"]),
+        }
+    res = {
+        "config": "small",
+        "batch": batch,
+        "seq": seq,
+        "dtype": "float32",
+        "platform": jax.default_backend(),
+        "policies": rows,
+    }
     print(f"small config, batch {batch} x {seq}, fp32 on {res['platform']}")
-    print(f"{'remat':<9}{'step temp MiB':>14}{'x none':>8}{'grad temp MiB':>14}{'x none':>8}"
-          f"{'step s':>9}{'x none':>8}{'estimate MiB':>14}")
+    print(
+        f"{'remat':<9}{'step temp MiB':>14}{'x none':>8}{'grad temp MiB':>14}{'x none':>8}"
+        f"{'step s':>9}{'x none':>8}{'estimate MiB':>14}"
+    )
     for r, row in rows.items():
-        print(f"{r:<9}{row['temp_bytes'] / 2**20:>14.1f}{row['temp_vs_none']:>8.2f}"
-              f"{row['grad_temp_bytes'] / 2**20:>14.1f}{row['grad_temp_vs_none']:>8.2f}"
-              f"{row['step_median_s']:>9.3f}{row['time_vs_none']:>8.2f}"
-              f"{row['params_tool_activation_estimate_bytes'] / 2**20:>14.1f}")
+        print(
+            f"{r:<9}{row['temp_bytes'] / 2**20:>14.1f}{row['temp_vs_none']:>8.2f}"
+            f"{row['grad_temp_bytes'] / 2**20:>14.1f}{row['grad_temp_vs_none']:>8.2f}"
+            f"{row['step_median_s']:>9.3f}{row['time_vs_none']:>8.2f}"
+            f"{row['params_tool_activation_estimate_bytes'] / 2**20:>14.1f}"
+        )
     if write:
         name = "remat" + ("_quick" if quick else "") + ("_compile_only" if compile_only else "")
         out = RESULTS.with_name(name + ".json")

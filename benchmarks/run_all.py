@@ -38,22 +38,28 @@ sys.path.insert(0, str(HERE))
 
 # benchmark -> {headline key: key in that benchmark's result}
 HEADLINES = {
-    "train_step": {"train_mfu": "train_mfu",
-                   "train_speedup_vs_transformers": "train_speedup_vs_transformers",
-                   "prefill_speedup_vs_transformers": "prefill_speedup_vs_transformers"},
-    "generate": {"decode_speedup_vs_transformers": "decode_speedup_vs_transformers",
-                 "generate_prefill_speedup_vs_transformers": "prefill_speedup_vs_transformers"},
+    "train_step": {
+        "train_mfu": "train_mfu",
+        "train_speedup_vs_transformers": "train_speedup_vs_transformers",
+        "prefill_speedup_vs_transformers": "prefill_speedup_vs_transformers",
+    },
+    "generate": {
+        "decode_speedup_vs_transformers": "decode_speedup_vs_transformers",
+        "generate_prefill_speedup_vs_transformers": "prefill_speedup_vs_transformers",
+    },
     "moe": {"moe_best_vs_equal_flop_dense": "moe_best_vs_equal_flop_dense"},
     "logprob_memory": {"logprob_peak_memory_reduction": "logprob_peak_memory_reduction"},
-    "remat": {"remat_block_temp_vs_none": ("policies", "block", "temp_vs_none"),
-              "remat_block_time_vs_none": ("policies", "block", "time_vs_none")},
+    "remat": {
+        "remat_block_temp_vs_none": ("policies", "block", "temp_vs_none"),
+        "remat_block_time_vs_none": ("policies", "block", "time_vs_none"),
+    },
     "compile_time": {"compile_lower_s": "compile_lower_s", "compile_s": "compile_s"},
 }
 SUBPROCESS = ("compile_time",)
 
 
 def _get(result: dict, key):
-    for k in (key if isinstance(key, tuple) else (key,)):
+    for k in key if isinstance(key, tuple) else (key,):
         result = result[k]
     return result
 
@@ -71,7 +77,10 @@ def _run_subprocess(name: str, quick: bool) -> dict:
 
 
 def run_all(quick: bool, only: list[str] | None = None) -> dict:
-    """Runs the benchmarks (all, or `only`); returns {headline keys..., details, errors, seconds}."""
+    """Runs the benchmarks (all, or `only`).
+
+    Returns {headline keys..., details, errors, seconds}.
+    """
     names = only or list(HEADLINES)
     unknown = sorted(set(names) - set(HEADLINES))
     if unknown:

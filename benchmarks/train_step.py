@@ -66,8 +66,9 @@ from nemocascade.train.sft import sft_step
 from nemocascade.train.state import create_train_state
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
-OPTIM = OptimConfig(lr=1e-5, min_lr=1e-5, warmup_steps=0, b1=0.9, b2=0.98, eps=1e-8,
-                    weight_decay=0.1, clip_norm=1.0)
+OPTIM = OptimConfig(
+    lr=1e-5, min_lr=1e-5, warmup_steps=0, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, clip_norm=1.0
+)
 
 
 # ----------------------------------------------------------------------------- FLOP model
@@ -76,9 +77,11 @@ def active_matmul_params(cfg: ModelConfig) -> dict[str, int]:
     d = cfg.hidden_size
     mamba = d * (cfg.mamba_inner + cfg.conv_dim + cfg.mamba_num_heads) + cfg.mamba_inner * d
     attn = d * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    moe = (d * cfg.n_routed_experts
-           + cfg.num_experts_per_tok * 2 * d * cfg.moe_intermediate_size
-           + cfg.n_shared_experts * 2 * d * cfg.moe_shared_expert_intermediate_size)
+    moe = (
+        d * cfg.n_routed_experts
+        + cfg.num_experts_per_tok * 2 * d * cfg.moe_intermediate_size
+        + cfg.n_shared_experts * 2 * d * cfg.moe_shared_expert_intermediate_size
+    )
     mlp = 2 * d * cfg.intermediate_size
     per_kind = {"mamba": mamba, "attention": attn, "moe": moe, "mlp": mlp}
     out = {k: per_kind[k] * cfg.block_types.count(k) for k in per_kind}
@@ -111,7 +114,7 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 3) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(f(a, b))
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 # ----------------------------------------------------------------------------- models
@@ -119,12 +122,18 @@ def build_models(cfg: ModelConfig, moe_backend: str = "sorted", seed: int = 0):
     """(transformers model with sdpa attention and default experts, our model), same weights."""
     import torch
     import transformers
-    hf_cfg = transformers.NemotronHConfig(**{k: v for k, v in cfg.to_hf_config().items()
-                                             if k not in ("architectures", "model_type",
-                                                          "hybrid_override_pattern")})
+
+    hf_cfg = transformers.NemotronHConfig(
+        **{
+            k: v
+            for k, v in cfg.to_hf_config().items()
+            if k not in ("architectures", "model_type", "hybrid_override_pattern")
+        }
+    )
     torch.manual_seed(seed)
-    hf = transformers.NemotronHForCausalLM._from_config(hf_cfg, attn_implementation="sdpa",
-                                                        dtype=torch.float32)
+    hf = transformers.NemotronHForCausalLM._from_config(
+        hf_cfg, attn_implementation="sdpa", dtype=torch.float32
+    )
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = load_hf_checkpoint(tmp, moe_backend=moe_backend, remat=cfg.remat)
@@ -135,20 +144,32 @@ def make_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> dict[st
     """A random SFT batch: every position a loss token, one document per row."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-            "loss_mask": np.ones((batch, seq), np.float32),
-            "segment_ids": np.ones((batch, seq), np.int32),
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+    return {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "loss_mask": np.ones((batch, seq), np.float32),
+        "segment_ids": np.ones((batch, seq), np.int32),
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+    }
 
 
 def ours_programs(model, batch: dict, loss_chunk: int = 1024):
     """(train_step() -> metrics, prefill() -> logits) closures over our jitted programs."""
     from flax import nnx
+
     tx = make_optimizer(OPTIM, total_steps=1000)
     graphdef, state = create_train_state(model, tx, jax.random.PRNGKey(0))
-    step = jax.jit(functools.partial(sft_step, graphdef=graphdef, tx=tx, lr_fn=lambda s: OPTIM.lr,
-                                     moe_bias_rate=OPTIM.moe_bias_rate,
-                                     loss_chunk_size=loss_chunk), donate_argnums=0)
+    step = jax.jit(
+        functools.partial(
+            sft_step,
+            graphdef=graphdef,
+            tx=tx,
+            lr_fn=lambda s: OPTIM.lr,
+            moe_bias_rate=OPTIM.moe_bias_rate,
+            loss_chunk_size=loss_chunk,
+        ),
+        donate_argnums=0,
+    )
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     holder = {"state": state}
 
@@ -168,21 +189,29 @@ def ours_programs(model, batch: dict, loss_chunk: int = 1024):
 def transformers_programs(hf, batch: dict):
     """(train_step() -> loss, prefill() -> logits) closures over the transformers model."""
     import torch
+
     decay, no_decay = [], []
     for name, p in hf.named_parameters():
         low = name.lower()
         (no_decay if p.ndim < 2 or "norm" in low or "bias" in low else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=OPTIM.lr, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": OPTIM.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=OPTIM.lr,
+        betas=(OPTIM.b1, OPTIM.b2),
+        eps=OPTIM.eps,
+    )
     ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
     tgt = torch.as_tensor(batch["targets"], dtype=torch.long)
 
     def train():
         hf.train()
         logits = hf(ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                 tgt.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1)
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), OPTIM.clip_norm)
         opt.step()
@@ -211,15 +240,29 @@ def interleaved_medians(jobs: dict, repeats: int) -> dict[str, dict]:
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "first_s": first[k],
-                "times_s": [round(x, 4) for x in v]} for k, v in times.items()}
+    return {
+        k: {
+            "median_s": statistics.median(v),
+            "min_s": min(v),
+            "first_s": first[k],
+            "times_s": [round(x, 4) for x in v],
+        }
+        for k, v in times.items()
+    }
 
 
-def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
-        repeats: int | None = None, moe_backend: str = "sorted", loss_chunk: int = 1024,
-        write: bool = True) -> dict:
+def run(
+    quick: bool = True,
+    batch: int | None = None,
+    seq: int | None = None,
+    repeats: int | None = None,
+    moe_backend: str = "sorted",
+    loss_chunk: int = 1024,
+    write: bool = True,
+) -> dict:
     """Measures everything above on `ModelConfig.small()`; returns the JSON-ready dict."""
     import torch
+
     batch = batch or (2 if quick else 8)
     seq = seq or (256 if quick else 512)
     repeats = repeats or (1 if quick else 3)
@@ -228,8 +271,13 @@ def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
     data = make_batch(cfg, batch, seq)
     o_train, o_pre = ours_programs(ours, data, loss_chunk)
     h_train, h_pre = transformers_programs(hf, data)
-    jobs = {"ours_train": o_train, "hf_train": h_train, "ours_prefill": o_pre, "hf_prefill": h_pre,
-            "matmul_peak": lambda: None}
+    jobs = {
+        "ours_train": o_train,
+        "hf_train": h_train,
+        "ours_prefill": o_pre,
+        "hf_prefill": h_pre,
+        "matmul_peak": lambda: None,
+    }
     peaks = []
     jobs["matmul_peak"] = lambda: peaks.append(matmul_peak_flops(1024 if quick else 2048))
     t = interleaved_medians(jobs, repeats)
@@ -238,16 +286,27 @@ def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
     f_train = model_flops_per_token(cfg, seq, train=True)
     f_fwd = model_flops_per_token(cfg, seq, train=False)
     res = {
-        "config": "small", "batch": batch, "seq": seq, "tokens_per_step": tokens, "dtype": "float32",
-        "platform": jax.default_backend(), "moe_backend": moe_backend, "repeats": repeats,
+        "config": "small",
+        "batch": batch,
+        "seq": seq,
+        "tokens_per_step": tokens,
+        "dtype": "float32",
+        "platform": jax.default_backend(),
+        "moe_backend": moe_backend,
+        "repeats": repeats,
         "ours_loss_chunk_size": loss_chunk,
         "torch_threads": torch.get_num_threads(),
         "transformers_attn_implementation": hf.config._attn_implementation,
         "transformers_experts_implementation": getattr(hf.config, "_experts_implementation", None),
-        "flops_per_token_train": f_train, "flops_per_token_prefill": f_fwd,
-        "matmul_peak_flops": peak, "timings": t,
+        "flops_per_token_train": f_train,
+        "flops_per_token_prefill": f_fwd,
+        "matmul_peak_flops": peak,
+        "timings": t,
     }
-    for name, key, flops in (("train", "train", f_train["total"]), ("prefill", "prefill", f_fwd["total"])):
+    for name, key, flops in (
+        ("train", "train", f_train["total"]),
+        ("prefill", "prefill", f_fwd["total"]),
+    ):
         for who in ("ours", "hf"):
             s = t[f"{who}_{key}"]["median_s"]
             res[f"{who}_{name}_tok_s"] = tokens / s
@@ -264,17 +323,23 @@ def run(quick: bool = True, batch: int | None = None, seq: int | None = None,
 
 
 def print_table(res: dict) -> None:
-    print(f"small config, batch {res['batch']} x {res['seq']} tokens, fp32 on {res['platform']}; "
-          f"peak fp32 matmul {res['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; "
-          f"train {res['flops_per_token_train']['total'] / 1e6:.1f} MFLOP/token")
+    print(
+        f"small config, batch {res['batch']} x {res['seq']} tokens, fp32 on {res['platform']}; "
+        f"peak fp32 matmul {res['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; "
+        f"train {res['flops_per_token_train']['total'] / 1e6:.1f} MFLOP/token"
+    )
     print(f"{'program':<22}{'median s':>10}{'tokens/s':>11}{'MFU':>8}")
     for who, label in (("ours", "ours"), ("hf", "transformers")):
         for name in ("train", "prefill"):
             s = res["timings"][f"{who}_{name}"]["median_s"]
-            print(f"{label + ' ' + name:<22}{s:>10.3f}{res[f'{who}_{name}_tok_s']:>11.0f}"
-                  f"{100 * res[f'{who}_{name}_mfu']:>7.1f}%")
-    print(f"speedup vs transformers: train {res['train_speedup_vs_transformers']:.2f}x, "
-          f"prefill {res['prefill_speedup_vs_transformers']:.2f}x")
+            print(
+                f"{label + ' ' + name:<22}{s:>10.3f}{res[f'{who}_{name}_tok_s']:>11.0f}"
+                f"{100 * res[f'{who}_{name}_mfu']:>7.1f}%"
+            )
+    print(
+        f"speedup vs transformers: train {res['train_speedup_vs_transformers']:.2f}x, "
+        f"prefill {res['prefill_speedup_vs_transformers']:.2f}x"
+    )
 
 
 def main() -> None:
@@ -286,8 +351,14 @@ def main() -> None:
     p.add_argument("--moe_backend", default="sorted")
     p.add_argument("--loss_chunk", type=int, default=1024, help="our loss_chunk_size (0: off)")
     a = p.parse_args()
-    run(quick=a.quick, batch=a.batch, seq=a.seq, repeats=a.repeats, moe_backend=a.moe_backend,
-        loss_chunk=a.loss_chunk)
+    run(
+        quick=a.quick,
+        batch=a.batch,
+        seq=a.seq,
+        repeats=a.repeats,
+        moe_backend=a.moe_backend,
+        loss_chunk=a.loss_chunk,
+    )
 
 
 if __name__ == "__main__":

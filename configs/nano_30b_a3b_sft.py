@@ -29,19 +29,49 @@ def get_config(arg: str = "") -> ConfigDict:
     c = ConfigDict()
     c.job = "sft"
     c.seed = 0
-    c.model = dataclasses.asdict(ModelConfig.nano_30b_a3b(
-        param_dtype="float32", compute_dtype="bfloat16", remat="block", moe_backend="ragged_dot"))
-    c.data = dict(
-        source="jsonl", path="", num_records=0, eval_records=0, tokenizer="", vocab_size=0,
-        seq_len=262144, global_batch=64, thinking=True, non_thinking_fraction=0.0,
-        overlong="split", shard_by="process",
+    c.model = dataclasses.asdict(
+        ModelConfig.nano_30b_a3b(
+            param_dtype="float32", compute_dtype="bfloat16", remat="block", moe_backend="ragged_dot"
+        )
     )
-    c.optim = dict(lr=5e-5, min_lr=5e-6, warmup_steps=200, decay_steps=40000, b1=0.9, b2=0.98,
-                   eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum_steps=1,
-                   moe_bias_rate=1e-3)
-    c.train = dict(steps=33000, checkpoint_every=500, keep_checkpoints=3, best_metric="loss",
-                   best_mode="min", eval_every=0, max_consecutive_skips=10, progress=True,
-                   async_checkpoint=True)
+    c.data = dict(
+        source="jsonl",
+        path="",
+        num_records=0,
+        eval_records=0,
+        tokenizer="",
+        vocab_size=0,
+        seq_len=262144,
+        global_batch=64,
+        thinking=True,
+        non_thinking_fraction=0.0,
+        overlong="split",
+        shard_by="process",
+    )
+    c.optim = dict(
+        lr=5e-5,
+        min_lr=5e-6,
+        warmup_steps=200,
+        decay_steps=40000,
+        b1=0.9,
+        b2=0.98,
+        eps=1e-8,
+        weight_decay=0.1,
+        clip_norm=1.0,
+        grad_accum_steps=1,
+        moe_bias_rate=1e-3,
+    )
+    c.train = dict(
+        steps=33000,
+        checkpoint_every=500,
+        keep_checkpoints=3,
+        best_metric="loss",
+        best_mode="min",
+        eval_every=0,
+        max_consecutive_skips=10,
+        progress=True,
+        async_checkpoint=True,
+    )
     c.mesh = dict(data=1, fsdp=8, expert=8, tensor=1)
     c.loss_chunk_size = 4096  # never hold [256K, 131K] fp32 logits
     c.export_hf = True

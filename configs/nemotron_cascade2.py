@@ -24,23 +24,69 @@ from ml_collections import ConfigDict
 from nemocascade.model import ModelConfig
 
 
-def _optim(lr: float, warmup: int, *, min_lr: float | None = None, b2: float = 0.999,
-           wd: float = 0.0, warmup_from: float = 0.0):
+def _optim(
+    lr: float,
+    warmup: int,
+    *,
+    min_lr: float | None = None,
+    b2: float = 0.999,
+    wd: float = 0.0,
+    warmup_from: float = 0.0,
+):
     del warmup_from  # linear warmup starts at 0 in optim.py; 2e-7 vs 0 is immaterial at step 1
-    return dict(lr=lr, min_lr=lr if min_lr is None else min_lr, warmup_steps=warmup, decay_steps=0,
-                b1=0.9, b2=b2, eps=1e-8, weight_decay=wd, clip_norm=1.0, grad_accum_steps=1)
+    return dict(
+        lr=lr,
+        min_lr=lr if min_lr is None else min_lr,
+        warmup_steps=warmup,
+        decay_steps=0,
+        b1=0.9,
+        b2=b2,
+        eps=1e-8,
+        weight_decay=wd,
+        clip_norm=1.0,
+        grad_accum_steps=1,
+    )
 
 
-def _grpo(domains: str, steps: int, max_new: int, *, top_p: float = 1.0, dynamic: bool = False,
-          overlong_filter: bool = False, kl: float = 0.0, reward: str = "verifier"):
-    return dict(type="grpo", domains=domains, steps=steps, prompts_per_step=128,
-                samples_per_prompt=16, max_new_tokens=max_new, temperature=1.0, top_p=top_p,
-                thinking=True, max_gen_batches=4, checkpoint_every=5, eval_every=0,
-                domain_weights={},
-                reward=reward, reward_model_path="", moe_bias_rate=1e-3, freeze_router=True,
-                loss=dict(eps_low=0.2, eps_high=0.28, kl_coef=kl, leave_one_out=False,
-                          dynamic_filtering=dynamic, overlong_filtering=overlong_filter),
-                optim=_optim(3e-6, warmup=0))
+def _grpo(
+    domains: str,
+    steps: int,
+    max_new: int,
+    *,
+    top_p: float = 1.0,
+    dynamic: bool = False,
+    overlong_filter: bool = False,
+    kl: float = 0.0,
+    reward: str = "verifier",
+):
+    return dict(
+        type="grpo",
+        domains=domains,
+        steps=steps,
+        prompts_per_step=128,
+        samples_per_prompt=16,
+        max_new_tokens=max_new,
+        temperature=1.0,
+        top_p=top_p,
+        thinking=True,
+        max_gen_batches=4,
+        checkpoint_every=5,
+        eval_every=0,
+        domain_weights={},
+        reward=reward,
+        reward_model_path="",
+        moe_bias_rate=1e-3,
+        freeze_router=True,
+        loss=dict(
+            eps_low=0.2,
+            eps_high=0.28,
+            kl_coef=kl,
+            leave_one_out=False,
+            dynamic_filtering=dynamic,
+            overlong_filtering=overlong_filter,
+        ),
+        optim=_optim(3e-6, warmup=0),
+    )
 
 
 def get_config(arg: str = "") -> ConfigDict:
@@ -51,38 +97,76 @@ def get_config(arg: str = "") -> ConfigDict:
     c.progress = True
     c.num_workers = 64
     c.export_hf = True
-    c.model_path = ""   # released Nemotron-3-Nano-30B-A3B-Base (safetensors dir); "" = random init
+    c.model_path = ""  # released Nemotron-3-Nano-30B-A3B-Base (safetensors dir); "" = random init
     # fp32 master weights, bf16 compute; router, SSM recurrence and losses stay fp32
-    c.model = dataclasses.asdict(ModelConfig.nano_30b_a3b(
-        param_dtype="float32", compute_dtype="bfloat16", moe_backend="ragged_dot", remat="block"))
+    c.model = dataclasses.asdict(
+        ModelConfig.nano_30b_a3b(
+            param_dtype="float32", compute_dtype="bfloat16", moe_backend="ragged_dot", remat="block"
+        )
+    )
     c.mesh = dict(data=1, fsdp=-1, expert=8, tensor=1)
     c.tokenizer = dict(path="", vocab_size=131072, split_digits=False)
-    domains = ("math", "science", "chat", "instruction", "agent", "code", "rlhf", "long_context",
-               "mcqa", "workplace", "structured_output")
-    c.data = dict(source="jsonl", train_per_domain=0, eval_per_domain=0,
-                  paths={d: dict(sft="", rl="", eval="") for d in domains})
+    domains = (
+        "math",
+        "science",
+        "chat",
+        "instruction",
+        "agent",
+        "code",
+        "rlhf",
+        "long_context",
+        "mcqa",
+        "workplace",
+        "structured_output",
+    )
+    c.data = dict(
+        source="jsonl",
+        train_per_domain=0,
+        eval_per_domain=0,
+        paths={d: dict(sft="", rl="", eval="") for d in domains},
+    )
     c.eval = dict(n_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=131072, thinking=True)
     c.stage_order = "sft,if_rl,multi_domain_rl,mopd,rlhf,long_context_rl,code_rl"
     c.stages = dict(
         # C2 §3, Table 7: one SFT stage, 256K-token packed rows, global batch 64, 33K steps.
-        sft=dict(type="sft", domains="math,science,chat,instruction,agent,code", steps=33_000,
-                 seq_len=262_144, batch_size=64, thinking=True,
-                 optim=_optim(5e-5, warmup=200, min_lr=5e-6, b2=0.98, wd=0.1)),
+        sft=dict(
+            type="sft",
+            domains="math,science,chat,instruction,agent,code",
+            steps=33_000,
+            seq_len=262_144,
+            batch_size=64,
+            thinking=True,
+            optim=_optim(5e-5, warmup=200, min_lr=5e-6, b2=0.98, wd=0.1),
+        ),
         # C2 §4.2: IF-RL, thinking mode, dynamic filtering, truncated responses get reward 0.
         if_rl=_grpo("instruction", 180, 49_152, dynamic=True),
-        # C2 §4.3: 55% STEM MCQA, 30% agentic tool calling, 15% structured output; overlong filtering.
-        multi_domain_rl=dict(_grpo("mcqa,workplace,structured_output", 70, 49_152,
-                                   overlong_filter=True),
-                             domain_weights=dict(mcqa=0.55, workplace=0.30, structured_output=0.15)),
+        # C2 §4.3: 55% STEM MCQA, 30% agentic tool calling, 15% structured output;
+        # overlong filtering.
+        multi_domain_rl=dict(
+            _grpo("mcqa,workplace,structured_output", 70, 49_152, overlong_filter=True),
+            domain_weights=dict(mcqa=0.55, workplace=0.30, structured_output=0.15),
+        ),
         # C2 §4.4: MOPD, teachers = best checkpoint per domain so far.
-        mopd=dict(type="mopd", domains="math,instruction,workplace,mcqa,structured_output", steps=52,
-                  prompts_per_step=128, samples_per_prompt=4, max_new_tokens=98_304,
-                  temperature=1.0, top_p=1.0, thinking=True, checkpoint_every=5, eval_every=0,
-                  moe_bias_rate=1e-3, freeze_router=True,
-                  domain_weights=dict(math=1853, instruction=1854, workplace=610, mcqa=927,
-                                      structured_output=927),
-                  loss=dict(is_low=0.5, is_high=2.0, objective="sampled_token"),
-                  optim=_optim(2e-6, warmup=30)),
+        mopd=dict(
+            type="mopd",
+            domains="math,instruction,workplace,mcqa,structured_output",
+            steps=52,
+            prompts_per_step=128,
+            samples_per_prompt=4,
+            max_new_tokens=98_304,
+            temperature=1.0,
+            top_p=1.0,
+            thinking=True,
+            checkpoint_every=5,
+            eval_every=0,
+            moe_bias_rate=1e-3,
+            freeze_router=True,
+            domain_weights=dict(
+                math=1853, instruction=1854, workplace=610, mcqa=927, structured_output=927
+            ),
+            loss=dict(is_low=0.5, is_high=2.0, objective="sampled_token"),
+            optim=_optim(2e-6, warmup=30),
+        ),
         # C2 §4.5: RLHF with a GenRM (Qwen3-235B-A22B-Thinking-2507), KL 0.03, thinking only.
         rlhf=_grpo("rlhf", 25, 16_384, kl=0.03, overlong_filter=True, reward="genrm"),
         # C2 §4.6: long-context RL judged by Qwen3-235B-A22B-Instruct-2507.

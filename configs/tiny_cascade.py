@@ -22,20 +22,58 @@ from nemocascade.model import ModelConfig
 
 
 def _optim(lr: float, warmup: int, min_ratio: float = 0.1, wd: float = 0.0, b2: float = 0.98):
-    return dict(lr=lr, min_lr=lr * min_ratio, warmup_steps=warmup, decay_steps=0, b1=0.9, b2=b2,
-                eps=1e-8, weight_decay=wd, clip_norm=1.0, grad_accum_steps=1)
+    return dict(
+        lr=lr,
+        min_lr=lr * min_ratio,
+        warmup_steps=warmup,
+        decay_steps=0,
+        b1=0.9,
+        b2=b2,
+        eps=1e-8,
+        weight_decay=wd,
+        clip_norm=1.0,
+        grad_accum_steps=1,
+    )
 
 
-def _grpo(domains: str, steps: int, lr: float, *, prompts: int = 32, samples: int = 8,
-          max_new: int = 32, top_p: float = 1.0):
-    return dict(type="grpo", domains=domains, steps=steps, prompts_per_step=prompts,
-                samples_per_prompt=samples, max_new_tokens=max_new, temperature=1.0, top_p=top_p,
-                thinking=False, max_gen_batches=3, checkpoint_every=10, eval_every=0,
-                domain_weights={},
-                reward="verifier", reward_model_path="", moe_bias_rate=1e-3, freeze_router=True,
-                loss=dict(eps_low=0.2, eps_high=0.28, kl_coef=0.0, leave_one_out=False,
-                          dynamic_filtering=True, overlong_filtering=False),
-                optim=_optim(lr, warmup=2, min_ratio=1.0, b2=0.999))
+def _grpo(
+    domains: str,
+    steps: int,
+    lr: float,
+    *,
+    prompts: int = 32,
+    samples: int = 8,
+    max_new: int = 32,
+    top_p: float = 1.0,
+):
+    return dict(
+        type="grpo",
+        domains=domains,
+        steps=steps,
+        prompts_per_step=prompts,
+        samples_per_prompt=samples,
+        max_new_tokens=max_new,
+        temperature=1.0,
+        top_p=top_p,
+        thinking=False,
+        max_gen_batches=3,
+        checkpoint_every=10,
+        eval_every=0,
+        domain_weights={},
+        reward="verifier",
+        reward_model_path="",
+        moe_bias_rate=1e-3,
+        freeze_router=True,
+        loss=dict(
+            eps_low=0.2,
+            eps_high=0.28,
+            kl_coef=0.0,
+            leave_one_out=False,
+            dynamic_filtering=True,
+            overlong_filtering=False,
+        ),
+        optim=_optim(lr, warmup=2, min_ratio=1.0, b2=0.999),
+    )
 
 
 def get_config(arg: str = "") -> ConfigDict:
@@ -50,41 +88,87 @@ def get_config(arg: str = "") -> ConfigDict:
     c.num_workers = 2
     c.export_hf = False
     c.model_path = ""  # a Hugging Face safetensors dir to start from; "" = random init
-    c.model = dataclasses.asdict(ModelConfig.tiny(
-        vocab_size=512, hidden_size=128, pattern="M*EM*E", num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, mamba_num_heads=4, mamba_head_dim=32, ssm_state_size=16,
-        n_groups=2, chunk_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
-        topk_group=1, moe_intermediate_size=128, moe_shared_expert_intermediate_size=128,
-        moe_backend="sorted"))
+    c.model = dataclasses.asdict(
+        ModelConfig.tiny(
+            vocab_size=512,
+            hidden_size=128,
+            pattern="M*EM*E",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            mamba_num_heads=4,
+            mamba_head_dim=32,
+            ssm_state_size=16,
+            n_groups=2,
+            chunk_size=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            moe_intermediate_size=128,
+            moe_shared_expert_intermediate_size=128,
+            moe_backend="sorted",
+        )
+    )
     c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
     c.tokenizer = dict(path="", vocab_size=512, split_digits=True)
-    c.data = dict(source="synthetic", train_per_domain=600 if fast else 1000,
-                  eval_per_domain=64 if fast else 150, paths={})
+    c.data = dict(
+        source="synthetic",
+        train_per_domain=600 if fast else 1000,
+        eval_per_domain=64 if fast else 150,
+        paths={},
+    )
     # pass@1 estimated from 4 samples per prompt at temperature 1 (the paper's avg@k protocol)
-    c.eval = dict(n_samples=1 if fast else 4, temperature=1.0, top_p=1.0, max_new_tokens=48,
-                  thinking=False)
+    c.eval = dict(
+        n_samples=1 if fast else 4, temperature=1.0, top_p=1.0, max_new_tokens=48, thinking=False
+    )
     c.stage_order = "sft,math_rl" if fast else "sft,if_rl,math_rl,mopd,code_rl"
     c.stages = dict(
         # few math examples: the column-addition skill stays unreliable, leaving room for RL
-        sft=dict(type="sft", domains="instruction,math,code", steps=40 if fast else 800,
-                 seq_len=128, batch_size=16, thinking=False, records_per_domain={"math": 400},
-                 optim=_optim(3e-3, warmup=20)),
+        sft=dict(
+            type="sft",
+            domains="instruction,math,code",
+            steps=40 if fast else 800,
+            seq_len=128,
+            batch_size=16,
+            thinking=False,
+            records_per_domain={"math": 400},
+            optim=_optim(3e-3, warmup=20),
+        ),
         # GRPO: 32 prompts x 8 samples per step. The gradient is noisy at this size (two 128-sample
         # batches: cosine 0.05-0.14), and 16 prompts per step did not move the held-out instruction
         # score in 60 steps (+1.3) where 32 gave +18.5 (experiments/tiny_cascade/README.md).
         # 48 new tokens: 'EAGLE' x 8 is 47 tokens of this BPE (a shorter cap makes correct answers
         # impossible and caps the reward)
         if_rl=_grpo("instruction", 50, 3e-4, max_new=48),
-        math_rl=_grpo("math", 4 if fast else 60, 3e-4, max_new=40,
-                      prompts=8 if fast else 32, samples=4 if fast else 8),
-        mopd=dict(type="mopd", domains="instruction,math,code", steps=40, prompts_per_step=32,
-                  samples_per_prompt=4, max_new_tokens=48, temperature=1.0, top_p=1.0,
-                  thinking=False, checkpoint_every=10, eval_every=0, domain_weights={},
-                  moe_bias_rate=1e-3,
-                  freeze_router=True, loss=dict(is_low=0.5, is_high=2.0, objective="sampled_token"),
-                  # below the GRPO lr, as in the paper (2e-6 vs 3e-6): at 3e-4 the held-out
-                  # instruction score fell 58.5 -> 50.8 in 20 steps, at 1e-4 to 53.8
-                  optim=_optim(1e-4, warmup=3, min_ratio=1.0, b2=0.999)),
+        math_rl=_grpo(
+            "math",
+            4 if fast else 60,
+            3e-4,
+            max_new=40,
+            prompts=8 if fast else 32,
+            samples=4 if fast else 8,
+        ),
+        mopd=dict(
+            type="mopd",
+            domains="instruction,math,code",
+            steps=40,
+            prompts_per_step=32,
+            samples_per_prompt=4,
+            max_new_tokens=48,
+            temperature=1.0,
+            top_p=1.0,
+            thinking=False,
+            checkpoint_every=10,
+            eval_every=0,
+            domain_weights={},
+            moe_bias_rate=1e-3,
+            freeze_router=True,
+            loss=dict(is_low=0.5, is_high=2.0, objective="sampled_token"),
+            # below the GRPO lr, as in the paper (2e-6 vs 3e-6): at 3e-4 the held-out
+            # instruction score fell 58.5 -> 50.8 in 20 steps, at 1e-4 to 53.8
+            optim=_optim(1e-4, warmup=3, min_ratio=1.0, b2=0.999),
+        ),
         code_rl=_grpo("code", 40, 3e-4, max_new=32),
     )
     return c
@@ -94,5 +178,10 @@ def get_sweep(arg: str = "") -> list[dict]:
     """RL learning rates (the feasibility study found 2e-4 good, 5e-4 unstable)."""
     del arg
     stages = ("if_rl", "math_rl", "code_rl")
-    return [{**{f"stages.{s}.optim.lr": lr for s in stages},
-             **{f"stages.{s}.optim.min_lr": lr for s in stages}} for lr in (1e-4, 2e-4, 4e-4)]
+    return [
+        {
+            **{f"stages.{s}.optim.lr": lr for s in stages},
+            **{f"stages.{s}.optim.min_lr": lr for s in stages},
+        }
+        for lr in (1e-4, 2e-4, 4e-4)
+    ]

@@ -86,8 +86,9 @@ class Cascade:
         self.order = [s.strip() for s in str(config.stage_order).split(",") if s.strip()]
         unknown = [s for s in self.order if s not in config.stages]
         if unknown:
-            raise KeyError(f"stage_order names stages {unknown} not in config.stages "
-                           f"({sorted(config.stages)})")
+            raise KeyError(
+                f"stage_order names stages {unknown} not in config.stages ({sorted(config.stages)})"
+            )
         for name in self.order:
             st = config.stages[name]
             if st.type not in STAGE_TYPES:
@@ -118,24 +119,32 @@ class Cascade:
             return nc_data.Tokenizer.from_file(path)
         if self.config.data.source != "synthetic":
             raise ValueError("tokenizer.path is required unless data.source='synthetic'")
-        return nc_data.train_bpe(tasks.all_texts(seed=self.seed), int(tcfg.vocab_size), path,
-                                 split_digits=bool(tcfg.split_digits))
+        return nc_data.train_bpe(
+            tasks.all_texts(seed=self.seed),
+            int(tcfg.vocab_size),
+            path,
+            split_digits=bool(tcfg.split_digits),
+        )
 
     def _records(self, domain: str, kind: str) -> list[dict]:
         """kind: 'sft' (chat records), 'rl' (prompt records), 'eval' (held-out prompt records)."""
         dcfg = self.config.data
         if dcfg.source == "synthetic":
             if domain not in tasks.DOMAINS:
-                raise ValueError(f"data.source='synthetic' has no domain {domain!r}; "
-                                 f"known: {sorted(tasks.DOMAINS)}")
+                raise ValueError(
+                    f"data.source='synthetic' has no domain {domain!r}; "
+                    f"known: {sorted(tasks.DOMAINS)}"
+                )
             split = "test" if kind == "eval" else "train"
             n = int(dcfg.eval_per_domain if kind == "eval" else dcfg.train_per_domain)
             probs = tasks.problems(domain, split, n, seed=self.seed)
             return [tasks.sft_record(p) if kind == "sft" else tasks.prompt_record(p) for p in probs]
         paths = dcfg.paths.get(domain) if dcfg.paths else None
         if not paths or not paths.get(kind):
-            raise FileNotFoundError(f"data.paths.{domain}.{kind} is not set: stage data for domain "
-                                    f"{domain!r} is not available here")
+            raise FileNotFoundError(
+                f"data.paths.{domain}.{kind} is not set: stage data for domain "
+                f"{domain!r} is not available here"
+            )
         path = paths[kind]
         if not os.path.exists(path):
             raise FileNotFoundError(f"data.paths.{domain}.{kind}: {path} does not exist")
@@ -149,13 +158,16 @@ class Cascade:
 
     def _save_final(self, name: str, params, model_state) -> None:
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(self._final_dir(name), {"params": params, "model_state": model_state},
-                       force=True)
+            ckptr.save(
+                self._final_dir(name), {"params": params, "model_state": model_state}, force=True
+            )
 
     def _load_final(self, name: str):
         abs_params, abs_rest = self.abstract_weights
         with ocp.StandardCheckpointer() as ckptr:
-            out = ckptr.restore(self._final_dir(name), {"params": abs_params, "model_state": abs_rest})
+            out = ckptr.restore(
+                self._final_dir(name), {"params": abs_params, "model_state": abs_rest}
+            )
         return out["params"], out["model_state"]
 
     def _init_weights(self):
@@ -176,12 +188,21 @@ class Cascade:
         state = nnx.merge_state(params, model_state)
         out = {}
         for d in self.domains:
-            roll = ro.sample(self.graphdef, state, self.tokenizer, self.eval_sets[d],
-                             n=int(ecfg.n_samples), max_new_tokens=int(ecfg.max_new_tokens),
-                             temperature=float(ecfg.temperature), top_p=float(ecfg.top_p),
-                             seed=self.seed, thinking=bool(ecfg.thinking),
-                             reward_cache=self.reward_cache, num_workers=int(self.config.num_workers),
-                             mesh=self.mesh)
+            roll = ro.sample(
+                self.graphdef,
+                state,
+                self.tokenizer,
+                self.eval_sets[d],
+                n=int(ecfg.n_samples),
+                max_new_tokens=int(ecfg.max_new_tokens),
+                temperature=float(ecfg.temperature),
+                top_p=float(ecfg.top_p),
+                seed=self.seed,
+                thinking=bool(ecfg.thinking),
+                reward_cache=self.reward_cache,
+                num_workers=int(self.config.num_workers),
+                mesh=self.mesh,
+            )
             out[d] = round(100.0 * float(roll.rewards.mean()), 2)
         return out
 
@@ -191,34 +212,67 @@ class Cascade:
         return ocfg, make_optimizer(ocfg, steps)
 
     def _fresh_state(self, params, model_state, tx) -> TrainState:
-        return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                          model_state=model_state, opt_state=tx.init(params),
-                          rng=jax.random.PRNGKey(self.seed))
+        return TrainState(
+            step=jax.numpy.zeros((), jax.numpy.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(self.seed),
+        )
 
     def _run_sft(self, name, scfg, params, model_state):
         stage_dir = os.path.join(self.workdir, "stages", name)
         steps = int(scfg.steps)
         ocfg, tx = self._optimizer(scfg, steps)
         limits = dict(scfg.get("records_per_domain", {}) or {})
-        records = [r for d in self._stage_domains(name)
-                   for r in self._records(d, "sft")[: limits.get(d)]]
-        ds = nc_data.sft_dataset(records, self.tokenizer, seq_len=int(scfg.seq_len),
-                                 batch_size=int(scfg.batch_size), seed=self.seed, shuffle=True,
-                                 num_epochs=None, thinking=bool(scfg.thinking),
-                                 non_thinking_fraction=0.0, overlong="truncate")
+        records = [
+            r for d in self._stage_domains(name) for r in self._records(d, "sft")[: limits.get(d)]
+        ]
+        ds = nc_data.sft_dataset(
+            records,
+            self.tokenizer,
+            seq_len=int(scfg.seq_len),
+            batch_size=int(scfg.batch_size),
+            seed=self.seed,
+            shuffle=True,
+            num_epochs=None,
+            thinking=bool(scfg.thinking),
+            non_thinking_fraction=0.0,
+            overlong="truncate",
+        )
         data_iter = iter(ds.map(lambda b: {k: b[k] for k in SFT_KEYS}))
-        loop_cfg = LoopConfig(steps=steps, checkpoint_every=max(1, steps // 2), keep_checkpoints=1,
-                              best_metric="", progress=bool(self.config.progress),
-                              async_checkpoint=False)
-        init = lambda: self._fresh_state(params, model_state, tx)
-        out = train_loop(config=loop_cfg, workdir=stage_dir, mesh=self.mesh, init_fn=init,
-                         step_fn=lambda s, b: sft_step(s, b, graphdef=self.graphdef, tx=tx,
-                                                       lr_fn=lr_schedule(ocfg, steps),
-                                                       moe_bias_rate=ocfg.moe_bias_rate),
-                         data_iter=data_iter)
-        if out.get("preempted"):   # never go on to the next stage with a partly trained model
-            raise Preempted(f"stage {name}: SIGTERM at step {out.get('step')}/{steps}; checkpoint "
-                            "saved, run the same command again to resume")
+        loop_cfg = LoopConfig(
+            steps=steps,
+            checkpoint_every=max(1, steps // 2),
+            keep_checkpoints=1,
+            best_metric="",
+            progress=bool(self.config.progress),
+            async_checkpoint=False,
+        )
+
+        def init():
+            return self._fresh_state(params, model_state, tx)
+
+        out = train_loop(
+            config=loop_cfg,
+            workdir=stage_dir,
+            mesh=self.mesh,
+            init_fn=init,
+            step_fn=lambda s, b: sft_step(
+                s,
+                b,
+                graphdef=self.graphdef,
+                tx=tx,
+                lr_fn=lr_schedule(ocfg, steps),
+                moe_bias_rate=ocfg.moe_bias_rate,
+            ),
+            data_iter=data_iter,
+        )
+        if out.get("preempted"):  # never go on to the next stage with a partly trained model
+            raise Preempted(
+                f"stage {name}: SIGTERM at step {out.get('step')}/{steps}; checkpoint "
+                "saved, run the same command again to resume"
+            )
         abstract = jax.eval_shape(init)
         ckpt = Checkpointer(os.path.join(stage_dir, CHECKPOINT_DIR), keep_last=1)
         try:
@@ -226,8 +280,10 @@ class Cascade:
         finally:
             ckpt.close()
         if restored is None or restored[0] != steps:
-            raise RuntimeError(f"stage {name}: expected the step-{steps} checkpoint in {stage_dir}, "
-                               f"found {None if restored is None else restored[0]}")
+            raise RuntimeError(
+                f"stage {name}: expected the step-{steps} checkpoint in {stage_dir}, "
+                f"found {None if restored is None else restored[0]}"
+            )
         state = restored[1]
         return state.params, state.model_state
 
@@ -235,13 +291,16 @@ class Cascade:
         if scfg.type == "grpo" and scfg.reward != "verifier":
             if not scfg.reward_model_path:
                 raise FileNotFoundError(
-                    f"stages.{name}.reward_model_path is not set: stage {name!r} needs a {scfg.reward} "
-                    "reward model, which is not available here")
-            raise NotImplementedError(f"stages.{name}.reward={scfg.reward!r}: learned reward models "
-                                      "are not implemented yet (only rule-based verifiers)")
+                    f"stages.{name}.reward_model_path is not set: stage {name!r} needs a "
+                    f"{scfg.reward} reward model, which is not available here"
+                )
+            raise NotImplementedError(
+                f"stages.{name}.reward={scfg.reward!r}: learned reward models "
+                "are not implemented yet (only rule-based verifiers)"
+            )
         steps = int(scfg.steps)
         ocfg, tx = self._optimizer(scfg, steps)
-        if scfg.get("freeze_router", False):   # as in Nemotron-3 RL: router frozen, bias still moves
+        if scfg.get("freeze_router", False):  # as in Nemotron-3 RL: router frozen, bias still moves
             tx = freeze_router(tx)
         domains = self._stage_domains(name)
         pools = {d: self._records(d, "rl") for d in domains}
@@ -250,19 +309,34 @@ class Cascade:
             teachers, loaded = {}, {}
             for d in domains:
                 if d not in teachers_by_domain:
-                    raise ValueError(f"stage {name}: no teacher yet for domain {d!r} (no earlier "
-                                     "stage evaluated it)")
+                    raise ValueError(
+                        f"stage {name}: no teacher yet for domain {d!r} (no earlier "
+                        "stage evaluated it)"
+                    )
                 src = teachers_by_domain[d]
-                if src not in loaded:   # a checkpoint that teaches several domains is held once
+                if src not in loaded:  # a checkpoint that teaches several domains is held once
                     loaded[src] = distill.Teacher(self.graphdef, self._load_final(src))
                 teachers[d] = loaded[src]
-        stage = RLStage(name=name, cfg=scfg.to_dict(), stage_dir=os.path.join(self.workdir, "stages", name),
-                        graphdef=self.graphdef, tx=tx, lr_fn=lr_schedule(ocfg, steps),
-                        tokenizer=self.tokenizer, pools=pools, seed=self.seed, teachers=teachers,
-                        reward_cache=self.reward_cache, num_workers=int(self.config.num_workers),
-                        progress=bool(self.config.progress), mesh=self.mesh)
-        state = stage.run(self._fresh_state(params, model_state, tx),
-                          eval_fn=lambda st: self.evaluate(st.params, st.model_state))
+        stage = RLStage(
+            name=name,
+            cfg=scfg.to_dict(),
+            stage_dir=os.path.join(self.workdir, "stages", name),
+            graphdef=self.graphdef,
+            tx=tx,
+            lr_fn=lr_schedule(ocfg, steps),
+            tokenizer=self.tokenizer,
+            pools=pools,
+            seed=self.seed,
+            teachers=teachers,
+            reward_cache=self.reward_cache,
+            num_workers=int(self.config.num_workers),
+            progress=bool(self.config.progress),
+            mesh=self.mesh,
+        )
+        state = stage.run(
+            self._fresh_state(params, model_state, tx),
+            eval_fn=lambda st: self.evaluate(st.params, st.model_state),
+        )
         return state.params, state.model_state
 
     # ------------------------------------------------------------------ the pipeline
@@ -296,19 +370,29 @@ class Cascade:
             if scfg.type == "sft":
                 params, model_state = self._run_sft(name, scfg, params, model_state)
             else:
-                params, model_state = self._run_rl(name, scfg, params, model_state, summary["teachers"])
+                params, model_state = self._run_rl(
+                    name, scfg, params, model_state, summary["teachers"]
+                )
             train_s = time.perf_counter() - t0
             self._save_final(name, params, model_state)
             scores = self.evaluate(params, model_state)
-            entry = {"name": name, "type": str(scfg.type), "domains": self._stage_domains(name),
-                     "eval": scores, "train_s": round(train_s, 1),
-                     "eval_s": round(time.perf_counter() - t0 - train_s, 1)}
+            entry = {
+                "name": name,
+                "type": str(scfg.type),
+                "domains": self._stage_domains(name),
+                "eval": scores,
+                "train_s": round(train_s, 1),
+                "eval_s": round(time.perf_counter() - t0 - train_s, 1),
+            }
             summary["stages"].append(entry)
             record_stage(summary, entry)
             self._write_summary(summary)
             log.info("stage %s: eval %s (%.0fs)", name, scores, time.perf_counter() - t0)
-            print(f"[cascade] {name:>10s} ({scfg.type}): " +
-                  "  ".join(f"{d}={s:5.1f}" for d, s in scores.items()), flush=True)
+            print(
+                f"[cascade] {name:>10s} ({scfg.type}): "
+                + "  ".join(f"{d}={s:5.1f}" for d, s in scores.items()),
+                flush=True,
+            )
         if self.config.export_hf and params is not None:
             model = nnx.merge(self.graphdef, params, model_state)
             save_hf_checkpoint(model, os.path.join(self.workdir, "hf"))

@@ -121,8 +121,12 @@ def variant_name(overrides: Mapping[str, Any]) -> str:
     if NAME_KEY in overrides:
         name = str(overrides[NAME_KEY])
     else:
-        name = ",".join(f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float) else
-                        f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
+        name = ",".join(
+            f"{k.rsplit('.', 1)[-1]}={v:g}"
+            if isinstance(v, float)
+            else f"{k.rsplit('.', 1)[-1]}={v}"
+            for k, v in overrides.items()
+        )
     name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", name)
     if not name:
         raise ValueError(f"sweep variant {overrides} has an empty name")
@@ -153,8 +157,10 @@ def _cell(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def write_sweep_tables(rows: Sequence[Mapping[str, Any]], workdir: str | os.PathLike,
-                       ) -> tuple[str, str]:
+def write_sweep_tables(
+    rows: Sequence[Mapping[str, Any]],
+    workdir: str | os.PathLike,
+) -> tuple[str, str]:
     """`sweep.csv` and `sweep.md` in `workdir`, one row per variant (columns: the union of keys,
     in first-seen order). Returns their paths."""
     columns: list[str] = []

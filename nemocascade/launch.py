@@ -32,15 +32,19 @@ __all__ = ["main", "register_job", "run_job", "run_sweep"]
 
 FINAL_METRICS = "final_metrics.json"
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file path[:arg]",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "config file path[:arg]", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
 _SWEEP = flags.DEFINE_bool("sweep", False, "run every variant of get_sweep(arg)")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "with --sweep: variants run at once (processes)")
 _VARIANT = flags.DEFINE_string("variant", "", "run only this sweep variant (used by --parallel)")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "call jax.distributed.initialize() first (multi-host); without "
-                                 "the three flags below the cluster is auto-detected")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "call jax.distributed.initialize() first (multi-host); without "
+    "the three flags below the cluster is auto-detected",
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
@@ -69,8 +73,14 @@ def _sweep_row(name: str, overrides: dict, metrics: dict | None, status: str) ->
     return row
 
 
-def run_sweep(spec: str, config: ConfigDict, workdir: str, *, parallel: int = 1,
-              child_args: Sequence[str] = ()) -> list[dict[str, Any]]:
+def run_sweep(
+    spec: str,
+    config: ConfigDict,
+    workdir: str,
+    *,
+    parallel: int = 1,
+    child_args: Sequence[str] = (),
+) -> list[dict[str, Any]]:
     """Run every variant of the spec's `get_sweep`; returns the rows written to sweep.csv/md.
 
     parallel == 1 runs the variants one after another in this process; parallel > 1 starts
@@ -84,10 +94,11 @@ def run_sweep(spec: str, config: ConfigDict, workdir: str, *, parallel: int = 1,
     os.makedirs(workdir, exist_ok=True)
     rows: list[dict[str, Any]] = []
     if parallel <= 1:
-        for name, overrides in zip(names, variants):
+        for name, overrides in zip(names, variants, strict=True):
             logging.info("sweep variant %s: %s", name, overrides)
-            metrics = run_job(configs_lib.apply_overrides(config, overrides),
-                              os.path.join(workdir, name))
+            metrics = run_job(
+                configs_lib.apply_overrides(config, overrides), os.path.join(workdir, name)
+            )
             rows.append(_sweep_row(name, overrides, metrics, "ok"))
     else:
         rows = _run_parallel(spec, workdir, names, variants, parallel, child_args)
@@ -99,7 +110,7 @@ def run_sweep(spec: str, config: ConfigDict, workdir: str, *, parallel: int = 1,
 
 
 def _run_parallel(spec, workdir, names, variants, parallel, child_args) -> list[dict[str, Any]]:
-    queue = list(zip(names, variants))
+    queue = list(zip(names, variants, strict=True))
     running: list[tuple[str, dict, subprocess.Popen, Any]] = []
     done: dict[str, tuple[dict, int]] = {}
     while queue or running:
@@ -108,10 +119,23 @@ def _run_parallel(spec, workdir, names, variants, parallel, child_args) -> list[
             vdir = os.path.join(workdir, name)
             os.makedirs(vdir, exist_ok=True)
             log_file = open(os.path.join(vdir, "launch.log"), "w")  # noqa: SIM115 - child's log
-            cmd = [sys.executable, "-m", "nemocascade.launch", f"--config={spec}",
-                   f"--workdir={vdir}", f"--variant={name}", *child_args]
-            running.append((name, overrides, subprocess.Popen(cmd, stdout=log_file,
-                                                             stderr=subprocess.STDOUT), log_file))
+            cmd = [
+                sys.executable,
+                "-m",
+                "nemocascade.launch",
+                f"--config={spec}",
+                f"--workdir={vdir}",
+                f"--variant={name}",
+                *child_args,
+            ]
+            running.append(
+                (
+                    name,
+                    overrides,
+                    subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT),
+                    log_file,
+                )
+            )
         for item in list(running):
             name, overrides, proc, log_file = item
             if proc.poll() is not None:
@@ -124,7 +148,9 @@ def _run_parallel(spec, workdir, names, variants, parallel, child_args) -> list[
         overrides, rc = done[name]
         path = os.path.join(workdir, name, FINAL_METRICS)
         metrics = configs_lib.read_json(path) if rc == 0 and os.path.exists(path) else None
-        rows.append(_sweep_row(name, overrides, metrics, "ok" if metrics is not None else f"rc={rc}"))
+        rows.append(
+            _sweep_row(name, overrides, metrics, "ok" if metrics is not None else f"rc={rc}")
+        )
     return rows
 
 
@@ -155,8 +181,11 @@ def check_command_line(argv: Sequence[str]) -> None:
     """Exit with a readable message if an override names an undeclared key (ml_collections
     would raise from inside flag parsing with a traceback)."""
     spec = _config_spec(argv)
-    keys = [a[len("--config."):].split("=", 1)[0] for a in _override_args(argv)
-            if a.startswith("--config.")]
+    keys = [
+        a[len("--config.") :].split("=", 1)[0]
+        for a in _override_args(argv)
+        if a.startswith("--config.")
+    ]
     if spec is None or not keys:
         return
     try:
@@ -180,19 +209,24 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--config and --workdir are required")
     if _DISTRIBUTED.value:
         import jax
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
     config, workdir = _CONFIG.value, _WORKDIR.value
     spec = _config_spec(sys.argv[1:])
     if _VARIANT.value:
         variants = configs_lib.load_sweep(spec)
-        by_name = dict(zip(configs_lib.variant_names(variants), variants))
+        by_name = dict(zip(configs_lib.variant_names(variants), variants, strict=True))
         if _VARIANT.value not in by_name:
             raise app.UsageError(f"--variant={_VARIANT.value!r}: not one of {sorted(by_name)}")
         config = configs_lib.apply_overrides(config, by_name[_VARIANT.value])
     if _SWEEP.value:
-        rows = run_sweep(spec, config, workdir, parallel=_PARALLEL.value,
-                         child_args=_override_args(sys.argv[1:]))
+        rows = run_sweep(
+            spec, config, workdir, parallel=_PARALLEL.value, child_args=_override_args(sys.argv[1:])
+        )
         logging.info("sweep done: %d variants, %s/sweep.md", len(rows), workdir)
         return
     metrics = run_job(config, workdir)

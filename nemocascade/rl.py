@@ -45,8 +45,12 @@ def _prompt_rng(seed: int, stage: str, step: int, round_: int) -> random.Random:
     return random.Random(f"{seed}/{stage}/{step}/{round_}")
 
 
-def draw_prompts(pools: Mapping[str, list[dict]], count: int, rng: random.Random,
-                 weights: Mapping[str, float] | None = None) -> list[dict]:
+def draw_prompts(
+    pools: Mapping[str, list[dict]],
+    count: int,
+    rng: random.Random,
+    weights: Mapping[str, float] | None = None,
+) -> list[dict]:
     """`count` prompt records, domains mixed by `weights` (default uniform), without replacement
     within a domain for this draw."""
     domains = sorted(pools)
@@ -55,7 +59,7 @@ def draw_prompts(pools: Mapping[str, list[dict]], count: int, rng: random.Random
     for i in range(count - per.sum()):
         per[i % len(domains)] += 1
     out = []
-    for d, k in zip(domains, per):
+    for d, k in zip(domains, per, strict=True):
         out.extend(rng.sample(pools[d], min(int(k), len(pools[d]))))
     rng.shuffle(out)
     return out
@@ -79,11 +83,24 @@ class RLStage:
     DistillConfig fields).
     """
 
-    def __init__(self, *, name: str, cfg: Mapping[str, Any], stage_dir: str, graphdef: nnx.GraphDef,
-                 tx, lr_fn, tokenizer, pools: Mapping[str, list[dict]], seed: int,
-                 teachers: Mapping[str, distill.Teacher] | None = None,
-                 reward_cache: ro.RewardCache | None = None, num_workers: int = 2,
-                 progress: bool = True, mesh=None):
+    def __init__(
+        self,
+        *,
+        name: str,
+        cfg: Mapping[str, Any],
+        stage_dir: str,
+        graphdef: nnx.GraphDef,
+        tx,
+        lr_fn,
+        tokenizer,
+        pools: Mapping[str, list[dict]],
+        seed: int,
+        teachers: Mapping[str, distill.Teacher] | None = None,
+        reward_cache: ro.RewardCache | None = None,
+        num_workers: int = 2,
+        progress: bool = True,
+        mesh=None,
+    ):
         if cfg["type"] not in ("grpo", "mopd"):
             raise ValueError(f"stage {name}: RLStage runs 'grpo' or 'mopd', not {cfg['type']!r}")
         if cfg["type"] == "mopd":
@@ -96,16 +113,26 @@ class RLStage:
         self.reward_cache = reward_cache or ro.RewardCache()
         self.num_workers, self.progress, self.mesh = num_workers, progress, mesh
         self.rows = int(cfg["prompts_per_step"]) * int(cfg["samples_per_prompt"])
-        self._step_kwargs: dict[str, Any] = {}   # traced per-call arguments (reverse-KL teachers)
+        self._step_kwargs: dict[str, Any] = {}  # traced per-call arguments (reverse-KL teachers)
         # One sequence length for the whole stage (longest prompt + max_new_tokens - 1 inputs,
         # rounded up to a multiple of 16, not a power of two: up to 1.9x less work per step), so
         # the train step compiles once.
-        longest = max(len(render_prompt(tokenizer, r.get("messages") or r.get("prompt"),
-                                        thinking=bool(cfg["thinking"])))
-                      for pool in pools.values() for r in pool)
+        longest = max(
+            len(
+                render_prompt(
+                    tokenizer, r.get("messages") or r.get("prompt"), thinking=bool(cfg["thinking"])
+                )
+            )
+            for pool in pools.values()
+            for r in pool
+        )
         self.seq_len = -(-(longest + int(cfg["max_new_tokens"]) - 1) // SEQ_MULTIPLE) * SEQ_MULTIPLE
-        common = dict(graphdef=graphdef, tx=tx, lr_fn=lr_fn,
-                      moe_bias_rate=float(cfg.get("moe_bias_rate", 0.0)))
+        common = dict(
+            graphdef=graphdef,
+            tx=tx,
+            lr_fn=lr_fn,
+            moe_bias_rate=float(cfg.get("moe_bias_rate", 0.0)),
+        )
         if cfg["type"] == "grpo":
             self.loss_cfg = grpo.GRPOConfig(**dict(cfg["loss"]))
             step = functools.partial(grpo.grpo_train_step, cfg=self.loss_cfg, **common)
@@ -123,18 +150,31 @@ class RLStage:
 
     # ------------------------------------------------------------------ rollouts
     def _draw(self, step: int, round_: int) -> list[dict]:
-        return draw_prompts(self.pools, int(self.cfg["prompts_per_step"]),
-                            _prompt_rng(self.seed, self.name, step, round_),
-                            self.cfg.get("domain_weights"))
+        return draw_prompts(
+            self.pools,
+            int(self.cfg["prompts_per_step"]),
+            _prompt_rng(self.seed, self.name, step, round_),
+            self.cfg.get("domain_weights"),
+        )
 
     def _sample(self, state: TrainState, records: list[dict], seed: int) -> ro.Rollouts:
         c = self.cfg
         model_state = nnx.merge_state(state.params, state.model_state)
-        return ro.sample(self.graphdef, model_state, self.tokenizer, records,
-                         n=int(c["samples_per_prompt"]), max_new_tokens=int(c["max_new_tokens"]),
-                         temperature=float(c["temperature"]), top_p=float(c["top_p"]), seed=seed,
-                         thinking=bool(c["thinking"]), reward_cache=self.reward_cache,
-                         num_workers=self.num_workers, mesh=self.mesh)
+        return ro.sample(
+            self.graphdef,
+            model_state,
+            self.tokenizer,
+            records,
+            n=int(c["samples_per_prompt"]),
+            max_new_tokens=int(c["max_new_tokens"]),
+            temperature=float(c["temperature"]),
+            top_p=float(c["top_p"]),
+            seed=seed,
+            thinking=bool(c["thinking"]),
+            reward_cache=self.reward_cache,
+            num_workers=self.num_workers,
+            mesh=self.mesh,
+        )
 
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """The batch laid out over the mesh's batch axes (rows must divide evenly)."""
@@ -148,13 +188,17 @@ class RLStage:
         parts, total, seen, dropped, rolls = [], 0, 0, 0.0, []
         rounds = int(self.cfg["max_gen_batches"]) if self.loss_cfg.dynamic_filtering else 1
         for round_ in range(rounds):
-            roll = self._sample(state, self._draw(step, round_), seed=_seed(self.seed, self.name, step, round_))
+            roll = self._sample(
+                state, self._draw(step, round_), seed=_seed(self.seed, self.name, step, round_)
+            )
             rolls.append(roll)
             prep = grpo.prepare_advantages(roll.rewards, n, self.loss_cfg, truncated=~roll.finished)
             groups = len(roll.rewards) // n
             seen += groups
             dropped += prep["filtered_fraction"] * groups
-            room = (self.rows - total) // n * n   # whole groups only: a cut group biases its baseline
+            room = (
+                (self.rows - total) // n * n
+            )  # whole groups only: a cut group biases its baseline
             rows = np.flatnonzero(prep["keep"])[:room]
             if rows.size:
                 parts.append((roll, rows, prep))
@@ -171,8 +215,13 @@ class RLStage:
             return None
         arrays: dict[str, list[np.ndarray]] = {}
         for roll, rows, extra in parts:
-            b = ro.training_batch(roll, rows=rows, seq_len=self.seq_len, pad_id=self.tokenizer.pad_id,
-                                  behaviour="policy" if self.cfg["type"] == "grpo" else "sampled")
+            b = ro.training_batch(
+                roll,
+                rows=rows,
+                seq_len=self.seq_len,
+                pad_id=self.tokenizer.pad_id,
+                behaviour="policy" if self.cfg["type"] == "grpo" else "sampled",
+            )
             if extra is not None:  # GRPO: advantages, and overlong filtering through the mask
                 b["advantages"] = np.asarray(extra["advantages"], np.float32)[rows]
                 b["loss_mask"] *= np.asarray(extra["sample_weight"], np.float32)[rows][:, None]
@@ -181,23 +230,32 @@ class RLStage:
         batch = {k: np.concatenate(v) for k, v in arrays.items()}
         short = self.rows - batch["input_ids"].shape[0]
         if short > 0:
-            batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
-                     for k, v in batch.items()}
+            batch = {
+                k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
+                for k, v in batch.items()
+            }
         return batch
 
     # ------------------------------------------------------------------ the loop
-    def run(self, state: TrainState, *, on_step: Callable[[dict], None] | None = None,
-            eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None) -> TrainState:
+    def run(
+        self,
+        state: TrainState,
+        *,
+        on_step: Callable[[dict], None] | None = None,
+        eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
+    ) -> TrainState:
         """`eval_fn(state) -> {domain: score}` runs every `cfg["eval_every"]` steps (0: never);
         its scores are logged as `eval/<domain>` with that step's metrics (a held-out learning
         curve within the stage)."""
         c = self.cfg
         eval_every = int(c.get("eval_every", 0) or 0)
         steps = int(c["steps"])
-        ckpt = Checkpointer(os.path.join(self.stage_dir, "checkpoints"), keep_last=1,
-                            async_save=False)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                state)
+        ckpt = Checkpointer(
+            os.path.join(self.stage_dir, "checkpoints"), keep_last=1, async_save=False
+        )
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        )
         restored = ckpt.restore_latest(abstract)
         start = 0
         if restored is not None:
@@ -211,6 +269,7 @@ class RLStage:
         bar = None
         if self.progress and start < steps:
             from tqdm import tqdm
+
             bar = tqdm(total=steps, initial=start, desc=self.name, dynamic_ncols=True)
         try:
             for step in range(start + 1, steps + 1):
@@ -224,13 +283,17 @@ class RLStage:
                     on_step(record)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(reward=f"{record['reward_mean']:.2f}", s=f"{record['step_s']:.1f}")
+                    bar.set_postfix(
+                        reward=f"{record['reward_mean']:.2f}", s=f"{record['step_s']:.1f}"
+                    )
                 stopping = stop.check(step)
                 if step % int(c["checkpoint_every"]) == 0 or step == steps or stopping:
                     ckpt.save(step, state, {}, extra={"stage": self.name})
                 if stopping:
-                    raise Preempted(f"stage {self.name}: SIGTERM at step {step}/{steps}; "
-                                    "checkpoint saved, run the same command again to resume")
+                    raise Preempted(
+                        f"stage {self.name}: SIGTERM at step {step}/{steps}; "
+                        "checkpoint saved, run the same command again to resume"
+                    )
         finally:
             stop.uninstall()
             if bar is not None:
@@ -248,21 +311,28 @@ class RLStage:
             rolls, extra_metrics = [roll], {}
             batch = self._assemble([(roll, np.arange(len(roll.records)), None)])
             domains = roll.domains + [roll.domains[0]] * (self.rows - len(roll.domains))
-            if self.loss_cfg.objective == "reverse_kl":   # the step runs the teachers
-                batch["teacher_index"] = np.asarray([self._teacher_of[d] for d in domains],
-                                                    np.int32)
+            if self.loss_cfg.objective == "reverse_kl":  # the step runs the teachers
+                batch["teacher_index"] = np.asarray(
+                    [self._teacher_of[d] for d in domains], np.int32
+                )
             else:
-                batch["teacher_logprobs"] = np.asarray(distill.mopd_teacher_logprobs(
-                    self._to_device(batch), self.teachers, domains_B=np.asarray(domains)))
+                batch["teacher_logprobs"] = np.asarray(
+                    distill.mopd_teacher_logprobs(
+                        self._to_device(batch), self.teachers, domains_B=np.asarray(domains)
+                    )
+                )
         rewards = np.concatenate([r.rewards for r in rolls])
         domains = [d for r in rolls for d in r.domains]
         record: dict[str, Any] = {
             "reward_mean": float(rewards.mean()),
             "response_len": float(np.mean(np.concatenate([r.response_lengths() for r in rolls]))),
             "truncated_frac": float(1.0 - np.mean(np.concatenate([r.finished for r in rolls]))),
-            "rollout_s": sum(r.timings.get("prefill_s", 0) + r.timings.get("decode_s", 0) for r in rolls),
+            "rollout_s": sum(
+                r.timings.get("prefill_s", 0) + r.timings.get("decode_s", 0) for r in rolls
+            ),
             "reward_s": sum(r.timings.get("reward_s", 0) for r in rolls),
-            **extra_metrics}
+            **extra_metrics,
+        }
         for d, v in ro.domain_means(rewards, domains).items():
             record[f"reward/{d}"] = v
         if batch is None:  # every group was uninformative and the refill cap was hit

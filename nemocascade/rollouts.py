@@ -32,14 +32,14 @@ from nemocascade.rollout import bucket, generate
 
 @dataclasses.dataclass
 class Rollouts:
-    records: list[dict]              # one per row (the prompt record, repeated n times)
-    prompt_ids: list[list[int]]      # one per row
-    response_ids: list[list[int]]    # one per row, eos included when finished
-    responses: list[str]             # decoded text (without the eos token)
-    finished: np.ndarray             # [R] bool: ended with eos / stop (not cut at the limit)
+    records: list[dict]  # one per row (the prompt record, repeated n times)
+    prompt_ids: list[list[int]]  # one per row
+    response_ids: list[list[int]]  # one per row, eos included when finished
+    responses: list[str]  # decoded text (without the eos token)
+    finished: np.ndarray  # [R] bool: ended with eos / stop (not cut at the limit)
     sampler_logprobs: list[np.ndarray]  # per row, log-prob of each response token (sampled dist.)
-    policy_logprobs: list[np.ndarray]   # the same under the plain temperature-1 policy
-    rewards: np.ndarray              # [R] fp32
+    policy_logprobs: list[np.ndarray]  # the same under the plain temperature-1 policy
+    rewards: np.ndarray  # [R] fp32
     n: int
     timings: dict[str, float]
     reward_metrics: dict[str, Any]
@@ -63,13 +63,25 @@ class RewardCache:
 
     @staticmethod
     def key(record: dict, response: str, finished: bool) -> str:
-        blob = json.dumps([record.get("verifier"), record.get("domain"), response, finished],
-                          sort_keys=True, default=str)
+        blob = json.dumps(
+            [record.get("verifier"), record.get("domain"), response, finished],
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha1(blob.encode()).hexdigest()
 
-    def score(self, records: Sequence[dict], responses: Sequence[str], finished: Sequence[bool], *,
-              num_workers: int, timeout_s: float) -> tuple[np.ndarray, dict]:
-        keys = [self.key(r, s, bool(f)) for r, s, f in zip(records, responses, finished)]
+    def score(
+        self,
+        records: Sequence[dict],
+        responses: Sequence[str],
+        finished: Sequence[bool],
+        *,
+        num_workers: int,
+        timeout_s: float,
+    ) -> tuple[np.ndarray, dict]:
+        keys = [
+            self.key(r, s, bool(f)) for r, s, f in zip(records, responses, finished, strict=True)
+        ]
         todo = {}
         for i, k in enumerate(keys):
             if k not in self._scores and k not in todo:
@@ -77,49 +89,89 @@ class RewardCache:
         metrics: dict[str, Any] = {"scored": len(todo), "reused": len(keys) - len(todo)}
         if todo:
             idx = list(todo.values())
-            scores, _, m = rw.score_batch([records[i] for i in idx], [responses[i] for i in idx],
-                                          [bool(finished[i]) for i in idx],
-                                          num_workers=num_workers, timeout_s=timeout_s)
+            scores, _, m = rw.score_batch(
+                [records[i] for i in idx],
+                [responses[i] for i in idx],
+                [bool(finished[i]) for i in idx],
+                num_workers=num_workers,
+                timeout_s=timeout_s,
+            )
             metrics.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
             if len(self._scores) > self.max_items:
                 self._scores.clear()
-            for k, s in zip(todo, scores):
+            for k, s in zip(todo, scores, strict=True):
                 self._scores[k] = float(s)
         self.hits += metrics["reused"]
         return np.array([self._scores[k] for k in keys], np.float32), metrics
 
 
-def sample(graphdef, state: nnx.State, tokenizer, records: Sequence[dict], *, n: int,
-           max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
-           seed: int = 0, thinking: bool = False, reward_cache: RewardCache | None = None,
-           num_workers: int = 2, reward_timeout_s: float = 30.0, mesh=None) -> Rollouts:
+def sample(
+    graphdef,
+    state: nnx.State,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    thinking: bool = False,
+    reward_cache: RewardCache | None = None,
+    num_workers: int = 2,
+    reward_timeout_s: float = 30.0,
+    mesh=None,
+) -> Rollouts:
     """Generates `n` responses per prompt record and scores them with the records' verifiers."""
-    prompts = [render_prompt(tokenizer, r.get("messages") or r.get("prompt"), thinking=thinking)
-               for r in records]
+    prompts = [
+        render_prompt(tokenizer, r.get("messages") or r.get("prompt"), thinking=thinking)
+        for r in records
+    ]
     eos = tokenizer.im_end_id
-    res = generate((graphdef, state), prompts, max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, eos_id=eos, n=n,
-                   pad_id=tokenizer.pad_id, mesh=mesh)
+    res = generate(
+        (graphdef, state),
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        eos_id=eos,
+        n=n,
+        pad_id=tokenizer.pad_id,
+        mesh=mesh,
+    )
     rows = len(prompts) * n
     recs = [records[i] for i in res.prompt_index]
     p_ids = [prompts[i] for i in res.prompt_index]
-    r_ids = [res.tokens[r, :res.lengths[r]].tolist() for r in range(rows)]
+    r_ids = [res.tokens[r, : res.lengths[r]].tolist() for r in range(rows)]
     finished = np.array([f != "length" for f in res.finish_reason])
-    texts = [tokenizer.decode(ids[:-1] if fin and ids and ids[-1] == eos else ids)
-             for ids, fin in zip(r_ids, finished)]
-    lps = [res.logprobs[r, :res.lengths[r]].astype(np.float32) for r in range(rows)]
-    plps = [res.logprobs_untempered[r, :res.lengths[r]].astype(np.float32) for r in range(rows)]
+    texts = [
+        tokenizer.decode(ids[:-1] if fin and ids and ids[-1] == eos else ids)
+        for ids, fin in zip(r_ids, finished, strict=True)
+    ]
+    lps = [res.logprobs[r, : res.lengths[r]].astype(np.float32) for r in range(rows)]
+    plps = [res.logprobs_untempered[r, : res.lengths[r]].astype(np.float32) for r in range(rows)]
     cache = reward_cache or RewardCache()
     t0 = time.perf_counter()
-    scores, metrics = cache.score(recs, texts, finished, num_workers=num_workers,
-                                  timeout_s=reward_timeout_s)
+    scores, metrics = cache.score(
+        recs, texts, finished, num_workers=num_workers, timeout_s=reward_timeout_s
+    )
     timings = dict(res.timings, reward_s=time.perf_counter() - t0)
     return Rollouts(recs, p_ids, r_ids, texts, finished, lps, plps, scores, n, timings, metrics)
 
 
-def training_batch(roll: Rollouts, *, rows: Sequence[int] | None = None, num_rows: int | None = None,
-                   seq_bucket: int = 16, seq_len: int | None = None, pad_id: int = 0,
-                   behaviour: str = "sampled") -> dict[str, np.ndarray]:
+def training_batch(
+    roll: Rollouts,
+    *,
+    rows: Sequence[int] | None = None,
+    num_rows: int | None = None,
+    seq_bucket: int = 16,
+    seq_len: int | None = None,
+    pad_id: int = 0,
+    behaviour: str = "sampled",
+) -> dict[str, np.ndarray]:
     """Packs the chosen rollout rows into fixed-shape arrays (see the module docstring).
 
     `behaviour` picks the log-probs stored as `sampler_logprobs`: "sampled" (the distribution the
@@ -140,7 +192,9 @@ def training_batch(roll: Rollouts, *, rows: Sequence[int] | None = None, num_row
     seqs = [roll.prompt_ids[r] + roll.response_ids[r] for r in rows]
     longest = max((len(s) - 1 for s in seqs), default=1)
     if seq_len is not None and longest > seq_len:
-        raise ValueError(f"training_batch: a row of {longest} tokens does not fit seq_len={seq_len}")
+        raise ValueError(
+            f"training_batch: a row of {longest} tokens does not fit seq_len={seq_len}"
+        )
     t = seq_len if seq_len is not None else bucket(longest, seq_bucket)
     out = {
         "input_ids": np.full((num_rows, t), pad_id, np.int32),
@@ -149,19 +203,19 @@ def training_batch(roll: Rollouts, *, rows: Sequence[int] | None = None, num_row
         "segment_ids": np.zeros((num_rows, t), np.int32),
         "sampler_logprobs": np.zeros((num_rows, t), np.float32),
     }
-    for i, (r, s) in enumerate(zip(rows, seqs)):
+    for i, (r, s) in enumerate(zip(rows, seqs, strict=True)):
         n_in = len(s) - 1
         p = len(roll.prompt_ids[r])
         out["input_ids"][i, :n_in] = s[:-1]
         out["targets"][i, :n_in] = s[1:]
         out["segment_ids"][i, :n_in] = 1
-        out["loss_mask"][i, p - 1:n_in] = 1.0          # targets that are response tokens
-        out["sampler_logprobs"][i, p - 1:n_in] = source[r]
+        out["loss_mask"][i, p - 1 : n_in] = 1.0  # targets that are response tokens
+        out["sampler_logprobs"][i, p - 1 : n_in] = source[r]
     return out
 
 
 def domain_means(values: np.ndarray, domains: Sequence[str]) -> dict[str, float]:
     out: dict[str, list[float]] = {}
-    for v, d in zip(values, domains):
+    for v, d in zip(values, domains, strict=True):
         out.setdefault(d, []).append(float(v))
     return {d: float(np.mean(v)) for d, v in out.items()}

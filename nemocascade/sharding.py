@@ -50,6 +50,7 @@ LOGICAL_RULES: dict[str, Any] = {
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Sizes of the mesh axes; -1 on one axis means 'all remaining devices'."""
+
     data: int = -1
     fsdp: int = 1
     expert: int = 1
@@ -66,12 +67,15 @@ class MeshConfig:
             sizes[sizes.index(-1)] = num_devices // known
         if int(np.prod(sizes)) != num_devices:
             raise ValueError(
-                f"mesh {dict(zip(MESH_AXES, sizes))}: product {int(np.prod(sizes))} != {num_devices} devices")
+                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: "
+                f"product {int(np.prod(sizes))} != {num_devices} devices"
+            )
         return tuple(sizes)
 
 
-def make_mesh(cfg: MeshConfig | Mapping[str, int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    cfg: MeshConfig | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A `Mesh` with axes `MESH_AXES` over `devices` (default: all devices).
 
     With no axis at -1, a mesh smaller than the device list uses its first devices (e.g. a
@@ -91,8 +95,11 @@ def make_mesh(cfg: MeshConfig | Mapping[str, int] | None = None,
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def logical_to_spec(axes: Sequence[str | None] | None, rules: Mapping[str, Any] = LOGICAL_RULES,
-                    mesh: Mesh | None = None) -> P:
+def logical_to_spec(
+    axes: Sequence[str | None] | None,
+    rules: Mapping[str, Any] = LOGICAL_RULES,
+    mesh: Mesh | None = None,
+) -> P:
     """PartitionSpec for a tuple of logical axis names; mesh axes of size 1 are dropped."""
     if axes is None:
         return P()
@@ -119,8 +126,8 @@ def _axes_of(leaf) -> Sequence[str | None] | None:
 def state_specs(state: Any, rules: Mapping[str, Any] = LOGICAL_RULES, mesh: Mesh | None = None):
     """PartitionSpecs for an nnx.State (or any pytree of Variables / arrays) from `axes` metadata.
 
-    Arrays without axes metadata are replicated. Dimensions that do not divide evenly over their mesh
-    axes are replicated (so any tiny test model fits any mesh).
+    Arrays without axes metadata are replicated. Dimensions that do not divide evenly over their
+    mesh axes are replicated (so any tiny test model fits any mesh).
     """
 
     def spec(leaf):
@@ -132,7 +139,7 @@ def state_specs(state: Any, rules: Mapping[str, Any] = LOGICAL_RULES, mesh: Mesh
         p = logical_to_spec(axes, rules, mesh)
         if mesh is not None:
             fixed = []
-            for dim, entry in zip(shape, tuple(p) + (None,) * (len(shape) - len(p))):
+            for dim, entry in zip(shape, tuple(p) + (None,) * (len(shape) - len(p)), strict=True):
                 names = (entry,) if isinstance(entry, str) else tuple(entry or ())
                 size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
                 fixed.append(entry if dim % size == 0 else None)
@@ -148,7 +155,9 @@ def state_shardings(state: Any, mesh: Mesh, rules: Mapping[str, Any] = LOGICAL_R
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping[str, Any] = LOGICAL_RULES) -> NamedSharding:
+def batch_sharding(
+    mesh: Mesh, ndim: int = 2, rules: Mapping[str, Any] = LOGICAL_RULES
+) -> NamedSharding:
     """Sharding of a `[batch, ...]` array: batch over the data-like axes, the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
 

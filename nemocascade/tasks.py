@@ -22,15 +22,102 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-WORDS = ("sun", "cat", "tree", "blue", "star", "rock", "fish", "moon", "rain", "bird", "lamp",
-         "door", "milk", "leaf", "ship", "gold", "wind", "snow", "fire", "road", "bell", "king",
-         "corn", "wolf", "rose", "sand", "coal", "frog", "hill", "nest", "boat", "cake", "desk",
-         "drum", "duck", "farm", "gate", "goat", "harp", "iron", "jade", "kite", "lake", "lion",
-         "mask", "nail", "oak", "owl", "pear", "pig", "pine", "plum", "ring", "rope", "salt",
-         "seed", "silk", "sock", "soup", "swan", "tent", "toad", "town", "vase", "wave", "well",
-         "wing", "yarn", "zinc", "apple", "bread", "chair", "cloud", "dance", "eagle", "field",
-         "glass", "grape", "horse", "house", "juice", "knife", "lemon", "mango", "night", "ocean",
-         "paper", "queen", "river", "sheep", "stone", "tiger", "train", "water")
+WORDS = (
+    "sun",
+    "cat",
+    "tree",
+    "blue",
+    "star",
+    "rock",
+    "fish",
+    "moon",
+    "rain",
+    "bird",
+    "lamp",
+    "door",
+    "milk",
+    "leaf",
+    "ship",
+    "gold",
+    "wind",
+    "snow",
+    "fire",
+    "road",
+    "bell",
+    "king",
+    "corn",
+    "wolf",
+    "rose",
+    "sand",
+    "coal",
+    "frog",
+    "hill",
+    "nest",
+    "boat",
+    "cake",
+    "desk",
+    "drum",
+    "duck",
+    "farm",
+    "gate",
+    "goat",
+    "harp",
+    "iron",
+    "jade",
+    "kite",
+    "lake",
+    "lion",
+    "mask",
+    "nail",
+    "oak",
+    "owl",
+    "pear",
+    "pig",
+    "pine",
+    "plum",
+    "ring",
+    "rope",
+    "salt",
+    "seed",
+    "silk",
+    "sock",
+    "soup",
+    "swan",
+    "tent",
+    "toad",
+    "town",
+    "vase",
+    "wave",
+    "well",
+    "wing",
+    "yarn",
+    "zinc",
+    "apple",
+    "bread",
+    "chair",
+    "cloud",
+    "dance",
+    "eagle",
+    "field",
+    "glass",
+    "grape",
+    "horse",
+    "house",
+    "juice",
+    "knife",
+    "lemon",
+    "mango",
+    "night",
+    "ocean",
+    "paper",
+    "queen",
+    "river",
+    "sheep",
+    "stone",
+    "tiger",
+    "train",
+    "water",
+)
 LETTERS = "abcdefghijklmnop"
 
 
@@ -38,7 +125,7 @@ LETTERS = "abcdefghijklmnop"
 class Problem:
     domain: str
     prompt: str
-    response: str          # a reference response (SFT target)
+    response: str  # a reference response (SFT target)
     verifier: dict
 
 
@@ -54,12 +141,22 @@ def _instruction(rng: random.Random) -> Problem:
     case = "uppercase" if upper else "lowercase"
     shown = word.upper() if upper else word
     prompt = f"Write the word '{word}' {n} times in {case} letters."
-    ids = ["change_case:english_capital" if upper else "change_case:english_lowercase",
-           "keywords:frequency", "keywords:frequency"]
-    kwargs = [{}, {"keyword": word, "frequency": n, "relation": "at least"},
-              {"keyword": word, "frequency": n + 1, "relation": "less than"}]
-    return Problem("instruction", prompt, " ".join([shown] * n),
-                   {"type": "instruction", "instruction_id_list": ids, "kwargs": kwargs})
+    ids = [
+        "change_case:english_capital" if upper else "change_case:english_lowercase",
+        "keywords:frequency",
+        "keywords:frequency",
+    ]
+    kwargs = [
+        {},
+        {"keyword": word, "frequency": n, "relation": "at least"},
+        {"keyword": word, "frequency": n + 1, "relation": "less than"},
+    ]
+    return Problem(
+        "instruction",
+        prompt,
+        " ".join([shown] * n),
+        {"type": "instruction", "instruction_id_list": ids, "kwargs": kwargs},
+    )
 
 
 def _math(rng: random.Random) -> Problem:
@@ -72,8 +169,12 @@ def _math(rng: random.Random) -> Problem:
         steps.append(f"{da}+{db}+{carry}={total}")
         carry = total // 10
     work = ", ".join(steps) + "."
-    return Problem("math", f"What is {a} + {b}?", f"{work} \\boxed{{{a + b}}}",
-                   {"type": "math", "answer": str(a + b)})
+    return Problem(
+        "math",
+        f"What is {a} + {b}?",
+        f"{work} \\boxed{{{a + b}}}",
+        {"type": "math", "answer": str(a + b)},
+    )
 
 
 def _code(rng: random.Random) -> Problem:
@@ -92,8 +193,9 @@ DOMAINS: dict[str, Callable[[random.Random], Problem]] = {
 }
 
 
-def problems(domain: str, split: str, n: int, *, seed: int = 0,
-             held_out_fraction: float = 0.2) -> list[Problem]:
+def problems(
+    domain: str, split: str, n: int, *, seed: int = 0, held_out_fraction: float = 0.2
+) -> list[Problem]:
     """`n` distinct problems of `domain` from `split` ('train' or 'test'), deterministic in `seed`.
 
     Train and test never share a prompt. Raises if the split cannot supply `n` distinct problems.
@@ -113,17 +215,27 @@ def problems(domain: str, split: str, n: int, *, seed: int = 0,
         out.append(p)
         if len(out) == n:
             return out
-    raise ValueError(f"domain {domain!r} split {split!r}: only {len(out)} distinct problems, asked {n}")
+    raise ValueError(
+        f"domain {domain!r} split {split!r}: only {len(out)} distinct problems, asked {n}"
+    )
 
 
 def sft_record(p: Problem) -> dict:
-    return {"messages": [{"role": "user", "content": p.prompt},
-                         {"role": "assistant", "content": p.response}], "domain": p.domain}
+    return {
+        "messages": [
+            {"role": "user", "content": p.prompt},
+            {"role": "assistant", "content": p.response},
+        ],
+        "domain": p.domain,
+    }
 
 
 def prompt_record(p: Problem) -> dict:
-    return {"messages": [{"role": "user", "content": p.prompt}], "domain": p.domain,
-            "verifier": p.verifier}
+    return {
+        "messages": [{"role": "user", "content": p.prompt}],
+        "domain": p.domain,
+        "verifier": p.verifier,
+    }
 
 
 def all_texts(n_per_domain: int = 200, seed: int = 0) -> Iterator[str]:

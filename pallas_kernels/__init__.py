@@ -4,6 +4,7 @@
 preferred_element_type=None, impl=None)` is the MoE grouped matmul
 (see pallas_kernels/gmm/README.md).
 """
+
 from pallas_kernels.gmm import gmm, gmm_reference, tgmm, tgmm_reference
 
 __all__ = ["gmm", "gmm_reference", "tgmm", "tgmm_reference"]

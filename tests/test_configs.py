@@ -20,8 +20,11 @@ GiB = 2**30
 
 
 def _get_config(module):
-    required = [p for p in inspect.signature(module.get_config).parameters.values()
-                if p.default is inspect.Parameter.empty]
+    required = [
+        p
+        for p in inspect.signature(module.get_config).parameters.values()
+        if p.default is inspect.Parameter.empty
+    ]
     return module.get_config("") if required else module.get_config()
 
 
@@ -63,13 +66,16 @@ def test_nano_sft_sharded_state_fits(capsys):
     state = abstract_train_state(config)  # jax.eval_shape: nothing is allocated
     n_params = param_count(state.params)
     assert 31e9 < n_params < 32e9  # Nemotron-3-Nano-30B-A3B has 31.6B parameters
-    mesh = jax.sharding.AbstractMesh(MeshConfig(**config.mesh).shape(module.NUM_DEVICES),
-                                     MESH_AXES)
+    mesh = jax.sharding.AbstractMesh(MeshConfig(**config.mesh).shape(module.NUM_DEVICES), MESH_AXES)
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     per_device = bytes_per_device(state, mesh)
     params_per_device = bytes_per_device(state.params, mesh)
     with capsys.disabled():
-        print(f"\nnano_30b_a3b_sft: {n_params / 1e9:.2f}B params; train state {total / GiB:.1f} GiB"
-              f" total, {per_device / GiB:.2f} GiB per device on {module.NUM_DEVICES} devices "
-              f"({params_per_device / GiB:.2f} GiB params)")
-    assert total / module.NUM_DEVICES <= per_device < 16 * GiB  # sharded, leaves room for activations
+        print(
+            f"\nnano_30b_a3b_sft: {n_params / 1e9:.2f}B params; train state {total / GiB:.1f} GiB"
+            f" total, {per_device / GiB:.2f} GiB per device on {module.NUM_DEVICES} devices "
+            f"({params_per_device / GiB:.2f} GiB params)"
+        )
+    assert (
+        total / module.NUM_DEVICES <= per_device < 16 * GiB
+    )  # sharded, leaves room for activations

@@ -35,8 +35,16 @@ TOY_CONFIG = textwrap.dedent('''
 
 def _launch(*args, timeout=120, **kw):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "nemocascade.launch", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "nemocascade.launch", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **kw,
+    )
 
 
 def _toy(tmp_path):
@@ -46,8 +54,12 @@ def _toy(tmp_path):
 
 
 def test_override_typo_lists_near_matches(tmp_path):
-    out = _launch(f"--config={_toy(tmp_path)}", f"--workdir={tmp_path / 'w'}", "--config.nested.zz=3",
-                  "--config.x=2.0")
+    out = _launch(
+        f"--config={_toy(tmp_path)}",
+        f"--workdir={tmp_path / 'w'}",
+        "--config.nested.zz=3",
+        "--config.x=2.0",
+    )
     assert out.returncode == 2
     assert "--config.nested.zz: no such config key; did you mean --config.nested.z" in out.stderr
     assert not (tmp_path / "w").exists()
@@ -77,8 +89,13 @@ def test_sweep_sequential_and_parallel(tmp_path):
     out = _launch(f"--config={toy}", f"--workdir={tmp_path / 'seq'}", "--sweep")
     assert out.returncode == 0, out.stderr[-3000:]
     _check_sweep(tmp_path / "seq", y=1)
-    out = _launch(f"--config={toy}", f"--workdir={tmp_path / 'par'}", "--sweep", "--parallel=2",
-                  "--config.y=7")
+    out = _launch(
+        f"--config={toy}",
+        f"--workdir={tmp_path / 'par'}",
+        "--sweep",
+        "--parallel=2",
+        "--config.y=7",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     _check_sweep(tmp_path / "par", y=7)
 
@@ -88,11 +105,25 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nemocascade.launch", "--config=configs/sft_tiny.py:fast",
-         f"--workdir={workdir}", "--config.model.pattern=M", "--config.train.steps=100000",
-         "--config.train.checkpoint_every=100000", "--config.data.eval_records=0",
-         "--config.train.best_metric=loss", "--config.train.progress=False"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "nemocascade.launch",
+            "--config=configs/sft_tiny.py:fast",
+            f"--workdir={workdir}",
+            "--config.model.pattern=M",
+            "--config.train.steps=100000",
+            "--config.train.checkpoint_every=100000",
+            "--config.data.eval_records=0",
+            "--config.train.best_metric=loss",
+            "--config.train.progress=False",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 150
     while time.time() < deadline and proc.poll() is None:

@@ -32,8 +32,9 @@ def set_parameters(nb: nbformat.NotebookNode, values: dict[str, object]) -> None
     cells[0].source = src
 
 
-def execute(path: Path, tmp_path: Path, params: dict[str, object],
-            monkeypatch: pytest.MonkeyPatch) -> nbformat.NotebookNode:
+def execute(
+    path: Path, tmp_path: Path, params: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> nbformat.NotebookNode:
     """Runs the notebook with `params` in a fresh kernel of this interpreter (CPU JAX, headless
     matplotlib, the repository first on PYTHONPATH), its working directory `tmp_path`."""
     nb = nbformat.read(path, as_version=4)
@@ -42,13 +43,18 @@ def execute(path: Path, tmp_path: Path, params: dict[str, object],
     install_kernelspec(kernel_name=KERNEL, prefix=str(prefix))
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the notebook sees one CPU device, as a user would
-    env.update(JAX_PLATFORMS="cpu", MPLBACKEND="module://matplotlib_inline.backend_inline",
-               JUPYTER_PATH=os.pathsep.join([str(prefix / "share" / "jupyter"),
-                                             env.get("JUPYTER_PATH", "")]).rstrip(os.pathsep),
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.update(
+        JAX_PLATFORMS="cpu",
+        MPLBACKEND="module://matplotlib_inline.backend_inline",
+        JUPYTER_PATH=os.pathsep.join(
+            [str(prefix / "share" / "jupyter"), env.get("JUPYTER_PATH", "")]
+        ).rstrip(os.pathsep),
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
     monkeypatch.setenv("JUPYTER_PATH", env["JUPYTER_PATH"])  # where nbclient looks up KERNEL
-    client = NotebookClient(nb, kernel_name=KERNEL, timeout=600,
-                            resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        nb, kernel_name=KERNEL, timeout=600, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute(env=env)
     return nb
 

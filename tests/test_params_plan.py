@@ -22,8 +22,9 @@ def _replicated_bytes(cfg: ModelConfig) -> int:
     """Mamba params with no fsdp/expert axis (tensor-only or unnamed axes): conv weight and bias,
     the gated-norm weight (param dtype), A_log, D, dt_bias (fp32)."""
     itemsize = 2 if cfg.param_dtype == "bfloat16" else 4
-    per_layer = ((cfg.conv_kernel + 1) * cfg.conv_dim + cfg.mamba_inner) * itemsize \
-        + 3 * cfg.mamba_num_heads * 4
+    per_layer = (
+        (cfg.conv_kernel + 1) * cfg.conv_dim + cfg.mamba_inner
+    ) * itemsize + 3 * cfg.mamba_num_heads * 4
     return cfg.block_types.count("mamba") * per_layer
 
 
@@ -54,7 +55,9 @@ def test_fits_flips_with_hbm_size():
 
 
 def test_remat_orders_activation_estimates():
-    est = {r: activation_estimate(NANO, 4096, 4096, r)["total"] for r in ("none", "matmuls", "block")}
+    est = {
+        r: activation_estimate(NANO, 4096, 4096, r)["total"] for r in ("none", "matmuls", "block")
+    }
     assert est["none"] > est["matmuls"] > est["block"] > 0
     chunked = activation_estimate(NANO, 4096, 4096, "block", loss_chunk=1024)["loss"]
     assert chunked < activation_estimate(NANO, 4096, 4096, "block")["loss"]
@@ -68,8 +71,15 @@ def test_bad_input_is_named():
 
 
 def test_cli_prints_plan(capsys):
-    argv = ["params", "--model=nano_30b_a3b", "--mesh=fsdp=16,expert=8", "--batch=128",
-            "--seq=1024", "--remat=block", "--hbm_gb=95"]
+    argv = [
+        "params",
+        "--model=nano_30b_a3b",
+        "--mesh=fsdp=16,expert=8",
+        "--batch=128",
+        "--seq=1024",
+        "--remat=block",
+        "--hbm_gb=95",
+    ]
     try:
         params_tool.FLAGS(argv)
         params_tool.main([])

@@ -37,8 +37,10 @@ def fork(src: str, dst: str, after: str) -> dict:
     os.makedirs(os.path.join(dst, "stages"))
     shutil.copy(os.path.join(src, "tokenizer.json"), dst)
     for st in kept:
-        shutil.copytree(os.path.join(src, "stages", st["name"], "final"),
-                        os.path.join(dst, "stages", st["name"], "final"))
+        shutil.copytree(
+            os.path.join(src, "stages", st["name"], "final"),
+            os.path.join(dst, "stages", st["name"], "final"),
+        )
     with open(os.path.join(dst, "summary.json"), "w") as f:
         json.dump(out, f, indent=2)
     return out
@@ -51,8 +53,10 @@ def main(argv=None) -> None:
     p.add_argument("--after", required=True, help="the last stage to keep, e.g. sft")
     a = p.parse_args(argv)
     out = fork(a.src, a.dst, a.after)
-    print(f"{a.dst}: kept {[s['name'] for s in out['stages']]}, teachers {out['teachers']}",
-          file=sys.stderr)
+    print(
+        f"{a.dst}: kept {[s['name'] for s in out['stages']]}, teachers {out['teachers']}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

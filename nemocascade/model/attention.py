@@ -17,16 +17,20 @@ from nemocascade.model.layers import dtype_of, param
 
 @struct.dataclass
 class KVCache:
-    k_BSKH: jax.Array      # [B, S_max, kv_heads, head_dim]
+    k_BSKH: jax.Array  # [B, S_max, kv_heads, head_dim]
     v_BSKH: jax.Array
-    seg_BS: jax.Array      # segment id of each cached position (0 = empty / padding)
-    index: jax.Array       # scalar int32: number of positions written
+    seg_BS: jax.Array  # segment id of each cached position (0 = empty / padding)
+    index: jax.Array  # scalar int32: number of positions written
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
         shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+        return cls(
+            jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
+            jnp.zeros((batch, max_len), jnp.int32),
+            jnp.zeros((), jnp.int32),
+        )
 
 
 def attention_weights_mask(seg_q_BT, seg_k_BS, pos_q_T, pos_k_S):
@@ -41,8 +45,9 @@ def gqa_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     b, t, n, h = q_BTNH.shape
     kv = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
-                         preferred_element_type=jnp.float32) * (h ** -0.5)
+    s_BKGTS = jnp.einsum(
+        "btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+    ) * (h**-0.5)
     s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
     p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
     o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
@@ -50,9 +55,13 @@ def gqa_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
 
 
 class Attention(nnx.Module):
-
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, n, kv, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, n, kv, h = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         std, pd = cfg.initializer_range, cfg.param_dtype
         self.q_DNH = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std=std, dtype=pd)
         self.k_DKH = param(rngs, (d, kv, h), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
@@ -73,10 +82,15 @@ class Attention(nnx.Module):
             o = gqa_attention(q, k, v, mask)
         else:
             start = cache.index
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache.k_BSKH, k.astype(cache.k_BSKH.dtype), start, 1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache.v_BSKH, v.astype(cache.v_BSKH.dtype), start, 1)
-            seg_all = jax.lax.dynamic_update_slice_in_dim(cache.seg_BS, segment_ids_BT.astype(jnp.int32),
-                                                          start, 1)
+            k_all = jax.lax.dynamic_update_slice_in_dim(
+                cache.k_BSKH, k.astype(cache.k_BSKH.dtype), start, 1
+            )
+            v_all = jax.lax.dynamic_update_slice_in_dim(
+                cache.v_BSKH, v.astype(cache.v_BSKH.dtype), start, 1
+            )
+            seg_all = jax.lax.dynamic_update_slice_in_dim(
+                cache.seg_BS, segment_ids_BT.astype(jnp.int32), start, 1
+            )
             pos_q = start + jnp.arange(t)
             pos_k = jnp.arange(k_all.shape[1])
             mask = attention_weights_mask(segment_ids_BT, seg_all, pos_q, pos_k)

@@ -18,14 +18,19 @@ PATTERN_TO_BLOCK = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 BLOCK_TO_PATTERN = {v: k for k, v in PATTERN_TO_BLOCK.items()}
 # Hugging Face `layers_block_type` names (5.x) and the legacy ones, to our block names.
 HF_BLOCK_NAMES = {
-        "linear_attention": "mamba",
-        "mamba": "mamba",
-        "full_attention": "attention",
-        "attention": "attention",
-        "moe": "moe",
-        "mlp": "mlp",
+    "linear_attention": "mamba",
+    "mamba": "mamba",
+    "full_attention": "attention",
+    "attention": "attention",
+    "moe": "moe",
+    "mlp": "mlp",
 }
-OUR_TO_HF_BLOCK = {"mamba": "linear_attention", "attention": "full_attention", "moe": "moe", "mlp": "mlp"}
+OUR_TO_HF_BLOCK = {
+    "mamba": "linear_attention",
+    "attention": "full_attention",
+    "moe": "moe",
+    "mlp": "mlp",
+}
 
 MOE_BACKENDS = ("dense", "ragged_dot", "pallas", "sorted")
 
@@ -71,7 +76,9 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     moe_backend: str = "dense"
     moe_capacity_factor: float | None = None  # None = dropless; used by expert parallel exchange
-    moe_aux_loss_coef: float = 0.0  # sequence-level balance loss (Megatron default 1e-4 when enabled)
+    moe_aux_loss_coef: float = (
+        0.0  # sequence-level balance loss (Megatron default 1e-4 when enabled)
+    )
     # dense mlp ('-' blocks)
     intermediate_size: int = 64
     # common
@@ -91,7 +98,9 @@ class ModelConfig:
     def __post_init__(self):
         bad = sorted(set(self.pattern) - set(PATTERN_TO_BLOCK))
         if bad or not self.pattern:
-            raise ValueError(f"ModelConfig.pattern {self.pattern!r}: unknown letters {bad}; use M, *, E, -")
+            raise ValueError(
+                f"ModelConfig.pattern {self.pattern!r}: unknown letters {bad}; use M, *, E, -"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.mamba_num_heads % self.n_groups:
@@ -99,7 +108,9 @@ class ModelConfig:
         if self.n_routed_experts % self.n_group:
             raise ValueError("n_routed_experts must be a multiple of n_group")
         if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
-            raise ValueError("group-limited routing scores groups by their top-2 experts: need >= 2 per group")
+            raise ValueError(
+                "group-limited routing scores groups by their top-2 experts: need >= 2 per group"
+            )
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError("topk_group must be in [1, n_group]")
         if self.num_experts_per_tok > self.n_routed_experts:
@@ -139,12 +150,26 @@ class ModelConfig:
     def tiny(cls, **kw) -> ModelConfig:
         """A few-thousand-parameter model with every block type, for tests."""
         base = dict(
-                vocab_size=256, hidden_size=64, pattern="M*EM-E",
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4,
-                chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                moe_shared_expert_intermediate_size=48, n_group=2, topk_group=1, routed_scaling_factor=2.5,
-                intermediate_size=96,
+            vocab_size=256,
+            hidden_size=64,
+            pattern="M*EM-E",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            mamba_num_heads=4,
+            mamba_head_dim=16,
+            ssm_state_size=16,
+            n_groups=2,
+            conv_kernel=4,
+            chunk_size=8,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            moe_shared_expert_intermediate_size=48,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            intermediate_size=96,
         )
         base.update(kw)
         return cls(**base)
@@ -153,11 +178,24 @@ class ModelConfig:
     def small(cls, **kw) -> ModelConfig:
         """The benchmark size (issue spec)."""
         base = dict(
-                vocab_size=32768, hidden_size=512, pattern="MEMEM*EMEMEM*E",
-                num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                mamba_num_heads=16, mamba_head_dim=64, ssm_state_size=64, n_groups=2, conv_kernel=4,
-                chunk_size=64, n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=256,
-                moe_shared_expert_intermediate_size=512, routed_scaling_factor=2.5, intermediate_size=512,
+            vocab_size=32768,
+            hidden_size=512,
+            pattern="MEMEM*EMEMEM*E",
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=64,
+            mamba_num_heads=16,
+            mamba_head_dim=64,
+            ssm_state_size=64,
+            n_groups=2,
+            conv_kernel=4,
+            chunk_size=64,
+            n_routed_experts=32,
+            num_experts_per_tok=4,
+            moe_intermediate_size=256,
+            moe_shared_expert_intermediate_size=512,
+            routed_scaling_factor=2.5,
+            intermediate_size=512,
         )
         base.update(kw)
         return cls(**base)
@@ -166,14 +204,29 @@ class ModelConfig:
     def nano_30b_a3b(cls, **kw) -> ModelConfig:
         """NVIDIA-Nemotron-3-Nano-30B-A3B (and Nemotron-Cascade-2-30B-A3B)."""
         base = dict(
-                vocab_size=131072, hidden_size=2688,
-                pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
-                num_attention_heads=32, num_key_value_heads=2, head_dim=128,
-                mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128, n_groups=8, conv_kernel=4,
-                chunk_size=128, n_routed_experts=128, num_experts_per_tok=6, moe_intermediate_size=1856,
-                moe_shared_expert_intermediate_size=3712, n_group=1, topk_group=1,
-                routed_scaling_factor=2.5, intermediate_size=1856, max_position_embeddings=262144,
-                param_dtype="bfloat16", compute_dtype="bfloat16",
+            vocab_size=131072,
+            hidden_size=2688,
+            pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+            num_attention_heads=32,
+            num_key_value_heads=2,
+            head_dim=128,
+            mamba_num_heads=64,
+            mamba_head_dim=64,
+            ssm_state_size=128,
+            n_groups=8,
+            conv_kernel=4,
+            chunk_size=128,
+            n_routed_experts=128,
+            num_experts_per_tok=6,
+            moe_intermediate_size=1856,
+            moe_shared_expert_intermediate_size=3712,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            intermediate_size=1856,
+            max_position_embeddings=262144,
+            param_dtype="bfloat16",
+            compute_dtype="bfloat16",
         )
         base.update(kw)
         return cls(**base)
@@ -190,9 +243,14 @@ class ModelConfig:
     def from_hf_config(cls, hf: dict[str, Any], **overrides) -> ModelConfig:
         """Reads a Hugging Face NemotronH `config.json` dict (old and new spellings)."""
         hf = dict(hf)
-        legacy = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel",
-                            "mamba_chunk_size": "chunk_size", "mamba_dt_min": "time_step_min",
-                            "mamba_dt_max": "time_step_max", "mamba_conv_bias": "use_conv_bias"}
+        legacy = {
+            "mamba_n_groups": "n_groups",
+            "mamba_d_conv": "conv_kernel",
+            "mamba_chunk_size": "chunk_size",
+            "mamba_dt_min": "time_step_min",
+            "mamba_dt_max": "time_step_max",
+            "mamba_conv_bias": "use_conv_bias",
+        }
         for old, new in legacy.items():
             if old in hf and new not in hf:
                 hf[new] = hf[old]
@@ -205,50 +263,70 @@ class ModelConfig:
         elif "hybrid_override_pattern" in hf:
             pattern = hf["hybrid_override_pattern"]
         else:
-            raise ValueError("config.json has neither 'hybrid_override_pattern' nor 'layers_block_type'")
+            raise ValueError(
+                "config.json has neither 'hybrid_override_pattern' nor 'layers_block_type'"
+            )
         if hf.get("moe_latent_size") is not None:
-            raise NotImplementedError("config.json moe_latent_size (LatentMoE, Nemotron 3 Super/Ultra) is not supported")
+            raise NotImplementedError(
+                "config.json moe_latent_size (LatentMoE, Nemotron 3 Super/Ultra) is not supported"
+            )
         if hf.get("mamba_num_heads") is None or hf.get("mamba_head_dim") is None:
             raise ValueError("config.json needs 'mamba_num_heads' and 'mamba_head_dim'")
         limit = hf.get("time_step_limit")
-        required = ["vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                                "ssm_state_size", "n_groups"]
+        required = [
+            "vocab_size",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "ssm_state_size",
+            "n_groups",
+        ]
         missing = [k for k in required if k not in hf]
         if missing:
             raise ValueError(f"config.json is missing keys {missing}")
         eos = hf.get("eos_token_id", 2)
         kw = dict(
-                vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], pattern=pattern,
-                num_attention_heads=hf["num_attention_heads"], num_key_value_heads=hf["num_key_value_heads"],
-                head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-                mamba_num_heads=hf["mamba_num_heads"], mamba_head_dim=hf["mamba_head_dim"],
-                ssm_state_size=hf["ssm_state_size"], n_groups=hf["n_groups"],
-                conv_kernel=hf.get("conv_kernel", 4), chunk_size=hf.get("chunk_size", 128),
-                use_conv_bias=hf.get("use_conv_bias", True),
-                time_step_min=hf.get("time_step_min", 0.001), time_step_max=hf.get("time_step_max", 0.1),
-                time_step_floor=hf.get("time_step_floor", 1e-4),
-                dt_floor_like_hf=bool(limit and limit[0] and limit[0] > 0),
-                n_routed_experts=hf.get("n_routed_experts", 8),
-                num_experts_per_tok=hf.get("num_experts_per_tok", 2),
-                moe_intermediate_size=hf.get("moe_intermediate_size", hf.get("intermediate_size", 64)),
-                moe_shared_expert_intermediate_size=hf.get("moe_shared_expert_intermediate_size", 64),
-                n_shared_experts=hf.get("n_shared_experts", 1),
-                n_group=hf.get("n_group", 1), topk_group=hf.get("topk_group", 1),
-                norm_topk_prob=hf.get("norm_topk_prob", True),
-                routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-                intermediate_size=hf.get("intermediate_size", 64),
-                layer_norm_epsilon=hf.get("layer_norm_epsilon", hf.get("norm_eps", 1e-5)),
-                initializer_range=hf.get("initializer_range", 0.02),
-                rescale_prenorm_residual=hf.get("rescale_prenorm_residual", True),
-                tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                bos_token_id=hf.get("bos_token_id", 1) if hf.get("bos_token_id") is not None else 1,
-                eos_token_id=tuple(eos) if isinstance(eos, list) else (eos if eos is not None else 2),
-                pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
-                max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            pattern=pattern,
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf["num_key_value_heads"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            mamba_num_heads=hf["mamba_num_heads"],
+            mamba_head_dim=hf["mamba_head_dim"],
+            ssm_state_size=hf["ssm_state_size"],
+            n_groups=hf["n_groups"],
+            conv_kernel=hf.get("conv_kernel", 4),
+            chunk_size=hf.get("chunk_size", 128),
+            use_conv_bias=hf.get("use_conv_bias", True),
+            time_step_min=hf.get("time_step_min", 0.001),
+            time_step_max=hf.get("time_step_max", 0.1),
+            time_step_floor=hf.get("time_step_floor", 1e-4),
+            dt_floor_like_hf=bool(limit and limit[0] and limit[0] > 0),
+            n_routed_experts=hf.get("n_routed_experts", 8),
+            num_experts_per_tok=hf.get("num_experts_per_tok", 2),
+            moe_intermediate_size=hf.get("moe_intermediate_size", hf.get("intermediate_size", 64)),
+            moe_shared_expert_intermediate_size=hf.get("moe_shared_expert_intermediate_size", 64),
+            n_shared_experts=hf.get("n_shared_experts", 1),
+            n_group=hf.get("n_group", 1),
+            topk_group=hf.get("topk_group", 1),
+            norm_topk_prob=hf.get("norm_topk_prob", True),
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            intermediate_size=hf.get("intermediate_size", 64),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", hf.get("norm_eps", 1e-5)),
+            initializer_range=hf.get("initializer_range", 0.02),
+            rescale_prenorm_residual=hf.get("rescale_prenorm_residual", True),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            bos_token_id=hf.get("bos_token_id", 1) if hf.get("bos_token_id") is not None else 1,
+            eos_token_id=tuple(eos) if isinstance(eos, list) else (eos if eos is not None else 2),
+            pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
         )
         for flag, want in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
             if hf.get(flag, want) != want:
-                raise NotImplementedError(f"config.json {flag}={hf[flag]!r}: only {want!r} is supported")
+                raise NotImplementedError(
+                    f"config.json {flag}={hf[flag]!r}: only {want!r} is supported"
+                )
         for flag in ("attention_bias", "mlp_bias", "use_bias", "mamba_proj_bias"):
             if hf.get(flag):
                 raise NotImplementedError(f"config.json {flag}=true is not supported")
@@ -259,57 +337,57 @@ class ModelConfig:
         """A Hugging Face `config.json` dict that `NemotronHConfig` reads."""
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         return {
-                "architectures": ["NemotronHForCausalLM"],
-                "model_type": "nemotron_h",
-                "vocab_size": self.vocab_size,
-                "hidden_size": self.hidden_size,
-                "hybrid_override_pattern": self.pattern,
-                "layers_block_type": [OUR_TO_HF_BLOCK[b] for b in self.block_types],
-                "num_hidden_layers": self.num_layers,
-                "num_attention_heads": self.num_attention_heads,
-                "num_key_value_heads": self.num_key_value_heads,
-                "head_dim": self.head_dim,
-                "attention_bias": False,
-                "attention_dropout": 0.0,
-                "mamba_num_heads": self.mamba_num_heads,
-                "mamba_head_dim": self.mamba_head_dim,
-                "ssm_state_size": self.ssm_state_size,
-                "n_groups": self.n_groups,
-                "conv_kernel": self.conv_kernel,
-                "chunk_size": self.chunk_size,
-                "use_conv_bias": self.use_conv_bias,
-                "mamba_hidden_act": "silu",
-                "mamba_proj_bias": False,
-                "use_bias": False,
-                "expand": 2,
-                "time_step_min": self.time_step_min,
-                "time_step_max": self.time_step_max,
-                "time_step_floor": self.time_step_floor,
-                "time_step_limit": [self.dt_limit[0], float("inf")],
-                "mamba_ssm_cache_dtype": "float32",
-                "n_routed_experts": self.n_routed_experts,
-                "num_experts_per_tok": self.num_experts_per_tok,
-                "moe_intermediate_size": self.moe_intermediate_size,
-                "moe_shared_expert_intermediate_size": self.moe_shared_expert_intermediate_size,
-                "n_shared_experts": self.n_shared_experts,
-                "n_group": self.n_group,
-                "topk_group": self.topk_group,
-                "norm_topk_prob": self.norm_topk_prob,
-                "routed_scaling_factor": self.routed_scaling_factor,
-                "intermediate_size": self.intermediate_size,
-                "mlp_hidden_act": "relu2",
-                "mlp_bias": False,
-                "layer_norm_epsilon": self.layer_norm_epsilon,
-                "initializer_range": self.initializer_range,
-                "rescale_prenorm_residual": self.rescale_prenorm_residual,
-                "residual_in_fp32": False,
-                "tie_word_embeddings": self.tie_word_embeddings,
-                "bos_token_id": self.bos_token_id,
-                "eos_token_id": eos,
-                "pad_token_id": self.pad_token_id,
-                "max_position_embeddings": self.max_position_embeddings,
-                "torch_dtype": self.param_dtype,
-                "use_cache": True,
+            "architectures": ["NemotronHForCausalLM"],
+            "model_type": "nemotron_h",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "hybrid_override_pattern": self.pattern,
+            "layers_block_type": [OUR_TO_HF_BLOCK[b] for b in self.block_types],
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mamba_num_heads": self.mamba_num_heads,
+            "mamba_head_dim": self.mamba_head_dim,
+            "ssm_state_size": self.ssm_state_size,
+            "n_groups": self.n_groups,
+            "conv_kernel": self.conv_kernel,
+            "chunk_size": self.chunk_size,
+            "use_conv_bias": self.use_conv_bias,
+            "mamba_hidden_act": "silu",
+            "mamba_proj_bias": False,
+            "use_bias": False,
+            "expand": 2,
+            "time_step_min": self.time_step_min,
+            "time_step_max": self.time_step_max,
+            "time_step_floor": self.time_step_floor,
+            "time_step_limit": [self.dt_limit[0], float("inf")],
+            "mamba_ssm_cache_dtype": "float32",
+            "n_routed_experts": self.n_routed_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "moe_shared_expert_intermediate_size": self.moe_shared_expert_intermediate_size,
+            "n_shared_experts": self.n_shared_experts,
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "norm_topk_prob": self.norm_topk_prob,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "intermediate_size": self.intermediate_size,
+            "mlp_hidden_act": "relu2",
+            "mlp_bias": False,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "initializer_range": self.initializer_range,
+            "rescale_prenorm_residual": self.rescale_prenorm_residual,
+            "residual_in_fp32": False,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "max_position_embeddings": self.max_position_embeddings,
+            "torch_dtype": self.param_dtype,
+            "use_cache": True,
         }
 
     @classmethod

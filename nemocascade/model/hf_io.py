@@ -42,7 +42,8 @@ def _t(w):  # Linear weight [out, in] -> ours [in, out]
 
 
 def _param_plan(cfg: ModelConfig, prefix: str, stacked: bool):
-    """Yields (our_path tuple, [hf keys], to_ours(list of arrays) -> array, to_hf(array) -> [arrays])."""
+    """Yields (our_path tuple, [hf keys], to_ours(list of arrays) -> array,
+    to_hf(array) -> [arrays])."""
     d = cfg.hidden_size
     yield ("embed_VD",), [f"{prefix}.embeddings.weight"], lambda ws: ws[0], lambda a: [a]
     yield ("norm_f", "weight"), [f"{prefix}.norm_f.weight"], lambda ws: ws[0], lambda a: [a]
@@ -57,39 +58,89 @@ def _param_plan(cfg: ModelConfig, prefix: str, stacked: bool):
         yield our + ("norm", "weight"), [f"{lp}.norm.weight"], lambda ws: ws[0], lambda a: [a]
         m = our + ("mixer",)
         if kind == "mamba":
-            yield m + ("in_proj_DP",), [f"{mp}.in_proj.weight"], lambda ws: _t(ws[0]), lambda a: [_t(a)]
-            yield (m + ("conv_w_KC",), [f"{mp}.conv1d.weight"], lambda ws: ws[0][:, 0, :].T,
-                   lambda a: [a.T[:, None, :]])
+            yield (
+                m + ("in_proj_DP",),
+                [f"{mp}.in_proj.weight"],
+                lambda ws: _t(ws[0]),
+                lambda a: [_t(a)],
+            )
+            yield (
+                m + ("conv_w_KC",),
+                [f"{mp}.conv1d.weight"],
+                lambda ws: ws[0][:, 0, :].T,
+                lambda a: [a.T[:, None, :]],
+            )
             if cfg.use_conv_bias:
                 yield m + ("conv_b_C",), [f"{mp}.conv1d.bias"], lambda ws: ws[0], lambda a: [a]
-            for ours, theirs in (("dt_bias_H", "dt_bias"), ("A_log_H", "A_log"), ("D_H", "D"),
-                                 ("norm_I", "norm.weight")):
+            for ours, theirs in (
+                ("dt_bias_H", "dt_bias"),
+                ("A_log_H", "A_log"),
+                ("D_H", "D"),
+                ("norm_I", "norm.weight"),
+            ):
                 yield m + (ours,), [f"{mp}.{theirs}"], lambda ws: ws[0], lambda a: [a]
-            yield m + ("out_proj_ID",), [f"{mp}.out_proj.weight"], lambda ws: _t(ws[0]), lambda a: [_t(a)]
+            yield (
+                m + ("out_proj_ID",),
+                [f"{mp}.out_proj.weight"],
+                lambda ws: _t(ws[0]),
+                lambda a: [_t(a)],
+            )
         elif kind == "attention":
-            for ours, theirs, heads in (("q_DNH", "q_proj", n), ("k_DKH", "k_proj", kv), ("v_DKH", "v_proj", kv)):
-                yield (m + (ours,), [f"{mp}.{theirs}.weight"],
-                       lambda ws, hh=heads: ws[0].T.reshape(d, hh, h),
-                       lambda a: [a.reshape(d, -1).T])
-            yield (m + ("o_NHD",), [f"{mp}.o_proj.weight"], lambda ws: ws[0].T.reshape(n, h, d),
-                   lambda a: [a.reshape(-1, d).T])
+            for ours, theirs, heads in (
+                ("q_DNH", "q_proj", n),
+                ("k_DKH", "k_proj", kv),
+                ("v_DKH", "v_proj", kv),
+            ):
+                yield (
+                    m + (ours,),
+                    [f"{mp}.{theirs}.weight"],
+                    lambda ws, hh=heads: ws[0].T.reshape(d, hh, h),
+                    lambda a: [a.reshape(d, -1).T],
+                )
+            yield (
+                m + ("o_NHD",),
+                [f"{mp}.o_proj.weight"],
+                lambda ws: ws[0].T.reshape(n, h, d),
+                lambda a: [a.reshape(-1, d).T],
+            )
         elif kind == "moe":
             yield m + ("router_DE",), [f"{mp}.gate.weight"], lambda ws: _t(ws[0]), lambda a: [_t(a)]
-            yield (m + ("bias_E",), [f"{mp}.gate.e_score_correction_bias"], lambda ws: ws[0],
-                   lambda a: [a])
+            yield (
+                m + ("bias_E",),
+                [f"{mp}.gate.e_score_correction_bias"],
+                lambda ws: ws[0],
+                lambda a: [a],
+            )
             for ours, theirs in (("up_EDF", "up_proj"), ("down_EFD", "down_proj")):
                 if stacked:
-                    yield (m + (ours,), [f"{mp}.experts.{theirs}"],
-                           lambda ws: np.swapaxes(ws[0], 1, 2), lambda a: [np.swapaxes(a, 1, 2)])
+                    yield (
+                        m + (ours,),
+                        [f"{mp}.experts.{theirs}"],
+                        lambda ws: np.swapaxes(ws[0], 1, 2),
+                        lambda a: [np.swapaxes(a, 1, 2)],
+                    )
                 else:
-                    yield (m + (ours,), [f"{mp}.experts.{j}.{theirs}.weight" for j in range(e)],
-                           lambda ws: np.stack([w.T for w in ws]), lambda a: [w.T for w in a])
+                    yield (
+                        m + (ours,),
+                        [f"{mp}.experts.{j}.{theirs}.weight" for j in range(e)],
+                        lambda ws: np.stack([w.T for w in ws]),
+                        lambda a: [w.T for w in a],
+                    )
             for ours, theirs in (("up_DF", "up_proj"), ("down_FD", "down_proj")):
-                yield (m + ("shared", ours), [f"{mp}.shared_experts.{theirs}.weight"],
-                       lambda ws: _t(ws[0]), lambda a: [_t(a)])
+                yield (
+                    m + ("shared", ours),
+                    [f"{mp}.shared_experts.{theirs}.weight"],
+                    lambda ws: _t(ws[0]),
+                    lambda a: [_t(a)],
+                )
         elif kind == "mlp":
             for ours, theirs in (("up_DF", "up_proj"), ("down_FD", "down_proj")):
-                yield m + (ours,), [f"{mp}.{theirs}.weight"], lambda ws: _t(ws[0]), lambda a: [_t(a)]
+                yield (
+                    m + (ours,),
+                    [f"{mp}.{theirs}.weight"],
+                    lambda ws: _t(ws[0]),
+                    lambda a: [_t(a)],
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +150,9 @@ def _safetensor_files(path: Path) -> dict[str, Path]:
     """Map every tensor name to the file that holds it."""
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
-            raise CheckpointError(f"{path}: pickle checkpoints are refused; convert it to safetensors")
+            raise CheckpointError(
+                f"{path}: pickle checkpoints are refused; convert it to safetensors"
+            )
         return {k: path for k in _keys_of(path)}
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -113,8 +166,10 @@ def _safetensor_files(path: Path) -> dict[str, Path]:
     if not files:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise CheckpointError(f"{path}: only pickle checkpoints found ({pickles}); they are refused "
-                                  "(arbitrary code execution). Convert them to safetensors.")
+            raise CheckpointError(
+                f"{path}: only pickle checkpoints found ({pickles}); they are refused "
+                "(arbitrary code execution). Convert them to safetensors."
+            )
         raise CheckpointError(f"{path}: no *.safetensors files")
     return {k: f for f in files for k in _keys_of(f)}
 
@@ -142,8 +197,12 @@ def _detect_layout(keys) -> tuple[str, bool]:
         prefix = "model"
     else:
         raise CheckpointError("checkpoint has neither 'backbone.*' nor 'model.*' tensors")
-    stacked = any(".mixer.experts.up_proj" in k and ".experts.up_proj.weight" not in k
-                  and k.endswith("experts.up_proj") for k in keys)
+    stacked = any(
+        ".mixer.experts.up_proj" in k
+        and ".experts.up_proj.weight" not in k
+        and k.endswith("experts.up_proj")
+        for k in keys
+    )
     return prefix, stacked
 
 
@@ -153,8 +212,9 @@ def _get_path(tree, path):
     return tree
 
 
-def load_hf_checkpoint(path, *, dtype=jnp.float32, config: ModelConfig | None = None,
-                       **config_overrides) -> NemotronH:
+def load_hf_checkpoint(
+    path, *, dtype=jnp.float32, config: ModelConfig | None = None, **config_overrides
+) -> NemotronH:
     """Loads a NemotronH safetensors checkpoint directory (config.json + weights) into our model.
 
     `dtype` sets the parameter and compute dtype (router, A_log, D, dt_bias stay fp32).
@@ -166,8 +226,9 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32, config: ModelConfig | None = 
         if not cfg_file.exists():
             raise CheckpointError(f"{cfg_file}: missing (needed to build the model)")
         name = jnp.dtype(dtype).name
-        config = ModelConfig.from_json_file(cfg_file, param_dtype=name, compute_dtype=name,
-                                            **config_overrides)
+        config = ModelConfig.from_json_file(
+            cfg_file, param_dtype=name, compute_dtype=name, **config_overrides
+        )
     files = _safetensor_files(path)
     keys = {k: f for k, f in files.items()}
     # the older Mamba spelling `backbone.embedding.weight`
@@ -199,11 +260,15 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32, config: ModelConfig | None = 
         except ValueError:  # e.g. a reshape that cannot fit: certainly the wrong shape
             got = None
         if got is None or tuple(got) != tuple(want):
-            bad_shapes.append(f"{hf_keys[0] if len(hf_keys) == 1 else hf_keys[0] + ' (+experts)'}: "
-                              f"shape {shapes[0]} does not fit {'/'.join(map(str, our_path))} {tuple(want)}")
+            bad_shapes.append(
+                f"{hf_keys[0] if len(hf_keys) == 1 else hf_keys[0] + ' (+experts)'}: "
+                f"shape {shapes[0]} does not fit {'/'.join(map(str, our_path))} {tuple(want)}"
+            )
     if missing or unexpected or bad_shapes:
-        header = (f"checkpoint {path} does not match config ({config.num_layers} layers, "
-                  f"pattern {config.pattern}):")
+        header = (
+            f"checkpoint {path} does not match config ({config.num_layers} layers, "
+            f"pattern {config.pattern}):"
+        )
         lines = [header]
         lines += [f"  missing: {k}" for k in missing]
         lines += [f"  unexpected: {k}" for k in unexpected]
@@ -226,12 +291,13 @@ def iter_hf_tensors(model: NemotronH, prefix: str = "backbone") -> Iterator[tupl
     state = nnx.state(model)
     for our_path, hf_keys, _, to_hf in _param_plan(model.cfg, prefix, stacked=False):
         value = _get_path(state, our_path).get_value()
-        for k, arr in zip(hf_keys, to_hf(np.asarray(jax.device_get(value)))):
+        for k, arr in zip(hf_keys, to_hf(np.asarray(jax.device_get(value))), strict=True):
             yield k, np.ascontiguousarray(arr)
 
 
-def save_hf_checkpoint(model: NemotronH, path, *, max_shard_bytes: int = 4 << 30,
-                       dtype: str | None = None) -> Path:
+def save_hf_checkpoint(
+    model: NemotronH, path, *, max_shard_bytes: int = 4 << 30, dtype: str | None = None
+) -> Path:
     """Writes `config.json` + safetensors shards (+ index) in the released `backbone.*` layout."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -269,6 +335,8 @@ def save_hf_checkpoint(model: NemotronH, path, *, max_shard_bytes: int = 4 << 30
         weight_map.update({k: final for k in names})
     if n > 1:
         total = sum(b for _, _, b in written)
-        (path / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            + "\n"
+        )
     return path

@@ -18,7 +18,9 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def param(rngs: nnx.Rngs | None, shape, axes, *, init="normal", std=0.02, dtype="float32") -> nnx.Param:
+def param(
+    rngs: nnx.Rngs | None, shape, axes, *, init="normal", std=0.02, dtype="float32"
+) -> nnx.Param:
     """A `nnx.Param` of `shape` with logical `axes`; `init` is normal(std), zeros or ones."""
     if len(axes) != len(shape):
         raise ValueError(f"param shape {shape} and axes {axes} differ in rank")
@@ -35,14 +37,16 @@ def param(rngs: nnx.Rngs | None, shape, axes, *, init="normal", std=0.02, dtype=
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32, cast back to x.dtype (HF 5.x order)."""
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32, cast back to x.dtype.
+
+    (HF 5.x order.)
+    """
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return (weight.astype(jnp.float32) * y).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
-
     def __init__(self, size: int, eps: float, *, axis_name: str = "embed", dtype: str = "float32"):
         self.weight = nnx.Param(jnp.ones((size,), dtype_of(dtype)), axes=(axis_name,))
         self.eps = eps
@@ -56,7 +60,10 @@ def relu2(x: jax.Array) -> jax.Array:
 
 
 class MLP(nnx.Module):
-    """Non-gated squared-ReLU MLP: down(relu(up(x))^2). Used for the shared expert and '-' blocks."""
+    """Non-gated squared-ReLU MLP: down(relu(up(x))^2).
+
+    Used for the shared expert and '-' blocks.
+    """
 
     def __init__(self, cfg: ModelConfig, width: int, *, rngs: nnx.Rngs):
         d, std, pd = cfg.hidden_size, cfg.initializer_range, cfg.param_dtype

@@ -30,24 +30,30 @@ _NEG = -1e30  # exponent of a cut path (exp -> 0); avoids inf - inf
 
 @struct.dataclass
 class MambaCache:
-    conv_BKC: jax.Array    # [B, K-1, conv_dim] last conv inputs of the current segment (else 0)
-    ssm_BHPN: jax.Array    # [B, H, P, N] fp32 SSM state
-    seg_B: jax.Array       # [B] int32 segment id the states belong to (that of the last position)
+    conv_BKC: jax.Array  # [B, K-1, conv_dim] last conv inputs of the current segment (else 0)
+    ssm_BHPN: jax.Array  # [B, H, P, N] fp32 SSM state
+    seg_B: jax.Array  # [B] int32 segment id the states belong to (that of the last position)
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, dtype) -> MambaCache:
-        return cls(jnp.zeros((batch, cfg.conv_kernel - 1, cfg.conv_dim), dtype),
-                   jnp.zeros((batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size),
-                             jnp.float32),
-                   jnp.zeros((batch,), jnp.int32))
+        return cls(
+            jnp.zeros((batch, cfg.conv_kernel - 1, cfg.conv_dim), dtype),
+            jnp.zeros(
+                (batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size), jnp.float32
+            ),
+            jnp.zeros((batch,), jnp.int32),
+        )
 
     def continuing(self, seg_BT: jax.Array) -> MambaCache:
         """The states with rows zeroed whose cached segment differs from that of `seg_BT[:, 0]`
         (a new segment starts from a zero state, so states of padding or of an earlier document
         never leak into it)."""
         same_B = self.seg_B == seg_BT[:, 0].astype(jnp.int32)
-        return MambaCache(jnp.where(same_B[:, None, None], self.conv_BKC, 0),
-                          jnp.where(same_B[:, None, None, None], self.ssm_BHPN, 0), self.seg_B)
+        return MambaCache(
+            jnp.where(same_B[:, None, None], self.conv_BKC, 0),
+            jnp.where(same_B[:, None, None, None], self.ssm_BHPN, 0),
+            self.seg_B,
+        )
 
 
 def causal_conv(x_BTC, w_KC, b_C, seg_BT, prev_BKC=None):
@@ -94,30 +100,30 @@ def ssd_scan(x_BTHP, dt_BTH, a_H, b_BTGN, c_BTGN, seg_BT, chunk: int, init_BHPN=
     pad = (-t) % L
     nc = (t + pad) // L
     x = _pad_time(x_BTHP.astype(f32), pad)
-    dt = _pad_time(dt_BTH.astype(f32), pad)            # dt = 0 on padding: state passes unchanged
+    dt = _pad_time(dt_BTH.astype(f32), pad)  # dt = 0 on padding: state passes unchanged
     seg = _pad_time(seg_BT, pad, mode="edge")
     rep = h // g
-    b = jnp.repeat(_pad_time(b_BTGN.astype(f32), pad), rep, axis=2)   # [B, T', H, N]
+    b = jnp.repeat(_pad_time(b_BTGN.astype(f32), pad), rep, axis=2)  # [B, T', H, N]
     c = jnp.repeat(_pad_time(c_BTGN.astype(f32), pad), rep, axis=2)
 
     def chunks(z):
         return z.reshape((bsz, nc, L) + z.shape[2:])
 
-    xdt = chunks(x * dt[..., None])                     # [B, C, L, H, P]
-    a = chunks(dt * a_H.astype(f32))                    # [B, C, L, H]
-    b, c, seg = chunks(b), chunks(c), chunks(seg)       # [B, C, L, H, N], [B, C, L]
-    cum = jnp.cumsum(a, axis=2)                         # [B, C, L, H]
+    xdt = chunks(x * dt[..., None])  # [B, C, L, H, P]
+    a = chunks(dt * a_H.astype(f32))  # [B, C, L, H]
+    b, c, seg = chunks(b), chunks(c), chunks(seg)  # [B, C, L, H, N], [B, C, L]
+    cum = jnp.cumsum(a, axis=2)  # [B, C, L, H]
 
     # 1. intra-chunk (diagonal blocks): y_l += sum_{s<=l, same seg} C_l.B_s exp(cum_l - cum_s) xdt_s
     causal = np.tril(np.ones((L, L), bool))
     ok_BCls = causal & (seg[:, :, :, None] == seg[:, :, None, :])
-    expo = cum[:, :, :, None, :] - cum[:, :, None, :, :]            # [B, C, l, s, H]
+    expo = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # [B, C, l, s, H]
     decay = jnp.exp(jnp.where(ok_BCls[..., None], expo, _NEG))
     scores = jnp.einsum("bclhn,bcshn->bclsh", c, b) * decay
     y_diag = jnp.einsum("bclsh,bcshp->bclhp", scores, xdt)
 
     # 2. state of each chunk at its last position (only positions of the last position's segment)
-    seg_end = seg[:, :, -1]                                          # [B, C]
+    seg_end = seg[:, :, -1]  # [B, C]
     to_end = jnp.where((seg == seg_end[:, :, None])[..., None], cum[:, :, -1:, :] - cum, _NEG)
     states = jnp.einsum("bclhn,bclh,bclhp->bchpn", b, jnp.exp(to_end), xdt)
 
@@ -125,18 +131,18 @@ def ssd_scan(x_BTHP, dt_BTH, a_H, b_BTGN, c_BTGN, seg_BT, chunk: int, init_BHPN=
     if init_BHPN is None:
         init_BHPN = jnp.zeros((bsz, h, p, n), f32)
     states_ext = jnp.concatenate([init_BHPN.astype(f32)[:, None], states], axis=1)  # [B, C+1, ...]
-    seg_ext = jnp.concatenate([seg[:, :1, 0], seg_end], axis=1)                     # [B, C+1]
+    seg_ext = jnp.concatenate([seg[:, :1, 0], seg_end], axis=1)  # [B, C+1]
     a_ext = jnp.concatenate([jnp.zeros((bsz, 1, h), f32), cum[:, :, -1, :]], axis=1)
-    acum = jnp.cumsum(a_ext, axis=1)                                                # [B, C+1, H]
+    acum = jnp.cumsum(a_ext, axis=1)  # [B, C+1, H]
     ok_zz = np.tril(np.ones((nc + 1, nc + 1), bool)) & (seg_ext[:, :, None] == seg_ext[:, None, :])
     cexp = jnp.where(ok_zz[..., None], acum[:, :, None, :] - acum[:, None, :, :], _NEG)
     carried = jnp.einsum("bzwh,bwhpn->bzhpn", jnp.exp(cexp), states_ext)  # state after ext chunk z
     enter, final = carried[:, :-1], carried[:, -1]
 
     # 4. contribution of the entering state to each position of its segment
-    enter_seg = seg_ext[:, :-1]                                          # [B, C]
+    enter_seg = seg_ext[:, :-1]  # [B, C]
     out_ok = (seg == enter_seg[:, :, None])[..., None]
-    out_decay = jnp.exp(jnp.where(out_ok, cum, _NEG))                    # [B, C, L, H]
+    out_decay = jnp.exp(jnp.where(out_ok, cum, _NEG))  # [B, C, L, H]
     y_off = jnp.einsum("bclhn,bchpn->bclhp", c, enter) * out_decay[..., None]
 
     y = (y_diag + y_off).reshape(bsz, nc * L, h, p)[:, :t]
@@ -166,36 +172,48 @@ def gated_group_rms_norm(y, z, weight, n_groups: int, eps: float):
 
 
 class Mamba2(nnx.Module):
-
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, h, pd, std = cfg.hidden_size, cfg.mamba_num_heads, cfg.param_dtype, cfg.initializer_range
         proj = cfg.mamba_inner + cfg.conv_dim + h
         self.in_proj_DP = param(rngs, (d, proj), ("embed", "ssm_proj"), std=std, dtype=pd)
-        bound = 1.0 / math.sqrt(cfg.conv_kernel)   # PyTorch Conv1d default init, depthwise
+        bound = 1.0 / math.sqrt(cfg.conv_kernel)  # PyTorch Conv1d default init, depthwise
         self.conv_w_KC = nnx.Param(
-            jax.random.uniform(rngs.params(), (cfg.conv_kernel, cfg.conv_dim), jnp.float32,
-                               -bound, bound).astype(dtype_of(pd)), axes=("conv_kernel", "ssm_conv"))
+            jax.random.uniform(
+                rngs.params(), (cfg.conv_kernel, cfg.conv_dim), jnp.float32, -bound, bound
+            ).astype(dtype_of(pd)),
+            axes=("conv_kernel", "ssm_conv"),
+        )
         self.conv_b_C = nnx.Param(
-            jax.random.uniform(rngs.params(), (cfg.conv_dim,), jnp.float32, -bound, bound)
-            .astype(dtype_of(pd)) if cfg.use_conv_bias else jnp.zeros((cfg.conv_dim,), dtype_of(pd)),
-            axes=("ssm_conv",))
+            jax.random.uniform(rngs.params(), (cfg.conv_dim,), jnp.float32, -bound, bound).astype(
+                dtype_of(pd)
+            )
+            if cfg.use_conv_bias
+            else jnp.zeros((cfg.conv_dim,), dtype_of(pd)),
+            axes=("ssm_conv",),
+        )
         # dt initialised log-uniform in [time_step_min, time_step_max], stored as softplus^-1.
         u = jax.random.uniform(rngs.params(), (h,), jnp.float32)
-        dt0 = jnp.exp(u * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
-                      + math.log(cfg.time_step_min))
+        dt0 = jnp.exp(
+            u * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
+            + math.log(cfg.time_step_min)
+        )
         dt0 = jnp.maximum(dt0, cfg.time_step_floor)
         self.dt_bias_H = nnx.Param(dt0 + jnp.log(-jnp.expm1(-dt0)), axes=("ssm_heads",))
-        self.A_log_H = nnx.Param(jnp.log(jnp.arange(1, h + 1, dtype=jnp.float32)), axes=("ssm_heads",))
+        self.A_log_H = nnx.Param(
+            jnp.log(jnp.arange(1, h + 1, dtype=jnp.float32)), axes=("ssm_heads",)
+        )
         self.D_H = nnx.Param(jnp.ones((h,), jnp.float32), axes=("ssm_heads",))
         self.norm_I = nnx.Param(jnp.ones((cfg.mamba_inner,), dtype_of(pd)), axes=("ssm_inner",))
         out_std = std / math.sqrt(cfg.num_layers) if cfg.rescale_prenorm_residual else std
-        self.out_proj_ID = param(rngs, (cfg.mamba_inner, d), ("ssm_inner", "embed"), std=out_std, dtype=pd)
+        self.out_proj_ID = param(
+            rngs, (cfg.mamba_inner, d), ("ssm_inner", "embed"), std=out_std, dtype=pd
+        )
 
     def _split(self, zxbcdt):
         cfg = self.cfg
         i, c = cfg.mamba_inner, cfg.conv_dim
-        return zxbcdt[..., :i], zxbcdt[..., i:i + c], zxbcdt[..., i + c:]
+        return zxbcdt[..., :i], zxbcdt[..., i : i + c], zxbcdt[..., i + c :]
 
     def _dt(self, dt_raw):
         lo, hi = self.cfg.dt_limit
@@ -207,8 +225,8 @@ class Mamba2(nnx.Module):
         i, gn = cfg.mamba_inner, cfg.n_groups * cfg.ssm_state_size
         shp = xbc.shape[:-1]
         x = xbc[..., :i].reshape(shp + (cfg.mamba_num_heads, cfg.mamba_head_dim))
-        b = xbc[..., i:i + gn].reshape(shp + (cfg.n_groups, cfg.ssm_state_size))
-        c = xbc[..., i + gn:].reshape(shp + (cfg.n_groups, cfg.ssm_state_size))
+        b = xbc[..., i : i + gn].reshape(shp + (cfg.n_groups, cfg.ssm_state_size))
+        c = xbc[..., i + gn :].reshape(shp + (cfg.n_groups, cfg.ssm_state_size))
         return x, b, c
 
     def __call__(self, x_BTD, segment_ids_BT, cache: MambaCache | None = None):
@@ -223,9 +241,15 @@ class Mamba2(nnx.Module):
             cache = cache.continuing(segment_ids_BT)
             new_seg_B = segment_ids_BT[:, -1].astype(jnp.int32)
         if cache is not None and t == 1:
-            window = jnp.concatenate([cache.conv_BKC.astype(cd), xbc], axis=1)      # [B, K, C]
-            conv = jnp.einsum("bkc,kc->bc", window.astype(jnp.float32),
-                              self.conv_w_KC[...].astype(jnp.float32)) + self.conv_b_C[...]
+            window = jnp.concatenate([cache.conv_BKC.astype(cd), xbc], axis=1)  # [B, K, C]
+            conv = (
+                jnp.einsum(
+                    "bkc,kc->bc",
+                    window.astype(jnp.float32),
+                    self.conv_w_KC[...].astype(jnp.float32),
+                )
+                + self.conv_b_C[...]
+            )
             xbc_act = jax.nn.silu(conv).astype(cd)[:, None]
             xs, b, c = self._xbc_split(xbc_act[:, 0])
             y, ssm = ssd_step(cache.ssm_BHPN, xs, dt[:, 0], a_H, b, c)
@@ -241,7 +265,9 @@ class Mamba2(nnx.Module):
             init = None if cache is None else cache.ssm_BHPN
             y, ssm = ssd_scan(xs, dt, a_H, b, c, segment_ids_BT, cfg.chunk_size, init)
             if cache is not None:
-                cache = MambaCache(self._conv_tail(cache.conv_BKC, xbc, segment_ids_BT), ssm, new_seg_B)
+                cache = MambaCache(
+                    self._conv_tail(cache.conv_BKC, xbc, segment_ids_BT), ssm, new_seg_B
+                )
         y = y + self.D_H[...].astype(jnp.float32)[:, None] * xs.astype(jnp.float32)
         y = y.reshape(y.shape[:2] + (cfg.mamba_inner,))
         y = gated_group_rms_norm(y, z, self.norm_I[...], cfg.n_groups, cfg.layer_norm_epsilon)

@@ -34,14 +34,18 @@ class ExpertBias(nnx.Variable):
 
 def route(x_TD, router_DE, bias_E, cfg: ModelConfig):
     """Returns (idx_TK int32, w_TK fp32, scores_TE fp32) for tokens `x_TD`."""
-    logits_TE = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), router_DE.astype(jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST)
+    logits_TE = jnp.einsum(
+        "td,de->te",
+        x_TD.astype(jnp.float32),
+        router_DE.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     scores_TE = jax.nn.sigmoid(logits_TE)
     choice_TE = scores_TE + bias_E.astype(jnp.float32)
     if cfg.n_group > 1:
         t, e = choice_TE.shape
         grouped = choice_TE.reshape(t, cfg.n_group, e // cfg.n_group)
-        group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)              # [T, n_group]
+        group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [T, n_group]
         _, keep_idx = jax.lax.top_k(group_score, cfg.topk_group)
         keep = jnp.any(jax.nn.one_hot(keep_idx, cfg.n_group, dtype=bool), axis=1)  # [T, n_group]
         keep_TE = jnp.repeat(keep, e // cfg.n_group, axis=1)
@@ -55,7 +59,6 @@ def route(x_TD, router_DE, bias_E, cfg: ModelConfig):
 
 
 class MoE(nnx.Module):
-
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
@@ -83,13 +86,20 @@ class MoE(nnx.Module):
         aux = {"expert_counts": moe_balance.expert_counts(idx_TK, e, valid_BT.reshape(b * t))}
         if cfg.moe_aux_loss_coef > 0:
             aux["aux_loss"] = moe_balance.sequence_aux_loss(
-                scores_TE.reshape(b, t, e), idx_TK.reshape(b, t, k), e, k, valid_BT)
+                scores_TE.reshape(b, t, e), idx_TK.reshape(b, t, k), e, k, valid_BT
+            )
         up_EDF, down_EFD = self.up_EDF[...].astype(cd), self.down_EFD[...].astype(cd)
         if self.ep_mesh is not None:  # expert parallel (moe_ep)
             y_TD, aux["dropped_tokens"] = moe_ep.expert_parallel_mlp(
-                x_TD, idx_TK, w_TK, up_EDF, down_EFD, mesh=self.ep_mesh,
-                capacity_factor=cfg.moe_capacity_factor, backend=cfg.moe_backend)
+                x_TD,
+                idx_TK,
+                w_TK,
+                up_EDF,
+                down_EFD,
+                mesh=self.ep_mesh,
+                capacity_factor=cfg.moe_capacity_factor,
+                backend=cfg.moe_backend,
+            )
         else:
             y_TD = expert_mlp(x_TD, idx_TK, w_TK, up_EDF, down_EFD, backend=cfg.moe_backend)
         return y_TD.reshape(b, t, d) + self.shared(x_BTD), aux
-

@@ -36,10 +36,14 @@ import jax.numpy as jnp
 
 
 class ExpertBackend(Protocol):
-
-    def __call__(self, x_TD: jax.Array, idx_TK: jax.Array, w_TK: jax.Array, up_EDF: jax.Array,
-                 down_EFD: jax.Array) -> jax.Array:
-        ...
+    def __call__(
+        self,
+        x_TD: jax.Array,
+        idx_TK: jax.Array,
+        w_TK: jax.Array,
+        up_EDF: jax.Array,
+        down_EFD: jax.Array,
+    ) -> jax.Array: ...
 
 
 _BACKENDS: dict[str, ExpertBackend] = {}
@@ -49,6 +53,7 @@ def register_backend(name: str) -> Callable[[ExpertBackend], ExpertBackend]:
     def deco(fn: ExpertBackend) -> ExpertBackend:
         _BACKENDS[name] = fn
         return fn
+
     return deco
 
 
@@ -72,8 +77,11 @@ def dense_experts(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
     """One-hot reference: all experts on all tokens, combined with a dense [T, E] weight matrix."""
     num_experts = up_EDF.shape[0]
     # one_hot of an out-of-range index is a zero row: "no expert" slots drop out here.
-    combine_TE = jnp.sum(jax.nn.one_hot(idx_TK, num_experts, dtype=jnp.float32)
-                         * w_TK[..., None].astype(jnp.float32), axis=1)
+    combine_TE = jnp.sum(
+        jax.nn.one_hot(idx_TK, num_experts, dtype=jnp.float32)
+        * w_TK[..., None].astype(jnp.float32),
+        axis=1,
+    )
     h_TEF = relu2(jnp.einsum("td,edf->tef", x_TD, up_EDF))
     y_TED = jnp.einsum("tef,efd->ted", h_TEF, down_EFD)
     y_TD = jnp.einsum("ted,te->td", y_TED.astype(jnp.float32), combine_TE)
@@ -90,6 +98,7 @@ class Permutation(NamedTuple):
     tile_expert_G: expert of each tile (tiled layout only; else None).
     num_tiles:     number of tiles that hold rows (dynamic scalar; tiled layout only).
     """
+
     pos_TK: jax.Array
     assign_N: jax.Array
     group_sizes_E: jax.Array
@@ -134,8 +143,9 @@ def permute(idx_TK: jax.Array, num_experts: int, tile_rows: int | None = None) -
         tile_end_E = jnp.cumsum(tiles_E)
         num_tiles = tile_end_E[-1]
         tile_ids = jnp.arange(num_tiles_static, dtype=jnp.int32)
-        tile_expert = jnp.minimum(jnp.searchsorted(tile_end_E, tile_ids, side="right"),
-                                  num_experts - 1).astype(jnp.int32)
+        tile_expert = jnp.minimum(
+            jnp.searchsorted(tile_end_E, tile_ids, side="right"), num_experts - 1
+        ).astype(jnp.int32)
     row_sorted = jnp.where(key_sorted < num_experts, row_sorted, num_rows)
     pos_A = jnp.zeros((A,), jnp.int32).at[order_A].set(row_sorted)
     assign_N = jnp.full((num_rows,), A, jnp.int32).at[row_sorted].set(order_A, mode="drop")
@@ -227,6 +237,7 @@ def ragged_dot_experts(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
 
 def _pallas_gmm(lhs_ND, rhs_EKN, group_sizes_E):
     import pallas_kernels  # imported lazily: the kernel package is optional for other backends
+
     return pallas_kernels.gmm(lhs_ND, rhs_EKN, group_sizes_E)
 
 
@@ -279,12 +290,18 @@ def _dyn(a, i):
 
 def _dot_t(a, b, contract_a: int, contract_b: int):
     """fp32-accumulated 2-D dot contracting `a`'s dim `contract_a` with `b`'s `contract_b`."""
-    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32
+    )
 
 
-def tiled_expert_mlp(x_GMD: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array,
-                     tile_expert_G: jax.Array, num_tiles: jax.Array) -> jax.Array:
+def tiled_expert_mlp(
+    x_GMD: jax.Array,
+    up_EDF: jax.Array,
+    down_EFD: jax.Array,
+    tile_expert_G: jax.Array,
+    num_tiles: jax.Array,
+) -> jax.Array:
     """`y[g] = relu(x[g] @ up[e_g])^2 @ down[e_g]` (e_g = tile_expert[g]) for tiles g < num_tiles;
     zeros for the rest. x_GMD: G tiles of M rows.
 
@@ -315,11 +332,14 @@ def _tiled_expert_mlp_fwd(x_GMD, up_EDF, down_EFD, tile_expert_G, num_tiles):
         pre_MF = jnp.dot(_dyn(x_GMD, g), _dyn(up_EDF, e), preferred_element_type=jnp.float32)
         h_MF = relu2(pre_MF).astype(x_GMD.dtype)
         y_MD = jnp.dot(h_MF, _dyn(down_EFD, e), preferred_element_type=jnp.float32)
-        return (jax.lax.dynamic_update_index_in_dim(y_GMD, y_MD.astype(y_GMD.dtype), g, 0),
-                jax.lax.dynamic_update_index_in_dim(pre_GMF, pre_MF, g, 0))
+        return (
+            jax.lax.dynamic_update_index_in_dim(y_GMD, y_MD.astype(y_GMD.dtype), g, 0),
+            jax.lax.dynamic_update_index_in_dim(pre_GMF, pre_MF, g, 0),
+        )
 
-    y_GMD, pre_GMF = _tile_loop(num_tiles, body, (y_GMD, pre_GMF), x_GMD, up_EDF, down_EFD,
-                                tile_expert_G)
+    y_GMD, pre_GMF = _tile_loop(
+        num_tiles, body, (y_GMD, pre_GMF), x_GMD, up_EDF, down_EFD, tile_expert_G
+    )
     return y_GMD, (x_GMD, up_EDF, down_EFD, tile_expert_G, num_tiles, pre_GMF)
 
 
@@ -340,13 +360,24 @@ def _tiled_expert_mlp_bwd(res, dy_GMD):
         dx_MD = _dot_t(dpre_MF, _dyn(up_EDF, e), 1, 1)
         dx_GMD = jax.lax.dynamic_update_index_in_dim(dx_GMD, dx_MD.astype(dx_GMD.dtype), g, 0)
         dup_EDF = jax.lax.dynamic_update_index_in_dim(
-            dup_EDF, _dyn(dup_EDF, e) + _dot_t(x_MD, dpre_MF, 0, 0), e, 0)
+            dup_EDF, _dyn(dup_EDF, e) + _dot_t(x_MD, dpre_MF, 0, 0), e, 0
+        )
         ddown_EFD = jax.lax.dynamic_update_index_in_dim(
-            ddown_EFD, _dyn(ddown_EFD, e) + _dot_t(h_MF, dy_MD, 0, 0), e, 0)
+            ddown_EFD, _dyn(ddown_EFD, e) + _dot_t(h_MF, dy_MD, 0, 0), e, 0
+        )
         return dx_GMD, dup_EDF, ddown_EFD
 
-    dx_GMD, dup_EDF, ddown_EFD = _tile_loop(num_tiles, body, (dx_GMD, dup_EDF, ddown_EFD), x_GMD,
-                                            up_EDF, down_EFD, tile_expert_G, dy_GMD, pre_GMF)
+    dx_GMD, dup_EDF, ddown_EFD = _tile_loop(
+        num_tiles,
+        body,
+        (dx_GMD, dup_EDF, ddown_EFD),
+        x_GMD,
+        up_EDF,
+        down_EFD,
+        tile_expert_G,
+        dy_GMD,
+        pre_GMF,
+    )
     return dx_GMD, dup_EDF.astype(up_EDF.dtype), ddown_EFD.astype(down_EFD.dtype), None, None
 
 
@@ -382,11 +413,14 @@ def expert_mlp(x_TD, idx_TK, w_TK, up_EDF, down_EFD, *, backend: str = "dense"):
     """
     E, D, F = up_EDF.shape
     if x_TD.ndim != 2 or x_TD.shape[1] != D:
-        raise ValueError(f"moe_backends.expert_mlp: x_TD {x_TD.shape} does not match "
-                         f"up_EDF {up_EDF.shape}")
+        raise ValueError(
+            f"moe_backends.expert_mlp: x_TD {x_TD.shape} does not match up_EDF {up_EDF.shape}"
+        )
     if down_EFD.shape != (E, F, D):
         raise ValueError(f"moe_backends.expert_mlp: down_EFD {down_EFD.shape} != {(E, F, D)}")
     if idx_TK.shape != w_TK.shape or idx_TK.shape[0] != x_TD.shape[0] or idx_TK.ndim != 2:
-        raise ValueError(f"moe_backends.expert_mlp: idx_TK {idx_TK.shape} / w_TK {w_TK.shape} "
-                         f"do not match x_TD {x_TD.shape}")
+        raise ValueError(
+            f"moe_backends.expert_mlp: idx_TK {idx_TK.shape} / w_TK {w_TK.shape} "
+            f"do not match x_TD {x_TD.shape}"
+        )
     return get_backend(backend)(x_TD, idx_TK, w_TK, up_EDF, down_EFD)

@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -36,8 +36,9 @@ DEFAULT_AUX_LOSS_COEF = 1e-4
 ROUTER_PARAM_NAMES = ("router_DE",)
 
 
-def expert_counts(idx_TK: jax.Array, num_experts: int,
-                  valid_T: jax.Array | None = None) -> jax.Array:
+def expert_counts(
+    idx_TK: jax.Array, num_experts: int, valid_T: jax.Array | None = None
+) -> jax.Array:
     """[E] fp32 number of (token, k) assignments routed to each expert (invalid tokens excluded).
 
     `idx_TK` may have any leading shape (`[..., K]`); `valid_T` broadcasts over it without K.
@@ -49,8 +50,9 @@ def expert_counts(idx_TK: jax.Array, num_experts: int,
     return jnp.sum(onehot.reshape(-1, num_experts), axis=0)
 
 
-def update_expert_bias(bias_E: jax.Array, counts_E: jax.Array,
-                       rate: float = DEFAULT_BIAS_UPDATE_RATE) -> jax.Array:
+def update_expert_bias(
+    bias_E: jax.Array, counts_E: jax.Array, rate: float = DEFAULT_BIAS_UPDATE_RATE
+) -> jax.Array:
     """`bias + rate * sign(mean(counts) - counts)` (works on [E] or stacked [L, E] counts).
 
     Under-loaded experts get a larger bias (chosen more often), over-loaded ones a smaller one.
@@ -61,16 +63,23 @@ def update_expert_bias(bias_E: jax.Array, counts_E: jax.Array,
     return (bias_E.astype(jnp.float32) + rate * step).astype(bias_E.dtype)
 
 
-def sequence_aux_loss(scores_BTE: jax.Array, idx_BTK: jax.Array, num_experts: int, top_k: int,
-                      valid_BT: jax.Array | None = None) -> jax.Array:
+def sequence_aux_loss(
+    scores_BTE: jax.Array,
+    idx_BTK: jax.Array,
+    num_experts: int,
+    top_k: int,
+    valid_BT: jax.Array | None = None,
+) -> jax.Array:
     """Sequence-wise balance loss (unscaled), mean over sequences; padding tokens excluded.
 
     scores_BTE: fp32 sigmoid router scores (without the correction bias); idx_BTK: chosen experts.
     """
     B, T, E = scores_BTE.shape
     if E != num_experts or idx_BTK.shape != (B, T, top_k):
-        raise ValueError(f"moe_balance.sequence_aux_loss: scores {scores_BTE.shape} / idx "
-                         f"{idx_BTK.shape} do not match num_experts={num_experts}, top_k={top_k}")
+        raise ValueError(
+            f"moe_balance.sequence_aux_loss: scores {scores_BTE.shape} / idx "
+            f"{idx_BTK.shape} do not match num_experts={num_experts}, top_k={top_k}"
+        )
     v_BT = jnp.ones((B, T), jnp.float32) if valid_BT is None else valid_BT.astype(jnp.float32)
     n_B = jnp.maximum(jnp.sum(v_BT, axis=1), 1.0)
     chosen_BE = jnp.einsum("btke,bt->be", jax.nn.one_hot(idx_BTK, E, dtype=jnp.float32), v_BT)
@@ -107,8 +116,9 @@ def _is_bias_var(x) -> bool:
     return isinstance(x, nnx.Variable) and type(x).__name__ == "ExpertBias"
 
 
-def update_model_biases(model_state: Any, counts_LE: jax.Array,
-                        rate: float = DEFAULT_BIAS_UPDATE_RATE) -> Any:
+def update_model_biases(
+    model_state: Any, counts_LE: jax.Array, rate: float = DEFAULT_BIAS_UPDATE_RATE
+) -> Any:
     """Apply `update_expert_bias` to every `ExpertBias` in an nnx state (or module-state pytree).
 
     The biases are matched to the rows of `counts_LE` ([n_moe_layers, E], the model's
@@ -124,8 +134,10 @@ def update_model_biases(model_state: Any, counts_LE: jax.Array,
 
     order = {names: i for i, names in enumerate(sorted(found, key=key))}
     if len(order) != counts_LE.shape[0]:
-        raise ValueError(f"moe_balance.update_model_biases: {len(order)} ExpertBias variables but "
-                         f"counts for {counts_LE.shape[0]} layers")
+        raise ValueError(
+            f"moe_balance.update_model_biases: {len(order)} ExpertBias variables but "
+            f"counts for {counts_LE.shape[0]} layers"
+        )
 
     def upd(path, x):
         if not _is_bias_var(x):
@@ -143,16 +155,21 @@ def router_labels(params: Any, router_names: Sequence[str] = ROUTER_PARAM_NAMES)
         names = _path_names(path)
         return "router" if names and names[-1] in router_names else "trainable"
 
-    return jax.tree_util.tree_map_with_path(label, params,
-                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(
+        label, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
 
 
-def freeze_router(tx: optax.GradientTransformation,
-                  router_names: Sequence[str] = ROUTER_PARAM_NAMES) -> optax.GradientTransformation:
+def freeze_router(
+    tx: optax.GradientTransformation, router_names: Sequence[str] = ROUTER_PARAM_NAMES
+) -> optax.GradientTransformation:
     """`tx` for every parameter except the router weights, whose updates are exactly zero.
 
     Use for RL stages (router frozen); keep applying `update_model_biases` after each step so the
     correction bias keeps balancing the load. The optimizer state of the router is not allocated.
     """
-    labels: Callable[[Any], Any] = lambda params: router_labels(params, router_names)
+
+    def labels(params: Any) -> Any:
+        return router_labels(params, router_names)
+
     return optax.multi_transform({"trainable": tx, "router": optax.set_to_zero()}, labels)

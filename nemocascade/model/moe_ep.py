@@ -48,20 +48,27 @@ def token_axes(mesh: Mesh) -> tuple[str, ...]:
     return sharding.batch_axes(mesh)
 
 
-def capacity(tokens_per_device: int, top_k: int, num_experts: int, ep_size: int,
-             capacity_factor: float | None) -> int:
+def capacity(
+    tokens_per_device: int,
+    top_k: int,
+    num_experts: int,
+    ep_size: int,
+    capacity_factor: float | None,
+) -> int:
     """Rows per (source, destination) pair of the send buffer (see the module docstring)."""
     worst = tokens_per_device * min(top_k, num_experts // ep_size)
     if capacity_factor is None:
         return max(worst, 1)
     if capacity_factor <= 0:
-        raise ValueError(f"moe_ep: capacity_factor must be > 0 (or None for dropless), "
-                         f"got {capacity_factor}")
+        raise ValueError(
+            f"moe_ep: capacity_factor must be > 0 (or None for dropless), got {capacity_factor}"
+        )
     return max(1, min(worst, math.ceil(capacity_factor * tokens_per_device * top_k / ep_size)))
 
 
-def dispatch_permutation(idx_TK: jax.Array, num_experts: int, ep_size: int,
-                         cap: int) -> tuple[moe_backends.Permutation, jax.Array, jax.Array]:
+def dispatch_permutation(
+    idx_TK: jax.Array, num_experts: int, ep_size: int, cap: int
+) -> tuple[moe_backends.Permutation, jax.Array, jax.Array]:
     """Slots of the `[ep_size * cap]` send buffer for a device's assignments.
 
     Returns (perm, local_expert_N, dropped): `perm.pos_TK` is the slot of each (t, k) (out of range
@@ -88,10 +95,17 @@ def dispatch_permutation(idx_TK: jax.Array, num_experts: int, ep_size: int,
     return perm, local_expert_N, dropped
 
 
-def expert_parallel_mlp(x_TD: jax.Array, idx_TK: jax.Array, w_TK: jax.Array, up_EDF: jax.Array,
-                        down_EFD: jax.Array, *, mesh: Mesh | None,
-                        capacity_factor: float | None = None,
-                        backend: str = "sorted") -> tuple[jax.Array, jax.Array]:
+def expert_parallel_mlp(
+    x_TD: jax.Array,
+    idx_TK: jax.Array,
+    w_TK: jax.Array,
+    up_EDF: jax.Array,
+    down_EFD: jax.Array,
+    *,
+    mesh: Mesh | None,
+    capacity_factor: float | None = None,
+    backend: str = "sorted",
+) -> tuple[jax.Array, jax.Array]:
     """`moe_backends.expert_mlp` with experts sharded over `mesh`'s expert axis.
 
     x_TD [T, D] (T = all tokens of the global batch, sharded over the batch axes), idx_TK, w_TK
@@ -109,12 +123,15 @@ def expert_parallel_mlp(x_TD: jax.Array, idx_TK: jax.Array, w_TK: jax.Array, up_
         raise ValueError(f"moe_ep: {E} experts do not divide over expert axis of size {ep}")
     axes = token_axes(mesh)
     if EXPERT_AXIS not in axes:
-        raise ValueError(f"moe_ep: the batch axes {axes} must include '{EXPERT_AXIS}' "
-                         f"(see sharding.LOGICAL_RULES['batch'])")
+        raise ValueError(
+            f"moe_ep: the batch axes {axes} must include '{EXPERT_AXIS}' "
+            f"(see sharding.LOGICAL_RULES['batch'])"
+        )
     shards = math.prod(mesh.shape[a] for a in axes)
     if T % shards:
-        raise ValueError(f"moe_ep: {T} tokens do not divide over the batch axes {axes} "
-                         f"({shards} shards)")
+        raise ValueError(
+            f"moe_ep: {T} tokens do not divide over the batch axes {axes} ({shards} shards)"
+        )
     cap = capacity(T // shards, K, E, ep, capacity_factor)
 
     def local(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
@@ -124,8 +141,14 @@ def expert_parallel_mlp(x_TD: jax.Array, idx_TK: jax.Array, w_TK: jax.Array, up_
         recv_e_PC = jax.lax.all_to_all(local_e_N.reshape(ep, cap), EXPERT_AXIS, 0, 0)
         rows = ep * cap
         ones_R1 = jnp.ones((rows, 1), jnp.float32)
-        out_RD = moe_backends.expert_mlp(recv_PCD.reshape(rows, D), recv_e_PC.reshape(rows, 1),
-                                         ones_R1, up_EDF, down_EFD, backend=backend)
+        out_RD = moe_backends.expert_mlp(
+            recv_PCD.reshape(rows, D),
+            recv_e_PC.reshape(rows, 1),
+            ones_R1,
+            up_EDF,
+            down_EFD,
+            backend=backend,
+        )
         back_ND = jax.lax.all_to_all(out_RD.reshape(ep, cap, D), EXPERT_AXIS, 0, 0).reshape(rows, D)
         y_TD = moe_backends.unpermute(back_ND, perm, w_TK, x_TD.dtype)
         return y_TD, jax.lax.psum(dropped, axes)
@@ -153,8 +176,9 @@ def set_expert_mesh(model, mesh: Mesh | None) -> int:
     return n
 
 
-def global_expert_counts(idx_TK: jax.Array, num_experts: int, axis_names: Sequence[str],
-                         valid_T: jax.Array | None = None) -> jax.Array:
+def global_expert_counts(
+    idx_TK: jax.Array, num_experts: int, axis_names: Sequence[str], valid_T: jax.Array | None = None
+) -> jax.Array:
     """Inside `shard_map`: the global-batch expert counts (local counts `psum`-ed over the batch
     axes), the input of `moe_balance.update_expert_bias`. Outside shard_map (plain jit over
     sharded arrays) use `moe_balance.expert_counts` directly: its sum is already global."""

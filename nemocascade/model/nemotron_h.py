@@ -36,11 +36,11 @@ def _remat_block(block, x_BTD, segment_ids_BT, policy: str):
 
     def run(st, x, seg):
         return nnx.merge(graphdef, st)(x, seg)
+
     return jax.checkpoint(run, policy=REMAT_POLICIES[policy])(state, x_BTD, segment_ids_BT)
 
 
 class Block(nnx.Module):
-
     def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
         self.kind = kind
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype=cfg.param_dtype)
@@ -69,21 +69,24 @@ class Block(nnx.Module):
 
 
 class NemotronH(nnx.Module):
-
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pd, std = cfg.param_dtype, cfg.initializer_range
-        self.embed_VD = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std=std, dtype=pd)
+        self.embed_VD = param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std=std, dtype=pd
+        )
         self.layers = nnx.List([Block(cfg, kind, rngs=rngs) for kind in cfg.block_types])
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype=pd)
         if not cfg.tie_word_embeddings:
-            self.lm_head_DV = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), std=std,
-                                    dtype=pd)
+            self.lm_head_DV = param(
+                rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), std=std, dtype=pd
+            )
 
     # ------------------------------------------------------------------ forward
     def hidden_states(self, input_ids_BT, segment_ids_BT=None, cache=None, return_aux=False):
         """Final normalised hidden states [B, T, D] (before lm_head), the updated cache, and (with
-        `return_aux`) the MoE statistics: {"expert_counts": [n_moe_layers, E], "aux_loss": scalar}."""
+        `return_aux`) the MoE statistics:
+        {"expert_counts": [n_moe_layers, E], "aux_loss": scalar}."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
         if segment_ids_BT is None:
@@ -104,8 +107,10 @@ class NemotronH(nnx.Module):
         new_cache = None if cache is None else new_cache
         if not return_aux:
             return h, new_cache
-        stats = {"expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, cfg.n_routed_experts)),
-                 "aux_loss": aux_loss}
+        stats = {
+            "expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, cfg.n_routed_experts)),
+            "aux_loss": aux_loss,
+        }
         return h, new_cache, stats
 
     def lm_head_weight(self) -> jax.Array:
@@ -116,11 +121,20 @@ class NemotronH(nnx.Module):
 
     def logits(self, h_BTD) -> jax.Array:
         cd = dtype_of(self.cfg.compute_dtype)
-        return jnp.einsum("btd,dv->btv", h_BTD.astype(cd), self.lm_head_weight().astype(cd),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "btd,dv->btv",
+            h_BTD.astype(cd),
+            self.lm_head_weight().astype(cd),
+            preferred_element_type=jnp.float32,
+        )
 
-    def __call__(self, input_ids_BT, segment_ids=None, positions=None, cache=None, return_aux=False):
-        """Logits [B, T, V] fp32; `(logits, cache)` with a cache; `(logits, aux)` with return_aux."""
+    def __call__(
+        self, input_ids_BT, segment_ids=None, positions=None, cache=None, return_aux=False
+    ):
+        """Logits [B, T, V] fp32.
+
+        `(logits, cache)` with a cache; `(logits, aux)` with return_aux.
+        """
         del positions  # NoPE
         if return_aux:
             h, _, aux = self.hidden_states(input_ids_BT, segment_ids, None, return_aux=True)

@@ -1,4 +1,5 @@
-"""Verifiable rewards for Cascade RL: math, multiple choice, code (sandboxed), instruction following.
+"""Verifiable rewards for Cascade RL: math, multiple choice, code (sandboxed), instruction
+following.
 
 Record schema (one dict per prompt; `prompt` and `domain` are optional for scoring):
 

@@ -117,7 +117,7 @@ def _run_pool(records, responses, finished, out, num_workers, timeout_s) -> None
     workers = [_Worker() for _ in range(num_workers)]
     try:
         while todo or any(w.item is not None for w in workers):
-            for k, w in enumerate(workers):
+            for _k, w in enumerate(workers):
                 if w.item is None and todo:
                     i = todo.popleft()
                     try:
@@ -180,7 +180,7 @@ def _metrics(records, scores, details, finished, wall_s) -> dict:
         "rewards/items_per_s": n / wall_s if wall_s > 0 else 0.0,
     }
     by_name = collections.defaultdict(list)
-    for rec, s in zip(records, scores):
+    for rec, s in zip(records, scores, strict=True):
         try:
             by_name[verifier_name(rec)].append(s)
         except (ValueError, TypeError):

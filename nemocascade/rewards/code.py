@@ -137,7 +137,8 @@ def run_io_tests(
     time_limit_s: float = 2.0,
     config: SandboxConfig | None = None,
 ) -> CodeResult:
-    """Run `program` on each case's `input`, compare stdout with `output`; stop at the first failure.
+    """Run `program` on each case's `input`, compare stdout with `output`; stop at the first
+    failure.
 
     Each case has a wall-clock limit of `time_limit_s` (CPU limit likewise) in its own sandbox.
     """

@@ -290,4 +290,6 @@ def verify(
         raise ValueError(
             f"{len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts"
         )
-    return [check_one(response, i, k) for i, k in zip(instruction_id_list, kwargs_list)]
+    return [
+        check_one(response, i, k) for i, k in zip(instruction_id_list, kwargs_list, strict=True)
+    ]

@@ -138,7 +138,8 @@ _CHOICE_PATTERNS = (
 
 
 def extract_choice(text: str) -> str | None:
-    """The chosen option letter (A-Z) in `text`, from a box, "answer is X", or a lone letter line."""
+    """The chosen option letter (A-Z) in `text`, from a box, "answer is X", or a lone letter
+    line."""
     if not text:
         return None
     for pat in _CHOICE_PATTERNS:
@@ -152,5 +153,8 @@ def choice_equivalent(pred: str | None, ref: str) -> bool:
     """Whether option letter `pred` is `ref` (case- and bracket-insensitive)."""
     if pred is None:
         return False
-    clean = lambda s: s.strip().strip("()").strip().upper()
+
+    def clean(s):
+        return s.strip().strip("()").strip().upper()
+
     return clean(pred) == clean(ref)

@@ -3,12 +3,12 @@
 Containment, outermost first:
   * bubblewrap (`bwrap`): new user, PID, network, IPC, UTS and cgroup namespaces
     (`--unshare-all --unshare-user --disable-userns`), all capabilities dropped, uid/gid 65534
-    inside, `--die-with-parent`, `--new-session`. The filesystem is a read-only root holding only read-only
-    binds of `/usr` (+ the `/lib*`, `/bin` links), `/etc/ld.so.cache`, and the running interpreter's
-    installation (`sys.base_prefix` when outside `/usr`); a fresh `/proc` and read-only `/dev`; the
-    only writable place is a private size-limited tmpfs at `/tmp`. The project checkout, the home
-    directory and the host's `/tmp` are never bound. The network namespace has no interfaces but
-    its own loopback, so no host listener is reachable.
+    inside, `--die-with-parent`, `--new-session`. The filesystem is a read-only root holding only
+    read-only binds of `/usr` (+ the `/lib*`, `/bin` links), `/etc/ld.so.cache`, and the running
+    interpreter's installation (`sys.base_prefix` when outside `/usr`); a fresh `/proc` and
+    read-only `/dev`; the only writable place is a private size-limited tmpfs at `/tmp`. The
+    project checkout, the home directory and the host's `/tmp` are never bound. The network
+    namespace has no interfaces but its own loopback, so no host listener is reachable.
   * seccomp (`seccomp.py`): no fork/vfork/non-thread clone, no ptrace, unshare, setns, io_uring.
     This matters when the grader is root: the kernel does not enforce RLIMIT_NPROC for host uid 0,
     which is what the sandbox user maps to.
@@ -86,7 +86,8 @@ class SandboxRun:
 
 
 def limits_prelude(cfg: SandboxConfig, cpu_s: float) -> str:
-    """Python source that lowers this process's rlimits; runs inside the sandbox before user code."""
+    """Python source that lowers this process's rlimits; runs inside the sandbox before user
+    code."""
     cpu = max(1, int(cpu_s) + 1)
     pairs = [
         ("RLIMIT_CPU", cpu),
@@ -144,10 +145,10 @@ def run_sandboxed(
 ) -> SandboxRun:
     """Run `python -I -S -B -X utf8 <python_args>` sandboxed and collect what it did.
 
-    The token RESULT_FD in `python_args` is replaced by the number of a write-only pipe that only the
-    host reads (the result channel). `stdin` is fed to the process; stdout + stderr are collected up
-    to `cfg.output_bytes`. The process group is killed at `timeout_s` (wall clock) or when the output
-    cap is exceeded.
+    The token RESULT_FD in `python_args` is replaced by the number of a write-only pipe that only
+    the host reads (the result channel). `stdin` is fed to the process; stdout + stderr are
+    collected up to `cfg.output_bytes`. The process group is killed at `timeout_s` (wall clock) or
+    when the output cap is exceeded.
     """
     exe, _ = interpreter()
     bwrap = find_bwrap(cfg)

@@ -4,8 +4,9 @@ Why: when the grader runs as root, bubblewrap maps the sandbox user onto host ui
 never enforces RLIMIT_NPROC for uid 0, so a fork bomb would only be stopped by the wall-clock
 timeout. This filter makes process creation fail with EPERM instead (threads stay allowed: `clone`
 with CLONE_THREAD passes; `clone3` answers ENOSYS so glibc falls back to `clone`, whose flags a
-classic BPF filter can inspect). It also denies ptrace / process_vm_* (reading the harness's memory),
-unshare / setns and io_uring. Unknown architectures get no filter (`build_filter` returns None).
+classic BPF filter can inspect). It also denies ptrace / process_vm_* (reading the harness's
+memory), unshare / setns and io_uring. Unknown architectures get no filter (`build_filter` returns
+None).
 
 The output is the raw `struct sock_filter[]` bytes that `bwrap --seccomp FD` loads.
 """

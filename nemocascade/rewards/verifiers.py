@@ -24,7 +24,8 @@ def extract_code(text: str) -> str | None:
 
 
 def _reference(answer) -> str:
-    """A reference answer; a GSM8K-style solution ("... #### 72") is reduced to what follows ####."""
+    """A reference answer; a GSM8K-style solution ("... #### 72") is reduced to what follows
+    ####."""
     ref = str(answer)
     return ref.rsplit("####", 1)[1].strip() if "####" in ref else ref.strip()
 
@@ -90,7 +91,7 @@ def instruction_reward(record: dict, response: str, finished: bool) -> tuple[flo
     spec = verifier_spec(record, "instruction_id_list", "kwargs")
     ids = list(spec["instruction_id_list"])
     verdicts = if_lib.verify(final_answer(response), ids, list(spec["kwargs"]))
-    unsupported = [i for i, v in zip(ids, verdicts) if v is None]
+    unsupported = [i for i, v in zip(ids, verdicts, strict=True) if v is None]
     if unsupported:
         raise ValueError(f"unsupported instruction ids {unsupported}")
     if not verdicts:

@@ -135,9 +135,12 @@ def _decode(
     def record(carry, tok_R, lp_R, lpr_R, step):
         toks, lps, lprs, lengths, reasons = carry
         active = reasons == RUNNING
-        col = lambda buf, v, fill: jax.lax.dynamic_update_index_in_dim(
-            buf, jnp.where(active, v, fill).astype(buf.dtype), step, 1
-        )
+
+        def col(buf, v, fill):
+            return jax.lax.dynamic_update_index_in_dim(
+                buf, jnp.where(active, v, fill).astype(buf.dtype), step, 1
+            )
+
         toks, lps, lprs = col(toks, tok_R, pad_id), col(lps, lp_R, 0.0), col(lprs, lpr_R, 0.0)
         new = jnp.where(active, _classify(tok_R, step, max_new, eos_E, stop_S), reasons)
         lengths = jnp.where(active & (new != RUNNING), step + 1, lengths)
@@ -249,7 +252,10 @@ def _batch_multiple(mesh: Mesh | None) -> int:
 
 def _first_stop(tokens: list[int], stop_strings: Sequence[str], tokenizer) -> int | None:
     """The fewest leading tokens whose decoded text contains a stop string (None if none does)."""
-    hit = lambda k: any(s in tokenizer.decode(tokens[:k]) for s in stop_strings)
+
+    def hit(k):
+        return any(s in tokenizer.decode(tokens[:k]) for s in stop_strings)
+
     if not tokens or not hit(len(tokens)):
         return None
     lo, hi = 1, len(tokens)  # hit(hi) holds; find the smallest such k

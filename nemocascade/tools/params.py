@@ -86,12 +86,15 @@ def count_params(cfg: ModelConfig) -> dict:
 def parse_mesh(spec: str) -> dict[str, int]:
     """'fsdp=16,expert=8' -> {'data': 1, 'fsdp': 16, 'expert': 8, 'tensor': 1}."""
     from nemocascade.sharding import MESH_AXES
+
     sizes = dict.fromkeys(MESH_AXES, 1)
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
         if name not in sizes or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"--mesh={spec!r}: bad entry {part!r}; use axis=size with axes "
-                             f"{MESH_AXES} and sizes >= 1")
+            raise ValueError(
+                f"--mesh={spec!r}: bad entry {part!r}; use axis=size with axes "
+                f"{MESH_AXES} and sizes >= 1"
+            )
         sizes[name] = int(value)
     return sizes
 
@@ -101,9 +104,11 @@ def abstract_train_state(cfg: ModelConfig):
     """The TrainState of `create_train_state` (AdamW of `make_optimizer`) as ShapeDtypeStructs."""
     from nemocascade.train.optim import OptimConfig, make_optimizer
     from nemocascade.train.state import create_train_state
+
     tx = make_optimizer(OptimConfig(), total_steps=1)
-    return jax.eval_shape(lambda: create_train_state(NemotronH(cfg, rngs=nnx.Rngs(0)), tx,
-                                                     jax.random.PRNGKey(0))[1])
+    return jax.eval_shape(
+        lambda: create_train_state(NemotronH(cfg, rngs=nnx.Rngs(0)), tx, jax.random.PRNGKey(0))[1]
+    )
 
 
 def _block_activation_bytes(cfg: ModelConfig, kind: str, seq: int, saved: str) -> float:
@@ -117,18 +122,29 @@ def _block_activation_bytes(cfg: ModelConfig, kind: str, seq: int, saved: str) -
     d, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
     common = d * c + d * f32  # block input and the fp32 norm
     if kind == "mamba":
-        i, cv, h, n, L = cfg.mamba_inner, cfg.conv_dim, cfg.mamba_num_heads, cfg.ssm_state_size, \
-            min(cfg.chunk_size, seq)
-        mm = (i + cv + h) * c + d * c                      # in_proj, out_proj outputs
-        rest = (cv * (c + f32) + 2 * h * f32 + f32 * (6 * i + 2 * h * n + h) + 3 * L * h * f32
-                + 3 * i * f32 + i * c)                      # conv, dt, SSD (intra-chunk [L, H]), norm
+        i, cv, h, n, L = (
+            cfg.mamba_inner,
+            cfg.conv_dim,
+            cfg.mamba_num_heads,
+            cfg.ssm_state_size,
+            min(cfg.chunk_size, seq),
+        )
+        mm = (i + cv + h) * c + d * c  # in_proj, out_proj outputs
+        rest = (
+            cv * (c + f32)
+            + 2 * h * f32
+            + f32 * (6 * i + 2 * h * n + h)
+            + 3 * L * h * f32
+            + 3 * i * f32
+            + i * c
+        )  # conv, dt, SSD (intra-chunk [L, H]), norm
     elif kind == "attention":
         nq, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        mm = (nq + 2 * kv) * hd * c + d * c                # q, k, v, o projections
+        mm = (nq + 2 * kv) * hd * c + d * c  # q, k, v, o projections
         rest = nq * seq * (3 * f32 + c) + seq + nq * hd * c  # scores, masked, probs, mask, out
     elif kind == "moe":
         fe, fs = cfg.moe_intermediate_size, cfg.moe_shared_expert_intermediate_size
-        mm = e * f32 + fs * c + d * c                      # router logits, shared expert
+        mm = e * f32 + fs * c + d * c  # router logits, shared expert
         rest = e * f32 + k * d * c + 2 * k * fe * c + k * d * f32 + fs * c + d * c
     elif kind == "mlp":
         mm = cfg.intermediate_size * c + d * c
@@ -138,8 +154,9 @@ def _block_activation_bytes(cfg: ModelConfig, kind: str, seq: int, saved: str) -
     return common + mm + (rest if saved == "all" else 0)
 
 
-def activation_estimate(cfg: ModelConfig, tokens: int, seq: int, remat: str,
-                        loss_chunk: int = 0) -> dict[str, float]:
+def activation_estimate(
+    cfg: ModelConfig, tokens: int, seq: int, remat: str, loss_chunk: int = 0
+) -> dict[str, float]:
     """Activation bytes of one device's `tokens` (training step peak, an analytic estimate).
 
     none: every block's intermediates; block: each block's input, plus one block's intermediates
@@ -163,8 +180,16 @@ def activation_estimate(cfg: ModelConfig, tokens: int, seq: int, remat: str,
     return {"blocks": blocks * tokens, "loss": float(loss), "total": blocks * tokens + loss}
 
 
-def memory_plan(cfg: ModelConfig, mesh: dict[str, int], *, batch: int, seq: int,
-                remat: str = "block", loss_chunk: int = 0, hbm_gb: float | None = None) -> dict:
+def memory_plan(
+    cfg: ModelConfig,
+    mesh: dict[str, int],
+    *,
+    batch: int,
+    seq: int,
+    remat: str = "block",
+    loss_chunk: int = 0,
+    hbm_gb: float | None = None,
+) -> dict:
     """Per-device bytes of parameters, gradients (param dtype), AdamW state and activations on
     `mesh` (sizes of data/fsdp/expert/tensor), from the sharding table; `fits` compares the sum
     with `hbm_gb` * 1e9 bytes. The batch is split over the data-like axes (data, fsdp, expert).
@@ -172,35 +197,56 @@ def memory_plan(cfg: ModelConfig, mesh: dict[str, int], *, batch: int, seq: int,
     as `fsdp_gather_bytes` (the largest layer, twice)."""
     from nemocascade.sharding import LOGICAL_RULES, MESH_AXES
     from nemocascade.train.state import bytes_per_device
+
     amesh = AbstractMesh(tuple(mesh[a] for a in MESH_AXES), MESH_AXES)
     n_dev = math.prod(mesh.values())
     batch_shards = math.prod(mesh[a] for a in LOGICAL_RULES["batch"])
     if batch % batch_shards:
-        raise ValueError(f"batch {batch} is not divisible by the batch shards {batch_shards} "
-                         f"(data x fsdp x expert of mesh {mesh})")
+        raise ValueError(
+            f"batch {batch} is not divisible by the batch shards {batch_shards} "
+            f"(data x fsdp x expert of mesh {mesh})"
+        )
     state = abstract_train_state(cfg)
     params = bytes_per_device(state.params, amesh)
     grads = params  # gradients have the params' shapes, dtypes and shardings
     opt = bytes_per_device(state.opt_state, amesh)
     other = bytes_per_device(state.model_state, amesh)
     no_fsdp = AbstractMesh(tuple(1 if a == "fsdp" else mesh[a] for a in MESH_AXES), MESH_AXES)
-    layer_bytes = [bytes_per_device(nnx.state(layer), no_fsdp)
-                   for layer in state.params["layers"].values()] if "layers" in state.params else [0]
+    layer_bytes = (
+        [bytes_per_device(nnx.state(layer), no_fsdp) for layer in state.params["layers"].values()]
+        if "layers" in state.params
+        else [0]
+    )
     gather = 2 * max(layer_bytes) if mesh["fsdp"] > 1 else 0
     tokens = batch * seq // batch_shards
     act = activation_estimate(cfg, tokens, seq, remat, loss_chunk)
     total = params + grads + opt + other + gather + act["total"]
-    plan = {"mesh": mesh, "devices": n_dev, "batch": batch, "seq": seq, "remat": remat,
-            "loss_chunk": loss_chunk, "tokens_per_device": tokens,
-            "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
-            "params_total_bytes": sum(math.prod(v.shape) * jnp.dtype(v.dtype).itemsize
-                                      for v in jax.tree.leaves(state.params)),
-            "per_device_bytes": {"params": params, "grads": grads, "optimizer": opt,
-                                 "model_state": other, "fsdp_gather": gather,
-                                 "activations": int(act["total"]),
-                                 "activations_blocks": int(act["blocks"]),
-                                 "activations_loss": int(act["loss"]), "total": int(total)},
-            "per_device_gb": round(total / 1e9, 3)}
+    plan = {
+        "mesh": mesh,
+        "devices": n_dev,
+        "batch": batch,
+        "seq": seq,
+        "remat": remat,
+        "loss_chunk": loss_chunk,
+        "tokens_per_device": tokens,
+        "param_dtype": cfg.param_dtype,
+        "compute_dtype": cfg.compute_dtype,
+        "params_total_bytes": sum(
+            math.prod(v.shape) * jnp.dtype(v.dtype).itemsize for v in jax.tree.leaves(state.params)
+        ),
+        "per_device_bytes": {
+            "params": params,
+            "grads": grads,
+            "optimizer": opt,
+            "model_state": other,
+            "fsdp_gather": gather,
+            "activations": int(act["total"]),
+            "activations_blocks": int(act["blocks"]),
+            "activations_loss": int(act["loss"]),
+            "total": int(total),
+        },
+        "per_device_gb": round(total / 1e9, 3),
+    }
     if hbm_gb is not None:
         plan["hbm_gb"] = hbm_gb
         plan["fits"] = bool(total <= hbm_gb * 1e9)
@@ -209,8 +255,12 @@ def memory_plan(cfg: ModelConfig, mesh: dict[str, int], *, batch: int, seq: int,
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "nano_30b_a3b", "preset name or path to a HF config.json")
-flags.DEFINE_string("mesh", None, "mesh sizes, e.g. fsdp=16,expert=8 (axes data, fsdp, expert, "
-                    "tensor; unnamed axes are 1); enables the per-device memory plan")
+flags.DEFINE_string(
+    "mesh",
+    None,
+    "mesh sizes, e.g. fsdp=16,expert=8 (axes data, fsdp, expert, "
+    "tensor; unnamed axes are 1); enables the per-device memory plan",
+)
 flags.DEFINE_integer("batch", 8, "global batch (sequences) for the activation estimate")
 flags.DEFINE_integer("seq", 4096, "sequence length for the activation estimate")
 flags.DEFINE_string("remat", None, "none | block | matmuls (default: the model config's)")
@@ -223,9 +273,15 @@ def main(argv):
     cfg = resolve_model_config(FLAGS.model)
     report = count_params(cfg)
     if FLAGS.mesh is not None:
-        report["plan"] = memory_plan(cfg, parse_mesh(FLAGS.mesh), batch=FLAGS.batch, seq=FLAGS.seq,
-                                     remat=FLAGS.remat or cfg.remat, loss_chunk=FLAGS.loss_chunk,
-                                     hbm_gb=FLAGS.hbm_gb)
+        report["plan"] = memory_plan(
+            cfg,
+            parse_mesh(FLAGS.mesh),
+            batch=FLAGS.batch,
+            seq=FLAGS.seq,
+            remat=FLAGS.remat or cfg.remat,
+            loss_chunk=FLAGS.loss_chunk,
+            hbm_gb=FLAGS.hbm_gb,
+        )
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

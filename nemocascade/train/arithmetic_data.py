@@ -14,11 +14,14 @@ import random
 OPS = ("+", "-", "*")
 
 
-def arithmetic_records(num_records: int, *, seed: int = 0, max_operand: int = 99,
-                       ops: tuple[str, ...] = OPS) -> list[dict]:
+def arithmetic_records(
+    num_records: int, *, seed: int = 0, max_operand: int = 99, ops: tuple[str, ...] = OPS
+) -> list[dict]:
     """`num_records` distinct chat records, the same list for the same arguments."""
     if num_records < 1 or max_operand < 1:
-        raise ValueError(f"need num_records >= 1 and max_operand >= 1, got {num_records}, {max_operand}")
+        raise ValueError(
+            f"need num_records >= 1 and max_operand >= 1, got {num_records}, {max_operand}"
+        )
     capacity = len(ops) * (max_operand + 1) ** 2
     if num_records > capacity:
         raise ValueError(f"only {capacity} distinct problems with max_operand={max_operand}")
@@ -31,12 +34,17 @@ def arithmetic_records(num_records: int, *, seed: int = 0, max_operand: int = 99
             continue
         seen.add((a, op, b))
         answer = a + b if op == "+" else a - b if op == "-" else a * b
-        records.append({
-            "messages": [
-                {"role": "user", "content": f"What is {a}{op}{b}?"},
-                {"role": "assistant", "reasoning_content": f"{a}{op}{b}={answer}",
-                 "content": f"\\boxed{{{answer}}}"},
-            ],
-            "domain": "math",
-        })
+        records.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {a}{op}{b}?"},
+                    {
+                        "role": "assistant",
+                        "reasoning_content": f"{a}{op}{b}={answer}",
+                        "content": f"\\boxed{{{answer}}}",
+                    },
+                ],
+                "domain": "math",
+            }
+        )
     return records

@@ -33,8 +33,15 @@ class Checkpointer:
     passed to `save` whose best value (by `best_mode`) is also kept ("" to disable).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, best_metric: str = "",
-                 best_mode: str = "min", async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep_last: int = 2,
+        best_metric: str = "",
+        best_mode: str = "min",
+        async_save: bool = True,
+    ):
         if keep_last < 1:
             raise ValueError(f"checkpoint keep_last must be >= 1, got {keep_last}")
         if best_mode not in BEST_MODES:
@@ -43,43 +50,64 @@ class Checkpointer:
         self.best_metric = best_metric
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep_last)]
         if best_metric:
-            policies.append(pp.BestN(get_metric_fn=lambda m: float(m[best_metric]),
-                                     reverse=(best_mode == "min"), n=1,
-                                     keep_checkpoints_without_metrics=False))
+            policies.append(
+                pp.BestN(
+                    get_metric_fn=lambda m: float(m[best_metric]),
+                    reverse=(best_mode == "min"),
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=pp.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data", "extra"), options=options)
+            self.directory, item_names=("state", "data", "extra"), options=options
+        )
 
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, ascending."""
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: Mapping[str, Any],
-             metrics: Mapping[str, float] | None = None,
-             extra: Mapping[str, Any] | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: Mapping[str, Any],
+        metrics: Mapping[str, float] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         """Start saving (returns once arrays are copied off the device; writing continues)."""
         if self.best_metric and (metrics is None or self.best_metric not in metrics):
-            raise KeyError(f"checkpoint at step {step}: best_metric {self.best_metric!r} missing "
-                           f"from metrics {sorted(metrics or {})}")
+            raise KeyError(
+                f"checkpoint at step {step}: best_metric {self.best_metric!r} missing "
+                f"from metrics {sorted(metrics or {})}"
+            )
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         self._manager.save(
             int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    data=ocp.args.JsonSave(dict(data_state)),
-                                    extra=ocp.args.JsonSave(dict(extra or {}))),
-            metrics=metrics, force=True)
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(dict(data_state)),
+                extra=ocp.args.JsonSave(dict(extra or {})),
+            ),
+            metrics=metrics,
+            force=True,
+        )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """`(state, data_state, extra)` of checkpoint `step`; arrays get `abstract_state`'s
         shapes, dtypes and shardings (a pytree of `jax.ShapeDtypeStruct`)."""
         out = self._manager.restore(
             int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                    data=ocp.args.JsonRestore(), extra=ocp.args.JsonRestore()))
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                extra=ocp.args.JsonRestore(),
+            ),
+        )
         return out["state"], dict(out["data"] or {}), dict(out["extra"] or {})
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
@@ -91,8 +119,13 @@ class Checkpointer:
             try:
                 state, data_state, extra = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any failure means "unusable checkpoint"
-                log.warning("checkpoint %s/%d is unreadable (%s: %s); trying an older one",
-                            self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+                log.warning(
+                    "checkpoint %s/%d is unreadable (%s: %s); trying an older one",
+                    self.directory,
+                    step,
+                    type(e).__name__,
+                    str(e).splitlines()[0][:300],
+                )
                 continue
             return step, state, data_state, extra
         return None
@@ -109,5 +142,6 @@ class Checkpointer:
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
     """`abstract_state` (ShapeDtypeStructs) with each leaf's sharding set from `shardings`."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )

@@ -86,8 +86,9 @@ def _states(state: Any) -> tuple:
 
 
 # ============================================================================ per-token terms
-def mopd_token_terms(logp_BT: jax.Array, teacher_logp_BT: jax.Array, sampler_logp_BT: jax.Array,
-                     cfg: DistillConfig) -> tuple[jax.Array, dict]:
+def mopd_token_terms(
+    logp_BT: jax.Array, teacher_logp_BT: jax.Array, sampler_logp_BT: jax.Array, cfg: DistillConfig
+) -> tuple[jax.Array, dict]:
     """(per-token loss -w_t a_t log pi_train(y_t) [B, T], diagnostics {advantage, weight,
     in_band, ratio}) of Eq. 2-4; `logp_BT` carries the gradient, a_t and w_t do not."""
     logp_sg = jax.lax.stop_gradient(logp_BT)
@@ -100,8 +101,12 @@ def mopd_token_terms(logp_BT: jax.Array, teacher_logp_BT: jax.Array, sampler_log
         in_band = jnp.ones(ratio_BT.shape, bool)
         w_BT = jnp.ones_like(ratio_BT)
     loss_BT = -w_BT * adv_BT * logp_BT
-    return loss_BT, {"advantage": adv_BT, "weight": w_BT,
-                     "in_band": in_band.astype(jnp.float32), "ratio": ratio_BT}
+    return loss_BT, {
+        "advantage": adv_BT,
+        "weight": w_BT,
+        "in_band": in_band.astype(jnp.float32),
+        "ratio": ratio_BT,
+    }
 
 
 def _merge(graphdef, state):
@@ -114,59 +119,92 @@ def _teacher_rows(teacher_graphdef, teacher_state, batch: Batch):
     if not isinstance(teacher_graphdef, tuple):
         return [(teacher_graphdef, teacher_state, None)]
     if not isinstance(teacher_state, (tuple, list)) or len(teacher_state) != len(teacher_graphdef):
-        raise ValueError(f"distill: {len(teacher_graphdef)} teacher graphdefs need as many teacher "
-                         "states (a tuple, one per teacher)")
+        raise ValueError(
+            f"distill: {len(teacher_graphdef)} teacher graphdefs need as many teacher "
+            "states (a tuple, one per teacher)"
+        )
     if "teacher_index" not in batch:
-        raise KeyError("distill: several teachers need batch['teacher_index'] [B] (each row's "
-                       "teacher)")
+        raise KeyError(
+            "distill: several teachers need batch['teacher_index'] [B] (each row's teacher)"
+        )
     idx_B = batch["teacher_index"]
-    return [(g, st, idx_B == k) for k, (g, st) in enumerate(zip(teacher_graphdef, teacher_state))]
+    return [
+        (g, st, idx_B == k)
+        for k, (g, st) in enumerate(zip(teacher_graphdef, teacher_state, strict=True))
+    ]
 
 
-def distill_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *,
-                 graphdef: nnx.GraphDef, cfg: DistillConfig, denom: jax.Array,
-                 teacher_graphdef: nnx.GraphDef | None = None, teacher_state: Any = None,
-                 aux_loss_coef: float = 0.0, num_micro: int = 1):
+def distill_loss(
+    params: nnx.State,
+    model_state: nnx.State,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    cfg: DistillConfig,
+    denom: jax.Array,
+    teacher_graphdef: nnx.GraphDef | None = None,
+    teacher_state: Any = None,
+    aux_loss_coef: float = 0.0,
+    num_micro: int = 1,
+):
     """`(loss, stats)` of one (micro)batch: summed per-token loss / `denom` (response tokens of
     the whole batch) + aux_loss_coef * MoE aux loss / num_micro; differentiable in params."""
     model = nnx.merge(graphdef, params, model_state)
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     h_BTD, w_DV, aux = losses.model_hidden_and_head(model, batch)
     logp_BT, ent_BT = losses.token_logprobs_and_entropy(
-        h_BTD, w_DV, batch["targets"], chunk_size=cfg.logprob_chunk,
-        with_entropy=cfg.compute_entropy)
+        h_BTD,
+        w_DV,
+        batch["targets"],
+        chunk_size=cfg.logprob_chunk,
+        with_entropy=cfg.compute_entropy,
+    )
     if cfg.objective == "sampled_token":
-        loss_BT, diag = mopd_token_terms(logp_BT, batch["teacher_logprobs"],
-                                         batch["sampler_logprobs"], cfg)
-        extra = {"advantage_sum": jnp.sum(diag["advantage"] * mask_BT),
-                 "in_band_sum": jnp.sum(diag["in_band"] * mask_BT)}
+        loss_BT, diag = mopd_token_terms(
+            logp_BT, batch["teacher_logprobs"], batch["sampler_logprobs"], cfg
+        )
+        extra = {
+            "advantage_sum": jnp.sum(diag["advantage"] * mask_BT),
+            "in_band_sum": jnp.sum(diag["in_band"] * mask_BT),
+        }
     else:
         if teacher_graphdef is None or teacher_state is None:
-            raise ValueError("distill: objective 'reverse_kl' needs teacher_graphdef and "
-                             "teacher_state")
+            raise ValueError(
+                "distill: objective 'reverse_kl' needs teacher_graphdef and teacher_state"
+            )
         loss_BT = jnp.zeros(mask_BT.shape, jnp.float32)
         for t_graphdef, t_state, row_B in _teacher_rows(teacher_graphdef, teacher_state, batch):
             ht_BTE, wt_EV, _ = losses.model_hidden_and_head(_merge(t_graphdef, t_state), batch)
-            kl_BT = losses.reverse_kl_per_token(h_BTD, w_DV, ht_BTE, wt_EV,
-                                                chunk_size=cfg.logprob_chunk)
+            kl_BT = losses.reverse_kl_per_token(
+                h_BTD, w_DV, ht_BTE, wt_EV, chunk_size=cfg.logprob_chunk
+            )
             loss_BT = kl_BT if row_B is None else jnp.where(row_B[:, None], kl_BT, loss_BT)
         extra = {"reverse_kl_sum": jnp.sum(jax.lax.stop_gradient(loss_BT) * mask_BT)}
     num = jnp.sum(loss_BT * mask_BT)
     loss = num / denom
     if aux_loss_coef:
         loss = loss + aux_loss_coef * aux["aux_loss"] / num_micro
-    stats = grpo.common_stats(logp_BT, ent_BT, mask_BT, batch["sampler_logprobs"],
-                              aux["expert_counts"]) | extra | {
-        "loss_sum": jax.lax.stop_gradient(num)}
+    stats = (
+        grpo.common_stats(logp_BT, ent_BT, mask_BT, batch["sampler_logprobs"], aux["expert_counts"])
+        | extra
+        | {"loss_sum": jax.lax.stop_gradient(num)}
+    )
     return loss, stats
 
 
-def distill_train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
-                       tx: optax.GradientTransformation, cfg: DistillConfig,
-                       teacher_graphdef: nnx.GraphDef | None = None, teacher_state: Any = None,
-                       lr_fn: Callable | None = None,
-                       aux_loss_coef: float = 0.0, moe_bias_rate: float = 0.0,
-                       ) -> tuple[TrainState, dict[str, jax.Array]]:
+def distill_train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    cfg: DistillConfig,
+    teacher_graphdef: nnx.GraphDef | None = None,
+    teacher_state: Any = None,
+    lr_fn: Callable | None = None,
+    aux_loss_coef: float = 0.0,
+    moe_bias_rate: float = 0.0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One on-policy distillation update. Pure once the keywords are bound (jit it).
 
     batch: input_ids, targets, loss_mask, segment_ids, sampler_logprobs [B, T], and
@@ -186,20 +224,33 @@ def distill_train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDe
         required += ("teacher_logprobs",)
     grpo.check_batch(batch, required, "distill_train_step")
     denom = grpo.loss_denominator(batch, token_level=True)
-    loss_fn = functools.partial(distill_loss, graphdef=graphdef, cfg=cfg, denom=denom,
-                                teacher_graphdef=teacher_graphdef, teacher_state=teacher_state,
-                                aux_loss_coef=aux_loss_coef,
-                                num_micro=cfg.grad_accum_steps)
-    _, stats, grads = grpo.accumulate_with_stats(loss_fn, state.params, state.model_state, batch,
-                                                 cfg.grad_accum_steps)
+    loss_fn = functools.partial(
+        distill_loss,
+        graphdef=graphdef,
+        cfg=cfg,
+        denom=denom,
+        teacher_graphdef=teacher_graphdef,
+        teacher_state=teacher_state,
+        aux_loss_coef=aux_loss_coef,
+        num_micro=cfg.grad_accum_steps,
+    )
+    _, stats, grads = grpo.accumulate_with_stats(
+        loss_fn, state.params, state.model_state, batch, cfg.grad_accum_steps
+    )
     loss = stats["loss_sum"] / denom
-    new_state, grad_norm, skipped = optim.apply_update(state, loss, grads, stats["expert_counts"],
-                                                      tx=tx, moe_bias_rate=moe_bias_rate)
+    new_state, grad_norm, skipped = optim.apply_update(
+        state, loss, grads, stats["expert_counts"], tx=tx, moe_bias_rate=moe_bias_rate
+    )
     metrics = grpo.step_metrics(state, stats, lr_fn) | {
-        "loss": loss, "grad_norm": grad_norm, "skipped": skipped}
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "skipped": skipped,
+    }
     if cfg.objective == "sampled_token":
-        metrics |= {"advantage": stats["advantage_sum"] / denom,
-                    "in_band_fraction": stats["in_band_sum"] / denom}
+        metrics |= {
+            "advantage": stats["advantage_sum"] / denom,
+            "in_band_fraction": stats["in_band_sum"] / denom,
+        }
     else:
         metrics["reverse_kl"] = stats["reverse_kl_sum"] / denom
     return new_state, metrics
@@ -213,15 +264,26 @@ def _score(graphdef, states, input_ids, targets, segment_ids, *, chunk):
     return losses.model_token_logprobs(model, batch, chunk_size=chunk)[0]
 
 
-def teacher_logprobs(teacher_graphdef: nnx.GraphDef, teacher_state_or_params: Any, batch: Batch,
-                     *, chunk: int = losses.DEFAULT_CHUNK) -> jax.Array:
+def teacher_logprobs(
+    teacher_graphdef: nnx.GraphDef,
+    teacher_state_or_params: Any,
+    batch: Batch,
+    *,
+    chunk: int = losses.DEFAULT_CHUNK,
+) -> jax.Array:
     """log pi_teacher(targets) [B, T] fp32 of the student's sampled tokens (no gradient).
 
     `teacher_state_or_params`: a TrainState or the state(s) `nnx.merge` takes. Jitted and cached
     per (graphdef, shapes, chunk)."""
     grpo.check_batch(batch, ("input_ids", "targets", "segment_ids"), "teacher_logprobs")
-    return _score(teacher_graphdef, _states(teacher_state_or_params), batch["input_ids"],
-                  batch["targets"], batch["segment_ids"], chunk=int(chunk))
+    return _score(
+        teacher_graphdef,
+        _states(teacher_state_or_params),
+        batch["input_ids"],
+        batch["targets"],
+        batch["segment_ids"],
+        chunk=int(chunk),
+    )
 
 
 def _bucket(n: int) -> int:
@@ -238,9 +300,14 @@ def teacher_groups(teachers: Mapping[Any, Teacher]) -> list[tuple[Teacher, list]
     return list(groups.values())
 
 
-def mopd_teacher_logprobs(batch: Mapping[str, Any], teachers: Mapping[Any, Teacher], *,
-                          domains_B=None, chunk: int = losses.DEFAULT_CHUNK,
-                          mode: str = "gather") -> jax.Array:
+def mopd_teacher_logprobs(
+    batch: Mapping[str, Any],
+    teachers: Mapping[Any, Teacher],
+    *,
+    domains_B=None,
+    chunk: int = losses.DEFAULT_CHUNK,
+    mode: str = "gather",
+) -> jax.Array:
     """teacher_logprobs [B, T] with row b scored by `teachers[domains_B[b]]` (MOPD routing);
     `domains_B` defaults to `batch["domain"]` [B] (host values: routing happens on the host).
 
@@ -264,8 +331,10 @@ def mopd_teacher_logprobs(batch: Mapping[str, Any], teachers: Mapping[Any, Teach
         raise ValueError(f"mopd_teacher_logprobs: domains has shape {domains_B.shape}, need ({B},)")
     unknown = sorted({d.item() for d in np.unique(domains_B)} - set(teachers))
     if unknown:
-        raise KeyError(f"mopd_teacher_logprobs: no teacher for domains {unknown}; teachers are "
-                       f"{sorted(teachers)}")
+        raise KeyError(
+            f"mopd_teacher_logprobs: no teacher for domains {unknown}; teachers are "
+            f"{sorted(teachers)}"
+        )
     out = jnp.zeros(batch["targets"].shape, jnp.float32)
     for t, doms in teacher_groups(teachers):
         rows = np.nonzero(np.isin(domains_B, doms))[0]
@@ -278,5 +347,5 @@ def mopd_teacher_logprobs(batch: Mapping[str, Any], teachers: Mapping[Any, Teach
         idx = np.concatenate([rows, np.full(_bucket(rows.size) - rows.size, rows[0])])
         sub = {k: jnp.asarray(batch[k])[idx] for k in ("input_ids", "targets", "segment_ids")}
         lp = teacher_logprobs(t.graphdef, t.state, sub, chunk=chunk)
-        out = out.at[rows].set(lp[:rows.size])
+        out = out.at[rows].set(lp[: rows.size])
     return out

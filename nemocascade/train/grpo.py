@@ -41,8 +41,14 @@ from nemocascade.train.sft import schedule_count
 from nemocascade.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
-REQUIRED_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "advantages",
-                 "sampler_logprobs")
+REQUIRED_KEYS = (
+    "input_ids",
+    "targets",
+    "loss_mask",
+    "segment_ids",
+    "advantages",
+    "sampler_logprobs",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +90,22 @@ def _groups(rewards, group_size: int):
     xp = _xp(rewards)
     r = xp.asarray(rewards, dtype=xp.float32)
     if r.ndim != 1 or group_size < 1 or r.shape[0] % group_size:
-        raise ValueError(f"grpo: rewards of shape {r.shape} do not split into groups of "
-                         f"{group_size} (rows must be prompt-major)")
+        raise ValueError(
+            f"grpo: rewards of shape {r.shape} do not split into groups of "
+            f"{group_size} (rows must be prompt-major)"
+        )
     return xp, r.reshape(-1, group_size)
 
 
-def group_advantages(rewards, group_size: int, *, eps: float = 1e-6, leave_one_out: bool = False,
-                     normalize_std: bool = True, ddof: int = 1):
+def group_advantages(
+    rewards,
+    group_size: int,
+    *,
+    eps: float = 1e-6,
+    leave_one_out: bool = False,
+    normalize_std: bool = True,
+    ddof: int = 1,
+):
     """Per-sample advantages [N] from rewards [N] (N = groups x group_size, prompt-major).
 
     Plain: A_i = (r_i - mean(group)) / (std(group) + eps). Leave-one-out: the mean and std are
@@ -143,8 +158,14 @@ def prepare_advantages(rewards, group_size: int, cfg: GRPOConfig, truncated=None
     dynamic filtering), `sample_weight` [N] (0 for truncated rows under overlong filtering; the
     baseline still includes them) and `filtered_fraction`. The caller keeps the rows
     `keep` selects and multiplies the batch's `loss_mask` by `sample_weight[:, None]`."""
-    adv = group_advantages(rewards, group_size, eps=cfg.adv_eps, leave_one_out=cfg.leave_one_out,
-                           normalize_std=cfg.normalize_std, ddof=cfg.std_ddof)
+    adv = group_advantages(
+        rewards,
+        group_size,
+        eps=cfg.adv_eps,
+        leave_one_out=cfg.leave_one_out,
+        normalize_std=cfg.normalize_std,
+        ddof=cfg.std_ddof,
+    )
     xp = _xp(adv)
     n = adv.shape[0]
     if cfg.dynamic_filtering:
@@ -170,8 +191,9 @@ def response_spans(mask_BT: jax.Array, segment_ids_BT: jax.Array) -> tuple[jax.A
     return ids.astype(jnp.int32), jnp.sum(start)
 
 
-def aggregate(per_token_BT: jax.Array, mask_BT: jax.Array, segment_ids_BT: jax.Array,
-              token_level: bool) -> tuple[jax.Array, jax.Array]:
+def aggregate(
+    per_token_BT: jax.Array, mask_BT: jax.Array, segment_ids_BT: jax.Array, token_level: bool
+) -> tuple[jax.Array, jax.Array]:
     """(numerator, denominator): token level (sum over masked tokens, token count) or sequence
     level (sum over responses of their token mean, number of responses)."""
     mask = mask_BT.astype(jnp.float32)
@@ -222,8 +244,10 @@ def check_batch(batch: Batch, required: tuple[str, ...], where: str) -> None:
         v = batch[k]
         ok = v.shape == shape[:1] if (k == "advantages" and v.ndim == 1) else v.shape == shape
         if not ok:
-            raise ValueError(f"{where}: batch[{k!r}] has shape {v.shape}, expected {shape} "
-                             f"(or [B] for advantages)")
+            raise ValueError(
+                f"{where}: batch[{k!r}] has shape {v.shape}, expected {shape} "
+                f"(or [B] for advantages)"
+            )
 
 
 def loss_denominator(batch: Batch, token_level: bool = True) -> jax.Array:
@@ -239,9 +263,13 @@ def common_stats(logp_BT, ent_BT, mask_BT, sampler_logp_BT, expert_counts_LE) ->
     """Additive diagnostics shared by the RL steps (keys ending in `_max` combine by max)."""
     mask = mask_BT.astype(jnp.float32)
     gap_BT = jnp.abs(jax.lax.stop_gradient(logp_BT) - sampler_logp_BT) * mask
-    return {"tokens": jnp.sum(mask), "entropy_sum": jnp.sum(jax.lax.stop_gradient(ent_BT) * mask),
-            "logp_gap_sum": jnp.sum(gap_BT), "logp_gap_max": jnp.max(gap_BT),
-            "expert_counts": expert_counts_LE.astype(jnp.float32)}
+    return {
+        "tokens": jnp.sum(mask),
+        "entropy_sum": jnp.sum(jax.lax.stop_gradient(ent_BT) * mask),
+        "logp_gap_sum": jnp.sum(gap_BT),
+        "logp_gap_max": jnp.max(gap_BT),
+        "expert_counts": expert_counts_LE.astype(jnp.float32),
+    }
 
 
 def _combine(a: dict, b: dict) -> dict:
@@ -268,35 +296,54 @@ def accumulate_with_stats(loss_fn: Callable, params, model_state, batch: Batch, 
     def body(carry, mb):
         loss_acc, stats_acc, grads_acc = carry
         (loss, stats), grads = grad_fn(params, model_state, mb)
-        return (loss_acc + loss, _combine(stats_acc, stats),
-                jax.tree.map(jnp.add, grads_acc, grads)), None
+        return (
+            loss_acc + loss,
+            _combine(stats_acc, stats),
+            jax.tree.map(jnp.add, grads_acc, grads),
+        ), None
 
-    (loss, stats, grads), _ = jax.lax.scan(body, (loss0, stats0, grads0),
-                                           jax.tree.map(lambda x: x[1:], micro))
+    (loss, stats, grads), _ = jax.lax.scan(
+        body, (loss0, stats0, grads0), jax.tree.map(lambda x: x[1:], micro)
+    )
     return loss, stats, grads
 
 
 def step_metrics(state: TrainState, stats: dict, lr_fn: Callable | None) -> dict:
     """Means over response tokens of the common stats, MoE load and (with `lr_fn`) the lr."""
     tokens = jnp.maximum(stats["tokens"], 1.0)
-    out = {"entropy": stats["entropy_sum"] / tokens, "tokens": stats["tokens"],
-           "logp_gap_mean": stats["logp_gap_sum"] / tokens, "logp_gap_max": stats["logp_gap_max"]}
+    out = {
+        "entropy": stats["entropy_sum"] / tokens,
+        "tokens": stats["tokens"],
+        "logp_gap_mean": stats["logp_gap_sum"] / tokens,
+        "logp_gap_max": stats["logp_gap_max"],
+    }
     if stats["expert_counts"].shape[0]:
-        out["moe_max_violation"] = jnp.max(load_metrics(stats["expert_counts"])["moe/max_violation"])
+        out["moe_max_violation"] = jnp.max(
+            load_metrics(stats["expert_counts"])["moe/max_violation"]
+        )
     if lr_fn is not None:
         out["lr"] = lr_fn(schedule_count(state.opt_state))
     return out
 
 
 # ============================================================================ GRPO step
-def grpo_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *,
-              graphdef: nnx.GraphDef, cfg: GRPOConfig, denom: jax.Array,
-              aux_loss_coef: float = 0.0, num_micro: int = 1):
+def grpo_loss(
+    params: nnx.State,
+    model_state: nnx.State,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    cfg: GRPOConfig,
+    denom: jax.Array,
+    aux_loss_coef: float = 0.0,
+    num_micro: int = 1,
+):
     """`(loss, stats)` of one (micro)batch: summed per-token loss / `denom` (the whole batch's
     divisor, `loss_denominator`) + aux_loss_coef * MoE aux loss / num_micro; differentiable."""
     model = nnx.merge(graphdef, params, model_state)
     logp_BT, ent_BT, aux = losses.model_token_logprobs(
-        model, batch, chunk_size=cfg.logprob_chunk, with_entropy=cfg.compute_entropy)
+        model, batch, chunk_size=cfg.logprob_chunk, with_entropy=cfg.compute_entropy
+    )
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     loss_BT, diag = policy_loss_terms(logp_BT, batch, cfg)
     num, _ = aggregate(loss_BT, mask_BT, batch["segment_ids"], cfg.token_level)
@@ -304,18 +351,28 @@ def grpo_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *,
     if aux_loss_coef:
         loss = loss + aux_loss_coef * aux["aux_loss"] / num_micro
     _, n_resp = response_spans(mask_BT, batch["segment_ids"])
-    stats = common_stats(logp_BT, ent_BT, mask_BT, batch["sampler_logprobs"],
-                         aux["expert_counts"]) | {
-        "pg_sum": jax.lax.stop_gradient(num), "responses": n_resp.astype(jnp.float32),
+    stats = common_stats(
+        logp_BT, ent_BT, mask_BT, batch["sampler_logprobs"], aux["expert_counts"]
+    ) | {
+        "pg_sum": jax.lax.stop_gradient(num),
+        "responses": n_resp.astype(jnp.float32),
         "clipped_sum": jnp.sum(diag["clipped"] * mask_BT),
-        "kl_sum": jnp.sum(jax.lax.stop_gradient(diag["kl"]) * mask_BT)}
+        "kl_sum": jnp.sum(jax.lax.stop_gradient(diag["kl"]) * mask_BT),
+    }
     return loss, stats
 
 
-def grpo_train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
-                    tx: optax.GradientTransformation, cfg: GRPOConfig,
-                    lr_fn: Callable | None = None, aux_loss_coef: float = 0.0,
-                    moe_bias_rate: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+def grpo_train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    cfg: GRPOConfig,
+    lr_fn: Callable | None = None,
+    aux_loss_coef: float = 0.0,
+    moe_bias_rate: float = 0.0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One GRPO update on a rollout batch. Pure once the keywords are bound (jit it).
 
     batch: input_ids, targets, loss_mask (1 on response targets), segment_ids [B, T];
@@ -329,17 +386,28 @@ def grpo_train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     """
     check_batch(batch, REQUIRED_KEYS, "grpo_train_step")
     denom = loss_denominator(batch, cfg.token_level)
-    loss_fn = functools.partial(grpo_loss, graphdef=graphdef, cfg=cfg, denom=denom,
-                                aux_loss_coef=aux_loss_coef, num_micro=cfg.grad_accum_steps)
-    _, stats, grads = accumulate_with_stats(loss_fn, state.params, state.model_state, batch,
-                                            cfg.grad_accum_steps)
+    loss_fn = functools.partial(
+        grpo_loss,
+        graphdef=graphdef,
+        cfg=cfg,
+        denom=denom,
+        aux_loss_coef=aux_loss_coef,
+        num_micro=cfg.grad_accum_steps,
+    )
+    _, stats, grads = accumulate_with_stats(
+        loss_fn, state.params, state.model_state, batch, cfg.grad_accum_steps
+    )
     loss = stats["pg_sum"] / denom
-    new_state, grad_norm, skipped = optim.apply_update(state, loss, grads, stats["expert_counts"],
-                                                 tx=tx, moe_bias_rate=moe_bias_rate)
+    new_state, grad_norm, skipped = optim.apply_update(
+        state, loss, grads, stats["expert_counts"], tx=tx, moe_bias_rate=moe_bias_rate
+    )
     tokens = jnp.maximum(stats["tokens"], 1.0)
     metrics = step_metrics(state, stats, lr_fn) | {
-        "loss": loss, "clip_fraction": stats["clipped_sum"] / tokens,
+        "loss": loss,
+        "clip_fraction": stats["clipped_sum"] / tokens,
         "kl": stats["kl_sum"] / tokens,
         "response_length": stats["tokens"] / jnp.maximum(stats["responses"], 1.0),
-        "grad_norm": grad_norm, "skipped": skipped}
+        "grad_norm": grad_norm,
+        "skipped": skipped,
+    }
     return new_state, metrics

@@ -7,8 +7,8 @@
 
 A job registers itself when its module is imported. `get_job(name)` imports the modules listed
 in `JOB_MODULES` in order until the name is registered (a module that does not exist is
-skipped), so a new job only needs `@register_job` in one of them, or its module appended to `JOB_MODULES`, or
-`config.job = "some.module:name"` naming the module to import.
+skipped), so a new job only needs `@register_job` in one of them, or its module appended to
+`JOB_MODULES`, or `config.job = "some.module:name"` naming the module to import.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def get_job(name: str) -> JobFn:
     if name not in _JOBS:
         near = difflib.get_close_matches(name, list(_JOBS), n=3)
         hint = f"; did you mean {near}?" if near else ""
-        raise KeyError(f"config.job={name!r} is not a registered job{hint} "
-                       f"(registered: {sorted(_JOBS)})")
+        raise KeyError(
+            f"config.job={name!r} is not a registered job{hint} (registered: {sorted(_JOBS)})"
+        )
     return _JOBS[name]
-

@@ -61,8 +61,9 @@ class LoopConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.checkpoint_every < 1 or self.max_consecutive_skips < 1:
-            raise ValueError(f"train: steps, checkpoint_every, max_consecutive_skips must be >= 1: "
-                             f"{self}")
+            raise ValueError(
+                f"train: steps, checkpoint_every, max_consecutive_skips must be >= 1: {self}"
+            )
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> LoopConfig:
@@ -77,8 +78,12 @@ class NonFiniteError(RuntimeError):
 def full_shardings(abstract_state: Any, mesh: Mesh) -> Any:
     """A NamedSharding for every array leaf of `abstract_state`, from the logical-axis table."""
     prefix = state_shardings(abstract_state, mesh)
-    return jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), prefix, abstract_state,
-                        is_leaf=lambda x: isinstance(x, NamedSharding))
+    return jax.tree.map(
+        lambda s, sub: jax.tree.map(lambda _: s, sub),
+        prefix,
+        abstract_state,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
 
 
 class StopFlag:
@@ -103,6 +108,7 @@ class StopFlag:
         """Called once per step on every process, with the same step numbers."""
         if self._multi and not self._requested:
             from jax.experimental import multihost_utils
+
             self._requested = multihost_utils.reached_preemption_sync_point(step)
         return self._requested
 
@@ -118,14 +124,23 @@ class StopFlag:
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Global arrays, batch-sharded over the mesh, from this process's rows `[B_local, ...]`."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-            for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+        for k, v in batch.items()
+    }
 
 
-def train_loop(*, config: LoopConfig, workdir: str | os.PathLike, mesh: Mesh,
-               init_fn: Callable[[], Any], step_fn: Callable[[Any, Any], tuple[Any, dict]],
-               data_iter: DataIterator, eval_fn: Callable[[Any], dict[str, float]] | None = None,
-               on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def train_loop(
+    *,
+    config: LoopConfig,
+    workdir: str | os.PathLike,
+    mesh: Mesh,
+    init_fn: Callable[[], Any],
+    step_fn: Callable[[Any, Any], tuple[Any, dict]],
+    data_iter: DataIterator,
+    eval_fn: Callable[[Any], dict[str, float]] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Train for `config.steps` steps in `workdir`; returns the last step's record.
 
     init_fn() -> state builds the initial TrainState (jitted here into its shardings);
@@ -137,9 +152,13 @@ def train_loop(*, config: LoopConfig, workdir: str | os.PathLike, mesh: Mesh,
     is_main = jax.process_index() == 0
     abstract = jax.eval_shape(init_fn)
     shardings = full_shardings(abstract, mesh)
-    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep_last=config.keep_checkpoints,
-                        best_metric=config.best_metric, best_mode=config.best_mode,
-                        async_save=config.async_checkpoint)
+    ckpt = Checkpointer(
+        os.path.join(workdir, CHECKPOINT_DIR),
+        keep_last=config.keep_checkpoints,
+        best_metric=config.best_metric,
+        best_mode=config.best_mode,
+        async_save=config.async_checkpoint,
+    )
     restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
     if restored is not None:
         start, state, data_state, _ = restored
@@ -151,26 +170,59 @@ def train_loop(*, config: LoopConfig, workdir: str | os.PathLike, mesh: Mesh,
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
     try:
         if start >= config.steps:
-            log.info("%s: already trained %d >= %d steps; nothing to do", workdir, start, config.steps)
+            log.info(
+                "%s: already trained %d >= %d steps; nothing to do", workdir, start, config.steps
+            )
             records = read_metrics(workdir) if is_main else []
             return dict(records[-1]) if records else {"step": start}
-        return _run(config, workdir, mesh, state, shardings, start, step_fn, data_iter, eval_fn,
-                    on_record, ckpt, writer, is_main)
+        return _run(
+            config,
+            workdir,
+            mesh,
+            state,
+            shardings,
+            start,
+            step_fn,
+            data_iter,
+            eval_fn,
+            on_record,
+            ckpt,
+            writer,
+            is_main,
+        )
     finally:
         writer.close()
         ckpt.close()
 
 
-def _run(config, workdir, mesh, state, shardings, start, step_fn, data_iter, eval_fn, on_record,
-         ckpt, writer, is_main) -> dict[str, Any]:
+def _run(
+    config,
+    workdir,
+    mesh,
+    state,
+    shardings,
+    start,
+    step_fn,
+    data_iter,
+    eval_fn,
+    on_record,
+    ckpt,
+    writer,
+    is_main,
+) -> dict[str, Any]:
     stop = StopFlag()
     stop.install()
     jstep = None
     progress = None
     if is_main and config.progress:
         from tqdm import tqdm
-        progress = tqdm(total=config.steps, initial=start, desc=os.path.basename(workdir) or "train",
-                        dynamic_ncols=True)
+
+        progress = tqdm(
+            total=config.steps,
+            initial=start,
+            desc=os.path.basename(workdir) or "train",
+            dynamic_ncols=True,
+        )
     last: dict[str, Any] = {"step": start}
     skips = {"run": 0, "total": 0}
     timer = {"t": time.perf_counter()}
@@ -193,9 +245,11 @@ def _run(config, workdir, mesh, state, shardings, start, step_fn, data_iter, eva
         if skips["run"] >= config.max_consecutive_skips:
             raise NonFiniteError(
                 f"{workdir}: loss or gradients were NaN/Inf for {skips['run']} consecutive steps "
-                f"(up to step {done}; last loss={record['loss']}, grad_norm={record.get('grad_norm')}"
+                f"(up to step {done}; last loss={record['loss']}, "
+                f"grad_norm={record.get('grad_norm')}"
                 f"); aborting. Lower optim.lr, check the data, or raise "
-                f"train.max_consecutive_skips.")
+                f"train.max_consecutive_skips."
+            )
         return record
 
     pending = None  # (done, metrics on device, tokens) of the step not yet logged
@@ -207,8 +261,12 @@ def _run(config, workdir, mesh, state, shardings, start, step_fn, data_iter, eva
             tokens = int(np.prod(next(iter(local.values())).shape[:2])) * jax.process_count()
             if jstep is None:
                 batch_sh = {k: v.sharding for k, v in batch.items()}
-                jstep = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
-                                out_shardings=(shardings, None), donate_argnums=0)
+                jstep = jax.jit(
+                    step_fn,
+                    in_shardings=(shardings, batch_sh),
+                    out_shardings=(shardings, None),
+                    donate_argnums=0,
+                )
             state, metrics = jstep(state, batch)
             if pending is not None:
                 last = handle(*pending)
@@ -221,8 +279,13 @@ def _run(config, workdir, mesh, state, shardings, start, step_fn, data_iter, eva
                 last = handle(*pending, extra=extra)
                 pending = None
                 if is_ckpt:
-                    ckpt.save(done, state, data_state, metrics=_ckpt_metrics(last, config),
-                              extra={"record": _jsonable(last)})
+                    ckpt.save(
+                        done,
+                        state,
+                        data_state,
+                        metrics=_ckpt_metrics(last, config),
+                        extra={"record": _jsonable(last)},
+                    )
                 if stopping:
                     ckpt.wait()
                     return {**last, "preempted": True}
@@ -237,8 +300,10 @@ def _ckpt_metrics(record: dict, config: LoopConfig) -> dict[str, float] | None:
     if not config.best_metric:
         return None
     if config.best_metric not in record:
-        raise KeyError(f"train.best_metric={config.best_metric!r} is not among the step metrics "
-                       f"{sorted(record)}")
+        raise KeyError(
+            f"train.best_metric={config.best_metric!r} is not among the step metrics "
+            f"{sorted(record)}"
+        )
     return {config.best_metric: float(record[config.best_metric])}
 
 

@@ -6,8 +6,9 @@ forward pass keeps only per-token statistics (log-sum-exp, entropy, KL) and the 
 recomputes each chunk's logits, so peak temporary memory is O(chunk_size x V) (plus the `[D, V]`
 weight gradient) instead of O(N x V). A chunk is every row x `chunk_size // rows` positions
 (the sequence is chunked, not the flattened batch), so with the batch sharded over devices
-each device holds O(chunk_size / n_devices x V) and every scan step keeps all devices busy. Values and gradients equal the naive versions below
-(`naive_*`), which materialise the logits and are kept as the reference for tests/benchmarks.
+each device holds O(chunk_size / n_devices x V) and every scan step keeps all devices busy.
+Values and gradients equal the naive versions below (`naive_*`), which materialise the logits and
+are kept as the reference for tests/benchmarks.
 
 Shapes: [B, T] tokens (more leading dims are folded into rows), D hidden, V vocab;
 internally [K chunks, B, C positions]. Logits are
@@ -42,8 +43,9 @@ def _logits(h_CD: jax.Array, w_DV: jax.Array) -> jax.Array:
 
 def _dot_vt(dz_CV: jax.Array, w_DV: jax.Array) -> jax.Array:
     """dz @ w.T in fp32 without materialising the transposed weight."""
-    return jax.lax.dot_general(dz_CV, w_DV, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        dz_CV, w_DV, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
 
 
 def _to_chunks(x_BT: jax.Array, ct: int) -> jax.Array:
@@ -79,8 +81,10 @@ def _as_rows(lead: tuple, chunk_size: int) -> tuple[int, int, int]:
 
 def _check(h: jax.Array, w_DV: jax.Array, name: str) -> None:
     if h.shape[-1] != w_DV.shape[0]:
-        raise ValueError(f"losses: {name} hidden size {h.shape[-1]} != weight rows {w_DV.shape[0]} "
-                         f"(h {h.shape}, w {w_DV.shape})")
+        raise ValueError(
+            f"losses: {name} hidden size {h.shape[-1]} != weight rows {w_DV.shape[0]} "
+            f"(h {h.shape}, w {w_DV.shape})"
+        )
 
 
 # ----------------------------------------------------------------------------- log-prob / entropy
@@ -128,16 +132,23 @@ def _logprob_entropy_bwd(with_entropy, res, g):
         return dw_DV, dh_CD.astype(cd).reshape(xs[0].shape)
 
     dw0 = jnp.zeros(w_DV.shape, jnp.float32)
-    dw_DV, dh_KBCD = jax.lax.scan(body, dw0, (h_KBCD, tgt_KBC, lse_KBC, ent_KBC, g_logp_KBC, g_ent_KBC))
+    dw_DV, dh_KBCD = jax.lax.scan(
+        body, dw0, (h_KBCD, tgt_KBC, lse_KBC, ent_KBC, g_logp_KBC, g_ent_KBC)
+    )
     return dh_KBCD, dw_DV.astype(w_DV.dtype), None
 
 
 _logprob_entropy.defvjp(_logprob_entropy_fwd, _logprob_entropy_bwd)
 
 
-def token_logprobs_and_entropy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, *,
-                               chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = True
-                               ) -> tuple[jax.Array, jax.Array]:
+def token_logprobs_and_entropy(
+    h_BTD: jax.Array,
+    w_DV: jax.Array,
+    targets_BT: jax.Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    with_entropy: bool = True,
+) -> tuple[jax.Array, jax.Array]:
     """Per-token `log softmax(h @ w)[target]` and (if `with_entropy`, else zeros) the entropy of
     `softmax(h @ w)`, both fp32 with the leading shape of `targets_BT`; chunked over tokens.
 
@@ -154,16 +165,24 @@ def token_logprobs_and_entropy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: ja
     return _from_chunks(logp_KBC, T).reshape(lead), _from_chunks(ent_KBC, T).reshape(lead)
 
 
-def token_logprobs(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, *,
-                   chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
-    """Per-token log-probability of `targets_BT` (fp32), chunked; see `token_logprobs_and_entropy`."""
-    return token_logprobs_and_entropy(h_BTD, w_DV, targets_BT, chunk_size=chunk_size,
-                                      with_entropy=False)[0]
+def token_logprobs(
+    h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, *, chunk_size: int = DEFAULT_CHUNK
+) -> jax.Array:
+    """Per-token log-probability of `targets_BT` (fp32), chunked; see
+    `token_logprobs_and_entropy`."""
+    return token_logprobs_and_entropy(
+        h_BTD, w_DV, targets_BT, chunk_size=chunk_size, with_entropy=False
+    )[0]
 
 
-def token_cross_entropy_sum(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
-                            mask_BT: jax.Array, *, chunk_size: int = DEFAULT_CHUNK
-                            ) -> tuple[jax.Array, jax.Array]:
+def token_cross_entropy_sum(
+    h_BTD: jax.Array,
+    w_DV: jax.Array,
+    targets_BT: jax.Array,
+    mask_BT: jax.Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[jax.Array, jax.Array]:
     """(sum over masked tokens of -log p(target), number of masked tokens), fp32, chunked."""
     mask_BT = mask_BT.astype(jnp.float32)
     logp_BT = token_logprobs(h_BTD, w_DV, targets_BT, chunk_size=chunk_size)
@@ -216,8 +235,14 @@ def _reverse_kl_bwd(res, g_KBC):
 _reverse_kl.defvjp(_reverse_kl_fwd, _reverse_kl_bwd)
 
 
-def reverse_kl_per_token(hs_BTD: jax.Array, ws_DV: jax.Array, ht_BTE: jax.Array, wt_EV: jax.Array,
-                         *, chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
+def reverse_kl_per_token(
+    hs_BTD: jax.Array,
+    ws_DV: jax.Array,
+    ht_BTE: jax.Array,
+    wt_EV: jax.Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> jax.Array:
     """Full-vocabulary KL(student || teacher) = sum_v p_s(v) (log p_s(v) - log p_t(v)) per token,
     fp32 with the leading shape of `hs_BTD`; student logits `hs @ ws`, teacher logits `ht @ wt`
     (the teacher may have another hidden size E but must share the vocabulary). Chunked over
@@ -226,8 +251,10 @@ def reverse_kl_per_token(hs_BTD: jax.Array, ws_DV: jax.Array, ht_BTE: jax.Array,
     _check(hs_BTD, ws_DV, "student")
     _check(ht_BTE, wt_EV, "teacher")
     if hs_BTD.shape[:-1] != ht_BTE.shape[:-1] or ws_DV.shape[1] != wt_EV.shape[1]:
-        raise ValueError(f"losses: student h {hs_BTD.shape} / w {ws_DV.shape} and teacher h "
-                         f"{ht_BTE.shape} / w {wt_EV.shape} disagree on tokens or vocabulary")
+        raise ValueError(
+            f"losses: student h {hs_BTD.shape} / w {ws_DV.shape} and teacher h "
+            f"{ht_BTE.shape} / w {wt_EV.shape} disagree on tokens or vocabulary"
+        )
     lead = hs_BTD.shape[:-1]
     rows, T, ct = _as_rows(lead, chunk_size)
     hs = _to_chunks(hs_BTD.reshape(rows, T, -1), ct)
@@ -237,8 +264,9 @@ def reverse_kl_per_token(hs_BTD: jax.Array, ws_DV: jax.Array, ht_BTE: jax.Array,
 
 
 # ----------------------------------------------------------------------------- naive references
-def naive_logprobs_and_entropy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array
-                               ) -> tuple[jax.Array, jax.Array]:
+def naive_logprobs_and_entropy(
+    h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Reference: materialises the `[..., V]` fp32 logits; plain autodiff."""
     z = jnp.einsum("...d,dv->...v", h_BTD, w_DV, preferred_element_type=jnp.float32)
     logp_all = jax.nn.log_softmax(z, axis=-1)
@@ -247,12 +275,17 @@ def naive_logprobs_and_entropy(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: ja
     return logp, ent
 
 
-def naive_reverse_kl(hs_BTD: jax.Array, ws_DV: jax.Array, ht_BTE: jax.Array,
-                     wt_EV: jax.Array) -> jax.Array:
+def naive_reverse_kl(
+    hs_BTD: jax.Array, ws_DV: jax.Array, ht_BTE: jax.Array, wt_EV: jax.Array
+) -> jax.Array:
     """Reference KL(student || teacher) per token with materialised logits (teacher constant)."""
     zs = jnp.einsum("...d,dv->...v", hs_BTD, ws_DV, preferred_element_type=jnp.float32)
-    zt = jnp.einsum("...e,ev->...v", jax.lax.stop_gradient(ht_BTE),
-                    jax.lax.stop_gradient(wt_EV), preferred_element_type=jnp.float32)
+    zt = jnp.einsum(
+        "...e,ev->...v",
+        jax.lax.stop_gradient(ht_BTE),
+        jax.lax.stop_gradient(wt_EV),
+        preferred_element_type=jnp.float32,
+    )
     logps, logpt = jax.nn.log_softmax(zs, -1), jax.nn.log_softmax(zt, -1)
     return jnp.sum(jnp.exp(logps) * (logps - logpt), axis=-1)
 
@@ -262,16 +295,19 @@ def model_hidden_and_head(model: nnx.Module, batch) -> tuple[jax.Array, jax.Arra
     """(final hidden states [B, T, D], lm_head weight [D, V], MoE aux), both cast to the model's
     compute dtype exactly as `NemotronH.logits` does, so chunked log-probs equal the model's."""
     cd = dtype_of(model.cfg.compute_dtype)
-    h_BTD, _, aux = model.hidden_states(batch["input_ids"], batch.get("segment_ids"),
-                                        return_aux=True)
+    h_BTD, _, aux = model.hidden_states(
+        batch["input_ids"], batch.get("segment_ids"), return_aux=True
+    )
     return h_BTD.astype(cd), model.lm_head_weight().astype(cd), aux
 
 
-def model_token_logprobs(model: nnx.Module, batch, *, chunk_size: int = DEFAULT_CHUNK,
-                         with_entropy: bool = False) -> tuple[jax.Array, jax.Array, dict]:
+def model_token_logprobs(
+    model: nnx.Module, batch, *, chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False
+) -> tuple[jax.Array, jax.Array, dict]:
     """(log p(targets) [B, T], entropy [B, T] (zeros unless `with_entropy`), MoE aux) of a batch
     under `model`, without materialising the logits."""
     h_BTD, w_DV, aux = model_hidden_and_head(model, batch)
-    logp, ent = token_logprobs_and_entropy(h_BTD, w_DV, batch["targets"], chunk_size=chunk_size,
-                                           with_entropy=with_entropy)
+    logp, ent = token_logprobs_and_entropy(
+        h_BTD, w_DV, batch["targets"], chunk_size=chunk_size, with_entropy=with_entropy
+    )
     return logp, ent, aux

@@ -44,8 +44,14 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 class MetricsWriter:
     """Appends per-step records to metrics.jsonl and TensorBoard; a no-op when not enabled."""
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool, resume_step: int = 0,
-                 tensorboard: bool = True):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        enabled: bool,
+        resume_step: int = 0,
+        tensorboard: bool = True,
+    ):
         self.enabled = enabled
         self._file = None
         self._tb = None
@@ -60,6 +66,7 @@ class MetricsWriter:
         self._file = open(path, "a")  # noqa: SIM115 - held open for the run, closed in close()
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
+
             self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:

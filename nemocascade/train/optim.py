@@ -50,10 +50,16 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, "
-                             f"min_lr={self.min_lr}")
-        if (self.warmup_steps < 0 or self.decay_steps < 0 or self.grad_accum_steps < 1
-                or self.clip_norm < 0 or self.moe_bias_rate < 0):
+            raise ValueError(
+                f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}"
+            )
+        if (
+            self.warmup_steps < 0
+            or self.decay_steps < 0
+            or self.grad_accum_steps < 1
+            or self.clip_norm < 0
+            or self.moe_bias_rate < 0
+        ):
             raise ValueError(f"optim: bad warmup_steps/grad_accum_steps/clip_norm in {self}")
 
     @classmethod
@@ -99,21 +105,29 @@ def decay_mask(params: Any) -> Any:
             return False
         return not any(part in name for name in names for part in NO_DECAY_NAME_PARTS)
 
-    return jax.tree_util.tree_map_with_path(decide, params,
-                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(
+        decide, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """clip_by_global_norm (if clip_norm > 0) then AdamW with `lr_schedule` and `decay_mask`."""
-    adamw = optax.adamw(learning_rate=lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                        eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    adamw = optax.adamw(
+        learning_rate=lr_schedule(cfg, total_steps),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+    )
     if cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     return adamw
 
 
-def accumulate_gradients(loss_fn: Callable, params: Any, model_state: Any,
-                         batch: Mapping[str, jax.Array], num_micro: int):
+def accumulate_gradients(
+    loss_fn: Callable, params: Any, model_state: Any, batch: Mapping[str, jax.Array], num_micro: int
+):
     """`(sum of loss, leafwise sum of aux, sum of gradients)` over `num_micro` microbatches.
 
     `loss_fn(params, model_state, microbatch) -> (loss, aux)` is differentiated in `params` only;
@@ -146,8 +160,15 @@ def _select(pred, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def apply_update(state: TrainState, loss: jax.Array, grads, expert_counts_LE: jax.Array, *,
-                 tx: optax.GradientTransformation, moe_bias_rate: float = 0.0):
+def apply_update(
+    state: TrainState,
+    loss: jax.Array,
+    grads,
+    expert_counts_LE: jax.Array,
+    *,
+    tx: optax.GradientTransformation,
+    moe_bias_rate: float = 0.0,
+):
     """The optimizer update shared by the SFT, GRPO and distillation steps.
 
     NaN guard: if the loss or the gradient norm is not finite, params, optimizer and model state
@@ -162,8 +183,11 @@ def apply_update(state: TrainState, loss: jax.Array, grads, expert_counts_LE: ja
     if moe_bias_rate and expert_counts_LE.shape[0]:
         new_ms = update_model_biases(state.model_state, expert_counts_LE, moe_bias_rate)
     rng, _ = jax.random.split(state.rng)
-    new_state = TrainState(step=state.step + 1,
-                           params=_select(finite, new_params, state.params),
-                           model_state=_select(finite, new_ms, state.model_state),
-                           opt_state=_select(finite, new_opt, state.opt_state), rng=rng)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=_select(finite, new_params, state.params),
+        model_state=_select(finite, new_ms, state.model_state),
+        opt_state=_select(finite, new_opt, state.opt_state),
+        rng=rng,
+    )
     return new_state, grad_norm, (~finite).astype(jnp.int32)

@@ -31,8 +31,9 @@ from nemocascade.train.state import TrainState
 Batch = Mapping[str, jax.Array]
 
 
-def token_nll_sum(logits_BTV: jax.Array, targets_BT: jax.Array,
-                  loss_mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+def token_nll_sum(
+    logits_BTV: jax.Array, targets_BT: jax.Array, loss_mask_BT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """(sum of -log softmax(logits)[target] over masked tokens, number of masked tokens), fp32."""
     logits_BTV = logits_BTV.astype(jnp.float32)
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
@@ -41,9 +42,17 @@ def token_nll_sum(logits_BTV: jax.Array, targets_BT: jax.Array,
     return jnp.sum((lse_BT - target_logit_BT) * mask_BT), jnp.sum(mask_BT)
 
 
-def sft_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef,
-             denom: jax.Array, aux_loss_coef: float = 0.0, num_micro: int = 1,
-             loss_chunk_size: int = 0):
+def sft_loss(
+    params: nnx.State,
+    model_state: nnx.State,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    denom: jax.Array,
+    aux_loss_coef: float = 0.0,
+    num_micro: int = 1,
+    loss_chunk_size: int = 0,
+):
     """`(loss, (nll_sum, num_tokens, expert_counts_LE))` of one (micro)batch; differentiable.
 
     loss = nll_sum / denom + aux_loss_coef * aux_loss / num_micro, where denom is the number of
@@ -55,11 +64,16 @@ def sft_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *, graphde
     model = nnx.merge(graphdef, params, model_state)
     if loss_chunk_size:
         h_BTD, w_DV, aux = model_hidden_and_head(model, batch)
-        nll_sum, count = token_cross_entropy_sum(h_BTD, w_DV, batch["targets"],
-                                                 batch["loss_mask"], chunk_size=loss_chunk_size)
+        nll_sum, count = token_cross_entropy_sum(
+            h_BTD, w_DV, batch["targets"], batch["loss_mask"], chunk_size=loss_chunk_size
+        )
     else:
-        logits_BTV, aux = model(batch["input_ids"], segment_ids=batch.get("segment_ids"),
-                                positions=batch.get("positions"), return_aux=True)
+        logits_BTV, aux = model(
+            batch["input_ids"],
+            segment_ids=batch.get("segment_ids"),
+            positions=batch.get("positions"),
+            return_aux=True,
+        )
         nll_sum, count = token_nll_sum(logits_BTV, batch["targets"], batch["loss_mask"])
     loss = nll_sum / denom
     if aux_loss_coef:
@@ -69,18 +83,32 @@ def sft_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *, graphde
 
 def schedule_count(opt_state: optax.OptState) -> jax.Array:
     """The update count of the (single) learning-rate schedule inside an optax state."""
-    found = [leaf.count for leaf in jax.tree.leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
-        if isinstance(leaf, optax.ScaleByScheduleState)]
+    found = [
+        leaf.count
+        for leaf in jax.tree.leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
+        )
+        if isinstance(leaf, optax.ScaleByScheduleState)
+    ]
     if len(found) != 1:
-        raise ValueError(f"expected one ScaleByScheduleState in the optimizer state, found {len(found)}")
+        raise ValueError(
+            f"expected one ScaleByScheduleState in the optimizer state, found {len(found)}"
+        )
     return found[0]
 
 
-def sft_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
-             tx: optax.GradientTransformation, lr_fn: Callable[[jax.Array], jax.Array],
-             grad_accum_steps: int = 1, aux_loss_coef: float = 0.0, moe_bias_rate: float = 0.0,
-             loss_chunk_size: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+def sft_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lr_fn: Callable[[jax.Array], jax.Array],
+    grad_accum_steps: int = 1,
+    aux_loss_coef: float = 0.0,
+    moe_bias_rate: float = 0.0,
+    loss_chunk_size: int = 0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SFT update. Pure: `(state, batch) -> (state, metrics)` once the keywords are bound.
 
     After the optimizer update, each MoE layer's correction bias follows the aux-loss-free rule
@@ -94,26 +122,43 @@ def sft_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
     layers of max/mean expert load - 1).
     """
     denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-    loss_fn = functools.partial(sft_loss, graphdef=graphdef, denom=denom,
-                                aux_loss_coef=aux_loss_coef, num_micro=grad_accum_steps,
-                                loss_chunk_size=loss_chunk_size)
+    loss_fn = functools.partial(
+        sft_loss,
+        graphdef=graphdef,
+        denom=denom,
+        aux_loss_coef=aux_loss_coef,
+        num_micro=grad_accum_steps,
+        loss_chunk_size=loss_chunk_size,
+    )
     _, (nll_sum, count, counts_LE), grads = accumulate_gradients(
-        loss_fn, state.params, state.model_state, batch, grad_accum_steps)
+        loss_fn, state.params, state.model_state, batch, grad_accum_steps
+    )
     loss = nll_sum / denom
-    new_state, grad_norm, skipped = apply_update(state, loss, grads, counts_LE, tx=tx,
-                                                 moe_bias_rate=moe_bias_rate)
-    metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm,
-               "lr": lr_fn(schedule_count(state.opt_state)),
-               "skipped": skipped}
+    new_state, grad_norm, skipped = apply_update(
+        state, loss, grads, counts_LE, tx=tx, moe_bias_rate=moe_bias_rate
+    )
+    metrics = {
+        "loss": loss,
+        "tokens": count,
+        "grad_norm": grad_norm,
+        "lr": lr_fn(schedule_count(state.opt_state)),
+        "skipped": skipped,
+    }
     if counts_LE.shape[0]:
         metrics["moe_max_violation"] = jnp.max(load_metrics(counts_LE)["moe/max_violation"])
     return new_state, metrics
 
 
-def sft_eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
-                  loss_chunk_size: int = 0) -> dict[str, jax.Array]:
+def sft_eval_step(
+    state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, loss_chunk_size: int = 0
+) -> dict[str, jax.Array]:
     """`{"nll_sum", "tokens"}` of a batch under the state's params (no update)."""
-    _, (nll_sum, count, _) = sft_loss(state.params, state.model_state, batch, graphdef=graphdef,
-                                      denom=jnp.ones((), jnp.float32),
-                                      loss_chunk_size=loss_chunk_size)
+    _, (nll_sum, count, _) = sft_loss(
+        state.params,
+        state.model_state,
+        batch,
+        graphdef=graphdef,
+        denom=jnp.ones((), jnp.float32),
+        loss_chunk_size=loss_chunk_size,
+    )
     return {"nll_sum": nll_sum, "tokens": count}

@@ -98,12 +98,19 @@ def _batches(records, tokenizer, data_cfg, *, seed: int, shuffle: bool, num_epoc
     by_row = data_cfg["shard_by"] == "row"
     local = global_batch // n_proc
     ds = nc_data.sft_dataset(
-        records, tokenizer, seq_len=int(data_cfg["seq_len"]),
-        batch_size=global_batch if by_row else local, seed=seed, shuffle=shuffle,
-        num_epochs=num_epochs, shard_index=0 if by_row else index,
-        shard_count=1 if by_row else n_proc, thinking=bool(data_cfg["thinking"]),
+        records,
+        tokenizer,
+        seq_len=int(data_cfg["seq_len"]),
+        batch_size=global_batch if by_row else local,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        shard_index=0 if by_row else index,
+        shard_count=1 if by_row else n_proc,
+        thinking=bool(data_cfg["thinking"]),
         non_thinking_fraction=float(data_cfg["non_thinking_fraction"]),
-        overlong=str(data_cfg["overlong"]))
+        overlong=str(data_cfg["overlong"]),
+    )
     lo, hi = (index * local, (index + 1) * local) if by_row else (0, local)
     return ds.map(lambda b: {k: b[k][lo:hi] for k in BATCH_KEYS})
 
@@ -123,8 +130,9 @@ def abstract_train_state(config) -> TrainState:
     optim_cfg = OptimConfig.from_mapping(config.optim.to_dict())
     loop_cfg = LoopConfig.from_mapping(config.train.to_dict())
     tx = make_optimizer(optim_cfg, loop_cfg.steps)
-    return jax.eval_shape(make_init_fn(model_config_from(config.model.to_dict()), tx,
-                                       int(config.seed)))
+    return jax.eval_shape(
+        make_init_fn(model_config_from(config.model.to_dict()), tx, int(config.seed))
+    )
 
 
 class _EvalSet:
@@ -157,11 +165,13 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
     n_eval = int(data_cfg["eval_records"])
     if n_eval >= len(records):
         raise ValueError(f"data.eval_records={n_eval} leaves no training records of {len(records)}")
-    train_records, eval_records = records[: len(records) - n_eval], records[len(records) - n_eval:]
+    train_records, eval_records = records[: len(records) - n_eval], records[len(records) - n_eval :]
     tokenizer = build_tokenizer(data_cfg, train_records)
     if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
-                         f"{model_cfg.vocab_size}")
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
+            f"{model_cfg.vocab_size}"
+        )
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         tokenizer.save(os.path.join(workdir, "tokenizer.json"))
@@ -169,32 +179,52 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
     tx = make_optimizer(optim_cfg, loop_cfg.steps)
     init_fn = make_init_fn(model_cfg, tx, seed)
     graphdef = split_model(nnx.eval_shape(lambda: NemotronH(model_cfg, rngs=nnx.Rngs(seed))))[0]
-    step_fn = functools.partial(sft_step, graphdef=graphdef, tx=tx,
-                                lr_fn=lr_schedule(optim_cfg, loop_cfg.steps),
-                                grad_accum_steps=optim_cfg.grad_accum_steps,
-                                aux_loss_coef=model_cfg.moe_aux_loss_coef,
-                                moe_bias_rate=optim_cfg.moe_bias_rate,
-                                loss_chunk_size=int(config.loss_chunk_size))
-    data_iter = iter(_batches(train_records, tokenizer, data_cfg, seed=seed, shuffle=True,
-                              num_epochs=None))
+    step_fn = functools.partial(
+        sft_step,
+        graphdef=graphdef,
+        tx=tx,
+        lr_fn=lr_schedule(optim_cfg, loop_cfg.steps),
+        grad_accum_steps=optim_cfg.grad_accum_steps,
+        aux_loss_coef=model_cfg.moe_aux_loss_coef,
+        moe_bias_rate=optim_cfg.moe_bias_rate,
+        loss_chunk_size=int(config.loss_chunk_size),
+    )
+    data_iter = iter(
+        _batches(train_records, tokenizer, data_cfg, seed=seed, shuffle=True, num_epochs=None)
+    )
     eval_fn = None
     if n_eval:
-        eval_batches = list(_batches(eval_records, tokenizer, data_cfg, seed=seed, shuffle=False,
-                                     num_epochs=1))
+        eval_batches = list(
+            _batches(eval_records, tokenizer, data_cfg, seed=seed, shuffle=False, num_epochs=1)
+        )
         if not eval_batches:
-            raise ValueError(f"data.eval_records={n_eval} fill no batch of "
-                             f"{data_cfg['global_batch']} rows; raise eval_records")
-        eval_step = jax.jit(functools.partial(sft_eval_step, graphdef=graphdef,
-                                              loss_chunk_size=int(config.loss_chunk_size)))
+            raise ValueError(
+                f"data.eval_records={n_eval} fill no batch of "
+                f"{data_cfg['global_batch']} rows; raise eval_records"
+            )
+        eval_step = jax.jit(
+            functools.partial(
+                sft_eval_step, graphdef=graphdef, loss_chunk_size=int(config.loss_chunk_size)
+            )
+        )
         eval_fn = _EvalSet([to_global(b, mesh) for b in eval_batches], eval_step)
 
-    final = train_loop(config=loop_cfg, workdir=workdir, mesh=mesh, init_fn=init_fn,
-                       step_fn=step_fn, data_iter=data_iter, eval_fn=eval_fn)
+    final = train_loop(
+        config=loop_cfg,
+        workdir=workdir,
+        mesh=mesh,
+        init_fn=init_fn,
+        step_fn=step_fn,
+        data_iter=data_iter,
+        eval_fn=eval_fn,
+    )
     if config.export_hf and not final.get("preempted"):
         if jax.process_count() > 1:  # export gathers every array on one host
-            log.warning("export_hf skipped in a %d-process run; export the final checkpoint with "
-                        "one process: nemocascade.train.sft_job.export_hf(config, workdir)",
-                        jax.process_count())
+            log.warning(
+                "export_hf skipped in a %d-process run; export the final checkpoint with "
+                "one process: nemocascade.train.sft_job.export_hf(config, workdir)",
+                jax.process_count(),
+            )
         else:
             export_hf(config, workdir)
     return final
@@ -204,13 +234,18 @@ def export_hf(config, workdir: str) -> str:
     """Restore the newest checkpoint of `workdir` (a run of `config`) and write it to
     `<workdir>/hf/` in Hugging Face format, with the run's tokenizer.json beside it."""
     model_cfg = model_config_from(config.model.to_dict())
-    init_fn = make_init_fn(model_cfg, make_optimizer(
-        OptimConfig.from_mapping(config.optim.to_dict()), int(config.train.steps)), int(config.seed))
+    init_fn = make_init_fn(
+        model_cfg,
+        make_optimizer(OptimConfig.from_mapping(config.optim.to_dict()), int(config.train.steps)),
+        int(config.seed),
+    )
     mesh = make_mesh(MeshConfig(**config.mesh.to_dict()))
     abstract = jax.eval_shape(init_fn)
     ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep_last=1)
     try:
-        restored = ckpt.restore_latest(abstract_with_shardings(abstract, full_shardings(abstract, mesh)))
+        restored = ckpt.restore_latest(
+            abstract_with_shardings(abstract, full_shardings(abstract, mesh))
+        )
     finally:
         ckpt.close()
     if restored is None:

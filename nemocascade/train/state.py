@@ -37,12 +37,19 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return nnx.split(model, nnx.Param, ...)
 
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
-                       rng: jax.Array) -> tuple[nnx.GraphDef, TrainState]:
-    """Split `model` and initialise the optimizer; `rng` is a raw uint32[2] key (jax.random.PRNGKey)."""
+def create_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation, rng: jax.Array
+) -> tuple[nnx.GraphDef, TrainState]:
+    """Split `model` and initialise the optimizer; `rng` is a raw uint32[2] key
+    (jax.random.PRNGKey)."""
     graphdef, params, model_state = split_model(model)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                       opt_state=tx.init(params), rng=jnp.asarray(rng, jnp.uint32))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        rng=jnp.asarray(rng, jnp.uint32),
+    )
     return graphdef, state
 
 
@@ -59,12 +66,14 @@ def bytes_per_device(state: Any, mesh) -> int:
     specs = state_specs(state, mesh=mesh)
     total = 0
     leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    spec_leaves = jax.tree.leaves(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
     for leaf, spec in zip(leaves, spec_leaves, strict=True):
         value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
         shards = 1
         for entry in spec:
-            for name in ((entry,) if isinstance(entry, str) else tuple(entry or ())):
+            for name in (entry,) if isinstance(entry, str) else tuple(entry or ()):
                 shards *= mesh.shape[name]
         total += int(np.prod(value.shape)) * jnp.dtype(value.dtype).itemsize // shards
     return total

@@ -25,7 +25,7 @@ MULTI = [
 def masked_runs(tokenizer, ids, mask):
     """Decoded text of each maximal run of masked tokens."""
     runs, cur = [], []
-    for i, m in zip(ids, mask):
+    for i, m in zip(ids, mask, strict=True):
         if m:
             cur.append(i)
         elif cur:
@@ -117,10 +117,10 @@ def test_multi_turn_strips_history_reasoning(tokenizer):
 def test_mask_never_covers_headers_or_user_tokens(tokenizer):
     ids, mask = render_chat(tokenizer, MULTI, thinking=True)
     n_assistant = sum(m["role"] == "assistant" for m in MULTI)
-    im_end_masked = [m for i, m in zip(ids, mask) if i == tokenizer.im_end_id]
+    im_end_masked = [m for i, m in zip(ids, mask, strict=True) if i == tokenizer.im_end_id]
     # every assistant <|im_end|> is trained, no other <|im_end|> is
     assert sum(im_end_masked) == n_assistant and len(im_end_masked) == len(MULTI)
-    for i, m in zip(ids, mask):
+    for i, m in zip(ids, mask, strict=True):
         if i in (tokenizer.im_start_id, tokenizer.think_id):
             assert m == 0
     assert sum(mask) < len(mask) / 2

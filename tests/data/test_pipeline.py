@@ -121,7 +121,7 @@ def _rows(batches):
 
 def _assert_same(a, b):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
@@ -146,7 +146,9 @@ def test_determinism_by_seed(records, tokenizer):
     a = _batches(records, tokenizer, seed=5, drop_remainder=False)
     _assert_same(a, _batches(records, tokenizer, seed=5, drop_remainder=False))
     c = _batches(records, tokenizer, seed=6, drop_remainder=False)
-    assert any(not np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c))
+    assert any(
+        not np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c, strict=False)
+    )
     # a different order of the same documents
     assert collections.Counter(segments(_rows(a))) == collections.Counter(segments(_rows(c)))
 

@@ -85,7 +85,9 @@ def test_ssd_step_recurrence_matches_chunked_scan():
         y, state = ssd_step(state, x_i, dt_i, a, b_i, c_i)
         return state, y
 
-    swap = lambda z: jnp.swapaxes(z, 0, 1)
+    def swap(z):
+        return jnp.swapaxes(z, 0, 1)
+
     state, ys = jax.jit(lambda s0, xs: jax.lax.scan(step, s0, xs))(
         init, (swap(x), swap(dt), swap(bb), swap(cc))
     )

@@ -11,12 +11,18 @@ from nemocascade.model import ModelConfig
 
 def hf_model(cfg: ModelConfig, seed: int = 0, scale: float = 0.2):
     """A transformers NemotronH with eager attention/experts and random, non-trivial weights."""
-    hf_cfg = transformers.NemotronHConfig(**{k: v for k, v in cfg.to_hf_config().items()
-                                             if k not in ("architectures", "model_type", "hybrid_override_pattern",
-                                                          "num_hidden_layers")})
+    hf_cfg = transformers.NemotronHConfig(
+        **{
+            k: v
+            for k, v in cfg.to_hf_config().items()
+            if k
+            not in ("architectures", "model_type", "hybrid_override_pattern", "num_hidden_layers")
+        }
+    )
     torch.manual_seed(seed)
     model = transformers.NemotronHForCausalLM._from_config(
-        hf_cfg, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32)
+        hf_cfg, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -37,20 +37,24 @@ def test_missing_extra_and_misshaped_keys_all_named(good):
         del t["backbone.layers.2.mixer.experts.3.up_proj.weight"]
         t["backbone.layers.9.mixer.surprise"] = np.zeros(3, np.float32)
         t["backbone.layers.1.mixer.q_proj.weight"] = np.zeros((5, 64), np.float32)
+
     _edit(good, corrupt)
     with pytest.raises(CheckpointError) as e:
         load_hf_checkpoint(good)
     msg = str(e.value)
-    for key in ("missing: backbone.layers.0.mixer.A_log",
-                "missing: backbone.layers.2.mixer.experts.3.up_proj.weight",
-                "unexpected: backbone.layers.9.mixer.surprise",
-                "wrong shape: backbone.layers.1.mixer.q_proj.weight"):
+    for key in (
+        "missing: backbone.layers.0.mixer.A_log",
+        "missing: backbone.layers.2.mixer.experts.3.up_proj.weight",
+        "unexpected: backbone.layers.9.mixer.surprise",
+        "wrong shape: backbone.layers.1.mixer.q_proj.weight",
+    ):
         assert key in msg, msg
 
 
 def test_pickle_checkpoints_refused(tmp_path):
     (tmp_path / "config.json").write_text(
-        __import__("json").dumps(ModelConfig.tiny().to_hf_config()))
+        __import__("json").dumps(ModelConfig.tiny().to_hf_config())
+    )
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(CheckpointError, match="pickle"):
         load_hf_checkpoint(tmp_path)

@@ -1,4 +1,5 @@
-"""Parity with Hugging Face transformers' NemotronHForCausalLM (fp32, eager): max |logit diff| <= 1e-4."""
+"""Parity with Hugging Face transformers' NemotronHForCausalLM (fp32, eager):
+max |logit diff| <= 1e-4."""
 
 import numpy as np
 import pytest
@@ -14,12 +15,34 @@ CASES = {
     # every block type, n_group > 1 with topk_group 1, T above and not a multiple of the chunk
     "all_blocks_grouped": (ModelConfig.tiny(dt_floor_like_hf=True), 2, 19),
     # several chunks, topk_group 2 of 4 groups, top-3
-    "groups_4_keep_2": (ModelConfig.tiny(pattern="ME*MEM", n_routed_experts=16, n_group=4, topk_group=2,
-                                         num_experts_per_tok=3, chunk_size=4, dt_floor_like_hf=True), 3, 13),
+    "groups_4_keep_2": (
+        ModelConfig.tiny(
+            pattern="ME*MEM",
+            n_routed_experts=16,
+            n_group=4,
+            topk_group=2,
+            num_experts_per_tok=3,
+            chunk_size=4,
+            dt_floor_like_hf=True,
+        ),
+        3,
+        13,
+    ),
     # GQA 8:1, Mamba with one group, tiny chunk, no MoE renormalisation
-    "gqa8_one_group": (ModelConfig.tiny(pattern="M*-*EM", num_attention_heads=8, num_key_value_heads=1,
-                                        n_groups=1, chunk_size=5, n_group=1, norm_topk_prob=False,
-                                        dt_floor_like_hf=True), 2, 17),
+    "gqa8_one_group": (
+        ModelConfig.tiny(
+            pattern="M*-*EM",
+            num_attention_heads=8,
+            num_key_value_heads=1,
+            n_groups=1,
+            chunk_size=5,
+            n_group=1,
+            norm_topk_prob=False,
+            dt_floor_like_hf=True,
+        ),
+        2,
+        17,
+    ),
 }
 
 
@@ -47,7 +70,11 @@ def test_save_roundtrip_through_transformers(tmp_path):
     save_hf_checkpoint(ours, tmp_path / "ours", max_shard_bytes=200_000)  # forces several shards
     assert (tmp_path / "ours" / "model.safetensors.index.json").exists()
     back = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "ours", attn_implementation="eager", experts_implementation="eager", dtype=torch.float32)
+        tmp_path / "ours",
+        attn_implementation="eager",
+        experts_implementation="eager",
+        dtype=torch.float32,
+    )
     ids = _ids(cfg, b, t, seed=3)
     diff = np.max(np.abs(hf_logits(back, ids) - hf_logits(ref, ids)))
     print(f"roundtrip: max |logit diff| = {diff:.2e}")
@@ -59,6 +86,7 @@ def test_save_roundtrip_through_transformers(tmp_path):
 def test_in_memory_layout_with_stacked_experts(tmp_path):
     """transformers' in-memory names (`model.*`, stacked experts) load too."""
     from safetensors.torch import save_file
+
     cfg, b, t = CASES["all_blocks_grouped"]
     ref = hf_model(cfg, seed=4)
     state = {k: v.contiguous() for k, v in ref.state_dict().items()}

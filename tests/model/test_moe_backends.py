@@ -32,7 +32,8 @@ def _value_and_grads(fn, x_TD, idx_TK, w_TK, up_EDF, down_EFD, r_TD):
         return jnp.sum(y * r_TD), y
 
     (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
-        x_TD, w_TK, up_EDF, down_EFD)
+        x_TD, w_TK, up_EDF, down_EFD
+    )
     return y, grads
 
 
@@ -51,7 +52,7 @@ def test_backend_matches_dense_forward_and_grads(name):
     y_ref, g_ref = _value_and_grads(mb.dense_experts, *case)
     y, g = _value_and_grads(BACKENDS[name], *case)
     np.testing.assert_allclose(y, y_ref, **TOL)
-    for a, b, what in zip(g, g_ref, ("x", "w", "up", "down")):
+    for a, b, what in zip(g, g_ref, ("x", "w", "up", "down"), strict=True):
         np.testing.assert_allclose(a, b, **TOL, err_msg=f"grad {what}")
     # the empty expert gets exactly zero weight gradient
     assert float(jnp.max(jnp.abs(g[2][-1]))) == 0.0 and float(jnp.max(jnp.abs(g[3][-1]))) == 0.0
@@ -72,14 +73,20 @@ def test_registry_and_entry_point():
 
 def test_bf16_keeps_dtype_and_stays_close():
     x_TD, idx_TK, w_TK, up_EDF, down_EFD, _ = _case(seed=2)
-    args = (x_TD.astype(jnp.bfloat16), idx_TK, w_TK, up_EDF.astype(jnp.bfloat16),
-            down_EFD.astype(jnp.bfloat16))
+    args = (
+        x_TD.astype(jnp.bfloat16),
+        idx_TK,
+        w_TK,
+        up_EDF.astype(jnp.bfloat16),
+        down_EFD.astype(jnp.bfloat16),
+    )
     y_ref = mb.dense_experts(*args)
     for name in ("ragged_dot", "sorted"):  # (the Pallas kernel has its own bf16 tests)
         y = mb.get_backend(name)(*args)
         assert y.dtype == jnp.bfloat16
-        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
-                                   rtol=2e-2, atol=2e-2)
+        np.testing.assert_allclose(
+            np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=2e-2, atol=2e-2
+        )
 
 
 @pytest.mark.parametrize("tile_rows", [None, 3])

@@ -20,8 +20,9 @@ def test_expert_counts_masks_invalid_tokens_and_ignores_dropped_slots():
     np.testing.assert_array_equal(bal.expert_counts(idx_TK, 4), [2, 2, 2, 1])
     np.testing.assert_array_equal(bal.expert_counts(idx_TK, 4, valid_T), [1, 2, 2, 0])
     idx_BTK = idx_TK.reshape(2, 2, 2)
-    np.testing.assert_array_equal(bal.expert_counts(idx_BTK, 4, valid_T.reshape(2, 2)),
-                                  [1, 2, 2, 0])
+    np.testing.assert_array_equal(
+        bal.expert_counts(idx_BTK, 4, valid_T.reshape(2, 2)), [1, 2, 2, 0]
+    )
 
 
 def test_bias_update_follows_sign_rule():

@@ -34,8 +34,13 @@ def _case(T=64, D=16, F=8, E=16, K=4, seed=0, skew=0.0):
 def _shard(mesh, x_TD, idx_TK, w_TK, up_EDF, down_EFD):
     tok = NamedSharding(mesh, P(sharding.batch_axes(mesh)))
     exp = NamedSharding(mesh, P("expert"))
-    return (jax.device_put(x_TD, tok), jax.device_put(idx_TK, tok), jax.device_put(w_TK, tok),
-            jax.device_put(up_EDF, exp), jax.device_put(down_EFD, exp))
+    return (
+        jax.device_put(x_TD, tok),
+        jax.device_put(idx_TK, tok),
+        jax.device_put(w_TK, tok),
+        jax.device_put(up_EDF, exp),
+        jax.device_put(down_EFD, exp),
+    )
 
 
 def _loss_and_grads(fn, x_TD, idx_TK, w_TK, up_EDF, down_EFD, r_TD):
@@ -44,7 +49,8 @@ def _loss_and_grads(fn, x_TD, idx_TK, w_TK, up_EDF, down_EFD, r_TD):
         return jnp.sum(y * r_TD), (y, dropped)
 
     (_, (y, dropped)), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
-        x_TD, w_TK, up_EDF, down_EFD)
+        x_TD, w_TK, up_EDF, down_EFD
+    )
     return y, dropped, g
 
 
@@ -65,7 +71,7 @@ def test_expert_parallel_matches_single_device(mesh_name):
     y, dropped, g = _loss_and_grads(ep, *args, r_TD)
     assert int(dropped) == 0
     np.testing.assert_allclose(y, y_ref, **TOL)
-    for a, b, what in zip(g, g_ref, ("x", "w", "up", "down")):
+    for a, b, what in zip(g, g_ref, ("x", "w", "up", "down"), strict=True):
         np.testing.assert_allclose(a, b, **TOL, err_msg=f"grad {what}")
 
 
@@ -80,10 +86,15 @@ def test_expert_counts_and_bias_update_match_single_device(mesh_name):
     idx_sharded = jax.device_put(idx_TK, NamedSharding(mesh, P(axes)))
     # (a) plain jit over sharded tokens: the sum is already global
     got_jit = jax.jit(lambda b, i: bal.update_expert_bias(b, bal.expert_counts(i, E), 1e-3))(
-        bias_E, idx_sharded)
+        bias_E, idx_sharded
+    )
     # (b) inside shard_map: local counts psum-ed over the batch axes
-    counts = jax.shard_map(lambda i: moe_ep.global_expert_counts(i, E, axes), mesh=mesh,
-                           in_specs=P(axes), out_specs=P())(idx_sharded)
+    counts = jax.shard_map(
+        lambda i: moe_ep.global_expert_counts(i, E, axes),
+        mesh=mesh,
+        in_specs=P(axes),
+        out_specs=P(),
+    )(idx_sharded)
     got_smap = bal.update_expert_bias(bias_E, counts, 1e-3)
     np.testing.assert_allclose(got_jit, want, rtol=0, atol=1e-7)
     np.testing.assert_allclose(got_smap, want, rtol=0, atol=1e-7)
@@ -121,9 +132,9 @@ def test_capacity_factor_drops_and_counts():
     idx_kept, n_drop = _expected_drops(idx_TK, E, ep, shards, cap)
     assert n_drop > 0
     y_ref = mb.dense_experts(x_TD, jnp.asarray(idx_kept), w_TK, up_EDF, down_EFD)
-    y, dropped = jax.jit(lambda *a: moe_ep.expert_parallel_mlp(
-        *a, mesh=mesh, capacity_factor=cf, backend="dense"))(
-        *_shard(mesh, x_TD, idx_TK, w_TK, up_EDF, down_EFD))
+    y, dropped = jax.jit(
+        lambda *a: moe_ep.expert_parallel_mlp(*a, mesh=mesh, capacity_factor=cf, backend="dense")
+    )(*_shard(mesh, x_TD, idx_TK, w_TK, up_EDF, down_EFD))
     assert int(dropped) == n_drop
     np.testing.assert_allclose(y, y_ref, **TOL)
 
@@ -139,8 +150,9 @@ def test_dropless_capacity_is_worst_case_and_errors_are_clear():
     with pytest.raises(ValueError, match="tokens do not divide"):
         moe_ep.expert_parallel_mlp(x_TD, idx_TK, w_TK, up_EDF, down_EFD, mesh=mesh)
     with pytest.raises(ValueError, match="experts do not divide"):
-        moe_ep.expert_parallel_mlp(x_TD[:8], idx_TK[:8] % 12, w_TK[:8], up_EDF[:12], down_EFD[:12],
-                                   mesh=mesh)
+        moe_ep.expert_parallel_mlp(
+            x_TD[:8], idx_TK[:8] % 12, w_TK[:8], up_EDF[:12], down_EFD[:12], mesh=mesh
+        )
 
 
 def test_model_with_expert_mesh_matches_single_device():
@@ -151,8 +163,9 @@ def test_model_with_expert_mesh_matches_single_device():
     from nemocascade.model.config import ModelConfig
     from nemocascade.model.nemotron_h import NemotronH
 
-    cfg = ModelConfig.tiny(pattern="E", n_routed_experts=8, num_experts_per_tok=2, n_group=1,
-                           moe_backend="sorted")
+    cfg = ModelConfig.tiny(
+        pattern="E", n_routed_experts=8, num_experts_per_tok=2, n_group=1, moe_backend="sorted"
+    )
     ids = jax.random.randint(jax.random.key(0), (8, 4), 0, cfg.vocab_size)
     r = jax.random.normal(jax.random.key(1), (8, 4, cfg.vocab_size))
 
@@ -176,5 +189,7 @@ def test_model_with_expert_mesh_matches_single_device():
     logits, counts, g = run(sharding.make_mesh(MESHES["ep4_data2"]))
     np.testing.assert_allclose(logits, logits_ref, **TOL)
     np.testing.assert_array_equal(counts, counts_ref)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref), strict=True
+    ):
         np.testing.assert_allclose(a, b, **TOL, err_msg=jax.tree_util.keystr(path))

@@ -16,7 +16,7 @@ def _config():
     c = get_config("fast")
     c.progress = False
     c.num_workers = 1
-    c.mesh.data = 1   # one device of the simulated eight: faster, and the code path of a laptop
+    c.mesh.data = 1  # one device of the simulated eight: faster, and the code path of a laptop
     c.data.train_per_domain = 64
     c.data.eval_per_domain = 8
     c.eval.max_new_tokens = 12
@@ -30,7 +30,7 @@ def _config():
     c.stages.math_rl.max_new_tokens = 8
     c.stages.math_rl.max_gen_batches = 1
     c.stages.math_rl.checkpoint_every = 1
-    c.stages.math_rl.eval_every = 2   # the held-out learning curve within the stage
+    c.stages.math_rl.eval_every = 2  # the held-out learning curve within the stage
     c.stages.mopd.domains = "math,code"
     c.stages.mopd.steps = 1
     c.stages.mopd.prompts_per_step = 4
@@ -103,9 +103,13 @@ def test_two_stage_pipeline_outputs_and_resume(tmp_path):
     Path(work, "summary.json").write_text(json.dumps(summary))
     c.stages.math_rl.steps = 3
     Cascade(c, work).run()
-    assert [r["step"] for r in _lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))] == [1, 2, 3]
-    assert [s["name"] for s in _json(os.path.join(work, "summary.json"))["stages"]] == \
-        ["sft", "math_rl"]
+    assert [
+        r["step"] for r in _lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))
+    ] == [1, 2, 3]
+    assert [s["name"] for s in _json(os.path.join(work, "summary.json"))["stages"]] == [
+        "sft",
+        "math_rl",
+    ]
 
 
 def test_bad_stage_config_is_named(tmp_path):
@@ -147,11 +151,15 @@ def test_sigterm_stops_the_pipeline_and_the_rerun_resumes(tmp_path, monkeypatch)
     next stage on a partly trained model); running it again resumes where it stopped."""
     import nemocascade.cascade as cascade_mod
     from nemocascade.rl import Preempted, RLStage
+
     c, work = _config(), str(tmp_path / "run")
     handler = signal.getsignal(signal.SIGTERM)
     real_loop = cascade_mod.train_loop
-    monkeypatch.setattr(cascade_mod, "train_loop", lambda **kw: real_loop(
-        **{**kw, "data_iter": _SigtermAfter(kw["data_iter"], 2)}))
+    monkeypatch.setattr(
+        cascade_mod,
+        "train_loop",
+        lambda **kw: real_loop(**{**kw, "data_iter": _SigtermAfter(kw["data_iter"], 2)}),
+    )
     with pytest.raises(Preempted, match="stage sft: SIGTERM at step 2/4"):
         Cascade(c, work).run()
     assert not os.path.exists(os.path.join(work, "summary.json"))
@@ -165,6 +173,7 @@ def test_sigterm_stops_the_pipeline_and_the_rerun_resumes(tmp_path, monkeypatch)
         if step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
+
     monkeypatch.setattr(RLStage, "_one_step", step_then_sigterm)
     with pytest.raises(Preempted, match="stage math_rl: SIGTERM at step 1/2"):
         Cascade(c, work).run()
@@ -173,6 +182,10 @@ def test_sigterm_stops_the_pipeline_and_the_rerun_resumes(tmp_path, monkeypatch)
     monkeypatch.setattr(RLStage, "_one_step", real_step)
 
     Cascade(c, work).run()
-    assert [r["step"] for r in _lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))] == [1, 2]
-    assert [s["name"] for s in _json(os.path.join(work, "summary.json"))["stages"]] == \
-        ["sft", "math_rl"]
+    assert [
+        r["step"] for r in _lines(os.path.join(work, "stages", "math_rl", "metrics.jsonl"))
+    ] == [1, 2]
+    assert [s["name"] for s in _json(os.path.join(work, "summary.json"))["stages"]] == [
+        "sft",
+        "math_rl",
+    ]

@@ -19,19 +19,41 @@ NUM_DEVICES = 64  # e.g. a v5p-128 slice (64 chips) or 8 hosts x 8 H200
 
 def test_paper_hyperparameters():
     c = get_config()
-    assert c.stage_order.split(",") == ["sft", "if_rl", "multi_domain_rl", "mopd", "rlhf",
-                                        "long_context_rl", "code_rl"]
+    assert c.stage_order.split(",") == [
+        "sft",
+        "if_rl",
+        "multi_domain_rl",
+        "mopd",
+        "rlhf",
+        "long_context_rl",
+        "code_rl",
+    ]
     for name in ("if_rl", "multi_domain_rl", "rlhf", "long_context_rl", "code_rl"):
         s = c.stages[name]
-        assert (s.prompts_per_step, s.samples_per_prompt, s.optim.lr, s.temperature) == (128, 16, 3e-6, 1.0)
+        assert (s.prompts_per_step, s.samples_per_prompt, s.optim.lr, s.temperature) == (
+            128,
+            16,
+            3e-6,
+            1.0,
+        )
         assert s.loss.kl_coef == (0.03 if name == "rlhf" else 0.0)
     assert c.stages.if_rl.loss.dynamic_filtering and c.stages.code_rl.top_p == 0.95
     m = c.stages.mopd
-    assert (m.prompts_per_step, m.samples_per_prompt, m.optim.lr, m.optim.warmup_steps) == (128, 4, 2e-6, 30)
+    assert (m.prompts_per_step, m.samples_per_prompt, m.optim.lr, m.optim.warmup_steps) == (
+        128,
+        4,
+        2e-6,
+        30,
+    )
     assert (m.loss.is_low, m.loss.is_high) == (0.5, 2.0)
     sft = c.stages.sft
-    assert (sft.seq_len, sft.batch_size, sft.optim.lr, sft.optim.min_lr, sft.optim.warmup_steps) == \
-        (262_144, 64, 5e-5, 5e-6, 200)
+    assert (
+        sft.seq_len,
+        sft.batch_size,
+        sft.optim.lr,
+        sft.optim.min_lr,
+        sft.optim.warmup_steps,
+    ) == (262_144, 64, 5e-5, 5e-6, 200)
 
 
 def test_every_stage_state_builds_sharded_abstractly(capsys):
@@ -44,8 +66,11 @@ def test_every_stage_state_builds_sharded_abstractly(capsys):
         tx = make_optimizer(OptimConfig.from_mapping(s.optim.to_dict()), int(s.steps))
         if s.type != "sft" and s.get("freeze_router", False):
             tx = freeze_router(tx)
-        state = jax.eval_shape(lambda tx=tx: create_train_state(
-            NemotronH(cfg, rngs=nnx.Rngs(0)), tx, jax.random.PRNGKey(0))[1])
+        state = jax.eval_shape(
+            lambda tx=tx: create_train_state(
+                NemotronH(cfg, rngs=nnx.Rngs(0)), tx, jax.random.PRNGKey(0)
+            )[1]
+        )
         per_device = bytes_per_device(state, mesh)
         total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
         assert total / NUM_DEVICES <= per_device < 16 * GiB, name
@@ -60,6 +85,7 @@ def test_missing_inputs_fail_with_the_field_named(tmp_path):
         Cascade(c, str(tmp_path))
     from nemocascade import tasks
     from nemocascade.data import train_bpe
+
     train_bpe(tasks.all_texts(20), 300, str(tmp_path / "tok.json"))
     c.tokenizer.path = str(tmp_path / "tok.json")
     with pytest.raises(FileNotFoundError, match=r"data\.paths\.\w+\.eval"):

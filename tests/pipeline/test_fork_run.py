@@ -18,15 +18,20 @@ def _fork_module():
 
 def test_fork_keeps_stages_up_to_after_and_rebuilds_teachers(tmp_path):
     src = tmp_path / "src"
-    stages = [{"name": "sft", "type": "sft", "domains": ["a", "b"], "eval": {"a": 10, "b": 50}},
-              {"name": "a_rl", "type": "grpo", "domains": ["a"], "eval": {"a": 30, "b": 40}},
-              {"name": "b_rl", "type": "grpo", "domains": ["b"], "eval": {"a": 20, "b": 60}}]
+    stages = [
+        {"name": "sft", "type": "sft", "domains": ["a", "b"], "eval": {"a": 10, "b": 50}},
+        {"name": "a_rl", "type": "grpo", "domains": ["a"], "eval": {"a": 30, "b": 40}},
+        {"name": "b_rl", "type": "grpo", "domains": ["b"], "eval": {"a": 20, "b": 60}},
+    ]
     for st in stages:
         (src / "stages" / st["name"] / "final").mkdir(parents=True)
         (src / "stages" / st["name"] / "final" / "w").write_text(st["name"])
     (src / "tokenizer.json").write_text("{}")
-    (src / "summary.json").write_text(json.dumps(
-        {"stages": stages, "teachers": {"a": "a_rl", "b": "b_rl"}, "best": {"a": 30, "b": 60}}))
+    (src / "summary.json").write_text(
+        json.dumps(
+            {"stages": stages, "teachers": {"a": "a_rl", "b": "b_rl"}, "best": {"a": 30, "b": 60}}
+        )
+    )
     mod = _fork_module()
     out = mod.fork(str(src), str(tmp_path / "dst"), "a_rl")
     assert [s["name"] for s in out["stages"]] == ["sft", "a_rl"]

@@ -9,11 +9,18 @@ from nemocascade import rollouts as ro
 def _roll():
     recs = [{"domain": "math", "verifier": {"type": "math", "answer": "3"}}] * 2
     return ro.Rollouts(
-        records=recs, prompt_ids=[[5, 6, 7], [5, 6]], response_ids=[[8, 9, 2], [10]],
-        responses=["a", "b"], finished=np.array([True, False]),
+        records=recs,
+        prompt_ids=[[5, 6, 7], [5, 6]],
+        response_ids=[[8, 9, 2], [10]],
+        responses=["a", "b"],
+        finished=np.array([True, False]),
         sampler_logprobs=[np.array([-0.1, -0.2, -0.3], np.float32), np.array([-0.5], np.float32)],
         policy_logprobs=[np.array([-0.15, -0.25, -0.35], np.float32), np.array([-0.6], np.float32)],
-        rewards=np.array([1.0, 0.0], np.float32), n=2, timings={}, reward_metrics={})
+        rewards=np.array([1.0, 0.0], np.float32),
+        n=2,
+        timings={},
+        reward_metrics={},
+    )
 
 
 def test_training_batch_layout():
@@ -26,13 +33,13 @@ def test_training_batch_layout():
     np.testing.assert_allclose(b["sampler_logprobs"][0, 2:5], [-0.1, -0.2, -0.3])
     np.testing.assert_array_equal(b["segment_ids"][0], [1] * 5 + [0] * 3)
     np.testing.assert_array_equal(b["loss_mask"][1, :3], [0, 1, 0])
-    assert b["loss_mask"][2].sum() == 0 and b["segment_ids"][2].sum() == 0   # padding row
+    assert b["loss_mask"][2].sum() == 0 and b["segment_ids"][2].sum() == 0  # padding row
     p = ro.training_batch(_roll(), seq_bucket=8, behaviour="policy")
     np.testing.assert_allclose(p["sampler_logprobs"][0, 2:5], [-0.15, -0.25, -0.35])
 
 
 def test_training_batch_exact_length():
-    b = ro.training_batch(_roll(), seq_len=6)   # not a power of two: the RL stage's length
+    b = ro.training_batch(_roll(), seq_len=6)  # not a power of two: the RL stage's length
     assert b["input_ids"].shape == (2, 6)
     np.testing.assert_array_equal(b["loss_mask"][0], [0, 0, 1, 1, 1, 0])
     with pytest.raises(ValueError, match="does not fit seq_len=4"):
@@ -42,8 +49,9 @@ def test_training_batch_exact_length():
 def test_reward_cache_reuses_identical_pairs():
     cache = ro.RewardCache()
     recs = [{"verifier": {"type": "math", "answer": "4"}}] * 3
-    s, m = cache.score(recs, ["\\boxed{4}", "\\boxed{4}", "\\boxed{5}"], [True] * 3,
-                       num_workers=1, timeout_s=30)
+    s, m = cache.score(
+        recs, ["\\boxed{4}", "\\boxed{4}", "\\boxed{5}"], [True] * 3, num_workers=1, timeout_s=30
+    )
     np.testing.assert_array_equal(s, [1.0, 1.0, 0.0])
     assert m["scored"] == 2 and m["reused"] == 1
     s2, m2 = cache.score(recs[:1], ["\\boxed{4}"], [True], num_workers=1, timeout_s=30)

@@ -22,9 +22,12 @@ def test_reference_responses_verify_and_corruptions_fail(domain):
     for p in tasks.problems(domain, "test", 20):
         rec = tasks.prompt_record(p)
         assert score_one(rec, p.response, True)[0] == 1.0, p
-        assert score_one(rec, p.response, False)[0] == 0.0          # cut at the length limit
-        wrong = p.response + " " + p.response.split()[-1] if domain == "instruction" else \
-            p.response.replace("}", "1}")
+        assert score_one(rec, p.response, False)[0] == 0.0  # cut at the length limit
+        wrong = (
+            p.response + " " + p.response.split()[-1]
+            if domain == "instruction"
+            else p.response.replace("}", "1}")
+        )
         assert score_one(rec, wrong, True)[0] == 0.0, wrong
 
 
@@ -39,6 +42,7 @@ def test_records_validate_with_the_data_readers(tmp_path):
     import json
 
     from nemocascade.data import read_chat_jsonl, read_prompt_jsonl
+
     ps = tasks.problems("math", "train", 5)
     (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(tasks.sft_record(p)) for p in ps))
     (tmp_path / "rl.jsonl").write_text("\n".join(json.dumps(tasks.prompt_record(p)) for p in ps))
@@ -60,21 +64,28 @@ def test_reference_responses_fit_the_tiny_cascade_token_budgets(tmp_path):
     import pathlib
 
     from nemocascade.data import train_bpe
+
     path = pathlib.Path(__file__).parents[2] / "configs" / "tiny_cascade.py"
     spec = importlib.util.spec_from_file_location("tiny_cascade_cfg", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cfg = mod.get_config()
-    tok = train_bpe(tasks.all_texts(seed=cfg.seed), int(cfg.tokenizer.vocab_size),
-                    split_digits=bool(cfg.tokenizer.split_digits))
+    tok = train_bpe(
+        tasks.all_texts(seed=cfg.seed),
+        int(cfg.tokenizer.vocab_size),
+        split_digits=bool(cfg.tokenizer.split_digits),
+    )
     caps = {d: [("eval", int(cfg.eval.max_new_tokens))] for d in tasks.DOMAINS}
     for name, st in cfg.stages.items():
         if st.type != "sft":
             for d in str(st.domains).split(","):
                 caps[d.strip()].append((name, int(st.max_new_tokens)))
     for d, limits in caps.items():
-        ps = tasks.problems(d, "train", int(cfg.data.train_per_domain), seed=cfg.seed) + \
-            tasks.problems(d, "test", int(cfg.data.eval_per_domain), seed=cfg.seed)
+        ps = tasks.problems(
+            d, "train", int(cfg.data.train_per_domain), seed=cfg.seed
+        ) + tasks.problems(d, "test", int(cfg.data.eval_per_domain), seed=cfg.seed)
         longest = max(len(tok.encode(p.response)) + 1 for p in ps)
         for where, cap in limits:
-            assert longest <= cap, f"{d}: a reference answer needs {longest} tokens, {where} allows {cap}"
+            assert longest <= cap, (
+                f"{d}: a reference answer needs {longest} tokens, {where} allows {cap}"
+            )

@@ -16,13 +16,22 @@ from nemocascade.train.state import TrainState
 
 def _state(seed: int) -> TrainState:
     rng = np.random.default_rng(seed)
-    params = nnx.State({"w": nnx.Param(jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
-                                       axes=("embed", "mlp")),
-                        "b": nnx.Param(jnp.zeros((3,)))})
+    params = nnx.State(
+        {
+            "w": nnx.Param(
+                jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), axes=("embed", "mlp")
+            ),
+            "b": nnx.Param(jnp.zeros((3,))),
+        }
+    )
     tx = optax.adamw(1e-3)
-    return TrainState(step=jnp.asarray(seed, jnp.int32), params=params,
-                      model_state=nnx.State({"bias": nnx.Variable(jnp.ones((2,)))}),
-                      opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
+    return TrainState(
+        step=jnp.asarray(seed, jnp.int32),
+        params=params,
+        model_state=nnx.State({"bias": nnx.Variable(jnp.ones((2,)))}),
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed),
+    )
 
 
 def _abstract(state):
@@ -31,16 +40,18 @@ def _abstract(state):
 
 def _equal(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
-                                      for x, y in zip(la, lb))
+    return len(la) == len(lb) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True)
+    )
 
 
 def test_roundtrip_keeps_last_n_and_best(tmp_path):
     ckpt = Checkpointer(tmp_path / "ck", keep_last=2, best_metric="loss", best_mode="min")
     losses = {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0, 5: 2.0}
     for step, loss in losses.items():
-        ckpt.save(step, _state(step), {"next": step}, metrics={"loss": loss},
-                  extra={"note": f"s{step}"})
+        ckpt.save(
+            step, _state(step), {"next": step}, metrics={"loss": loss}, extra={"note": f"s{step}"}
+        )
     ckpt.wait()
     assert ckpt.all_steps() == [2, 4, 5]  # last two, plus the best loss (step 2)
     step, state, data_state, extra = ckpt.restore_latest(_abstract(_state(0)))

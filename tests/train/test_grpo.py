@@ -22,7 +22,9 @@ S3 = np.sqrt(1.0 / 3.0)  # unbiased std of [1, 0, 0, 1] and of [0, 0, 1]
 def test_group_advantages_hand(to_array):
     r = to_array(np.array([1, 0, 0, 1, 2, 2, 2, 2], np.float32))
     got = np.asarray(grpo.group_advantages(r, 4))  # eps 1e-6: all-equal groups give 0
-    np.testing.assert_allclose(got, [.5 / S3, -.5 / S3, -.5 / S3, .5 / S3, 0, 0, 0, 0], atol=TOL)
+    np.testing.assert_allclose(
+        got, [0.5 / S3, -0.5 / S3, -0.5 / S3, 0.5 / S3, 0, 0, 0, 0], atol=TOL
+    )
     # population std (ddof 0): std 0.5
     got0 = np.asarray(grpo.group_advantages(r, 4, ddof=0))
     np.testing.assert_allclose(got0[:4], [1, -1, -1, 1], atol=TOL)
@@ -31,10 +33,14 @@ def test_group_advantages_hand(to_array):
     a = (1 - 1 / 3) / S3
     np.testing.assert_allclose(loo, [a, -a, -a, a, 0, 0, 0, 0], atol=TOL)
     # eps enters the denominator; no std normalisation gives r - baseline
-    np.testing.assert_allclose(np.asarray(grpo.group_advantages(r, 4, eps=0.5))[0],
-                               .5 / (S3 + .5), atol=TOL)
-    np.testing.assert_allclose(np.asarray(grpo.group_advantages(r, 4, normalize_std=False))[:4],
-                               [.5, -.5, -.5, .5], atol=TOL)
+    np.testing.assert_allclose(
+        np.asarray(grpo.group_advantages(r, 4, eps=0.5))[0], 0.5 / (S3 + 0.5), atol=TOL
+    )
+    np.testing.assert_allclose(
+        np.asarray(grpo.group_advantages(r, 4, normalize_std=False))[:4],
+        [0.5, -0.5, -0.5, 0.5],
+        atol=TOL,
+    )
     with pytest.raises(ValueError, match="groups of 3"):
         grpo.group_advantages(r, 3)
 
@@ -85,14 +91,18 @@ def test_clipped_loss_and_gradient_hand():
 def test_k3_kl_term():
     logp = jnp.array([[-1.0, -2.0]])
     ref = jnp.array([[-1.5, -2.0]])
-    np.testing.assert_allclose(np.asarray(grpo.k3_kl(logp, ref)[0]),
-                               [np.exp(-0.5) + 0.5 - 1.0, 0.0], atol=TOL)
+    np.testing.assert_allclose(
+        np.asarray(grpo.k3_kl(logp, ref)[0]), [np.exp(-0.5) + 0.5 - 1.0, 0.0], atol=TOL
+    )
     batch = {"advantages": jnp.zeros((1,)), "sampler_logprobs": logp, "ref_logprobs": ref}
     loss, _ = grpo.policy_loss_terms(logp, batch, grpo.GRPOConfig(kl_coef=0.1))
     np.testing.assert_allclose(np.asarray(loss[0]), [0.1 * (np.exp(-0.5) - 0.5), 0.0], atol=TOL)
     with pytest.raises(KeyError, match="ref_logprobs"):
-        grpo.policy_loss_terms(logp, {"advantages": jnp.zeros((1,)), "sampler_logprobs": logp},
-                               grpo.GRPOConfig(kl_coef=0.1))
+        grpo.policy_loss_terms(
+            logp,
+            {"advantages": jnp.zeros((1,)), "sampler_logprobs": logp},
+            grpo.GRPOConfig(kl_coef=0.1),
+        )
 
 
 def test_sequence_level_aggregation_packed():
@@ -123,11 +133,16 @@ def setup():
         mask[b, start:end] = 1.0
     seg = np.ones((B, T), np.int32)
     seg[3, 8:] = 0  # padding
-    batch = {"input_ids": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
-             "loss_mask": jnp.asarray(mask), "segment_ids": jnp.asarray(seg),
-             "advantages": jnp.asarray(grpo.group_advantages(np.array([1, 0, 0.5, 1.]), 2))}
-    score = jax.jit(lambda p, ms, b: losses.model_token_logprobs(
-        nnx.merge(graphdef, p, ms), b, chunk_size=8)[0])
+    batch = {
+        "input_ids": jnp.asarray(ids[:, :-1]),
+        "targets": jnp.asarray(ids[:, 1:]),
+        "loss_mask": jnp.asarray(mask),
+        "segment_ids": jnp.asarray(seg),
+        "advantages": jnp.asarray(grpo.group_advantages(np.array([1, 0, 0.5, 1.0]), 2)),
+    }
+    score = jax.jit(
+        lambda p, ms, b: losses.model_token_logprobs(nnx.merge(graphdef, p, ms), b, chunk_size=8)[0]
+    )
     logp = score(state.params, state.model_state, batch)
     batch["sampler_logprobs"] = logp  # on-policy: ratio == 1
     batch["ref_logprobs"] = logp - 0.1
@@ -139,12 +154,19 @@ def test_on_policy_gradient_is_reinforce(setup):
     cfg = grpo.GRPOConfig(logprob_chunk=8, compute_entropy=False)
 
     def grpo_loss(p):
-        return grpo.grpo_loss(p, state.model_state, batch, graphdef=graphdef, cfg=cfg,
-                              denom=grpo.loss_denominator(batch))[0]
+        return grpo.grpo_loss(
+            p,
+            state.model_state,
+            batch,
+            graphdef=graphdef,
+            cfg=cfg,
+            denom=grpo.loss_denominator(batch),
+        )[0]
 
     def reinforce(p):
-        logp = losses.model_token_logprobs(nnx.merge(graphdef, p, state.model_state), batch,
-                                           chunk_size=8)[0]
+        logp = losses.model_token_logprobs(
+            nnx.merge(graphdef, p, state.model_state), batch, chunk_size=8
+        )[0]
         m = batch["loss_mask"]
         return -jnp.sum(batch["advantages"][:, None] * logp * m) / jnp.sum(m)
 
@@ -156,7 +178,7 @@ def test_on_policy_gradient_is_reinforce(setup):
 
 
 def optax_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree)))
+    return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
 
 
 def test_train_step_metrics_and_nan_guard(setup):
@@ -175,8 +197,12 @@ def test_train_step_metrics_and_nan_guard(setup):
     assert m["logp_gap_max"] < 1e-5
     np.testing.assert_allclose(m["response_length"], mask.sum() / 4, rtol=TOL)
     assert 0 < m["entropy"] <= np.log(256) + TOL and m["grad_norm"] > 0
-    moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_state.params),
-                                                    jax.tree.leaves(state.params))]
+    moved = [
+        not np.allclose(a, b)
+        for a, b in zip(
+            jax.tree.leaves(new_state.params), jax.tree.leaves(state.params), strict=True
+        )
+    ]
     assert any(moved) and int(new_state.step) == 1
     # a stale sampler log-prob (ratio 2 on one token with A > 0) is clipped
     stale = dict(batch, sampler_logprobs=batch["sampler_logprobs"].at[0, 5].add(-np.log(2.0)))
@@ -187,7 +213,9 @@ def test_train_step_metrics_and_nan_guard(setup):
     bad = dict(batch, advantages=batch["advantages"].at[0].set(jnp.nan))
     skipped_state, m3 = step(state, bad)
     assert int(m3["skipped"]) == 1 and int(skipped_state.step) == 1
-    for a, b in zip(jax.tree.leaves(skipped_state.params), jax.tree.leaves(state.params)):
+    for a, b in zip(
+        jax.tree.leaves(skipped_state.params), jax.tree.leaves(state.params), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(KeyError, match="sampler_logprobs"):
         step(state, {k: v for k, v in batch.items() if k != "sampler_logprobs"})
@@ -197,10 +225,14 @@ def test_accumulation_and_moe_bias(setup):
     graphdef, state, tx, batch = setup
     cfg1 = grpo.GRPOConfig(logprob_chunk=8, token_level=False)
     cfg2 = grpo.GRPOConfig(logprob_chunk=8, token_level=False, grad_accum_steps=2)
-    _, m1 = jax.jit(functools.partial(grpo.grpo_train_step, graphdef=graphdef, tx=tx,
-                                      cfg=cfg1))(state, batch)
-    new_state, m2 = jax.jit(functools.partial(grpo.grpo_train_step, graphdef=graphdef, tx=tx,
-                                              cfg=cfg2, moe_bias_rate=1e-3))(state, batch)
+    _, m1 = jax.jit(functools.partial(grpo.grpo_train_step, graphdef=graphdef, tx=tx, cfg=cfg1))(
+        state, batch
+    )
+    new_state, m2 = jax.jit(
+        functools.partial(
+            grpo.grpo_train_step, graphdef=graphdef, tx=tx, cfg=cfg2, moe_bias_rate=1e-3
+        )
+    )(state, batch)
     # sequence-level: mean over the 4 responses of their token-mean of -A
     mask, adv = np.asarray(batch["loss_mask"]), np.asarray(batch["advantages"])
     np.testing.assert_allclose(float(m1["loss"]), -adv.mean(), rtol=1e-4, atol=TOL)
@@ -208,6 +240,10 @@ def test_accumulation_and_moe_bias(setup):
         np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, atol=TOL, err_msg=k)
     assert float(m2["logp_gap_max"]) == float(m1["logp_gap_max"])
     assert "moe_max_violation" in m2 and mask.sum() == float(m2["tokens"])
-    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state.model_state),
-                                                         jax.tree.leaves(state.model_state))]
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(new_state.model_state), jax.tree.leaves(state.model_state), strict=True
+        )
+    ]
     assert any(changed)  # the MoE correction bias moved

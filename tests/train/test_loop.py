@@ -33,8 +33,11 @@ class _Crash(RuntimeError):
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
     """Reruns in this module hit a persistent compilation cache (restored afterwards)."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     old = {k: getattr(jax.config, k) for k in keys}
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -83,7 +86,7 @@ def _assert_same_run(workdir, ref_dir, config):
     assert step_a == step_b == config.train.steps
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b):
+    for x, y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bitwise
     ra, rb = read_metrics(ref_dir), read_metrics(workdir)
     assert [r["step"] for r in rb] == list(range(1, config.train.steps + 1))
@@ -101,8 +104,9 @@ def test_loss_falls_and_logs(reference):
     assert final["step"] == config.train.steps and final["eval_loss"] < losses[0] - 1.0
     ocfg = OptimConfig.from_mapping(config.optim.to_dict())
     lr = lr_schedule(ocfg, config.train.steps)
-    np.testing.assert_allclose([r["lr"] for r in records],
-                               [float(lr(s)) for s in range(config.train.steps)], rtol=1e-6)
+    np.testing.assert_allclose(
+        [r["lr"] for r in records], [float(lr(s)) for s in range(config.train.steps)], rtol=1e-6
+    )
     assert all(r["skipped"] == 0 and r["tokens_per_s"] > 0 for r in records)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
 
@@ -122,7 +126,7 @@ def test_export_to_hugging_face_format(reference):
     ours = jax.tree.leaves((state.params, state.model_state))
     theirs = jax.tree.leaves((params, model_state))
     assert len(ours) == len(theirs)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -188,8 +192,9 @@ class _Counter:
 
 
 def test_nonfinite_steps_abort_with_a_clear_message(tmp_path):
-    cfg = loop_lib.LoopConfig(steps=50, checkpoint_every=100, max_consecutive_skips=3,
-                              progress=False, best_metric="")
+    cfg = loop_lib.LoopConfig(
+        steps=50, checkpoint_every=100, max_consecutive_skips=3, progress=False, best_metric=""
+    )
 
     def step(state, batch):
         loss = jnp.where(state["n"] >= 2, jnp.nan, 1.0)
@@ -197,9 +202,14 @@ def test_nonfinite_steps_abort_with_a_clear_message(tmp_path):
         return {"n": state["n"] + 1}, {"loss": loss, "skipped": skipped}
 
     with pytest.raises(loop_lib.NonFiniteError, match="NaN/Inf for 3 consecutive steps"):
-        loop_lib.train_loop(config=cfg, workdir=tmp_path, mesh=make_mesh(),
-                            init_fn=lambda: {"n": jnp.zeros((), jnp.int32)}, step_fn=step,
-                            data_iter=_Counter())
+        loop_lib.train_loop(
+            config=cfg,
+            workdir=tmp_path,
+            mesh=make_mesh(),
+            init_fn=lambda: {"n": jnp.zeros((), jnp.int32)},
+            step_fn=step,
+            data_iter=_Counter(),
+        )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records] == [0, 0, 1, 1, 1]
     assert records[-1]["skipped_total"] == 3 and records[-1]["loss"] == "nan"

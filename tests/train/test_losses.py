@@ -36,22 +36,26 @@ def test_logprob_entropy_values_and_grads(chunk):
         def loss(h, w):
             lp, ent = fn(h, w)
             return jnp.sum(lp * c + ent * jnp.cos(c)), (lp, ent)
+
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
-    (v1, (lp1, e1)), g1 = f(lambda h, w: losses.token_logprobs_and_entropy(
-        h, w, t, chunk_size=chunk))(h, w)
+    (v1, (lp1, e1)), g1 = f(
+        lambda h, w: losses.token_logprobs_and_entropy(h, w, t, chunk_size=chunk)
+    )(h, w)
     (v0, (lp0, e0)), g0 = f(lambda h, w: losses.naive_logprobs_and_entropy(h, w, t))(h, w)
     _close(lp1, lp0)
     _close(e1, e0)
     _close(v1, v0)
-    for a, b in zip(g1, g0):
+    for a, b in zip(g1, g0, strict=True):
         _close(a, b)
     # the logprob-only path (no entropy term in the backward rule)
-    g2 = jax.grad(lambda h, w: jnp.sum(losses.token_logprobs(h, w, t, chunk_size=chunk) * c),
-                  argnums=(0, 1))(h, w)
-    g3 = jax.grad(lambda h, w: jnp.sum(losses.naive_logprobs_and_entropy(h, w, t)[0] * c),
-                  argnums=(0, 1))(h, w)
-    for a, b in zip(g2, g3):
+    g2 = jax.grad(
+        lambda h, w: jnp.sum(losses.token_logprobs(h, w, t, chunk_size=chunk) * c), argnums=(0, 1)
+    )(h, w)
+    g3 = jax.grad(
+        lambda h, w: jnp.sum(losses.naive_logprobs_and_entropy(h, w, t)[0] * c), argnums=(0, 1)
+    )(h, w)
+    for a, b in zip(g2, g3, strict=True):
         _close(a, b)
 
 
@@ -88,14 +92,13 @@ def test_reverse_kl_values_and_grads(chunk):
     v1, g1 = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2, 3)))(h, w, ht, wt)
     v0, g0 = jax.value_and_grad(naive, argnums=(0, 1, 2, 3))(h, w, ht, wt)
     _close(v1, v0)
-    for a, b in zip(g1, g0):
+    for a, b in zip(g1, g0, strict=True):
         _close(a, b)
     assert float(jnp.max(jnp.abs(g1[2]))) == 0.0 and float(jnp.max(jnp.abs(g1[3]))) == 0.0
     kl = losses.reverse_kl_per_token(h, w, ht, wt, chunk_size=chunk)
     assert float(kl.min()) >= 0.0
     # KL of a distribution with itself is zero
-    np.testing.assert_allclose(np.asarray(losses.reverse_kl_per_token(h, w, h, w)), 0.0,
-                               atol=TOL)
+    np.testing.assert_allclose(np.asarray(losses.reverse_kl_per_token(h, w, h, w)), 0.0, atol=TOL)
 
 
 def test_shape_errors_name_the_argument():
@@ -112,8 +115,11 @@ def test_model_token_logprobs_match_model_logits():
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 9)), jnp.int32)
-    batch = {"input_ids": ids, "targets": jnp.roll(ids, -1, axis=1),
-             "segment_ids": jnp.asarray([[1] * 9, [1] * 5 + [2] * 4], jnp.int32)}
+    batch = {
+        "input_ids": ids,
+        "targets": jnp.roll(ids, -1, axis=1),
+        "segment_ids": jnp.asarray([[1] * 9, [1] * 5 + [2] * 4], jnp.int32),
+    }
 
     @jax.jit
     def run(params, batch):

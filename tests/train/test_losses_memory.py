@@ -21,19 +21,23 @@ def test_chunked_loss_temp_memory_is_much_lower(case):
     w = jax.ShapeDtypeStruct((D, V), jnp.float32)
     tgt = jax.ShapeDtypeStruct((B, T), jnp.int32)
     if case == "logprob":
+
         def naive(h, w, t):
             return jnp.sum(losses.naive_logprobs_and_entropy(h, w, t)[0])
 
         def chunked(h, w, t):
             return jnp.sum(losses.token_logprobs(h, w, t, chunk_size=CHUNK))
+
         args = (h, w, tgt)
     else:
+
         def naive(h, w, ht, wt):
             return jnp.sum(losses.naive_reverse_kl(h, w, ht, wt))
 
         def chunked(h, w, ht, wt):
             return jnp.sum(losses.reverse_kl_per_token(h, w, ht, wt, chunk_size=CHUNK))
+
         args = (h, w, h, w)
     ratio = _temp_bytes(naive, *args) / max(_temp_bytes(chunked, *args), 1)
     print(f"{case}: naive / chunked temp memory = {ratio:.1f}x")
-    assert ratio >= 8.0   # the goal, here at B*T = 2048 tokens, V = 16384
+    assert ratio >= 8.0  # the goal, here at B*T = 2048 tokens, V = 16384

@@ -15,7 +15,8 @@ from nemocascade.train.state import split_model
 def _paths(tree):
     """{"a/b/c": leaf} with Variables as leaves."""
     flat = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+        tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in flat}
 
 
@@ -47,17 +48,26 @@ def test_schedule_warmup_cosine_floor():
     np.testing.assert_allclose(float(f(500)), 0.1, rtol=1e-6)
     values = np.array([float(f(s)) for s in range(10, 111)])
     assert np.all(np.diff(values) <= 1e-7)
-    g = optim.lr_schedule(optim.OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10,
-                                            decay_steps=210), total_steps=110)
+    g = optim.lr_schedule(
+        optim.OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, decay_steps=210), total_steps=110
+    )
     np.testing.assert_allclose(float(g(110)), 0.55, rtol=1e-6)
 
 
 def test_weight_decay_only_where_masked_and_paper_defaults():
     cfg = optim.OptimConfig(lr=0.1, min_lr=0.1, warmup_steps=0, weight_decay=0.5)
     assert (optim.OptimConfig().b1, optim.OptimConfig().b2, optim.OptimConfig().weight_decay) == (
-        0.9, 0.98, 0.1)
-    params = nnx.State({"w": nnx.Param(jnp.ones((2, 2))), "norm": nnx.Param(jnp.ones((2, 2))),
-                        "b": nnx.Param(jnp.ones((2,)))})
+        0.9,
+        0.98,
+        0.1,
+    )
+    params = nnx.State(
+        {
+            "w": nnx.Param(jnp.ones((2, 2))),
+            "norm": nnx.Param(jnp.ones((2, 2))),
+            "b": nnx.Param(jnp.ones((2,))),
+        }
+    )
     tx = optim.make_optimizer(cfg, 10)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)

@@ -32,16 +32,18 @@ def _docs(vocab, lengths, seed=0):
 
 def _row(docs, T):
     """Pack token lists (each len L+1) into one row of length T (docs' inputs/targets)."""
-    out = {k: np.zeros((T,), np.int32) for k in ("input_ids", "targets", "segment_ids", "positions")}
+    out = {
+        k: np.zeros((T,), np.int32) for k in ("input_ids", "targets", "segment_ids", "positions")
+    }
     out["loss_mask"] = np.zeros((T,), np.float32)
     j = 0
     for s, d in enumerate(docs, start=1):
         n = len(d) - 1
-        out["input_ids"][j:j + n] = d[:-1]
-        out["targets"][j:j + n] = d[1:]
-        out["segment_ids"][j:j + n] = s
-        out["positions"][j:j + n] = np.arange(n)
-        out["loss_mask"][j:j + n] = (np.arange(n) % 3 != 0)  # a non-trivial mask
+        out["input_ids"][j : j + n] = d[:-1]
+        out["targets"][j : j + n] = d[1:]
+        out["segment_ids"][j : j + n] = s
+        out["positions"][j : j + n] = np.arange(n)
+        out["loss_mask"][j : j + n] = np.arange(n) % 3 != 0  # a non-trivial mask
         j += n
     assert j <= T
     return out
@@ -70,8 +72,11 @@ def test_packed_equals_unpacked_loss_and_grads(tiny):
     unpacked = _stack([_row([d], T) for d in docs])
     n = float(packed["loss_mask"].sum())
     assert n == float(unpacked["loss_mask"].sum()) > 0
-    grad_fn = jax.jit(jax.value_and_grad(
-        functools.partial(sft.sft_loss, graphdef=graphdef, denom=jnp.float32(n)), has_aux=True))
+    grad_fn = jax.jit(
+        jax.value_and_grad(
+            functools.partial(sft.sft_loss, graphdef=graphdef, denom=jnp.float32(n)), has_aux=True
+        )
+    )
     (loss_p, (_, _, counts_p)), g_p = grad_fn(state.params, state.model_state, packed)
     (loss_u, (_, _, counts_u)), g_u = grad_fn(state.params, state.model_state, unpacked)
     np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=TOL, atol=TOL)
@@ -79,10 +84,12 @@ def test_packed_equals_unpacked_loss_and_grads(tiny):
     for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_u), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=TOL)
     # the chunked large-vocabulary loss gives the same value
-    chunked = jax.jit(functools.partial(sft.sft_loss, graphdef=graphdef, denom=jnp.float32(n),
-                                        loss_chunk_size=8))
-    np.testing.assert_allclose(float(chunked(state.params, state.model_state, packed)[0]),
-                               float(loss_p), rtol=TOL)
+    chunked = jax.jit(
+        functools.partial(sft.sft_loss, graphdef=graphdef, denom=jnp.float32(n), loss_chunk_size=8)
+    )
+    np.testing.assert_allclose(
+        float(chunked(state.params, state.model_state, packed)[0]), float(loss_p), rtol=TOL
+    )
     # and packing must matter: cross-segment leakage would change the loss
     leaky = dict(packed, segment_ids=jnp.where(packed["segment_ids"] > 0, 1, 0))
     (loss_l, _), _ = grad_fn(state.params, state.model_state, leaky)
@@ -93,11 +100,19 @@ def test_step_metrics_accumulation_and_nan_skip(tiny):
     cfg, graphdef, state, tx, ocfg = tiny
     lr_fn = optim.lr_schedule(ocfg, 10)
     docs = _docs(cfg.vocab_size, [7, 12, 5, 9, 8, 10, 6, 11], seed=1)
-    batch = _stack([_row(docs[i:i + 2], 24) for i in range(0, 8, 2)])  # [4, 24]
+    batch = _stack([_row(docs[i : i + 2], 24) for i in range(0, 8, 2)])  # [4, 24]
 
     def make(n):
-        return jax.jit(functools.partial(sft.sft_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn,
-                                         grad_accum_steps=n, moe_bias_rate=1e-3))
+        return jax.jit(
+            functools.partial(
+                sft.sft_step,
+                graphdef=graphdef,
+                tx=tx,
+                lr_fn=lr_fn,
+                grad_accum_steps=n,
+                moe_bias_rate=1e-3,
+            )
+        )
 
     step1 = make(1)
     s1, m1 = step1(state, batch)
@@ -109,11 +124,17 @@ def test_step_metrics_accumulation_and_nan_skip(tiny):
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-4)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=TOL)
-    assert not all(np.array_equal(a, b) for a, b in
-                   zip(jax.tree.leaves(s1.params), jax.tree.leaves(state.params)))
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(state.params), strict=True)
+    )
     # the MoE correction bias moved by +-rate, outside the optimizer, the same with accumulation
-    for new, acc, old in zip(jax.tree.leaves(s1.model_state), jax.tree.leaves(s2.model_state),
-                             jax.tree.leaves(state.model_state), strict=True):
+    for new, acc, old in zip(
+        jax.tree.leaves(s1.model_state),
+        jax.tree.leaves(s2.model_state),
+        jax.tree.leaves(state.model_state),
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(new), np.asarray(acc))
         step_E = np.abs(np.asarray(new) - np.asarray(old))
         assert np.all(np.isclose(step_E, 1e-3) | (step_E == 0)) and step_E.max() > 0
@@ -127,8 +148,11 @@ def test_step_metrics_accumulation_and_nan_skip(tiny):
     s3, m3 = step1(bad, batch)
     assert int(m3["skipped"]) == 1 and int(s3.step) == 1
     assert not np.isfinite(float(m3["loss"]))
-    for a, b in zip(jax.tree.leaves((s3.params, s3.opt_state, s3.model_state)),
-                    jax.tree.leaves((bad.params, bad.opt_state, bad.model_state)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves((s3.params, s3.opt_state, s3.model_state)),
+        jax.tree.leaves((bad.params, bad.opt_state, bad.model_state)),
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -137,6 +161,9 @@ def test_merge_model_roundtrip(tiny):
     model = merge_model(graphdef, state)
     assert isinstance(model, NemotronH) and model.cfg == cfg
     _, params, model_state = nnx.split(model, nnx.Param, ...)
-    for a, b in zip(jax.tree.leaves((params, model_state)),
-                    jax.tree.leaves((state.params, state.model_state)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves((params, model_state)),
+        jax.tree.leaves((state.params, state.model_state)),
+        strict=True,
+    ):
         assert a is b or np.array_equal(np.asarray(a), np.asarray(b))
