@@ -9,7 +9,7 @@ The script sets `XLA_FLAGS=--xla_force_host_platform_device_count=<devices>` bef
 jax (so run it as its own process). The step is `nemocascade.train.sft.sft_step` (AdamW,
 clipping, MoE bias update) jitted with the train state's shardings from the logical-axis table,
 the batch sharded over the data-like axes and the state donated; the MoE layers run expert
-parallel over the mesh's `expert` axis (`moe_ep.set_expert_mesh`). Timed phases:
+parallel over the mesh's `expert` axis (`NemotronH(cfg, mesh=mesh)`). Timed phases:
 
   trace_lower_s   `jax.jit(step).lower(abstract_state, abstract_batch)` (tracing + StableHLO)
   compile_s       `.compile()` (XLA:CPU SPMD partitioning, optimisation, codegen)
@@ -74,7 +74,6 @@ def measure(
     from flax import nnx
 
     from nemocascade.model import ModelConfig, NemotronH
-    from nemocascade.model.moe_ep import set_expert_mesh
     from nemocascade.sharding import MeshConfig, batch_sharding, make_mesh
     from nemocascade.train.loop import full_shardings
     from nemocascade.train.optim import OptimConfig, make_optimizer
@@ -90,8 +89,7 @@ def measure(
     holder = {}
 
     def init():
-        model = NemotronH(cfg, rngs=nnx.Rngs(0))
-        set_expert_mesh(model, mesh)
+        model = NemotronH(cfg, rngs=nnx.Rngs(0), mesh=mesh)
         graphdef, state = create_train_state(model, tx, jax.random.PRNGKey(0))
         holder["graphdef"] = graphdef
         return state

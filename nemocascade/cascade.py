@@ -40,7 +40,6 @@ from nemocascade import data as nc_data
 from nemocascade import rollouts as ro
 from nemocascade import tasks
 from nemocascade.model import ModelConfig, NemotronH, load_hf_checkpoint, save_hf_checkpoint
-from nemocascade.model.moe_balance import freeze_router
 from nemocascade.report import write_report
 from nemocascade.rl import Preempted, RLStage
 from nemocascade.sharding import MeshConfig, make_mesh
@@ -48,7 +47,7 @@ from nemocascade.train import distill
 from nemocascade.train.checkpoint import Checkpointer
 from nemocascade.train.jobs import register_job
 from nemocascade.train.loop import CHECKPOINT_DIR, LoopConfig, train_loop
-from nemocascade.train.optim import OptimConfig, lr_schedule, make_optimizer
+from nemocascade.train.optim import OptimConfig, freeze_router, lr_schedule, make_optimizer
 from nemocascade.train.sft import sft_step
 from nemocascade.train.state import TrainState, split_model
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from nemocascade.typed_config import from_mapping
 
 PATTERN_TO_BLOCK = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 BLOCK_TO_PATTERN = {v: k for k, v in PATTERN_TO_BLOCK.items()}
@@ -33,6 +36,7 @@ OUR_TO_HF_BLOCK = {
 }
 
 MOE_BACKENDS = ("dense", "ragged_dot", "pallas", "sorted")
+ATTENTION_IMPLS = ("naive", "blockwise", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +98,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"  # none | block | matmuls (see nemocascade.model.nemotron_h)
+    # layer stack: run the repeating block pattern as one `lax.scan` body (compile time)
+    scan_layers: bool = False
+    # attention kernel: naive ([T, T] scores), blockwise (online softmax in jnp, no [T, T]),
+    # pallas (flash attention kernel, `pallas_kernels.flash_attention`)
+    attention_impl: str = "naive"
 
     def __post_init__(self):
         bad = sorted(set(self.pattern) - set(PATTERN_TO_BLOCK))
@@ -119,6 +128,8 @@ class ModelConfig:
             raise ValueError(f"moe_backend {self.moe_backend!r} not in {MOE_BACKENDS}")
         if self.remat not in ("none", "block", "matmuls"):
             raise ValueError(f"remat {self.remat!r} not in ('none', 'block', 'matmuls')")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -144,6 +155,12 @@ class ModelConfig:
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any], section: str = "model") -> ModelConfig:
+        """From a config section holding ModelConfig fields (unknown or mistyped keys raise,
+        naming `section.key`)."""
+        return from_mapping(cls, cfg, section)
 
     # ------------------------------------------------------------------ presets
     @classmethod

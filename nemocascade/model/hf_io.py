@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.flax import save_file
 
@@ -213,11 +214,17 @@ def _get_path(tree, path):
 
 
 def load_hf_checkpoint(
-    path, *, dtype=jnp.float32, config: ModelConfig | None = None, **config_overrides
+    path,
+    *,
+    dtype=jnp.float32,
+    config: ModelConfig | None = None,
+    mesh: Mesh | None = None,
+    **config_overrides,
 ) -> NemotronH:
     """Loads a NemotronH safetensors checkpoint directory (config.json + weights) into our model.
 
-    `dtype` sets the parameter and compute dtype (router, A_log, D, dt_bias stay fp32).
+    `dtype` sets the parameter and compute dtype (router, A_log, D, dt_bias stay fp32); `mesh`
+    is passed to `NemotronH` (expert parallelism over its `expert` axis).
     Raises `CheckpointError` naming every missing, unexpected or wrongly-shaped tensor.
     """
     path = Path(path)
@@ -241,7 +248,7 @@ def load_hf_checkpoint(
     if config.tie_word_embeddings:
         keys.pop("lm_head.weight", None)
 
-    abstract = nnx.eval_shape(lambda: NemotronH(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: NemotronH(config, rngs=nnx.Rngs(0), mesh=mesh))
     graphdef, state = nnx.split(abstract)
     plan = list(_param_plan(config, prefix, stacked))
 

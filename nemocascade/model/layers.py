@@ -55,6 +55,11 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...], self.eps)
 
 
+def path_names(path) -> list[str]:
+    """The names along a pytree key path (dict keys, attribute names, sequence indices)."""
+    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
 def relu2(x: jax.Array) -> jax.Array:
     return jnp.square(jax.nn.relu(x))
 

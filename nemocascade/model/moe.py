@@ -7,13 +7,15 @@ route:   fp32 sigmoid scores; the correction bias is added only to *choose* expe
 experts: non-gated squared-ReLU MLPs computed by a backend from `moe_backends` (config-selected).
 shared:  one always-on squared-ReLU MLP added to the routed output.
 
-The correction bias is an `ExpertBias` variable, not an `nnx.Param`: the optimizer never touches
-it; the aux-loss-free balancing update (`moe_balance`) changes it from the step's expert counts.
+The correction bias is a `moe_balance.ExpertBias` variable, not an `nnx.Param`: the optimizer
+never touches it; the aux-loss-free balancing update (`moe_balance`) changes it from the step's
+expert counts.
 
-Expert parallelism: `moe_ep.set_expert_mesh(model, mesh)` stores a mesh on every MoE layer
-(`ep_mesh`, a static attribute, None by default); with an expert axis > 1 the routed experts then
-run through `moe_ep.expert_parallel_mlp` (tokens exchanged with all_to_all, capacity from
-`cfg.moe_capacity_factor`) and aux["dropped_tokens"] counts dropped assignments.
+Expert parallelism: the layer is given the device mesh when it is built (`MoE(cfg, mesh=...)`,
+passed down from `NemotronH(cfg, mesh=...)`; a static attribute, part of the graph definition).
+With an `expert` axis > 1 the routed experts run through `moe_ep.expert_parallel_mlp` (tokens
+exchanged with all_to_all, capacity from `cfg.moe_capacity_factor`) and aux["dropped_tokens"]
+counts dropped assignments; without a mesh, or with an expert axis of 1, the single-device backend.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from nemocascade.model import moe_balance, moe_ep
 from nemocascade.model.config import ModelConfig
 from nemocascade.model.layers import MLP, dtype_of, param
 from nemocascade.model.moe_backends import expert_mlp
+from nemocascade.model.moe_balance import ExpertBias
 
-
-class ExpertBias(nnx.Variable):
-    """The router's `e_score_correction_bias` (updated outside the optimizer)."""
+# parameter names (last path element) of the router weights: frozen during RL
+ROUTER_PARAM_NAMES = ("router_DE",)
 
 
 def route(x_TD, router_DE, bias_E, cfg: ModelConfig):
@@ -59,7 +62,7 @@ def route(x_TD, router_DE, bias_E, cfg: ModelConfig):
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
         self.cfg = cfg
         d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         std, pd = cfg.initializer_range, cfg.param_dtype
@@ -68,7 +71,7 @@ class MoE(nnx.Module):
         self.up_EDF = param(rngs, (e, d, f), ("experts", "embed", "mlp"), std=std, dtype=pd)
         self.down_EFD = param(rngs, (e, f, d), ("experts", "mlp", "embed"), std=std, dtype=pd)
         self.shared = MLP(cfg, cfg.moe_shared_expert_intermediate_size, rngs=rngs)
-        self.ep_mesh = None  # set by moe_ep.set_expert_mesh (expert parallelism)
+        self.ep_mesh = moe_ep.expert_mesh(mesh)  # None: the single-device backend
 
     def __call__(self, x_BTD, valid_BT=None):
         """Returns (y_BTD, aux): aux["expert_counts"] [E] counts the routed assignments of valid

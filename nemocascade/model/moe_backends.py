@@ -34,6 +34,8 @@ from typing import NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from nemocascade.model.layers import relu2
+
 
 class ExpertBackend(Protocol):
     def __call__(
@@ -65,10 +67,6 @@ def get_backend(name: str) -> ExpertBackend:
 
 def available_backends() -> tuple[str, ...]:
     return tuple(sorted(_BACKENDS))
-
-
-def relu2(x: jax.Array) -> jax.Array:
-    return jnp.square(jax.nn.relu(x))
 
 
 # --------------------------------------------------------------------------- dense (oracle)

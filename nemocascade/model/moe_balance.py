@@ -14,26 +14,27 @@
   P_i = (1/T) sum_t s_ti / sum_j s_tj  (s = sigmoid scores),  loss = sum_i f_i P_i,
   averaged over sequences; f is a constant (no gradient). Uniform routing gives 1. The coefficient
   (Megatron default 1e-4) is applied by the caller.
-* Router freezing (done during RL): `freeze_router(tx)` wraps an optax transformation so the
-  router weights get zero updates while the correction bias keeps following the rule above
-  (the bias is an `ExpertBias` variable, not an `nnx.Param`, so the optimizer never sees it).
+* The correction bias is an `ExpertBias` variable (defined here), not an `nnx.Param`: the
+  optimizer never sees it, so it keeps following the rule above also when the router weights
+  are frozen (`train.optim.freeze_router`, done during RL).
 * `load_metrics`: per-layer expert-load statistics for logging.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
+from nemocascade.model.layers import path_names
+
 DEFAULT_BIAS_UPDATE_RATE = 1e-3
-DEFAULT_AUX_LOSS_COEF = 1e-4
-# parameter names (last path element) of the router weight in `moe.MoE`
-ROUTER_PARAM_NAMES = ("router_DE",)
+
+
+class ExpertBias(nnx.Variable):
+    """A MoE router's `e_score_correction_bias` [E] (updated by rule, outside the optimizer)."""
 
 
 def expert_counts(
@@ -108,12 +109,8 @@ def load_metrics(counts_LE: jax.Array, prefix: str = "moe/") -> dict[str, jax.Ar
     }
 
 
-def _path_names(path) -> list[str]:
-    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-
-
 def _is_bias_var(x) -> bool:
-    return isinstance(x, nnx.Variable) and type(x).__name__ == "ExpertBias"
+    return isinstance(x, ExpertBias)
 
 
 def update_model_biases(
@@ -127,7 +124,7 @@ def update_model_biases(
     """
     found = []
     for path, _ in jax.tree_util.tree_leaves_with_path(model_state, is_leaf=_is_bias_var):
-        found.append(tuple(_path_names(path)))
+        found.append(tuple(path_names(path)))
 
     def key(names):
         return tuple((0, int(n), "") if n.isdigit() else (1, 0, n) for n in names)
@@ -142,34 +139,7 @@ def update_model_biases(
     def upd(path, x):
         if not _is_bias_var(x):
             return x
-        new = update_expert_bias(x.get_value(), counts_LE[order[tuple(_path_names(path))]], rate)
+        new = update_expert_bias(x.get_value(), counts_LE[order[tuple(path_names(path))]], rate)
         return x.replace(new)
 
     return jax.tree_util.tree_map_with_path(upd, model_state, is_leaf=_is_bias_var)
-
-
-def router_labels(params: Any, router_names: Sequence[str] = ROUTER_PARAM_NAMES) -> Any:
-    """Label tree for `optax.multi_transform`: 'router' for router weights, else 'trainable'."""
-
-    def label(path, _):
-        names = _path_names(path)
-        return "router" if names and names[-1] in router_names else "trainable"
-
-    return jax.tree_util.tree_map_with_path(
-        label, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-
-
-def freeze_router(
-    tx: optax.GradientTransformation, router_names: Sequence[str] = ROUTER_PARAM_NAMES
-) -> optax.GradientTransformation:
-    """`tx` for every parameter except the router weights, whose updates are exactly zero.
-
-    Use for RL stages (router frozen); keep applying `update_model_biases` after each step so the
-    correction bias keeps balancing the load. The optimizer state of the router is not allocated.
-    """
-
-    def labels(params: Any) -> Any:
-        return router_labels(params, router_names)
-
-    return optax.multi_transform({"trainable": tx, "router": optax.set_to_zero()}, labels)

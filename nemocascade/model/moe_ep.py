@@ -43,11 +43,6 @@ from nemocascade.model.moe_balance import expert_counts
 EXPERT_AXIS = "expert"
 
 
-def token_axes(mesh: Mesh) -> tuple[str, ...]:
-    """Mesh axes (size > 1) that the token/batch dimension is sharded over."""
-    return sharding.batch_axes(mesh)
-
-
 def capacity(
     tokens_per_device: int,
     top_k: int,
@@ -121,7 +116,7 @@ def expert_parallel_mlp(
     ep = mesh.shape[EXPERT_AXIS]
     if E % ep:
         raise ValueError(f"moe_ep: {E} experts do not divide over expert axis of size {ep}")
-    axes = token_axes(mesh)
+    axes = sharding.batch_axes(mesh)
     if EXPERT_AXIS not in axes:
         raise ValueError(
             f"moe_ep: the batch axes {axes} must include '{EXPERT_AXIS}' "
@@ -158,22 +153,12 @@ def expert_parallel_mlp(
     return fn(x_TD, idx_TK, w_TK, up_EDF, down_EFD)
 
 
-def set_expert_mesh(model, mesh: Mesh | None) -> int:
-    """Make every `moe.MoE` layer inside `model` (an nnx module) run expert-parallel over `mesh`
-    (None, or an expert axis of size 1: the single-device backend). Returns the number of layers
-    set. Call before `nnx.split`, so the mesh is part of the graph definition."""
-    from flax import nnx
-
-    from nemocascade.model.moe import MoE  # here, not at the top: moe imports this module
-
-    if mesh is not None and mesh.shape.get(EXPERT_AXIS, 1) == 1:
-        mesh = None
-    n = 0
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, MoE):
-            node.ep_mesh = mesh
-            n += 1
-    return n
+def expert_mesh(mesh: Mesh | None) -> Mesh | None:
+    """`mesh` if its expert axis has more than one device (experts are then sharded), else None
+    (the MoE layer runs the single-device backend)."""
+    if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) == 1:
+        return None
+    return mesh
 
 
 def global_expert_counts(

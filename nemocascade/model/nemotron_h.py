@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from nemocascade.model.attention import Attention, KVCache
 from nemocascade.model.config import ModelConfig
@@ -41,7 +42,7 @@ def _remat_block(block, x_BTD, segment_ids_BT, policy: str):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
         self.kind = kind
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype=cfg.param_dtype)
         if kind == "mamba":
@@ -49,7 +50,7 @@ class Block(nnx.Module):
         elif kind == "attention":
             self.mixer = Attention(cfg, rngs=rngs)
         elif kind == "moe":
-            self.mixer = MoE(cfg, rngs=rngs)
+            self.mixer = MoE(cfg, rngs=rngs, mesh=mesh)
         elif kind == "mlp":
             self.mixer = MLP(cfg, cfg.intermediate_size, rngs=rngs)
         else:
@@ -69,13 +70,16 @@ class Block(nnx.Module):
 
 
 class NemotronH(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """`mesh`: the device mesh the model runs on; MoE layers run expert-parallel over its
+    `expert` axis when that axis has more than one device (`moe_ep`). None: single-device MoE."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
         self.cfg = cfg
         pd, std = cfg.param_dtype, cfg.initializer_range
         self.embed_VD = param(
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std=std, dtype=pd
         )
-        self.layers = nnx.List([Block(cfg, kind, rngs=rngs) for kind in cfg.block_types])
+        self.layers = nnx.List([Block(cfg, kind, rngs=rngs, mesh=mesh) for kind in cfg.block_types])
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype=pd)
         if not cfg.tie_word_embeddings:
             self.lm_head_DV = param(

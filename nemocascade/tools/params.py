@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from nemocascade.model.config import ModelConfig
+from nemocascade.model.moe_balance import ExpertBias
 from nemocascade.model.nemotron_h import NemotronH
 
 
@@ -53,7 +54,7 @@ def count_params(cfg: ModelConfig) -> dict:
     total = active = 0
     k, e = cfg.num_experts_per_tok, cfg.n_routed_experts
     for path, var in nnx.to_flat_state(nnx.state(model)):
-        if not isinstance(var, nnx.Param) and type(var).__name__ != "ExpertBias":
+        if not isinstance(var, nnx.Param | ExpertBias):
             continue  # statistics (expert load) are not parameters
         n = math.prod(var.get_value().shape)
         is_expert = path[-1] in ("up_EDF", "down_EFD")

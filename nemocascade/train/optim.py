@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -24,6 +24,8 @@ import optax
 from flax import nnx
 
 from nemocascade.configs_lib import dataclass_from_mapping
+from nemocascade.model.layers import path_names
+from nemocascade.model.moe import ROUTER_PARAM_NAMES
 from nemocascade.model.moe_balance import update_model_biases
 from nemocascade.train.state import TrainState
 
@@ -87,20 +89,12 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> Callable[[jax.Array], jax
     return schedule
 
 
-def _path_names(path) -> list[str]:
-    names = []
-    for k in path:
-        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-        names.append(str(key).lower())
-    return names
-
-
 def decay_mask(params: Any) -> Any:
     """True where weight decay applies: >= 2-D params whose path names no norm or bias."""
 
     def decide(path, leaf):
         value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-        names = _path_names(path)
+        names = [n.lower() for n in path_names(path)]
         if getattr(value, "ndim", 0) < 2:
             return False
         return not any(part in name for name in names for part in NO_DECAY_NAME_PARTS)
@@ -123,6 +117,34 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     if cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     return adamw
+
+
+def router_labels(params: Any, router_names: Sequence[str] = ROUTER_PARAM_NAMES) -> Any:
+    """Label tree for `optax.multi_transform`: 'router' for router weights, else 'trainable'."""
+
+    def label(path, _):
+        names = path_names(path)
+        return "router" if names and names[-1] in router_names else "trainable"
+
+    return jax.tree_util.tree_map_with_path(
+        label, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def freeze_router(
+    tx: optax.GradientTransformation, router_names: Sequence[str] = ROUTER_PARAM_NAMES
+) -> optax.GradientTransformation:
+    """`tx` for every parameter except the router weights, whose updates are exactly zero.
+
+    Used by RL stages (router frozen, as in Nemotron-3 RL). The MoE correction bias is not a
+    Param (`moe_balance.ExpertBias`), so it keeps balancing the load through
+    `update_model_biases` after each step. The optimizer state of the router is not allocated.
+    """
+
+    def labels(params: Any) -> Any:
+        return router_labels(params, router_names)
+
+    return optax.multi_transform({"trainable": tx, "router": optax.set_to_zero()}, labels)
 
 
 def accumulate_gradients(

@@ -10,8 +10,9 @@ from flax import nnx
 
 from nemocascade.model import moe_balance as bal
 from nemocascade.model.config import ModelConfig
-from nemocascade.model.moe import ExpertBias
+from nemocascade.model.moe_balance import ExpertBias
 from nemocascade.model.nemotron_h import NemotronH
+from nemocascade.train.optim import freeze_router, router_labels
 
 
 def test_expert_counts_masks_invalid_tokens_and_ignores_dropped_slots():
@@ -116,14 +117,14 @@ def test_freeze_router_zeroes_router_updates_only():
     model = NemotronH(cfg, rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     grads = jax.tree.map(jnp.ones_like, params)
-    tx = bal.freeze_router(optax.adamw(1e-2, weight_decay=0.1))
+    tx = freeze_router(optax.adamw(1e-2, weight_decay=0.1))
     updates, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(params, updates)
     router_old = params["layers"][0]["mixer"]["router_DE"][...]
     np.testing.assert_array_equal(new["layers"][0]["mixer"]["router_DE"][...], router_old)
     up_old = params["layers"][0]["mixer"]["up_EDF"][...]
     assert not np.allclose(new["layers"][0]["mixer"]["up_EDF"][...], up_old)
-    labels = jax.tree.leaves(bal.router_labels(params))
+    labels = jax.tree.leaves(router_labels(params))
     assert labels.count("router") == 1
     # the bias of the real model state follows the rule (the optimizer never sees it)
     _, _, rest = nnx.split(model, nnx.Param, ...)

@@ -170,8 +170,8 @@ def test_model_with_expert_mesh_matches_single_device():
     r = jax.random.normal(jax.random.key(1), (8, 4, cfg.vocab_size))
 
     def run(mesh):
-        model = NemotronH(cfg, rngs=nnx.Rngs(0))
-        assert moe_ep.set_expert_mesh(model, mesh) == 1
+        model = NemotronH(cfg, rngs=nnx.Rngs(0), mesh=mesh)
+        assert (model.layers[0].mixer.ep_mesh is None) == (mesh is None)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss(p, ids):

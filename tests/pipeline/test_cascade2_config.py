@@ -8,9 +8,8 @@ from flax import nnx
 from configs.nemotron_cascade2 import get_config
 from nemocascade.cascade import Cascade, _model_config
 from nemocascade.model import NemotronH
-from nemocascade.model.moe_balance import freeze_router
 from nemocascade.sharding import MESH_AXES, MeshConfig
-from nemocascade.train.optim import OptimConfig, make_optimizer
+from nemocascade.train.optim import OptimConfig, freeze_router, make_optimizer
 from nemocascade.train.state import bytes_per_device, create_train_state
 
 GiB = 1 << 30
