@@ -4,9 +4,12 @@
         --chat=sft.jsonl --prompts=rl_prompts.jsonl
 
 Every chat record is rendered with the chat template in both thinking and
-non-thinking mode and every prompt record as its thinking-mode prompt, so the
-merges cover the template's own text; the special tokens take ids 0..8
-(`tokenizer.TRAINED_SPECIALS`). Load the result with `Tokenizer.from_file`.
+non-thinking mode and every prompt record as its thinking-mode prompt (tool
+declarations included), so the merges cover the template's own text; records
+over `sources.MAX_RECORD_CHARS` are skipped and texts are cut to
+`tokenizer.MAX_TEXT_CHARS`, so training time is bounded; the special tokens
+take ids 0..8 (`tokenizer.TRAINED_SPECIALS`). Load the result with
+`Tokenizer.from_file`.
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ def corpus_texts(
     """Rendered template text of every record in the given (validated) JSONL files."""
     for path in chat_paths:
         for record in read_chat_jsonl(path)[0]:
-            yield render_text(record["messages"], thinking=True)
-            yield render_text(record["messages"], thinking=False)
+            tools = record.get("tools")
+            yield render_text(record["messages"], thinking=True, tools=tools)
+            yield render_text(record["messages"], thinking=False, tools=tools)
     for path in prompt_paths:
         for record in read_prompt_jsonl(path)[0]:
             messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
-            yield render_text(messages, thinking=True, add_generation_prompt=True)
+            yield render_text(
+                messages, thinking=True, add_generation_prompt=True, tools=record.get("tools")
+            )
 
 
 def train_from_jsonl(

@@ -6,6 +6,7 @@ Rendered text. This follows the Nemotron-3 Hugging Face chat template as read
 released tokenizer_config.json itself cannot be fetched here:
 
     <|im_start|>system\\n{system}<|im_end|>\\n          always emitted; {system} = "" if none
+                                                     (+ the tool declarations, given `tools`)
     <|im_start|>user\\n{content}<|im_end|>\\n
     <|im_start|>user\\n<tool_response>\\n{c}\\n</tool_response>\\n...<|im_end|>\\n
                                                      one block per run of consecutive tool messages
@@ -34,8 +35,15 @@ the model generates. (Documented deviation: given `reasoning_content`, the
 HF template concatenates `"<think>\\n" ~ reasoning ~ "</think>" ~ content`
 without those two newlines; we do not copy that asymmetry.)
 
-Tool calls are expected inline in `content` (Nemotron's XML
-`<tool_call><function=...>` text); no `tool_calls` field is rendered.
+Tool calls (`tools.py` has the format). `tools` (a list of `ToolSpec` or
+tool declarations) are declared in the system turn after its text. An
+assistant message's `tool_calls` (`[{"name", "arguments"}]` or OpenAI's
+`[{"function": {...}}]`) render after its content as `<tool_call>` blocks
+(`{content}\\n\\n<tool_call>...`, or just the blocks when the content is
+empty) and are trained like the rest of the turn. Calls may also be written
+inline in `content` as Nemotron's XML text. `tool` messages render as above,
+via `tools.render_tool_responses`, and are never trained. Without `tools` and
+`tool_calls` the rendering is unchanged.
 
 Generation prefix (`add_generation_prompt=True`, and `render_prompt`):
 `<|im_start|>assistant\\n<think>\\n` in thinking mode, `<|im_start|>assistant\\n<think></think>`
@@ -60,6 +68,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from nemocascade.data.tokenizer import IM_END, IM_START, THINK, THINK_END, Tokenizer
+from nemocascade.data.tools import ToolSpec, render_system, render_tool_calls, render_tool_responses
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -89,6 +98,9 @@ def _assistant_body(message: Mapping, *, current: bool, thinking: bool) -> tuple
     The body is right-trimmed of whitespace, as the HF template's `| trim` does.
     """
     reasoning, content = split_reasoning(message)
+    if message.get("tool_calls"):
+        calls = render_tool_calls(message["tool_calls"])
+        content = f"{content.rstrip()}\n\n{calls}" if content.strip() else calls
     if current and thinking and reasoning is not None:
         return f"{THINK}\n", f"{reasoning}\n{THINK_END}\n{content}".rstrip()
     if not current and reasoning is not None:
@@ -97,7 +109,12 @@ def _assistant_body(message: Mapping, *, current: bool, thinking: bool) -> tuple
 
 
 def _pieces(
-    messages: Sequence[Mapping], *, thinking: bool, add_generation_prompt: bool, train_history: bool
+    messages: Sequence[Mapping],
+    *,
+    thinking: bool,
+    add_generation_prompt: bool,
+    train_history: bool,
+    tools: Sequence[ToolSpec | Mapping] | None,
 ) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, trained) pieces, in order."""
     if not messages and not add_generation_prompt:
@@ -105,7 +122,7 @@ def _pieces(
     system, offset = "", 0  # offset: index of messages[0] in the caller's list
     if messages and messages[0].get("role") == "system":
         system, messages, offset = messages[0].get("content") or "", messages[1:], 1
-    pieces = [(f"{IM_START}system\n{system}{IM_END}\n", False)]
+    pieces = [(f"{IM_START}system\n{render_system(system, tools)}{IM_END}\n", False)]
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
     i = 0
     while i < len(messages):
@@ -113,11 +130,11 @@ def _pieces(
         if role == "user":
             pieces.append((f"{IM_START}user\n{messages[i].get('content') or ''}{IM_END}\n", False))
         elif role == "tool":
-            text = f"{IM_START}user\n"
+            results = []
             while i < len(messages) and messages[i].get("role") == "tool":
-                text += f"<tool_response>\n{messages[i].get('content') or ''}\n</tool_response>\n"
+                results.append(messages[i].get("content") or "")
                 i += 1
-            pieces.append((text + f"{IM_END}\n", False))
+            pieces.append((f"{IM_START}user\n{render_tool_responses(results)}{IM_END}\n", False))
             continue
         elif role == "assistant":
             current = i > last_user
@@ -144,11 +161,19 @@ def _pieces(
 
 
 def render_text(
-    messages: Sequence[Mapping], *, thinking: bool = True, add_generation_prompt: bool = False
+    messages: Sequence[Mapping],
+    *,
+    thinking: bool = True,
+    add_generation_prompt: bool = False,
+    tools: Sequence[ToolSpec | Mapping] | None = None,
 ) -> str:
     """The conversation rendered as template text (no tokenisation)."""
     pieces = _pieces(
-        messages, thinking=thinking, add_generation_prompt=add_generation_prompt, train_history=True
+        messages,
+        thinking=thinking,
+        add_generation_prompt=add_generation_prompt,
+        train_history=True,
+        tools=tools,
     )
     return "".join(text for text, _ in pieces)
 
@@ -160,18 +185,20 @@ def render_chat(
     thinking: bool = True,
     add_generation_prompt: bool = False,
     train_history: bool = True,
+    tools: Sequence[ToolSpec | Mapping] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation and a 0/1 loss mask over them.
 
     The mask covers the tokens an assistant generates (see module docstring);
     `thinking` selects thinking mode (reasoning of the current turn rendered)
-    or non-thinking mode (empty `<think></think>`).
+    or non-thinking mode (empty `<think></think>`); `tools` are declared in the system turn.
     """
     pieces = _pieces(
         messages,
         thinking=thinking,
         add_generation_prompt=add_generation_prompt,
         train_history=train_history,
+        tools=tools,
     )
     text = "".join(t for t, _ in pieces)
     char_mask = bytearray(len(text))
@@ -186,12 +213,17 @@ def render_chat(
 
 
 def render_prompt(
-    tokenizer: Tokenizer, messages_or_prompt: str | Sequence[Mapping], *, thinking: bool = True
+    tokenizer: Tokenizer,
+    messages_or_prompt: str | Sequence[Mapping],
+    *,
+    thinking: bool = True,
+    tools: Sequence[ToolSpec | Mapping] | None = None,
 ) -> list[int]:
     """Token ids of an RL prompt, ending with the generation prefix of the chosen mode.
 
     A string is a single user message. The conversation must not end with an
-    assistant message.
+    assistant message (it may end with tool responses: the model continues
+    after them). `tools` are declared in the system turn.
     """
     if isinstance(messages_or_prompt, str):
         messages = [{"role": "user", "content": messages_or_prompt}]
@@ -199,4 +231,5 @@ def render_prompt(
         messages = list(messages_or_prompt)
     if messages and messages[-1].get("role") == "assistant":
         raise ValueError("an RL prompt must not end with an assistant message")
-    return tokenizer.encode(render_text(messages, thinking=thinking, add_generation_prompt=True))
+    text = render_text(messages, thinking=thinking, add_generation_prompt=True, tools=tools)
+    return tokenizer.encode(text)

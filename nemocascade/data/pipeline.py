@@ -64,8 +64,13 @@ OVERLONG_MODES = ("truncate", "split")
 def tokenize_chat_record(
     record: Mapping, tokenizer: Tokenizer, *, thinking: bool = True
 ) -> dict[str, np.ndarray]:
-    """One chat record as `inputs`, `targets`, `loss_mask` ([L-1] int32 each); see module doc."""
-    ids, mask = render_chat(tokenizer, record["messages"], thinking=thinking)
+    """One chat record as `inputs`, `targets`, `loss_mask` ([L-1] int32 each); see module doc.
+
+    The record's `tools` (if any) are declared in the system turn.
+    """
+    ids, mask = render_chat(
+        tokenizer, record["messages"], thinking=thinking, tools=record.get("tools")
+    )
     if len(ids) < 2:
         raise ValueError(f"record renders to {len(ids)} token(s); need at least 2")
     ids_L = np.asarray(ids, dtype=np.int32)
@@ -237,14 +242,16 @@ def prompt_dataset(
     Each batch is a list of `batch_size` dicts `{"prompt_ids": list[int],
     "record": dict}` (ragged prompts, the record kept for its domain and
     verifier); `prompt_ids` ends with the generation prefix of the mode
-    (`render_prompt`). Shuffling, sharding, epochs and the checkpointable
-    iterator state work as in `sft_dataset`.
+    (`render_prompt`, with the record's `tools` declared). Shuffling,
+    sharding, epochs and the checkpointable iterator state work as in
+    `sft_dataset`.
     """
     ds = _shuffled_shard(records, seed, shuffle, num_epochs, shard_index, shard_count)
 
     def tokenize(record: Mapping) -> dict[str, Any]:
         source = record["prompt"] if "prompt" in record else record["messages"]
-        return {"prompt_ids": render_prompt(tokenizer, source, thinking=thinking), "record": record}
+        ids = render_prompt(tokenizer, source, thinking=thinking, tools=record.get("tools"))
+        return {"prompt_ids": ids, "record": record}
 
     return (
         ds.map(tokenize)

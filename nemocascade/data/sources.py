@@ -19,8 +19,26 @@ messages must not end with one. `domain` is a non-empty string. A prompt has
 exactly one of `prompt` (non-empty string) / `messages`, and `verifier` is an
 object with a string `type`. Other keys are kept as they are.
 
+Tool calling (see `tools.py`): a record may declare `tools` (a list of tool declarations,
+ours or OpenAI's `{"type": "function", "function": {...}}`); an assistant message may carry
+`tool_calls` (a list of `{"name", "arguments"}` or `{"function": {"name", "arguments"}}`,
+`arguments` an object or a JSON string of one), and then its `content` may be missing or null.
+
 A bad line raises `DataError("file.jsonl:17: field 'messages[2].role': ...")`;
-with `skip_bad=True` it is skipped and counted instead. Blank lines are ignored.
+a line that is not UTF-8 or not JSON raises `DataError("file.jsonl:17:42: ...")`
+(42: the 1-based character column in that line, as editors show it). With
+`skip_bad=True` a bad line is skipped and counted instead. Blank lines are ignored.
+
+Size cap. A line longer than `max_record_chars` characters (default
+`MAX_RECORD_CHARS`, measured on the JSON text of the line) is skipped with a
+warning naming `file:line` and its size, and counted, whatever `skip_bad`
+says: one pathological record (a 10 MiB line) would otherwise stall tokenizer
+training and everything downstream. The default, 4,000,000 characters, is
+about the model's longest context (1M tokens) at ~4 characters per token, so
+no record that could be trained on is dropped.
+
+A file with no records left (empty, only blank lines, or everything skipped)
+raises `DataError("file.jsonl: no records ...")`.
 """
 
 from __future__ import annotations
@@ -32,12 +50,39 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from nemocascade.data.chat import ROLES
+from nemocascade.data.tools import ToolCall, ToolSpec
 
 log = logging.getLogger(__name__)
 
+# Longest JSONL line (in characters) a reader keeps; see the module docstring.
+MAX_RECORD_CHARS = 4_000_000
+
 
 class DataError(ValueError):
-    """A record in a data file is malformed; the message starts with `file:line`."""
+    """A data file is malformed; the message starts with `file:line[:column]` (or `file:`)."""
+
+
+class SkipCount(int):
+    """Lines a reader skipped: an int (their total) that also tells them apart.
+
+    `bad`: malformed lines skipped under `skip_bad=True`; `too_long`: lines over
+    `max_record_chars` (always skipped).
+    """
+
+    bad: int
+    too_long: int
+
+    def __new__(cls, bad: int = 0, too_long: int = 0) -> SkipCount:
+        self = super().__new__(cls, bad + too_long)
+        self.bad, self.too_long = bad, too_long
+        return self
+
+    def __repr__(self) -> str:
+        return f"SkipCount(bad={self.bad}, too_long={self.too_long})"
+
+
+class _BadLine(Exception):
+    """A bad line; the message is complete (`file:line[:column]: ...`)."""
 
 
 class _FieldError(Exception):
@@ -77,7 +122,9 @@ def _check_messages(record: Mapping) -> list[Mapping]:
             raise _FieldError(f"{name}.role", f"expected one of {list(ROLES)}, got {got!r}")
         if m["role"] == "system" and i != 0:
             raise _FieldError(f"{name}.role", "a system message may only come first")
-        _check_str(m, "content", field=f"{name}.content")
+        has_calls = _check_tool_calls(m, name)
+        if not (has_calls and m.get("content") is None):
+            _check_str(m, "content", field=f"{name}.content")
         if "reasoning_content" in m and m["reasoning_content"] is not None:
             if m["role"] != "assistant":
                 raise _FieldError(
@@ -85,6 +132,36 @@ def _check_messages(record: Mapping) -> list[Mapping]:
                 )
             _check_str(m, "reasoning_content", field=f"{name}.reasoning_content")
     return messages
+
+
+def _check_tool_calls(message: Mapping, name: str) -> bool:
+    """Whether `message` carries tool calls; raises `_FieldError` if they are malformed."""
+    calls = message.get("tool_calls")
+    if calls is None:
+        return False
+    if message["role"] != "assistant":
+        raise _FieldError(f"{name}.tool_calls", "only assistant messages carry tool calls")
+    if not isinstance(calls, list):
+        raise _FieldError(f"{name}.tool_calls", f"expected a list, got {_type_name(calls)}")
+    for j, call in enumerate(calls):
+        try:
+            ToolCall.from_mapping(call)
+        except ValueError as e:
+            raise _FieldError(f"{name}.tool_calls[{j}]", str(e)) from None
+    return bool(calls)
+
+
+def _check_tools(record: Mapping) -> None:
+    if "tools" not in record:
+        return
+    tools = record["tools"]
+    if not isinstance(tools, list):
+        raise _FieldError("tools", f"expected a list, got {_type_name(tools)}")
+    for i, tool in enumerate(tools):
+        try:
+            ToolSpec.from_mapping(tool)
+        except ValueError as e:
+            raise _FieldError(f"tools[{i}]", str(e)) from None
 
 
 def validate_chat_record(record: Any) -> None:
@@ -95,6 +172,7 @@ def validate_chat_record(record: Any) -> None:
     if not any(m["role"] == "assistant" for m in messages):
         raise _FieldError("messages", "no assistant message to train on")
     _check_str(record, "domain", nonempty=True)
+    _check_tools(record)
 
 
 def validate_prompt_record(record: Any) -> None:
@@ -120,42 +198,90 @@ def validate_prompt_record(record: Any) -> None:
     if not isinstance(verifier, dict):
         raise _FieldError("verifier", f"expected an object, got {_type_name(verifier)}")
     _check_str(verifier, "type", field="verifier.type", nonempty=True)
+    _check_tools(record)
+
+
+def _decode_line(raw: bytes, where: str) -> str:
+    """The line's text without its line terminator; `_BadLine` if it is not UTF-8."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        column = len(raw[: e.start].decode("utf-8")) + 1
+        raise _BadLine(f"{where}:{column}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    return text.rstrip("\r\n")
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        # `text` is one line, so the character offset gives the column.
+        raise _BadLine(f"{where}:{e.pos + 1}: invalid JSON: {e.msg}") from None
 
 
 def _read_jsonl(
-    path: str | os.PathLike, validate: Callable[[Any], None], *, skip_bad: bool
-) -> tuple[list[dict], int]:
+    path: str | os.PathLike,
+    validate: Callable[[Any], None],
+    *,
+    skip_bad: bool,
+    max_record_chars: int,
+) -> tuple[list[dict], SkipCount]:
     path = os.fspath(path)
-    records, n_skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    if max_record_chars < 1:
+        raise ValueError(f"max_record_chars={max_record_chars} must be >= 1")
+    records, n_bad, n_long = [], 0, 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
             try:
+                text = _decode_line(raw, where)
+                if not text.strip():
+                    continue
+                if len(text) > max_record_chars:
+                    log.warning(
+                        "%s: skipping a record of %d characters (max_record_chars=%d)",
+                        where,
+                        len(text),
+                        max_record_chars,
+                    )
+                    n_long += 1
+                    continue
+                record = _parse_json(text, where)
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _FieldError(
-                        "<json>", f"invalid JSON ({e.msg} at column {e.colno})"
-                    ) from None
-                validate(record)
-            except _FieldError as e:
-                message = f"{path}:{lineno}: {e}"
+                    validate(record)
+                except _FieldError as e:
+                    raise _BadLine(f"{where}: {e}") from None
+            except _BadLine as e:
                 if not skip_bad:
-                    raise DataError(message) from None
-                if n_skipped == 0:
-                    log.warning("skipping bad records; first: %s", message)
-                n_skipped += 1
+                    raise DataError(str(e)) from None
+                if n_bad == 0:
+                    log.warning("skipping bad records; first: %s", e)
+                n_bad += 1
                 continue
             records.append(record)
-    return records, n_skipped
+    if not records:
+        detail = (
+            f"{n_bad} bad line(s) and {n_long} over max_record_chars={max_record_chars} skipped"
+            if n_bad or n_long
+            else "the file is empty or blank"
+        )
+        raise DataError(f"{path}: no records ({detail})")
+    return records, SkipCount(n_bad, n_long)
 
 
-def read_chat_jsonl(path: str | os.PathLike, *, skip_bad: bool = False) -> tuple[list[dict], int]:
-    """(valid chat records, number of bad lines skipped) of a JSONL file."""
-    return _read_jsonl(path, validate_chat_record, skip_bad=skip_bad)
+def read_chat_jsonl(
+    path: str | os.PathLike, *, skip_bad: bool = False, max_record_chars: int = MAX_RECORD_CHARS
+) -> tuple[list[dict], SkipCount]:
+    """(valid chat records, lines skipped) of a JSONL file; see the module docstring."""
+    return _read_jsonl(
+        path, validate_chat_record, skip_bad=skip_bad, max_record_chars=max_record_chars
+    )
 
 
-def read_prompt_jsonl(path: str | os.PathLike, *, skip_bad: bool = False) -> tuple[list[dict], int]:
-    """(valid RL prompt records, number of bad lines skipped) of a JSONL file."""
-    return _read_jsonl(path, validate_prompt_record, skip_bad=skip_bad)
+def read_prompt_jsonl(
+    path: str | os.PathLike, *, skip_bad: bool = False, max_record_chars: int = MAX_RECORD_CHARS
+) -> tuple[list[dict], SkipCount]:
+    """(valid RL prompt records, lines skipped) of a JSONL file; see the module docstring."""
+    return _read_jsonl(
+        path, validate_prompt_record, skip_bad=skip_bad, max_record_chars=max_record_chars
+    )

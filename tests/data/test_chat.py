@@ -179,3 +179,84 @@ def test_bad_conversations():
         )
     with pytest.raises(ValueError, match=r"messages\[1\]\.role"):
         render_text([SINGLE[0], {"role": "bot", "content": "x"}])
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "City name."}},
+            "required": ["city"],
+        },
+    },
+}
+CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+CALL_TEXT = (
+    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+    "</function>\n</tool_call>"
+)
+TOOL_CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "reasoning_content": "Ask the tool.",
+        "content": "",
+        "tool_calls": [CALL],
+    },
+    {"role": "tool", "content": '{"sky": "cloudy"}'},
+    {"role": "assistant", "reasoning_content": "It says cloudy.", "content": "Cloudy."},
+]
+
+
+def test_tool_calling_conversation_trains_only_assistant_tokens(tokenizer):
+    from nemocascade.data.tools import render_tool_declarations
+
+    text = render_text(TOOL_CHAT, thinking=True, tools=[WEATHER_TOOL])
+    assert text == (
+        f"<|im_start|>system\nBe brief.\n\n{render_tool_declarations([WEATHER_TOOL])}<|im_end|>\n"
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        f"<|im_start|>assistant\n<think>\nAsk the tool.\n</think>\n{CALL_TEXT}<|im_end|>\n"
+        '<|im_start|>user\n<tool_response>\n{"sky": "cloudy"}\n</tool_response>\n<|im_end|>\n'
+        "<|im_start|>assistant\n<think>\nIt says cloudy.\n</think>\nCloudy.<|im_end|>\n"
+    )
+    ids, mask = render_chat(tokenizer, TOOL_CHAT, thinking=True, tools=[WEATHER_TOOL])
+    assert tokenizer.decode(ids) == text
+    assert masked_runs(tokenizer, ids, mask) == [
+        f"Ask the tool.\n</think>\n{CALL_TEXT}<|im_end|>",
+        "It says cloudy.\n</think>\nCloudy.<|im_end|>",
+    ]
+
+
+def test_tool_call_in_non_thinking_mode_and_after_prose(tokenizer):
+    msgs = [TOOL_CHAT[1], {"role": "assistant", "content": "Let me check. ", "tool_calls": [CALL]}]
+    msgs += TOOL_CHAT[3:]
+    ids, mask = render_chat(tokenizer, msgs, thinking=False, tools=[WEATHER_TOOL])
+    assert masked_runs(tokenizer, ids, mask) == [
+        f"Let me check.\n\n{CALL_TEXT}<|im_end|>",
+        "Cloudy.<|im_end|>",
+    ]
+    assert "<tools>" in tokenizer.decode(ids) and tokenizer.decode(ids).count("<|im_start|>") == 5
+
+
+def test_tool_calls_field_renders_like_inline_text(tokenizer):
+    field = [TOOL_CHAT[1], {"role": "assistant", "content": None, "tool_calls": [CALL, CALL]}]
+    inline = [TOOL_CHAT[1], {"role": "assistant", "content": f"{CALL_TEXT}\n{CALL_TEXT}"}]
+    for thinking in (True, False):
+        assert render_chat(tokenizer, field, thinking=thinking) == render_chat(
+            tokenizer, inline, thinking=thinking
+        )
+
+
+def test_prompt_with_tools_continues_after_tool_responses(tokenizer):
+    prompt = render_prompt(tokenizer, TOOL_CHAT[:4], thinking=True, tools=[WEATHER_TOOL])
+    text = tokenizer.decode(prompt)
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
+    assert text.endswith("</tool_response>\n<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    # the prompt is the prefix of the full conversation, up to the last turn's trained tokens
+    full, full_mask = render_chat(tokenizer, TOOL_CHAT, tools=[WEATHER_TOOL])
+    n = len(prompt)
+    assert full[:n] == prompt and full_mask[n - 1 : n + 1] == [0, 1]

@@ -251,3 +251,24 @@ def test_prompt_dataset(prompt_path, tokenizer):
     want = [[x["prompt_ids"] for x in next(it)] for _ in range(8)]
     it.set_state(state)
     assert [[x["prompt_ids"] for x in next(it)] for _ in range(8)] == want
+
+
+def test_records_with_tools_declare_them(tokenizer):
+    from nemocascade.data import prompt_dataset
+
+    tools = [{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    chat = {
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+        ],
+        "tools": tools,
+        "domain": "tool_calling",
+    }
+    doc = tokenize_chat_record(chat, tokenizer)
+    text = tokenizer.decode(doc["inputs"].tolist() + doc["targets"][-1:].tolist())
+    assert "<name>get_weather</name>" in text and "<parameter=city>\nParis\n" in text
+    prompt = {"prompt": "Weather?", "tools": tools, "domain": "t", "verifier": {"type": "t"}}
+    (batch,) = prompt_dataset([prompt], tokenizer, batch_size=1, seed=0, num_epochs=1)
+    assert "<name>get_weather</name>" in tokenizer.decode(batch[0]["prompt_ids"])

@@ -1,5 +1,7 @@
 """Tokenizer wrapper: special-token layout, round trip, file loading, missing-special errors."""
 
+import logging
+
 import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
@@ -107,3 +109,23 @@ def test_build_tokenizer_cli(chat_path, prompt_path, tmp_path, capsys, chat_reco
     text = render_text(chat_records[0]["messages"])
     ids = tok.encode(text)
     assert tok.decode(ids) == text and len(ids) < len(text.encode()) / 2
+
+
+@pytest.mark.parametrize("content", [b"", b'{"model": ', b"\xff\xfe not json", b"{}"])
+def test_corrupt_file_is_named(tmp_path, content):
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a valid tokenizer.json") as e:
+        Tokenizer.from_file(path)
+    assert str(e.value).startswith(str(path))
+
+
+def test_train_bpe_truncates_texts_over_the_cap(caplog):
+    texts = ["ab cd " * 10, "ab " * 20 + "zq" * 500]
+    with caplog.at_level(logging.WARNING, logger="nemocascade.data.tokenizer"):
+        tok = train_bpe(texts, 300, max_text_chars=60)
+    assert "text 1 has 1060 characters; training on its first 60" in caplog.text
+    assert "truncated 1 text(s) to max_text_chars=60" in caplog.text
+    # nothing past the cap was trained on: "zq" never merged
+    assert len(tok.encode("zqzq")) == 4 and len(tok.encode("ab")) == 1
+    assert len(train_bpe(texts, 300).encode("zqzq")) < 4
