@@ -81,7 +81,7 @@ def _grpo(
             eps_low=0.2,
             eps_high=0.28,
             kl_coef=kl,
-            leave_one_out=False,
+            advantage_estimator="group_mean_std",
             dynamic_filtering=dynamic,
             overlong_filtering=overlong_filter,
         ),

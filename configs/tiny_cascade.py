@@ -68,7 +68,7 @@ def _grpo(
             eps_low=0.2,
             eps_high=0.28,
             kl_coef=0.0,
-            leave_one_out=False,
+            advantage_estimator="group_mean_std",
             dynamic_filtering=True,
             overlong_filtering=False,
         ),

@@ -6,7 +6,7 @@
                             then write DIR/sweep.csv and DIR/sweep.md (final metrics of each)
     --parallel=N            with --sweep: N variants at a time, each in its own process
 
-`config.job` picks the function to run from the job registry (`nemocascade.train.jobs`;
+`config.job` picks the function to run from the job registry (`nemocascade.jobs`;
 `register_job` is re-exported here). Every run writes DIR/config.json before it starts and
 DIR/final_metrics.json when its job returns. A job stopped by SIGTERM saves and exits with 0.
 """
@@ -25,8 +25,8 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from nemocascade import configs_lib
-from nemocascade.train.jobs import get_job, register_job
+from nemocascade import config_files
+from nemocascade.jobs import get_job, register_job
 
 __all__ = ["main", "register_job", "run_job", "run_sweep"]
 
@@ -56,7 +56,7 @@ def run_job(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
     is_main = jax.process_index() == 0
     if is_main:
-        configs_lib.write_config_json(config, workdir)
+        config_files.write_config_json(config, workdir)
     job = get_job(config.job)
     metrics = dict(job(config, workdir))
     if is_main:
@@ -68,7 +68,7 @@ def run_job(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _sweep_row(name: str, overrides: dict, metrics: dict | None, status: str) -> dict[str, Any]:
     row: dict[str, Any] = {"variant": name, "status": status}
-    row.update({k: v for k, v in overrides.items() if k != configs_lib.NAME_KEY})
+    row.update({k: v for k, v in overrides.items() if k != config_files.NAME_KEY})
     row.update(metrics or {})
     return row
 
@@ -87,22 +87,22 @@ def run_sweep(
     `python -m nemocascade.launch ... --variant=NAME` processes, at most `parallel` at a time,
     passing `child_args` (the command line's --config.* overrides) on.
     """
-    variants = configs_lib.load_sweep(spec)
-    names = configs_lib.variant_names(variants)
+    variants = config_files.load_sweep(spec)
+    names = config_files.variant_names(variants)
     for v in variants:  # fail on a typo before anything runs
-        configs_lib.apply_overrides(config, v)
+        config_files.apply_overrides(config, v)
     os.makedirs(workdir, exist_ok=True)
     rows: list[dict[str, Any]] = []
     if parallel <= 1:
         for name, overrides in zip(names, variants, strict=True):
             logging.info("sweep variant %s: %s", name, overrides)
             metrics = run_job(
-                configs_lib.apply_overrides(config, overrides), os.path.join(workdir, name)
+                config_files.apply_overrides(config, overrides), os.path.join(workdir, name)
             )
             rows.append(_sweep_row(name, overrides, metrics, "ok"))
     else:
         rows = _run_parallel(spec, workdir, names, variants, parallel, child_args)
-    configs_lib.write_sweep_tables(rows, workdir)
+    config_files.write_sweep_tables(rows, workdir)
     failed = [r["variant"] for r in rows if r["status"] != "ok"]
     if failed:
         raise RuntimeError(f"sweep variants failed: {failed} (see {workdir}/<variant>/launch.log)")
@@ -147,7 +147,7 @@ def _run_parallel(spec, workdir, names, variants, parallel, child_args) -> list[
     for name in names:
         overrides, rc = done[name]
         path = os.path.join(workdir, name, FINAL_METRICS)
-        metrics = configs_lib.read_json(path) if rc == 0 and os.path.exists(path) else None
+        metrics = config_files.read_json(path) if rc == 0 and os.path.exists(path) else None
         rows.append(
             _sweep_row(name, overrides, metrics, "ok" if metrics is not None else f"rc={rc}")
         )
@@ -189,8 +189,8 @@ def check_command_line(argv: Sequence[str]) -> None:
     if spec is None or not keys:
         return
     try:
-        configs_lib.check_keys(configs_lib.load_config(spec), keys, prefix="--config.")
-    except configs_lib.ConfigKeyError as e:
+        config_files.check_keys(config_files.load_config(spec), keys, prefix="--config.")
+    except config_files.ConfigKeyError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
 
@@ -218,11 +218,11 @@ def main(argv: Sequence[str]) -> None:
     config, workdir = _CONFIG.value, _WORKDIR.value
     spec = _config_spec(sys.argv[1:])
     if _VARIANT.value:
-        variants = configs_lib.load_sweep(spec)
-        by_name = dict(zip(configs_lib.variant_names(variants), variants, strict=True))
+        variants = config_files.load_sweep(spec)
+        by_name = dict(zip(config_files.variant_names(variants), variants, strict=True))
         if _VARIANT.value not in by_name:
             raise app.UsageError(f"--variant={_VARIANT.value!r}: not one of {sorted(by_name)}")
-        config = configs_lib.apply_overrides(config, by_name[_VARIANT.value])
+        config = config_files.apply_overrides(config, by_name[_VARIANT.value])
     if _SWEEP.value:
         rows = run_sweep(
             spec, config, workdir, parallel=_PARALLEL.value, child_args=_override_args(sys.argv[1:])

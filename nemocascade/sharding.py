@@ -44,6 +44,9 @@ LOGICAL_RULES: dict[str, Any] = {
     "ssm_inner": "tensor",
     "ssm_heads": "tensor",
     "conv_kernel": None,
+    # the repeats of a scanned layer segment (stacked parameters, `nemotron_h.BlockGroup`):
+    # replicated, every device holds its share of every layer as in the unrolled model
+    "layers": None,
 }
 
 
@@ -168,3 +171,37 @@ def batch_axes(mesh: Mesh, rules: Mapping[str, Any] = LOGICAL_RULES) -> tuple[st
     spec = logical_to_spec(("batch",), rules, mesh)
     entry = spec[0] if len(spec) else None
     return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many ways the batch dimension is split (product of the batch axes' sizes; 1 without
+    a mesh): every batch row count must be a multiple of it."""
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
+def device_batch(batch: Mapping[str, Any], mesh: Mesh | None, *, process_local: bool = True):
+    """The one way a host batch `{key: [B, ...] array}` becomes device arrays.
+
+    With a mesh, each array is laid out over the mesh's batch axes (`batch_sharding`):
+    `process_local=True` means each process holds only its own rows (`[B / processes, ...]`, as
+    a data pipeline sharded by process yields them); `False` means every process holds the same
+    whole batch (rollouts, which every process samples identically). Without a mesh: plain
+    `jnp` arrays on the default device.
+    """
+    if mesh is None:
+        return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    out = {}
+    copies = jax.process_count() if process_local else 1
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if v.shape and (v.shape[0] * copies) % batch_shards(mesh):
+            raise ValueError(
+                f"batch[{k!r}] has {v.shape[0] * copies} rows, not a multiple of the "
+                f"{batch_shards(mesh)} batch shards of the mesh {dict(mesh.shape)}"
+            )
+        out[k] = jax.make_array_from_process_local_data(
+            batch_sharding(mesh, v.ndim), v, None if process_local else v.shape
+        )
+    return out

@@ -9,9 +9,9 @@ import jax
 import pytest
 from ml_collections import ConfigDict
 
-from nemocascade import configs_lib
+from nemocascade import config_files as configs_lib
+from nemocascade.jobs import get_job
 from nemocascade.sharding import MESH_AXES, MeshConfig
-from nemocascade.train.jobs import get_job
 from nemocascade.train.state import bytes_per_device, param_count
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -48,7 +48,7 @@ def test_config_loads(path):
 
 
 def test_sft_tiny_builds():
-    from nemocascade.train.sft_job import abstract_train_state
+    from nemocascade.jobs.sft import abstract_train_state
 
     config = configs_lib.load_config(os.path.join(ROOT, "configs", "sft_tiny.py"))
     state = abstract_train_state(config)
@@ -56,7 +56,7 @@ def test_sft_tiny_builds():
 
 
 def test_nano_sft_sharded_state_fits(capsys):
-    from nemocascade.train.sft_job import abstract_train_state
+    from nemocascade.jobs.sft import abstract_train_state
 
     module = configs_lib.load_module(os.path.join(ROOT, "configs", "nano_30b_a3b_sft.py"))
     config = module.get_config()

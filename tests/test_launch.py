@@ -14,7 +14,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TOY_CONFIG = textwrap.dedent('''
     """A toy job for the launcher tests: loss = (x - 3)^2."""
     from ml_collections import ConfigDict
-    from nemocascade.train.jobs import register_job
+    from nemocascade.jobs import register_job
 
     @register_job("toy_quadratic")
     def run(config, workdir):

@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 
-from nemocascade.cascade import record_stage
+from nemocascade.jobs.cascade import record_stage
 
 
 def fork(src: str, dst: str, after: str) -> dict:
@@ -37,9 +37,9 @@ def fork(src: str, dst: str, after: str) -> dict:
     os.makedirs(os.path.join(dst, "stages"))
     shutil.copy(os.path.join(src, "tokenizer.json"), dst)
     for st in kept:
-        shutil.copytree(
-            os.path.join(src, "stages", st["name"], "final"),
-            os.path.join(dst, "stages", st["name"], "final"),
+        shutil.copytree(  # the last checkpoint of a finished stage is its final weights
+            os.path.join(src, "stages", st["name"], "checkpoints"),
+            os.path.join(dst, "stages", st["name"], "checkpoints"),
         )
     with open(os.path.join(dst, "summary.json"), "w") as f:
         json.dump(out, f, indent=2)

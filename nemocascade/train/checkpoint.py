@@ -64,7 +64,13 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data", "extra"), options=options
+            self.directory,
+            item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "extra": ocp.JsonCheckpointHandler(),
+            },
+            options=options,
         )
 
     def all_steps(self) -> list[int]:
@@ -89,7 +95,7 @@ class Checkpointer:
         self._manager.save(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.PyTreeSave(state),
                 data=ocp.args.JsonSave(dict(data_state)),
                 extra=ocp.args.JsonSave(dict(extra or {})),
             ),
@@ -103,12 +109,22 @@ class Checkpointer:
         out = self._manager.restore(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=_pytree_restore(abstract_state, partial=False),
                 data=ocp.args.JsonRestore(),
                 extra=ocp.args.JsonRestore(),
             ),
         )
         return out["state"], dict(out["data"] or {}), dict(out["extra"] or {})
+
+    def restore_fields(self, step: int, abstract_fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Only some top-level fields of the state saved at `step` (e.g. `{"params": ...,
+        "model_state": ...}` of a TrainState: a stage's final weights without its optimizer
+        state), with `abstract_fields`' shapes, dtypes and shardings."""
+        out = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(state=_pytree_restore(dict(abstract_fields), partial=True)),
+        )
+        return dict(out["state"])
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
         """The newest checkpoint that restores, as `(step, state, data_state, extra)`, or None.
@@ -144,4 +160,19 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
     """`abstract_state` (ShapeDtypeStructs) with each leaf's sharding set from `shardings`."""
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
+
+
+def _pytree_restore(abstract: Any, *, partial: bool) -> ocp.args.PyTreeRestore:
+    """Restore args placing every array as its `jax.ShapeDtypeStruct` says (no sharding: the
+    default device)."""
+
+    def args(x):
+        sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(
+            jax.devices()[0]
+        )
+        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=x.shape, dtype=x.dtype)
+
+    return ocp.args.PyTreeRestore(
+        item=abstract, restore_args=jax.tree.map(args, abstract), partial_restore=partial
     )

@@ -37,9 +37,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nemocascade.configs_lib import dataclass_from_mapping
-from nemocascade.train import grpo, losses, optim
+from nemocascade.generate import bucket
+from nemocascade.train import losses, optim
 from nemocascade.train.state import TrainState
+from nemocascade.train.steps import (
+    accumulate,
+    check_batch,
+    common_stats,
+    loss_denominator,
+    step_metrics,
+)
+from nemocascade.typed_config import from_mapping
 
 Batch = Mapping[str, jax.Array]
 OBJECTIVES = ("sampled_token", "reverse_kl")
@@ -68,7 +76,7 @@ class DistillConfig:
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> DistillConfig:
         """From a config section; unknown keys raise, naming the valid ones."""
-        return dataclass_from_mapping(cls, cfg, "distill")
+        return from_mapping(cls, cfg, "distill")
 
 
 class Teacher(NamedTuple):
@@ -185,7 +193,7 @@ def distill_loss(
     if aux_loss_coef:
         loss = loss + aux_loss_coef * aux["aux_loss"] / num_micro
     stats = (
-        grpo.common_stats(logp_BT, ent_BT, mask_BT, batch["sampler_logprobs"], aux["expert_counts"])
+        common_stats(logp_BT, ent_BT, mask_BT, batch["sampler_logprobs"], aux["expert_counts"])
         | extra
         | {"loss_sum": jax.lax.stop_gradient(num)}
     )
@@ -222,8 +230,8 @@ def distill_train_step(
     required = ("input_ids", "targets", "loss_mask", "segment_ids", "sampler_logprobs")
     if cfg.objective == "sampled_token":
         required += ("teacher_logprobs",)
-    grpo.check_batch(batch, required, "distill_train_step")
-    denom = grpo.loss_denominator(batch, token_level=True)
+    check_batch(batch, required, "distill_train_step")
+    denom = loss_denominator(batch, token_level=True)
     loss_fn = functools.partial(
         distill_loss,
         graphdef=graphdef,
@@ -234,14 +242,14 @@ def distill_train_step(
         aux_loss_coef=aux_loss_coef,
         num_micro=cfg.grad_accum_steps,
     )
-    _, stats, grads = grpo.accumulate_with_stats(
+    _, stats, grads = accumulate(
         loss_fn, state.params, state.model_state, batch, cfg.grad_accum_steps
     )
     loss = stats["loss_sum"] / denom
     new_state, grad_norm, skipped = optim.apply_update(
         state, loss, grads, stats["expert_counts"], tx=tx, moe_bias_rate=moe_bias_rate
     )
-    metrics = grpo.step_metrics(state, stats, lr_fn) | {
+    metrics = step_metrics(state, stats, lr_fn) | {
         "loss": loss,
         "grad_norm": grad_norm,
         "skipped": skipped,
@@ -275,7 +283,7 @@ def teacher_logprobs(
 
     `teacher_state_or_params`: a TrainState or the state(s) `nnx.merge` takes. Jitted and cached
     per (graphdef, shapes, chunk)."""
-    grpo.check_batch(batch, ("input_ids", "targets", "segment_ids"), "teacher_logprobs")
+    check_batch(batch, ("input_ids", "targets", "segment_ids"), "teacher_logprobs")
     return _score(
         teacher_graphdef,
         _states(teacher_state_or_params),
@@ -284,11 +292,6 @@ def teacher_logprobs(
         batch["segment_ids"],
         chunk=int(chunk),
     )
-
-
-def _bucket(n: int) -> int:
-    """Row counts are padded to a power of two, so a teacher compiles O(log B) shapes."""
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def teacher_groups(teachers: Mapping[Any, Teacher]) -> list[tuple[Teacher, list]]:
@@ -344,7 +347,7 @@ def mopd_teacher_logprobs(
             lp = teacher_logprobs(t.graphdef, t.state, batch, chunk=chunk)
             out = jnp.where(jnp.asarray(np.isin(domains_B, doms))[:, None], lp, out)
             continue
-        idx = np.concatenate([rows, np.full(_bucket(rows.size) - rows.size, rows[0])])
+        idx = np.concatenate([rows, np.full(bucket(rows.size, 1) - rows.size, rows[0])])
         sub = {k: jnp.asarray(batch[k])[idx] for k in ("input_ids", "targets", "segment_ids")}
         lp = teacher_logprobs(t.graphdef, t.state, sub, chunk=chunk)
         out = out.at[rows].set(lp[: rows.size])

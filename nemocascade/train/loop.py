@@ -1,14 +1,22 @@
-"""The sharded training loop shared by the trainers (SFT now; any `(state, batch) -> (state,
-metrics)` step).
+"""The one sharded train loop, for every stage kind (SFT, GRPO, MOPD, reward models).
 
-What it does, in order:
-  1. abstract train state (`jax.eval_shape(init_fn)`), shardings from the logical-axis table;
-  2. resume from the newest readable checkpoint, or initialise directly into those shardings;
-  3. jit the step once with explicit shardings and the state donated;
-  4. per step: next batch -> global array -> step; the metrics of the *previous* step are
-     fetched and logged (the device never waits on the host), NaN/Inf skips are counted;
-  5. at checkpoint steps, the last step and on SIGTERM: sync, evaluate, save (async);
-     SIGTERM then returns cleanly with `preempted=True`.
+A stage supplies a batch source and a pure step `step_fn(state, batch, *step_args) -> (state,
+metrics)`; everything else happens here, once:
+
+  1. the abstract train state and its shardings (the logical-axis table);
+  2. resume from the newest readable checkpoint, else the initial state laid out in those
+     shardings;
+  3. the step jitted once, explicit shardings, the state donated (`step_args`: extra traced
+     inputs such as MOPD teachers' weights, passed every call, never baked in as constants);
+  4. per step: `source.next_batch(state, step)` (an iterator for SFT; for RL, rollouts sampled
+     and scored with the current state) -> device arrays (`sharding.device_batch`) -> step. The
+     previous step's metrics are fetched and logged one step late, so the device never waits on
+     the host; NaN/Inf updates are skipped by the step and counted here, and too many in a row
+     abort with `NonFiniteError`;
+  5. `eval_fn(state)` every `eval_every` steps (and at checkpoints when `eval_on_checkpoint`);
+     checkpoints every `checkpoint_every` steps, at the last step and on SIGTERM, which then
+     returns with `preempted=True`; a progress bar, `metrics.jsonl` and TensorBoard.
+
 Running again on a finished workdir restores the last checkpoint and does no step.
 """
 
@@ -20,29 +28,58 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from nemocascade.configs_lib import dataclass_from_mapping
-from nemocascade.sharding import batch_sharding, state_shardings
+from nemocascade.sharding import device_batch, state_shardings
 from nemocascade.train.checkpoint import Checkpointer, abstract_with_shardings
 from nemocascade.train.metrics import MetricsWriter, read_metrics
+from nemocascade.typed_config import from_mapping
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+HostBatch = Mapping[str, np.ndarray]
 
 
-class DataIterator(Protocol):
-    """What the loop needs from a data pipeline (grain's DatasetIterator has this shape)."""
+class BatchSource(Protocol):
+    """Where a stage's batches come from.
 
-    def __next__(self) -> Mapping[str, np.ndarray]: ...
+    `next_batch(state, step)` returns `(batch or None, host metrics)`: the host arrays of the
+    step's update (None: no update this step, e.g. every RL group was filtered out) and scalars
+    for the step's record (rollout rewards, timings). `process_local`: True if each process
+    yields only its own rows, False if every process yields the whole batch. `get_state` /
+    `set_state` make the source resumable (saved with every checkpoint)."""
+
+    process_local: bool
+
+    def next_batch(self, state: Any, step: int) -> tuple[HostBatch | None, dict[str, Any]]: ...
     def get_state(self) -> dict: ...
     def set_state(self, state: dict) -> None: ...
+
+
+class IteratorSource:
+    """A `BatchSource` over a data iterator (e.g. grain's `DatasetIterator`): one batch per
+    step, whatever the state; its position is checkpointed."""
+
+    process_local = True
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def next_batch(self, state: Any, step: int) -> tuple[HostBatch, dict[str, Any]]:
+        del state, step
+        return next(self.iterator), {}
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,19 +97,34 @@ class LoopConfig:
     async_checkpoint: bool = True
 
     def __post_init__(self):
-        if self.steps < 1 or self.checkpoint_every < 1 or self.max_consecutive_skips < 1:
-            raise ValueError(
-                f"train: steps, checkpoint_every, max_consecutive_skips must be >= 1: {self}"
-            )
+        for key in ("steps", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every}")
 
     @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any]) -> LoopConfig:
-        """From a config section; unknown keys raise, naming the valid ones."""
-        return dataclass_from_mapping(cls, cfg, "train")
+    def from_mapping(cls, cfg: Mapping[str, Any], section: str = "train") -> LoopConfig:
+        """From a config section; unknown or mistyped keys raise, naming them."""
+        return from_mapping(cls, cfg, section)
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Preempted(RuntimeError):
+    """A stage stopped on SIGTERM after saving a checkpoint; running the job again resumes it."""
+
+
+@dataclasses.dataclass
+class LoopResult:
+    """The state after the last step done, that step's record, and whether SIGTERM stopped
+    the loop early (after saving a checkpoint)."""
+
+    state: Any
+    record: dict[str, Any]
+    preempted: bool = False
 
 
 def full_shardings(abstract_state: Any, mesh: Mesh) -> Any:
@@ -89,7 +141,6 @@ def full_shardings(abstract_state: Any, mesh: Mesh) -> Any:
 class StopFlag:
     """Whether to checkpoint and stop after the current step.
 
-    Shared by the SFT loop and the RL stages (`nemocascade.rl`).
     One process: set by our SIGTERM handler (installed from the main thread). Several processes:
     JAX's preemption service (started by `jax.distributed.initialize`, listening for SIGTERM)
     agrees on one step at which every process stops, so all of them join the same save.
@@ -122,35 +173,32 @@ class StopFlag:
             self._previous = None
 
 
-def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays, batch-sharded over the mesh, from this process's rows `[B_local, ...]`."""
-    return {
-        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-        for k, v in batch.items()
-    }
-
-
 def train_loop(
     *,
     config: LoopConfig,
     workdir: str | os.PathLike,
     mesh: Mesh,
-    init_fn: Callable[[], Any],
-    step_fn: Callable[[Any, Any], tuple[Any, dict]],
-    data_iter: DataIterator,
+    init: Callable[[], Any] | Any,
+    step_fn: Callable[..., tuple[Any, dict]],
+    source: BatchSource,
     eval_fn: Callable[[Any], dict[str, float]] | None = None,
+    eval_on_checkpoint: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Train for `config.steps` steps in `workdir`; returns the last step's record.
+    step_args: Sequence[Any] = (),
+    progress_keys: Sequence[str] = ("loss",),
+    name: str | None = None,
+) -> LoopResult:
+    """Train for `config.steps` steps in `workdir` (see the module docstring).
 
-    init_fn() -> state builds the initial TrainState (jitted here into its shardings);
-    step_fn(state, batch) -> (state, metrics) must return `loss` and `skipped` among its scalar
-    metrics; eval_fn(state) -> {"eval_...": float} runs at sync points; on_record(record) is
-    called on every process after each step's record is logged.
+    init: a function building the initial TrainState (jitted into its shardings) or the initial
+    state itself (laid out into its shardings). step_fn must return `loss` and `skipped` among
+    its scalar metrics. eval_fn(state) -> {name: float} is merged into the step's record.
+    on_record(record) is called on every process after each record is logged. `progress_keys`
+    are shown in the progress bar; `name` labels it (default: the workdir's name).
     """
     workdir = os.fspath(workdir)
     is_main = jax.process_index() == 0
-    abstract = jax.eval_shape(init_fn)
+    abstract = jax.eval_shape(init) if callable(init) else _abstract(init)
     shardings = full_shardings(abstract, mesh)
     ckpt = Checkpointer(
         os.path.join(workdir, CHECKPOINT_DIR),
@@ -159,141 +207,154 @@ def train_loop(
         best_mode=config.best_mode,
         async_save=config.async_checkpoint,
     )
-    restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
-    if restored is not None:
-        start, state, data_state, _ = restored
-        data_iter.set_state(data_state)
-        log.info("resumed from %s/%s/%d", workdir, CHECKPOINT_DIR, start)
-    else:
-        start = 0
-        state = jax.jit(init_fn, out_shardings=shardings)()
-    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
     try:
+        restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
+        if restored is not None:
+            start, state, source_state, _ = restored
+            source.set_state(source_state)
+            log.info("resumed from %s/%s/%d", workdir, CHECKPOINT_DIR, start)
+        elif callable(init):
+            start, state = 0, jax.jit(init, out_shardings=shardings)()
+        else:
+            start, state = 0, jax.device_put(init, shardings)
         if start >= config.steps:
             log.info(
                 "%s: already trained %d >= %d steps; nothing to do", workdir, start, config.steps
             )
             records = read_metrics(workdir) if is_main else []
-            return dict(records[-1]) if records else {"step": start}
-        return _run(
-            config,
-            workdir,
-            mesh,
-            state,
-            shardings,
-            start,
-            step_fn,
-            data_iter,
-            eval_fn,
-            on_record,
-            ckpt,
-            writer,
-            is_main,
-        )
+            return LoopResult(state, dict(records[-1]) if records else {"step": start})
+        writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
+        try:
+            run = _Run(config, workdir, mesh, shardings, step_fn, source, eval_fn, on_record, ckpt)
+            return run.loop(
+                state,
+                start,
+                eval_on_checkpoint=eval_on_checkpoint,
+                step_args=tuple(step_args),
+                writer=writer,
+                progress=_progress(config, is_main, start, name or os.path.basename(workdir)),
+                progress_keys=tuple(progress_keys),
+            )
+        finally:
+            writer.close()
     finally:
-        writer.close()
         ckpt.close()
 
 
-def _run(
-    config,
-    workdir,
-    mesh,
-    state,
-    shardings,
-    start,
-    step_fn,
-    data_iter,
-    eval_fn,
-    on_record,
-    ckpt,
-    writer,
-    is_main,
-) -> dict[str, Any]:
-    stop = StopFlag()
-    stop.install()
-    jstep = None
-    progress = None
-    if is_main and config.progress:
-        from tqdm import tqdm
+def _abstract(state: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state)
 
-        progress = tqdm(
-            total=config.steps,
-            initial=start,
-            desc=os.path.basename(workdir) or "train",
-            dynamic_ncols=True,
-        )
-    last: dict[str, Any] = {"step": start}
-    skips = {"run": 0, "total": 0}
-    timer = {"t": time.perf_counter()}
 
-    def handle(done: int, metrics: dict, tokens: int, extra: dict | None = None) -> dict:
-        host = jax.device_get(metrics)
-        now = time.perf_counter()
-        host["tokens_per_s"] = tokens / max(now - timer["t"], 1e-9)
-        timer["t"] = now
-        skipped = int(host["skipped"])
-        skips["run"] = skips["run"] + 1 if skipped else 0
-        skips["total"] += skipped
-        host["skipped_total"] = skips["total"]
-        record = writer.write(done, {**host, **(extra or {})})
-        if progress is not None:
-            progress.update(done - progress.n)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{host['tokens_per_s']:.0f}")
-        if on_record is not None:
-            on_record(record)
-        if skips["run"] >= config.max_consecutive_skips:
-            raise NonFiniteError(
-                f"{workdir}: loss or gradients were NaN/Inf for {skips['run']} consecutive steps "
-                f"(up to step {done}; last loss={record['loss']}, "
-                f"grad_norm={record.get('grad_norm')}"
-                f"); aborting. Lower optim.lr, check the data, or raise "
-                f"train.max_consecutive_skips."
-            )
-        return record
+def _progress(config: LoopConfig, is_main: bool, start: int, name: str):
+    if not (is_main and config.progress):
+        return None
+    from tqdm import tqdm
 
-    pending = None  # (done, metrics on device, tokens) of the step not yet logged
-    try:
-        for done in range(start + 1, config.steps + 1):
-            local = next(data_iter)
-            data_state = data_iter.get_state()
-            batch = to_global(local, mesh)
-            tokens = int(np.prod(next(iter(local.values())).shape[:2])) * jax.process_count()
-            if jstep is None:
-                batch_sh = {k: v.sharding for k, v in batch.items()}
-                jstep = jax.jit(
-                    step_fn,
-                    in_shardings=(shardings, batch_sh),
-                    out_shardings=(shardings, None),
-                    donate_argnums=0,
+    return tqdm(total=config.steps, initial=start, desc=name or "train", dynamic_ncols=True)
+
+
+@dataclasses.dataclass
+class _Run:
+    config: LoopConfig
+    workdir: str
+    mesh: Mesh
+    shardings: Any
+    step_fn: Callable
+    source: BatchSource
+    eval_fn: Callable | None
+    on_record: Callable | None
+    ckpt: Checkpointer
+
+    def loop(self, state, start, *, eval_on_checkpoint, step_args, writer, progress, progress_keys):
+        config = self.config
+        stop = StopFlag()
+        stop.install()
+        jstep = None
+        last: dict[str, Any] = {"step": start}
+        skips = {"run": 0, "total": 0}
+        clock = {"t": time.perf_counter()}
+        pending = None  # (step, metrics on device or None, host metrics, tokens) not yet logged
+
+        def handle(done, metrics, host, tokens, extra=None) -> dict:
+            now = time.perf_counter()
+            values = dict(host)
+            if metrics is not None:
+                values.update(jax.device_get(metrics))
+            values["step_s"] = now - clock["t"]
+            values["tokens_per_s"] = tokens / max(now - clock["t"], 1e-9)
+            clock["t"] = now
+            skipped = int(values.get("skipped", 0)) if metrics is not None else 0
+            skips["run"] = skips["run"] + 1 if skipped else 0
+            skips["total"] += skipped
+            values["skipped_total"] = skips["total"]
+            record = writer.write(done, {**values, **(extra or {})})
+            if progress is not None:
+                progress.update(done - progress.n)
+                progress.set_postfix(
+                    {k: f"{record[k]:.4g}" for k in progress_keys if k in record}
+                    | {"tok_s": f"{values['tokens_per_s']:.0f}"}
                 )
-            state, metrics = jstep(state, batch)
-            if pending is not None:
-                last = handle(*pending)
-            pending = (done, metrics, tokens)
-            is_eval = config.eval_every > 0 and done % config.eval_every == 0
-            stopping = stop.check(done)
-            is_ckpt = done % config.checkpoint_every == 0 or done == config.steps or stopping
-            if is_eval or is_ckpt:
-                extra = eval_fn(state) if eval_fn is not None else None
-                last = handle(*pending, extra=extra)
-                pending = None
-                if is_ckpt:
-                    ckpt.save(
-                        done,
-                        state,
-                        data_state,
-                        metrics=_ckpt_metrics(last, config),
-                        extra={"record": _jsonable(last)},
+            if self.on_record is not None:
+                self.on_record(record)
+            if skips["run"] >= config.max_consecutive_skips:
+                raise NonFiniteError(
+                    f"{self.workdir}: loss or gradients were NaN/Inf for {skips['run']} "
+                    f"consecutive steps (up to step {done}; last loss={record.get('loss')}, "
+                    f"grad_norm={record.get('grad_norm')}); aborting. Lower optim.lr, check the "
+                    "data, or raise max_consecutive_skips."
+                )
+            return record
+
+        try:
+            for done in range(start + 1, config.steps + 1):
+                local, host = self.source.next_batch(state, done)
+                source_state = self.source.get_state()
+                if local is None:  # nothing to train on this step: no update, logged as such
+                    metrics, tokens = None, 0
+                    host = {**host, "loss": 0.0, "skipped": 1, "empty_batch": 1}
+                else:
+                    batch = device_batch(local, self.mesh, process_local=self.source.process_local)
+                    first = np.shape(next(iter(local.values())))
+                    copies = jax.process_count() if self.source.process_local else 1
+                    tokens = int(np.prod(first[:2])) * copies
+                    if jstep is None:
+                        batch_sh = {k: v.sharding for k, v in batch.items()}
+                        jstep = jax.jit(
+                            self.step_fn,
+                            in_shardings=(self.shardings, batch_sh) + (None,) * len(step_args),
+                            out_shardings=(self.shardings, None),
+                            donate_argnums=0,
+                        )
+                    state, metrics = jstep(state, batch, *step_args)
+                if pending is not None:
+                    last = handle(*pending)
+                pending = (done, metrics, host, tokens)
+                is_eval = config.eval_every > 0 and done % config.eval_every == 0
+                stopping = stop.check(done)
+                is_ckpt = done % config.checkpoint_every == 0 or done == config.steps or stopping
+                if is_eval or is_ckpt or metrics is None:
+                    run_eval = self.eval_fn is not None and (
+                        is_eval or (is_ckpt and eval_on_checkpoint)
                     )
-                if stopping:
-                    ckpt.wait()
-                    return {**last, "preempted": True}
-        return last
-    finally:
-        stop.uninstall()
-        if progress is not None:
-            progress.close()
+                    extra = self.eval_fn(state) if run_eval else None
+                    last = handle(*pending, extra=extra)
+                    pending = None
+                    if is_ckpt:
+                        self.ckpt.save(
+                            done,
+                            state,
+                            source_state,
+                            metrics=_ckpt_metrics(last, config),
+                            extra={"record": _jsonable(last)},
+                        )
+                    if stopping:
+                        self.ckpt.wait()
+                        return LoopResult(state, last, preempted=True)
+            return LoopResult(state, last)
+        finally:
+            stop.uninstall()
+            if progress is not None:
+                progress.close()
 
 
 def _ckpt_metrics(record: dict, config: LoopConfig) -> dict[str, float] | None:
@@ -308,4 +369,4 @@ def _ckpt_metrics(record: dict, config: LoopConfig) -> dict[str, float] | None:
 
 
 def _jsonable(record: dict) -> dict:
-    return {k: (v if isinstance(v, (int, float, str)) else float(v)) for k, v in record.items()}
+    return {k: (v if isinstance(v, int | float | str) else float(v)) for k, v in record.items()}

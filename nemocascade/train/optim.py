@@ -5,10 +5,7 @@ Defaults are the Cascade-2 SFT recipe (paper Table 7): AdamW beta1 0.9, beta2 0.
 parameter with fewer than two dimensions (Mamba `A_log`, `D`, `dt_bias`); the MoE correction bias
 is not a Param at all, so the optimizer never sees it.
 
-Gradient accumulation (`grad_accum_steps`) is done inside the train step (`accumulate_gradients`):
-each microbatch's token losses are divided by the token count of the whole batch and summed, so
-the update equals the full-batch one (which `optax.MultiSteps`' mean of per-microbatch means is
-not).
+Gradient accumulation (`grad_accum_steps`) is done inside the train step (`steps.accumulate`).
 """
 
 from __future__ import annotations
@@ -23,11 +20,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nemocascade.configs_lib import dataclass_from_mapping
 from nemocascade.model.layers import path_names
 from nemocascade.model.moe import ROUTER_PARAM_NAMES
 from nemocascade.model.moe_balance import update_model_biases
 from nemocascade.train.state import TrainState
+from nemocascade.typed_config import from_mapping
 
 NO_DECAY_NAME_PARTS = ("norm", "bias")
 
@@ -67,7 +64,7 @@ class OptimConfig:
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> OptimConfig:
         """From a config section; unknown keys raise, naming the valid ones."""
-        return dataclass_from_mapping(cls, cfg, "optim")
+        return from_mapping(cls, cfg, "optim")
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> Callable[[jax.Array], jax.Array]:
@@ -145,36 +142,6 @@ def freeze_router(
         return router_labels(params, router_names)
 
     return optax.multi_transform({"trainable": tx, "router": optax.set_to_zero()}, labels)
-
-
-def accumulate_gradients(
-    loss_fn: Callable, params: Any, model_state: Any, batch: Mapping[str, jax.Array], num_micro: int
-):
-    """`(sum of loss, leafwise sum of aux, sum of gradients)` over `num_micro` microbatches.
-
-    `loss_fn(params, model_state, microbatch) -> (loss, aux)` is differentiated in `params` only;
-    `aux` must be a pytree of additive quantities (sums, counts). The batch's leading axis is split
-    into equal microbatches processed sequentially (`lax.scan`), which bounds activation memory.
-    With num_micro == 1 this is one `value_and_grad`.
-    """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if num_micro == 1:
-        (loss, aux), grads = grad_fn(params, model_state, batch)
-        return loss, aux, grads
-    lead = next(iter(batch.values())).shape[0]
-    if lead % num_micro:
-        raise ValueError(f"batch size {lead} is not divisible by grad_accum_steps={num_micro}")
-    micro = jax.tree.map(lambda x: x.reshape((num_micro, lead // num_micro) + x.shape[1:]), batch)
-    first = jax.tree.map(lambda x: x[0], micro)
-    (loss0, aux0), grads0 = grad_fn(params, model_state, first)
-
-    def body(carry, mb):
-        (loss, aux), grads = grad_fn(params, model_state, mb)
-        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
-
-    rest = jax.tree.map(lambda x: x[1:], micro)
-    (loss, aux, grads), _ = jax.lax.scan(body, (loss0, aux0, grads0), rest)
-    return loss, aux, grads
 
 
 def _select(pred, on_true, on_false):

@@ -25,8 +25,9 @@ from flax import nnx
 
 from nemocascade.model.moe_balance import load_metrics
 from nemocascade.train.losses import model_hidden_and_head, token_cross_entropy_sum
-from nemocascade.train.optim import accumulate_gradients, apply_update
+from nemocascade.train.optim import apply_update
 from nemocascade.train.state import TrainState
+from nemocascade.train.steps import accumulate, schedule_count
 
 Batch = Mapping[str, jax.Array]
 
@@ -81,22 +82,6 @@ def sft_loss(
     return loss, (nll_sum, count, aux["expert_counts"])
 
 
-def schedule_count(opt_state: optax.OptState) -> jax.Array:
-    """The update count of the (single) learning-rate schedule inside an optax state."""
-    found = [
-        leaf.count
-        for leaf in jax.tree.leaves(
-            opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
-        )
-        if isinstance(leaf, optax.ScaleByScheduleState)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"expected one ScaleByScheduleState in the optimizer state, found {len(found)}"
-        )
-    return found[0]
-
-
 def sft_step(
     state: TrainState,
     batch: Batch,
@@ -130,7 +115,7 @@ def sft_step(
         num_micro=grad_accum_steps,
         loss_chunk_size=loss_chunk_size,
     )
-    _, (nll_sum, count, counts_LE), grads = accumulate_gradients(
+    _, (nll_sum, count, counts_LE), grads = accumulate(
         loss_fn, state.params, state.model_state, batch, grad_accum_steps
     )
     loss = nll_sum / denom

@@ -9,7 +9,7 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from nemocascade.generate import compiled_program_counts, generate, precompile
-from nemocascade.rollout.sampling import SamplingMode, sample_step, sampling_logits
+from nemocascade.generate.sampling import SamplingMode, sample_step, sampling_logits
 from tests.generate.conftest import PROMPTS
 
 LOGPROB_ATOL = 1e-4  # fp32 log-probs (logit tolerance), fixed up front

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemocascade import configs_lib
+from nemocascade import config_files as configs_lib
+from nemocascade.jobs import sft as sft_job
 from nemocascade.sharding import make_mesh
 from nemocascade.train import loop as loop_lib
-from nemocascade.train import sft_job
 from nemocascade.train.checkpoint import Checkpointer
 from nemocascade.train.metrics import read_metrics
 from nemocascade.train.optim import OptimConfig, lr_schedule
@@ -206,9 +206,9 @@ def test_nonfinite_steps_abort_with_a_clear_message(tmp_path):
             config=cfg,
             workdir=tmp_path,
             mesh=make_mesh(),
-            init_fn=lambda: {"n": jnp.zeros((), jnp.int32)},
+            init=lambda: {"n": jnp.zeros((), jnp.int32)},
             step_fn=step,
-            data_iter=_Counter(),
+            source=loop_lib.IteratorSource(_Counter()),
         )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records] == [0, 0, 1, 1, 1]

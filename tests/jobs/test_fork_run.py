@@ -24,8 +24,8 @@ def test_fork_keeps_stages_up_to_after_and_rebuilds_teachers(tmp_path):
         {"name": "b_rl", "type": "grpo", "domains": ["b"], "eval": {"a": 20, "b": 60}},
     ]
     for st in stages:
-        (src / "stages" / st["name"] / "final").mkdir(parents=True)
-        (src / "stages" / st["name"] / "final" / "w").write_text(st["name"])
+        (src / "stages" / st["name"] / "checkpoints").mkdir(parents=True)
+        (src / "stages" / st["name"] / "checkpoints" / "w").write_text(st["name"])
     (src / "tokenizer.json").write_text("{}")
     (src / "summary.json").write_text(
         json.dumps(
@@ -36,7 +36,7 @@ def test_fork_keeps_stages_up_to_after_and_rebuilds_teachers(tmp_path):
     out = mod.fork(str(src), str(tmp_path / "dst"), "a_rl")
     assert [s["name"] for s in out["stages"]] == ["sft", "a_rl"]
     assert out["teachers"] == {"a": "a_rl", "b": "sft"} and out["best"] == {"a": 30, "b": 50}
-    assert (tmp_path / "dst" / "stages" / "a_rl" / "final" / "w").read_text() == "a_rl"
+    assert (tmp_path / "dst" / "stages" / "a_rl" / "checkpoints" / "w").read_text() == "a_rl"
     assert not (tmp_path / "dst" / "stages" / "b_rl").exists()
     assert json.loads((tmp_path / "dst" / "summary.json").read_text()) == out
     with pytest.raises(SystemExit, match="no finished stage 'mopd'"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from nemocascade import tasks
+from nemocascade.data import synthetic as tasks
 from nemocascade.rewards import score_one
 
 

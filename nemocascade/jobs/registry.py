@@ -1,6 +1,6 @@
 """Registry of launchable jobs: `config.job` names a function `fn(config, workdir) -> metrics`.
 
-    from nemocascade.train.jobs import register_job
+    from nemocascade.jobs.registry import register_job
 
     @register_job("cascade")
     def run_cascade(config, workdir) -> dict: ...
@@ -20,7 +20,7 @@ from typing import Any
 
 JobFn = Callable[[Any, str], Mapping[str, Any]]
 
-JOB_MODULES: list[str] = ["nemocascade.train.sft_job", "nemocascade.cascade"]
+JOB_MODULES: list[str] = ["nemocascade.jobs.sft", "nemocascade.jobs.cascade"]
 
 _JOBS: dict[str, JobFn] = {}
 

@@ -39,7 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nemocascade import sharding as shd
-from nemocascade.rollout.sampling import SamplingMode, row_keys, sample_step
+from nemocascade.generate.sampling import SamplingMode, row_keys, sample_step
 
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 REASONS = {EOS: "eos", STOP: "stop", LENGTH: "length"}
@@ -242,14 +242,6 @@ def _left_pad(prompts: list[list[int]], rows: int, length: int, pad_id: int):
     return ids, seg
 
 
-def _batch_multiple(mesh: Mesh | None) -> int:
-    if mesh is None:
-        return 1
-    spec = shd.batch_sharding(mesh, 1).spec[0]
-    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return int(np.prod([mesh.shape[a] for a in names])) if names else 1
-
-
 def _first_stop(tokens: list[int], stop_strings: Sequence[str], tokenizer) -> int | None:
     """The fewest leading tokens whose decoded text contains a stop string (None if none does)."""
 
@@ -347,15 +339,14 @@ def generate(
     )
 
     b, n, max_new = len(prompts), int(n), int(max_new_tokens)
-    mult = _batch_multiple(mesh)
+    mult = shd.batch_shards(mesh)
     rows = -(-(bucket(b, 1) if bucket_batch else b) // mult) * mult
     p_len, g_len = bucket(max(len(p) for p in prompts)), bucket(max_new)
     ids, seg = _left_pad(prompts, rows, p_len, pad_id)
-    put = (
-        (lambda x: jax.device_put(x, shd.batch_sharding(mesh, x.ndim)))
-        if mesh is not None
-        else jnp.asarray
-    )
+
+    def put(x):  # every process holds the same prompts: the whole batch, laid out over the mesh
+        return shd.device_batch({"x": x}, mesh, process_local=False)["x"]
+
     row_ids = np.arange(rows * n, dtype=np.int32)
 
     prefill_args = (graphdef, state, put(ids), put(seg))

@@ -9,7 +9,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs.tiny_cascade import get_config
-from nemocascade.cascade import Cascade
+from nemocascade.jobs.cascade import Cascade
 
 
 def _config():
@@ -149,37 +149,40 @@ class _SigtermAfter:
 def test_sigterm_stops_the_pipeline_and_the_rerun_resumes(tmp_path, monkeypatch):
     """SIGTERM in SFT or in an RL stage saves a checkpoint and stops the whole job (never the
     next stage on a partly trained model); running it again resumes where it stopped."""
-    import nemocascade.cascade as cascade_mod
-    from nemocascade.rl import Preempted, RLStage
+    import nemocascade.jobs.sft as sft_mod
+    from nemocascade.rl import RLStage
+    from nemocascade.train.loop import IteratorSource, Preempted
 
     c, work = _config(), str(tmp_path / "run")
     handler = signal.getsignal(signal.SIGTERM)
-    real_loop = cascade_mod.train_loop
+    real_loop = sft_mod.train_loop
     monkeypatch.setattr(
-        cascade_mod,
+        sft_mod,
         "train_loop",
-        lambda **kw: real_loop(**{**kw, "data_iter": _SigtermAfter(kw["data_iter"], 2)}),
+        lambda **kw: real_loop(
+            **{**kw, "source": IteratorSource(_SigtermAfter(kw["source"].iterator, 2))}
+        ),
     )
     with pytest.raises(Preempted, match="stage sft: SIGTERM at step 2/4"):
         Cascade(c, work).run()
     assert not os.path.exists(os.path.join(work, "summary.json"))
     assert signal.getsignal(signal.SIGTERM) == handler
-    monkeypatch.setattr(cascade_mod, "train_loop", real_loop)
+    monkeypatch.setattr(sft_mod, "train_loop", real_loop)
 
-    real_step = RLStage._one_step
+    real_next = RLStage.next_batch
 
-    def step_then_sigterm(self, state, step):
-        out = real_step(self, state, step)
+    def batch_then_sigterm(self, state, step):
+        out = real_next(self, state, step)
         if step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(RLStage, "_one_step", step_then_sigterm)
+    monkeypatch.setattr(RLStage, "next_batch", batch_then_sigterm)
     with pytest.raises(Preempted, match="stage math_rl: SIGTERM at step 1/2"):
         Cascade(c, work).run()
     assert [s["name"] for s in _json(os.path.join(work, "summary.json"))["stages"]] == ["sft"]
     assert signal.getsignal(signal.SIGTERM) == handler
-    monkeypatch.setattr(RLStage, "_one_step", real_step)
+    monkeypatch.setattr(RLStage, "next_batch", real_next)
 
     Cascade(c, work).run()
     assert [

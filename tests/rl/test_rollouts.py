@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nemocascade import rollouts as ro
+from nemocascade.rl import rollouts as ro
 
 
 def _roll():

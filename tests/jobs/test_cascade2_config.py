@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from configs.nemotron_cascade2 import get_config
-from nemocascade.cascade import Cascade, _model_config
-from nemocascade.model import NemotronH
+from nemocascade.jobs.cascade import Cascade
+from nemocascade.model import ModelConfig, NemotronH
 from nemocascade.sharding import MESH_AXES, MeshConfig
 from nemocascade.train.optim import OptimConfig, freeze_router, make_optimizer
 from nemocascade.train.state import bytes_per_device, create_train_state
@@ -57,7 +57,8 @@ def test_paper_hyperparameters():
 
 def test_every_stage_state_builds_sharded_abstractly(capsys):
     c = get_config()
-    cfg = _model_config(c.model.to_dict(), c.tokenizer.vocab_size)
+    cfg = ModelConfig.from_mapping(c.model)
+    cfg = cfg.replace(vocab_size=max(cfg.vocab_size, c.tokenizer.vocab_size))
     mesh = jax.sharding.AbstractMesh(MeshConfig(**c.mesh.to_dict()).shape(NUM_DEVICES), MESH_AXES)
     lines = []
     for name in c.stage_order.split(","):
@@ -82,7 +83,7 @@ def test_missing_inputs_fail_with_the_field_named(tmp_path):
     c = get_config()
     with pytest.raises(ValueError, match="tokenizer.path"):
         Cascade(c, str(tmp_path))
-    from nemocascade import tasks
+    from nemocascade.data import synthetic as tasks
     from nemocascade.data import train_bpe
 
     train_bpe(tasks.all_texts(20), 300, str(tmp_path / "tok.json"))

@@ -1,4 +1,4 @@
-"""Config files, overrides and sweeps for the launcher.
+"""Config files for the launcher: loading, `--config.key` overrides and sweep tables.
 
 A config file is Python with `get_config(arg) -> ConfigDict` (every key declared) and optionally
 `get_sweep(arg) -> list[dict]`, each dict a variant: dotted keys -> values (e.g.
@@ -184,14 +184,3 @@ def write_sweep_tables(
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     with open(path) as f:
         return json.load(f)
-
-
-def dataclass_from_mapping(cls, cfg: Mapping[str, Any], section: str):
-    """`cls(**cfg)` for a dataclass config section; unknown keys raise, naming the valid ones."""
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - fields)
-    if unknown:
-        raise KeyError(f"{section}: unknown keys {unknown}; valid keys are {sorted(fields)}")
-    return cls(**dict(cfg))

@@ -1,13 +1,14 @@
-"""Rollout engine: cached prefill + `lax.while_loop` decode with temperature / top-k / top-p."""
+"""The generation (rollout) engine: cached prefill + `lax.while_loop` decode with temperature,
+top-k and top-p. `from nemocascade.generate import generate` is the public entry point."""
 
-from nemocascade.rollout.engine import (
+from nemocascade.generate.engine import (
     GenerateResult,
     bucket,
     compiled_program_counts,
     generate,
     precompile,
 )
-from nemocascade.rollout.sampling import (
+from nemocascade.generate.sampling import (
     SamplingMode,
     sample_step,
     sampling_logits,

@@ -1,6 +1,6 @@
 """Rollouts for RL and evaluation: prompts -> generated responses -> verifier rewards -> batches.
 
-Shared by the GRPO and MOPD stages and by per-domain evaluation in the Cascade pipeline:
+Shared by the GRPO and MOPD stages and by per-domain evaluation (`jobs.evaluation`):
 
     roll = sample(graphdef, state, tokenizer, records, n=8, temperature=1.0, ...)
     roll.rewards      # [R] verifier scores, rows prompt-major (prompt i, sample j -> i*n + j)
@@ -27,7 +27,7 @@ from flax import nnx
 
 from nemocascade import rewards as rw
 from nemocascade.data.chat import render_prompt
-from nemocascade.rollout import bucket, generate
+from nemocascade.generate import bucket, generate
 
 
 @dataclasses.dataclass
@@ -105,6 +105,17 @@ class RewardCache:
         return np.array([self._scores[k] for k in keys], np.float32), metrics
 
 
+def render_prompts(tokenizer, records: Sequence[dict], *, thinking: bool) -> list[list[int]]:
+    """The token ids of each prompt record's generation prompt (its `messages`, or `prompt`, and
+    the `tools` it declares), rendered by the chat template in thinking or non-thinking mode."""
+    return [
+        render_prompt(
+            tokenizer, r.get("messages") or r.get("prompt"), thinking=thinking, tools=r.get("tools")
+        )
+        for r in records
+    ]
+
+
 def sample(
     graphdef,
     state: nnx.State,
@@ -124,10 +135,7 @@ def sample(
     mesh=None,
 ) -> Rollouts:
     """Generates `n` responses per prompt record and scores them with the records' verifiers."""
-    prompts = [
-        render_prompt(tokenizer, r.get("messages") or r.get("prompt"), thinking=thinking)
-        for r in records
-    ]
+    prompts = render_prompts(tokenizer, records, thinking=thinking)
     eos = tokenizer.im_end_id
     res = generate(
         (graphdef, state),

@@ -1,0 +1,66 @@
+"""The stage kinds of a cascade and their typed configs (`stages.<name>` sections).
+
+`STAGE_CONFIGS` maps a stage's `type` to the dataclass its section is read into; a new stage
+kind registers its config class here and its runner in `jobs.cascade.Cascade`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from nemocascade.rl.config import RLStageConfig
+from nemocascade.train.optim import OptimConfig
+from nemocascade.typed_config import ConfigError, from_mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTStageConfig:
+    """An SFT stage of the cascade: `steps` updates on packed rows of `seq_len` tokens,
+    `batch_size` rows per step, over the SFT records of `domains` (each capped at
+    `records_per_domain[domain]` records if given)."""
+
+    type: Literal["sft"]
+    domains: tuple[str, ...]
+    steps: int
+    seq_len: int
+    batch_size: int
+    thinking: bool
+    optim: OptimConfig
+    records_per_domain: dict[str, int] = dataclasses.field(default_factory=dict)
+    loss_chunk_size: int = 0  # 0: full logits; N: chunked cross-entropy (large vocabularies)
+    non_thinking_fraction: float = 0.0
+    overlong: Literal["truncate", "split"] = "truncate"
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        for key in ("steps", "seq_len", "batch_size", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not self.domains:
+            raise ValueError("domains is empty")
+        unknown = sorted(set(self.records_per_domain) - set(self.domains))
+        if unknown:
+            raise ValueError(f"records_per_domain names domains {unknown} not in domains")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any], section: str) -> SFTStageConfig:
+        return from_mapping(cls, cfg, section)
+
+
+StageConfig = SFTStageConfig | RLStageConfig
+STAGE_CONFIGS: dict[str, Any] = {
+    "sft": SFTStageConfig,
+    "grpo": RLStageConfig,
+    "mopd": RLStageConfig,
+}
+
+
+def parse_stage(name: str, cfg: Mapping[str, Any]) -> StageConfig:
+    """The typed config of stage `name` (errors name `stages.<name>.<key>`)."""
+    section = f"stages.{name}"
+    kind = dict(cfg.items()).get("type")
+    if kind not in STAGE_CONFIGS:
+        raise ConfigError(f"{section}.type={kind!r}: expected one of {sorted(STAGE_CONFIGS)}")
+    return STAGE_CONFIGS[kind].from_mapping(cfg, section)

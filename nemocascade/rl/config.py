@@ -1,0 +1,88 @@
+"""The typed config of an RL stage (`stages.<name>` with `type` grpo or mopd)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from nemocascade.train.distill import DistillConfig
+from nemocascade.train.grpo import GRPOConfig
+from nemocascade.train.optim import OptimConfig
+from nemocascade.typed_config import ConfigError, from_mapping
+
+RL_TYPES = ("grpo", "mopd")
+LOSS_CONFIGS = {"grpo": GRPOConfig, "mopd": DistillConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class RLStageConfig:
+    """One GRPO or MOPD stage. Every step draws `prompts_per_step` prompts of `domains` (mixed by
+    `domain_weights`, default uniform), samples `samples_per_prompt` responses each at
+    `temperature` / `top_p` (thinking mode if `thinking`), scores them (GRPO: `reward`;
+    MOPD: each domain's teacher), and makes one optimizer update (strictly on-policy)."""
+
+    type: Literal["grpo", "mopd"]
+    domains: tuple[str, ...]
+    steps: int
+    prompts_per_step: int
+    samples_per_prompt: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    thinking: bool
+    loss: GRPOConfig | DistillConfig
+    optim: OptimConfig
+    checkpoint_every: int = 10
+    eval_every: int = 0  # held-out evaluation of every domain every k steps (0: never)
+    domain_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    max_gen_batches: int = 1  # GRPO dynamic filtering: rollout rounds to fill the batch
+    reward: str = "verifier"  # GRPO reward source: verifier (rule-based) or a reward model
+    reward_model_path: str = ""
+    moe_bias_rate: float = 1e-3  # MoE correction-bias rate (aux-loss-free balancing)
+    freeze_router: bool = True  # router weights frozen (Nemotron-3 RL); the bias still moves
+    max_consecutive_skips: int = 10  # NaN/Inf updates in a row before the stage aborts
+
+    def __post_init__(self):
+        for key in (
+            "steps",
+            "prompts_per_step",
+            "samples_per_prompt",
+            "max_new_tokens",
+            "checkpoint_every",
+            "max_gen_batches",
+            "max_consecutive_skips",
+        ):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not self.domains:
+            raise ValueError("domains is empty")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"need temperature > 0 and 0 < top_p <= 1 for RL sampling, got "
+                f"temperature={self.temperature}, top_p={self.top_p}"
+            )
+        if not isinstance(self.loss, LOSS_CONFIGS[self.type]):
+            raise ValueError(f"a {self.type} stage needs a {LOSS_CONFIGS[self.type].__name__} loss")
+        unknown = sorted(set(self.domain_weights) - set(self.domains))
+        if unknown:
+            raise ValueError(f"domain_weights names domains {unknown} not in domains")
+
+    @property
+    def rows(self) -> int:
+        """Rows of every training batch: prompts_per_step x samples_per_prompt."""
+        return self.prompts_per_step * self.samples_per_prompt
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any], section: str) -> RLStageConfig:
+        """From a stage's config section; the `loss` section is read as the stage type's loss
+        config. Unknown or mistyped keys raise, naming `section.key`."""
+        values = dict(cfg.items())
+        kind = values.get("type")
+        if kind not in LOSS_CONFIGS:
+            raise ConfigError(f"{section}.type={kind!r}: an RL stage is one of {list(RL_TYPES)}")
+        if "loss" in values:
+            values["loss"] = from_mapping(LOSS_CONFIGS[kind], values["loss"], f"{section}.loss")
+        return from_mapping(cls, values, section)

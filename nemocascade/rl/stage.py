@@ -1,0 +1,253 @@
+"""One RL stage of the Cascade: GRPO against verifiers, or MOPD from per-domain teachers.
+
+`RLStage` is the stage's batch source for the one train loop (`train.loop.train_loop`) and
+builds its pure step. Each step (strictly on-policy, one update per rollout batch, as in
+Cascade 2):
+  1. draw `prompts_per_step` prompts of the stage's domains (deterministic in seed and step);
+  2. sample `samples_per_prompt` responses each from the current policy;
+  3. GRPO: verifier rewards -> group-normalised advantages; dynamic filtering drops groups whose
+     rewards are all equal and samples more prompts until the batch is full (at most
+     `max_gen_batches` rounds); MOPD: each row's domain teacher scores the sampled tokens
+     (`loss.objective="reverse_kl"`: the teachers run inside the step, full-vocabulary KL);
+  4. one optimizer update (`train.grpo` / `train.distill` steps, jitted once per stage).
+The loop checkpoints every `checkpoint_every` steps (and on SIGTERM), logs the rollout metrics
+(rewards per domain, response lengths, truncation, timings) with the step's, and evaluates every
+`eval_every` steps when given an `eval_fn`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nemocascade.rl import batching
+from nemocascade.rl import rollouts as ro
+from nemocascade.rl.config import RLStageConfig
+from nemocascade.sharding import device_batch
+from nemocascade.train import distill, grpo
+from nemocascade.train.loop import LoopConfig, LoopResult, train_loop
+from nemocascade.train.optim import freeze_router, lr_schedule, make_optimizer
+from nemocascade.train.state import TrainState
+
+log = logging.getLogger(__name__)
+SEQ_MULTIPLE = 16  # the train step's sequence length is a multiple of this
+
+
+class RLStage:
+    """Runs one GRPO or MOPD stage (see the module docstring) as a `train.loop.BatchSource`."""
+
+    process_local = False  # every process samples the same whole batch
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        cfg: RLStageConfig,
+        graphdef: nnx.GraphDef,
+        tokenizer,
+        pools: Mapping[str, list[dict]],
+        seed: int,
+        teachers: Mapping[str, distill.Teacher] | None = None,
+        reward_cache: ro.RewardCache | None = None,
+        num_workers: int = 2,
+        mesh=None,
+    ):
+        if cfg.type == "mopd":
+            missing = sorted(set(pools) - set(teachers or {}))
+            if missing:
+                raise ValueError(f"stage {name}: no teacher for domains {missing}")
+        self.name, self.cfg = name, cfg
+        self.graphdef, self.tokenizer = graphdef, tokenizer
+        self.pools, self.seed, self.teachers = pools, seed, dict(teachers or {})
+        self.reward_cache = reward_cache or ro.RewardCache()
+        self.num_workers, self.mesh = num_workers, mesh
+        self.rows = cfg.rows
+        # One sequence length for the whole stage (longest prompt + max_new_tokens - 1 inputs,
+        # rounded up to a multiple of 16, not a power of two: up to 1.9x less work per step), so
+        # the train step compiles once.
+        longest = max(
+            len(p)
+            for pool in pools.values()
+            for p in ro.render_prompts(tokenizer, pool, thinking=cfg.thinking)
+        )
+        self.seq_len = -(-(longest + cfg.max_new_tokens - 1) // SEQ_MULTIPLE) * SEQ_MULTIPLE
+        self.tx = make_optimizer(cfg.optim, cfg.steps)
+        if cfg.freeze_router:  # as in Nemotron-3 RL: router frozen, the bias still moves
+            self.tx = freeze_router(self.tx)
+        self.step_fn, self.step_args = self._build_step()
+
+    # ------------------------------------------------------------------ the step
+    def _build_step(self) -> tuple[Callable, tuple]:
+        common = dict(
+            graphdef=self.graphdef,
+            tx=self.tx,
+            lr_fn=lr_schedule(self.cfg.optim, self.cfg.steps),
+            moe_bias_rate=self.cfg.moe_bias_rate,
+            cfg=self.cfg.loss,
+        )
+        if self.cfg.type == "grpo":
+            return functools.partial(grpo.grpo_train_step, **common), ()
+        if self.cfg.loss.objective != "reverse_kl":
+            return functools.partial(distill.distill_train_step, **common), ()
+        # the full-vocabulary KL needs the teachers inside the step: each distinct teacher once
+        # (a tuple of traced states), each domain's rows routed by batch["teacher_index"]
+        groups = distill.teacher_groups(self.teachers)
+        self._teacher_of = {d: k for k, (_, doms) in enumerate(groups) for d in doms}
+        step = functools.partial(
+            distill.distill_train_step,
+            teacher_graphdef=tuple(t.graphdef for t, _ in groups),
+            **common,
+        )
+
+        def step_fn(state, batch, teacher_state):
+            return step(state, batch, teacher_state=teacher_state)
+
+        return step_fn, (tuple(t.state for t, _ in groups),)
+
+    def initial_state(self, params: nnx.State, model_state: nnx.State) -> TrainState:
+        """The stage's starting TrainState: the given weights, a fresh optimizer state."""
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=self.tx.init(params),
+            rng=jax.random.PRNGKey(self.seed),
+        )
+
+    def run(
+        self,
+        state: TrainState,
+        *,
+        stage_dir: str,
+        eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
+        progress: bool = True,
+    ) -> LoopResult:
+        """Trains from `state` in `stage_dir` (resuming from its checkpoints);
+        `eval_fn(state) -> {name: score}` runs every `eval_every` steps."""
+        loop_cfg = LoopConfig(
+            steps=self.cfg.steps,
+            checkpoint_every=self.cfg.checkpoint_every,
+            keep_checkpoints=1,
+            best_metric="",
+            eval_every=self.cfg.eval_every,
+            max_consecutive_skips=self.cfg.max_consecutive_skips,
+            progress=progress,
+            async_checkpoint=False,
+        )
+        return train_loop(
+            config=loop_cfg,
+            workdir=os.fspath(stage_dir),
+            mesh=self.mesh,
+            init=state,
+            step_fn=self.step_fn,
+            source=self,
+            eval_fn=eval_fn if self.cfg.eval_every else None,
+            eval_on_checkpoint=False,
+            step_args=self.step_args,
+            progress_keys=("reward_mean", "loss"),
+            name=self.name,
+        )
+
+    # ------------------------------------------------------------------ the batch source
+    def get_state(self) -> dict:
+        return {}  # prompt draws and sampling seeds are functions of (seed, stage, step)
+
+    def set_state(self, state: dict) -> None:
+        del state
+
+    def _draw(self, step: int, round_: int) -> list[dict]:
+        return batching.draw_prompts(
+            self.pools,
+            self.cfg.prompts_per_step,
+            batching.prompt_rng(self.seed, self.name, step, round_),
+            self.cfg.domain_weights,
+        )
+
+    def _sample(self, state: TrainState, records: list[dict], seed: int) -> ro.Rollouts:
+        c = self.cfg
+        return ro.sample(
+            self.graphdef,
+            nnx.merge_state(state.params, state.model_state),
+            self.tokenizer,
+            records,
+            n=c.samples_per_prompt,
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            seed=seed,
+            thinking=c.thinking,
+            reward_cache=self.reward_cache,
+            num_workers=self.num_workers,
+            mesh=self.mesh,
+        )
+
+    def next_batch(self, state: TrainState, step: int) -> tuple[dict | None, dict[str, Any]]:
+        if self.cfg.type == "grpo":
+            n = self.cfg.samples_per_prompt
+            parts, rolls, metrics = batching.collect_groups(
+                lambda r: self._sample(
+                    state, self._draw(step, r), batching.stable_seed(self.seed, self.name, step, r)
+                ),
+                rows=self.rows,
+                group_size=n,
+                rounds=self.cfg.max_gen_batches if self.cfg.loss.dynamic_filtering else 1,
+                cfg=self.cfg.loss,
+            )
+            batch = self._assemble(parts, "policy")
+        else:
+            seed = batching.stable_seed(self.seed, self.name, step)
+            roll = self._sample(state, self._draw(step, 0), seed)
+            rolls, metrics = [roll], {}
+            batch = self._assemble([batching.Part(roll, np.arange(len(roll.records)), None)])
+            self._add_teacher_inputs(batch, roll.domains)
+        return batch, {**_rollout_metrics(rolls), **metrics}
+
+    def _assemble(self, parts, behaviour: str = "sampled") -> dict | None:
+        return batching.assemble(
+            parts,
+            rows=self.rows,
+            seq_len=self.seq_len,
+            pad_id=self.tokenizer.pad_id,
+            behaviour=behaviour,
+        )
+
+    def _add_teacher_inputs(self, batch: dict, row_domains: list[str]) -> None:
+        """MOPD: each row's teacher (reverse KL: its index, the step runs the teachers) or the
+        teachers' log-probs of the sampled tokens (sampled-token objective)."""
+        domains = row_domains + [row_domains[0]] * (self.rows - len(row_domains))
+        if self.cfg.loss.objective == "reverse_kl":
+            batch["teacher_index"] = np.asarray([self._teacher_of[d] for d in domains], np.int32)
+            return
+        lp = distill.mopd_teacher_logprobs(
+            device_batch(batch, self.mesh, process_local=False),
+            self.teachers,
+            domains_B=np.asarray(domains),
+        )
+        batch["teacher_logprobs"] = np.asarray(lp)
+
+
+def _rollout_metrics(rolls: list[ro.Rollouts]) -> dict[str, float]:
+    """Per-step rollout statistics: reward (overall and per domain), response length,
+    truncation, and generation / reward wall times."""
+    rewards = np.concatenate([r.rewards for r in rolls])
+    domains = [d for r in rolls for d in r.domains]
+    out = {
+        "reward_mean": float(rewards.mean()),
+        "response_len": float(np.mean(np.concatenate([r.response_lengths() for r in rolls]))),
+        "truncated_frac": float(1.0 - np.mean(np.concatenate([r.finished for r in rolls]))),
+        "rollout_s": sum(
+            r.timings.get("prefill_s", 0) + r.timings.get("decode_s", 0) for r in rolls
+        ),
+        "reward_s": sum(r.timings.get("reward_s", 0) for r in rolls),
+    }
+    for d, v in ro.domain_means(rewards, domains).items():
+        out[f"reward/{d}"] = v
+    return out
