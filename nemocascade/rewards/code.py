@@ -4,7 +4,8 @@ Two test styles, strict binary reward (every test must pass):
   * `run_tests(program, test_code)`: the program, then `test_code` (in a copy of the program's
     namespace), inside the sandbox. `test_code` may be bare asserts, or define `check(candidate)`
     (HumanEval style), called with the program's function `entry_point` (or the program's only
-    top-level function). Comparisons in the tests refuse non-builtin operands (`strict_compare`).
+    top-level function) unless the tests already call `check` themselves, in which case they run
+    exactly as written. Comparisons in the tests refuse non-builtin operands (`strict_compare`).
   * `run_io_tests(program, cases)`: each case runs the program in a fresh sandbox with the case's
     input on stdin; stdout is compared with the expected output on the host (whitespace-normalised:
     runs of blanks collapse, trailing blanks and blank lines at either end are ignored). A per-case
@@ -15,7 +16,8 @@ the harness reads a per-run random nonce only after every test ran (from a stdin
 code cannot see as stdin) and writes it to a result pipe only the host reads; in `run_io_tests`
 the host compares each case's actual output. Statuses: passed, failed (an assertion / wrong answer
 / exited before the tests finished), timeout, error (exception, non-zero exit, output cap, bad
-input), sandbox_error.
+input), sandbox_error (bwrap missing or unable to start, or the sandbox did not start within the
+time limit: a grader failure, not a verdict on the program).
 
 Residual risk, by design of in-process unit tests: a program that deliberately introspects the
 harness (frames, `gc`, its file descriptors) could forge the marker; the nonce, the private
@@ -106,6 +108,8 @@ def run_tests(
         res.status, res.detail = "sandbox_error", run.sandbox_error
     elif f"P:{nonce}" in lines and not run.timed_out and not run.output_exceeded:
         res.passed, res.status, res.cases_passed = True, "passed", 1
+    elif run.timed_out and "S" not in lines:
+        res.status, res.detail = "sandbox_error", f"sandbox did not start within {timeout_s}s"
     elif run.timed_out:
         res.status, res.detail = "timeout", f"wall-clock limit {timeout_s}s"
     elif run.output_exceeded:
@@ -174,6 +178,8 @@ def _judge_case(run, expected: str, time_limit_s: float, cfg: SandboxConfig) -> 
     """(status, detail) of one stdin/stdout case."""
     if run.sandbox_error is not None:
         return "sandbox_error", run.sandbox_error
+    if run.timed_out and not run.result.startswith(b"S"):
+        return "sandbox_error", f"sandbox did not start within {time_limit_s}s"
     if run.timed_out:
         return "timeout", f"time limit {time_limit_s}s"
     if run.output_exceeded:

@@ -6,6 +6,20 @@ keyword arguments are IFEval's (google-research `instruction_following_eval`), s
 keys whose value is None are ignored, so the dataset's padded kwargs dicts work unchanged.
 Relations accept IFEval's "less than" / "at least" and also "at most", "more than", "exactly".
 
+Keyword arguments are checked before any instruction runs; a bad one is a ValueError that names
+the instruction id and the key (the batch scorer reports the record as malformed, never as a
+wrong answer):
+  * `kwargs_list` must be a list with one dict (or None) per instruction id; a lone dict is
+    refused rather than guessed at;
+  * a key with a non-None value that the instruction does not take is refused (it is usually a
+    misspelling: "num_word" for "num_words");
+  * counts (`num_words`, `frequency`, ...) are non-negative integers; integral floats (3.0) and
+    strings of digits ("3") are accepted, numbers written as words ("three"), fractions and
+    booleans are refused;
+  * relations are one of the five above (case and spacing ignored); a `letter` is one character;
+    phrases and words are strings; `keywords` / `forbidden_words` are lists of strings (a bare
+    string is refused: it would be read letter by letter).
+
 Covered: all 25 IFEval ids, plus the extension `startend:start_checker` (kwarg `start_phrase`).
 Where IFEval uses a library we do not depend on, we approximate and say so:
   * words are `\\w+` runs (IFEval's RegexpTokenizer) and sentences come from a regex splitter that
@@ -31,7 +45,9 @@ _RELATIONS = {
     "exactly": lambda a, n: a == n,
 }
 _ABBREV = r"(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bvs)(?<!\be\.g)(?<!\bi\.e)(?<!\betc)"
-_SENT_END = re.compile(_ABBREV + r"[.!?]+[\"')\]]*(?=\s|$)")
+# A sentence end starts where a run of . ! ? starts (the lookbehind): trying every position inside
+# a long run of dots made the split quadratic.
+_SENT_END = re.compile(_ABBREV + r"(?<![.!?])[.!?]++[\"')\]]*(?=\s|$)")
 # Unicode script name fragments for languages whose script is theirs alone among IFEval languages.
 _SCRIPT_LANG = {
     "ko": ("HANGUL",),
@@ -124,18 +140,22 @@ def _nth_paragraph_first_word(text, num_paragraphs, nth_paragraph, first_word) -
 
 def _postscript(text: str, postscript_marker: str) -> bool:
     marker = postscript_marker.strip()
+    # (IFEval's patterns start with `\s*`, which a search does not need and which made it
+    # quadratic on long runs of blanks.)
     if marker == "P.P.S":
-        pat = r"\s*p\.\s?p\.\s?s.*$"
+        pat = r"p\.\s?p\.\s?s.*$"
     elif marker == "P.S.":
-        pat = r"\s*p\.\s?s\..*$"
+        pat = r"p\.\s?s\..*$"
     else:
-        pat = r"\s*" + re.escape(marker.lower()) + r".*$"
+        pat = re.escape(marker.lower()) + r".*$"
     return re.search(pat, text.lower(), flags=re.MULTILINE) is not None
 
 
 def _bullets(text: str, num_bullets: int) -> bool:
-    stars = re.findall(r"^\s*\*[^\*].*$", text, flags=re.MULTILINE)
-    dashes = re.findall(r"^\s*-.*$", text, flags=re.MULTILINE)
+    # Leading blanks, not `\s*` (IFEval's), which rescanned every following blank line: the
+    # same bullets are counted, in linear time.
+    stars = re.findall(r"^[^\S\n]*\*[^\*].*$", text, flags=re.MULTILINE)
+    dashes = re.findall(r"^[^\S\n]*-.*$", text, flags=re.MULTILINE)
     return len(stars) + len(dashes) == int(num_bullets)
 
 
@@ -159,13 +179,30 @@ def _json_only(text: str) -> bool:
     body = body.removesuffix("```").strip()
     try:
         json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 
 
 def _title(text: str) -> bool:
-    return any(t[2:-2].strip() for t in re.findall(r"<<[^\n]+>>", text))
+    """A `<<title>>` on one line: IFEval's `<<[^\\n]+>>` (greedy: first << to last >> of a line)
+    with a non-blank title, found without the regex's quadratic rescans of long lines."""
+    for line in text.split("\n"):
+        i, j = line.find("<<"), line.rfind(">>")
+        if i >= 0 and j >= i + 3 and line[i + 2 : j].strip():
+            return True
+    return False
+
+
+def _placeholders(text: str) -> int:
+    """Count of IFEval's `\\[.*?\\]` matches (a `[`, then the first `]` on the same line), found
+    in linear time."""
+    n = 0
+    for line in text.split("\n"):
+        pos = 0
+        while (i := line.find("[", pos)) >= 0 and (j := line.find("]", i + 1)) >= 0:
+            n, pos = n + 1, j + 1
+    return n
 
 
 def _two_responses(text: str) -> bool:
@@ -227,7 +264,7 @@ CHECKS = {
         ("num_paragraphs", "nth_paragraph", "first_word"),
     ),
     "detectable_content:number_placeholders": (
-        lambda t, num_placeholders: len(re.findall(r"\[.*?\]", t)) >= int(num_placeholders),
+        lambda t, num_placeholders: _placeholders(t) >= num_placeholders,
         ("num_placeholders",),
     ),
     "detectable_content:postscript": (_postscript, ("postscript_marker",)),
@@ -267,25 +304,102 @@ CHECKS = {
 }
 
 
+_COUNT_KEYS = frozenset(
+    {
+        "frequency",
+        "let_frequency",
+        "num_sentences",
+        "num_paragraphs",
+        "num_words",
+        "nth_paragraph",
+        "num_placeholders",
+        "num_bullets",
+        "num_highlights",
+        "num_sections",
+        "capital_frequency",
+    }
+)
+_RELATION_KEYS = frozenset({"relation", "let_relation", "capital_relation"})
+_LIST_KEYS = frozenset({"keywords", "forbidden_words"})
+
+
+def _coerce(instruction_id: str, key: str, value):
+    """`value` checked (and converted) for keyword `key`; ValueError naming the id and key."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(
+            f"instruction {instruction_id!r}: kwarg {key} must be {what}, got {value!r:.80}"
+        )
+
+    if key in _COUNT_KEYS:
+        if isinstance(value, bool):
+            raise bad("a non-negative integer")
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(value, str) and re.fullmatch(r"\s*\+?\d+\s*", value):
+            value = int(value)
+        if not isinstance(value, int) or value < 0:
+            raise bad("a non-negative integer (digits, not words)")
+        return value
+    if key in _RELATION_KEYS:
+        rel = " ".join(value.lower().split()) if isinstance(value, str) else None
+        if rel not in _RELATIONS:
+            raise bad(f"one of {sorted(_RELATIONS)}")
+        return rel
+    if key in _LIST_KEYS:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return list(value)
+    if not isinstance(value, str):
+        raise bad("a string")
+    if key == "letter" and len(value.strip()) != 1:
+        raise bad("a single letter")
+    return value
+
+
 def check_one(response: str, instruction_id: str, kwargs: dict | None) -> bool | None:
     """One instruction's verdict; None if `instruction_id` is unsupported.
 
-    Raises ValueError naming the id and key when a required keyword argument is missing.
+    Raises ValueError naming the id and the key when a keyword argument is missing, unknown or of
+    the wrong kind (see the module docstring).
     """
+    if not isinstance(instruction_id, str):
+        raise ValueError(f"instruction ids must be strings, got {instruction_id!r:.80}")
     if instruction_id not in CHECKS:
         return None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(
+            f"instruction {instruction_id!r}: kwargs must be a dict or None, got "
+            f"{type(kwargs).__name__}"
+        )
     fn, required = CHECKS[instruction_id]
     given = {k: v for k, v in (kwargs or {}).items() if v is not None}
+    unknown = sorted(str(k) for k in given if k not in required)
+    if unknown:
+        raise ValueError(
+            f"instruction {instruction_id!r}: unknown kwargs {unknown} (takes {list(required)})"
+        )
     missing = [k for k in required if k not in given]
     if missing:
         raise ValueError(f"instruction {instruction_id!r}: missing kwargs {missing}")
-    return fn(response, **{k: given[k] for k in required})
+    return fn(response, **{k: _coerce(instruction_id, k, given[k]) for k in required})
 
 
 def verify(
     response: str, instruction_id_list: list[str], kwargs_list: list[dict | None]
 ) -> list[bool | None]:
-    """Per-instruction verdicts (True / False / None for unsupported ids), IFEval strict."""
+    """Per-instruction verdicts (True / False / None for unsupported ids), IFEval strict.
+
+    ValueError (naming the instruction and the key) for malformed ids or kwargs."""
+    if not isinstance(instruction_id_list, (list, tuple)):
+        raise ValueError(
+            f"instruction_id_list must be a list of ids, got {type(instruction_id_list).__name__}"
+        )
+    if not isinstance(kwargs_list, (list, tuple)):
+        raise ValueError(
+            f"kwargs for instructions {list(instruction_id_list)} must be a list with one dict "
+            f"per instruction, got {type(kwargs_list).__name__}"
+        )
     if len(kwargs_list) != len(instruction_id_list):
         raise ValueError(
             f"{len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts"

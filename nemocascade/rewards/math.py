@@ -16,35 +16,41 @@ import threading
 
 STYLES = ("boxed", "hash", "answer_is")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE = re.compile(r"[{}]")
 _HASH = re.compile(r"####\s*(.+)")
 _ANSWER_IS = re.compile(
-    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*(?:is)?\s*[:：]|(?<![a-z])answer\s*[:：])",
+    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*(?:is\s*)?[:：]|(?<![a-z])answer\s*[:：])",
     re.IGNORECASE,
 )
 _NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d])")
-_UNIT_TAIL = re.compile(r"^([-+]?[\d.,]+)\s*(?:[a-zA-Z]{2,}[a-zA-Z .]*)$")
+_UNIT_TAIL = re.compile(r"^([-+]?[\d.,]+)\s*(?:[a-zA-Z]{2}[a-zA-Z .]*)$")
 _TEXT_CMD = re.compile(r"\\(?:text|mbox|mathrm)\s*\{[^{}]*\}")
 
 
-def _balanced(text: str, start: int) -> str | None:
-    """Contents of the brace group whose `{` is at text[start - 1]; None if unbalanced."""
-    depth = 1
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i]
-    return None
+def _matching_braces(text: str, start: int) -> dict[int, int]:
+    """Position of each closed `{` at or after `start` -> position of its matching `}`.
+
+    One pass with a stack, so finding the last balanced box is linear in len(text) (checking
+    each `\\boxed{` by scanning to its end was quadratic on unclosed boxes)."""
+    closing, stack = {}, []
+    for m in _BRACE.finditer(text, start):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            closing[stack.pop()] = m.start()
+    return closing
 
 
 def _last_boxed(text: str) -> str | None:
-    for m in reversed(list(_BOXED.finditer(text))):
-        inner = _balanced(text, m.end())
-        if inner is not None:
-            return inner.strip()
+    """Contents of the last `\\boxed{...}` / `\\fbox{...}` whose braces balance; None if none."""
+    opens = [m.end() - 1 for m in _BOXED.finditer(text)]
+    if not opens:
+        return None
+    closing = _matching_braces(text, opens[0])
+    for brace in reversed(opens):
+        if brace in closing:
+            return text[brace + 1 : closing[brace]].strip()
     return None
 
 
@@ -130,10 +136,14 @@ def _math_verify(p: str, r: str, timeout_s: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- multiple choice
+# No two adjacent quantifiers can match the same characters: backtracking stays linear (the
+# former `answer\s*(?:is)?\s*[:：]?\s*\**\s*` took minutes on "answer" + a few hundred spaces).
 _CHOICE_PATTERNS = (
-    re.compile(r"\\boxed\s*\{\s*\(?\s*([A-Z])\s*\)?\s*\}"),
-    re.compile(r"answer\s*(?:is)?\s*[:：]?\s*\**\s*\(?((?-i:[A-Z]))\)?(?![A-Za-z])", re.IGNORECASE),
-    re.compile(r"^\s*\**\(?([A-Z])\)?\**\s*[.)]?\s*$", re.MULTILINE),
+    re.compile(r"\\boxed\s*\{\s*(?:\(\s*)?([A-Z])\s*(?:\)\s*)?\}"),
+    re.compile(
+        r"answer\s*(?:is\s*)?(?:[:：]\s*)?(?:\*+\s*)?\(?((?-i:[A-Z]))\)?(?![A-Za-z])", re.IGNORECASE
+    ),
+    re.compile(r"^[^\S\n]*\**\(?([A-Z])\)?\**[^\S\n]*(?:[.)][^\S\n]*)?$", re.MULTILINE),
 )
 
 

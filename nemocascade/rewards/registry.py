@@ -3,11 +3,19 @@
 A reward function is `fn(record: dict, response: str, finished: bool) -> (score, details)` with
 `score` in [0, 1] and `details` a small picklable dict. `score_one` applies the shared rules:
   * a response cut at the length limit (`finished=False`, no EOS) scores 0 (overlong penalty);
+  * in thinking mode (`thinking=True`: the prompt ended with `<think>\\n`, so the response is
+    judged as if it began with it) a response that never writes `</think>` has no final answer and
+    scores 0 without consulting the verifier;
   * the verifier is chosen by `record["verifier"]["type"]`, else by `record["domain"]`;
   * the score is clamped to [0, 1].
-`final_answer(response)` is the text a verifier should judge: what follows the last `</think>`; a
-response that opens `<think>` and never closes it has no final answer (""); a response with no
-thinking block is judged whole.
+`final_answer(response, thinking=...)` is the text a verifier should judge: what follows the last
+`</think>`; a response that opens `<think>` (or, in thinking mode, any response) and never closes
+it has no final answer (""); otherwise a response with no thinking block is judged whole.
+
+A verifier that cannot reach a verdict (no sandbox, a record it cannot read, an instruction it
+does not support) raises a `VerifierError` subclass rather than returning 0: the batch scorer
+reports it as an error of that `kind`, never as a wrong answer, and the reward cache does not
+keep it. Any other exception is an error of kind "exception".
 """
 
 from __future__ import annotations
@@ -17,6 +25,32 @@ from collections.abc import Callable
 RewardFn = Callable[[dict, str, bool], "tuple[float, dict]"]
 _REGISTRY: dict[str, RewardFn] = {}
 _ALIASES: dict[str, str] = {}
+
+
+class VerifierError(Exception):
+    """A verifier could not judge a response: an infrastructure or data failure, not a wrong
+    answer. `kind` names the cause in the batch metrics."""
+
+    kind = "exception"
+
+
+class BadRecordError(VerifierError, ValueError):
+    """The record (or its verifier spec) is malformed: a missing key, a value of the wrong type."""
+
+    kind = "bad_record"
+
+
+class UnsupportedError(VerifierError, ValueError):
+    """The record asks for something the verifier does not implement (an instruction id, a JSON
+    Schema keyword)."""
+
+    kind = "unsupported"
+
+
+class SandboxError(VerifierError, RuntimeError):
+    """The code sandbox could not run the program (bwrap missing or unable to start)."""
+
+    kind = "sandbox_error"
 
 
 def register(name: str, fn: RewardFn | None = None, *, aliases: tuple[str, ...] = ()):
@@ -29,6 +63,11 @@ def register(name: str, fn: RewardFn | None = None, *, aliases: tuple[str, ...] 
         return f
 
     return deco(fn) if fn is not None else deco
+
+
+def has_verifier(domain_or_name: str) -> bool:
+    """Whether a verifier is registered under this verifier type or domain name (or alias)."""
+    return _ALIASES.get(domain_or_name, domain_or_name) in _REGISTRY
 
 
 def get_verifier(domain_or_name: str) -> RewardFn:
@@ -53,30 +92,39 @@ def verifier_name(record: dict) -> str:
 
 
 def verifier_spec(record: dict, *required: str) -> dict:
-    """`record["verifier"]`, checked to hold the `required` keys (ValueError names the key)."""
+    """`record["verifier"]`, checked to hold the `required` keys (BadRecordError, a ValueError,
+    names the key)."""
     spec = record.get("verifier")
     if not isinstance(spec, dict):
-        raise TypeError(f"record['verifier'] must be a dict, got {type(spec).__name__}")
+        raise BadRecordError(f"record['verifier'] must be a dict, got {type(spec).__name__}")
     for key in required:
         if key not in spec:
-            raise ValueError(f"record['verifier'] lacks key {key!r} (type {spec.get('type')!r})")
+            raise BadRecordError(
+                f"record['verifier'] lacks key {key!r} (type {spec.get('type')!r})"
+            )
     return spec
 
 
-def final_answer(response: str) -> str:
-    """The text after the last `</think>`; "" if `<think>` is never closed; else the response."""
+def final_answer(response: str, *, thinking: bool = False) -> str:
+    """The text after the last `</think>`; "" if the reasoning is never closed (it was opened by
+    `<think>` in the response, or by the prompt when `thinking`); else the whole response."""
     if "</think>" in response:
         return response.rsplit("</think>", 1)[1]
-    if "<think>" in response:
+    if thinking or "<think>" in response:
         return ""
     return response
 
 
-def score_one(record: dict, response: str, finished: bool) -> tuple[float, dict]:
-    """Score one response with the shared rules (truncation -> 0, clamping) and its verifier."""
+def score_one(
+    record: dict, response: str, finished: bool, *, thinking: bool = False
+) -> tuple[float, dict]:
+    """Score one response with the shared rules (truncation -> 0, unclosed thinking -> 0,
+    clamping) and its verifier. Raises what the verifier raises (see `VerifierError`)."""
     name = verifier_name(record)
     if not finished:
         return 0.0, {"verifier": name, "truncated": True}
+    if thinking and "</think>" not in response:
+        return 0.0, {"verifier": name, "truncated": False, "no_final_answer": True}
     score, details = get_verifier(name)(record, response, finished)
     score = min(1.0, max(0.0, float(score)))
     return score, {"verifier": name, "truncated": False, **details}

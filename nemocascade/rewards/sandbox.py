@@ -25,7 +25,15 @@ container and as an unprivileged user with bubblewrap 0.8.
 
 Without bwrap, `run_sandboxed` refuses (`sandbox_error`) unless `SandboxConfig.allow_weak` is set:
 then it runs the interpreter directly with the rlimits only (no namespaces, no seccomp), after
-logging one loud warning per process.
+logging one loud warning per process. Weak mode is also used when bwrap is installed but cannot
+start a sandbox here (see `sandbox_status`). `allow_weak` defaults to the environment variable
+NEMOCASCADE_ALLOW_WEAK_SANDBOX ("1"/"true"/"yes" on; "0"/"false"/"no"/unset off; anything else
+is a ValueError): the user-facing opt-in, e.g. on macOS, which has no bubblewrap. It reaches the
+reward workers, which inherit the environment. Never set it on a shared machine.
+
+`sandbox_status()` says whether the bubblewrap sandbox can run here, by starting a trivial
+sandboxed process once per process (bwrap can be installed and still fail, e.g. without user
+namespaces), and if not, how to fix it; the launcher's preflight calls it.
 """
 
 from __future__ import annotations
@@ -55,6 +63,18 @@ _FINISH = (
     "--setenv LANG C.UTF-8"
 )
 _RESULT_CAP = 4096
+WEAK_SANDBOX_ENV = "NEMOCASCADE_ALLOW_WEAK_SANDBOX"
+_STATUS: dict[tuple, tuple[bool, str]] = {}  # sandbox_status probes: (bwrap, cfg) -> (ok, msg)
+
+
+def weak_sandbox_from_env() -> bool:
+    """Whether NEMOCASCADE_ALLOW_WEAK_SANDBOX opts in to the weak (rlimits-only) sandbox."""
+    value = os.environ.get(WEAK_SANDBOX_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{WEAK_SANDBOX_ENV}={value!r}: expected 1/true/yes or 0/false/no")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +87,9 @@ class SandboxConfig:
     open_files: int = 64  # RLIMIT_NOFILE
     tmpfs_bytes: int = 64 << 20  # size of the writable /tmp
     output_bytes: int = 4 << 20  # cap on stdout + stderr read by the host
-    allow_weak: bool = False  # without bwrap: run with rlimits only instead of refusing
+    # without a working bwrap: run with rlimits only instead of refusing (default: the env var
+    # WEAK_SANDBOX_ENV, see the module docstring)
+    allow_weak: bool = dataclasses.field(default_factory=weak_sandbox_from_env)
     bwrap_path: str | None = None  # default: `bwrap` on PATH
 
 
@@ -83,6 +105,83 @@ class SandboxRun:
     output_exceeded: bool
     wall_s: float
     sandbox_error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxStatus:
+    """Whether code rewards can run here. `available`: the bubblewrap sandbox started a trivial
+    process; `weak_allowed`: without it, code runs with rlimits only (`allow_weak`); `message`:
+    "" when available, else one paragraph saying what failed and how to fix it."""
+
+    available: bool
+    weak_allowed: bool
+    bwrap: str | None
+    message: str
+
+    @property
+    def usable(self) -> bool:
+        """Code rewards will run (sandboxed, or weakly by explicit opt-in)."""
+        return self.available or self.weak_allowed
+
+
+_MISSING_FIX = (
+    "bubblewrap (bwrap) is not installed{where}, so code rewards cannot run programs in a "
+    "sandbox and every code item is a grader error (sandbox_error), not a verdict. Fix: on "
+    "Debian/Ubuntu `apt-get install bubblewrap` (elsewhere on Linux, the distribution's "
+    "bubblewrap package). macOS has no bubblewrap: to run code rewards there anyway, with resource "
+    "limits only and no isolation from your files and network, set {env}=1 (local experiments "
+    "only, never on a shared machine)."
+)
+_BROKEN_FIX = (
+    "bubblewrap ({bwrap}) is installed but could not start a sandbox here ({why}), so every code "
+    "item is a grader error (sandbox_error), not a verdict. Usually unprivileged user namespaces "
+    "are disabled: enable them (Debian: `sysctl kernel.unprivileged_userns_clone=1`; Ubuntu "
+    "24.04+: `sysctl kernel.apparmor_restrict_unprivileged_userns=0`), or run the container with "
+    "user namespaces allowed (e.g. docker `--security-opt seccomp=unconfined --security-opt "
+    "apparmor=unconfined`). Where that is impossible, {env}=1 runs code with resource limits only "
+    "(no isolation)."
+)
+_WEAK_ON = " Weak mode is ON (allow_weak / {env}): code runs with rlimits only."
+
+
+def sandbox_status(cfg: SandboxConfig | None = None, *, refresh: bool = False) -> SandboxStatus:
+    """Whether the bubblewrap sandbox can run here, found by starting a trivial sandboxed
+    process (once per process and bwrap/config; `refresh=True` probes again), and if not, the
+    fix (see `SandboxStatus`)."""
+    cfg = cfg or SandboxConfig()
+    bwrap = find_bwrap(cfg)
+    probe_cfg = dataclasses.replace(cfg, allow_weak=False)
+    key = (bwrap, probe_cfg)
+    if refresh or key not in _STATUS:
+        _STATUS[key] = _probe(bwrap, probe_cfg)
+    available, message = _STATUS[key]
+    if not available and cfg.allow_weak:
+        message += _WEAK_ON.format(env=WEAK_SANDBOX_ENV)
+    return SandboxStatus(available, cfg.allow_weak, bwrap, message)
+
+
+def _probe(bwrap: str | None, cfg: SandboxConfig) -> tuple[bool, str]:
+    """(started, message) of one trivial sandboxed process."""
+    if bwrap is None or not os.path.exists(bwrap):
+        where = f" at {cfg.bwrap_path}" if cfg.bwrap_path else ""
+        return False, _MISSING_FIX.format(where=where, env=WEAK_SANDBOX_ENV)
+    run = run_sandboxed(
+        ["-c", "import os, sys; os.write(int(sys.argv[1]), b'ok')", RESULT_FD],
+        stdin=b"",
+        timeout_s=20.0,
+        cfg=cfg,
+    )
+    if run.sandbox_error is None and not run.timed_out and run.result == b"ok":
+        return True, ""
+    why = run.sandbox_error or (
+        "timed out" if run.timed_out else _last_line(run.stderr) or f"exit code {run.returncode}"
+    )
+    return False, _BROKEN_FIX.format(bwrap=bwrap, why=why, env=WEAK_SANDBOX_ENV)
+
+
+def _last_line(b: bytes) -> str:
+    lines = b.decode("utf-8", errors="replace").strip().splitlines()
+    return lines[-1][:300] if lines else ""
 
 
 def limits_prelude(cfg: SandboxConfig, cpu_s: float) -> str:
@@ -152,10 +251,12 @@ def run_sandboxed(
     """
     exe, _ = interpreter()
     bwrap = find_bwrap(cfg)
+    if bwrap is not None and cfg.allow_weak and not sandbox_status(cfg).available:
+        bwrap = None  # installed but unable to start a sandbox here: the opted-in weak mode
     if bwrap is None and not cfg.allow_weak:
         _shout_once(
-            "bwrap not found: refusing to run untrusted code (SandboxConfig.allow_weak=True "
-            "runs it with rlimits only)"
+            "bwrap not found: refusing to run untrusted code (`apt-get install bubblewrap`; "
+            f"{WEAK_SANDBOX_ENV}=1 or SandboxConfig.allow_weak=True runs it with rlimits only)"
         )
         return _failed_start("bwrap not found and allow_weak is False")
     res_r, res_w = os.pipe()
@@ -181,9 +282,10 @@ def run_sandboxed(
             cwd, env = "/", {"PATH": "/usr/bin:/bin"}
         else:
             _shout_once(
-                "bwrap not found: running untrusted code with rlimits ONLY (no namespaces, "
+                "no working bwrap: running untrusted code with rlimits ONLY (no namespaces, "
                 "no seccomp; host files and network are visible) because "
-                "SandboxConfig.allow_weak=True. Never do this for RL training."
+                f"SandboxConfig.allow_weak=True ({WEAK_SANDBOX_ENV}). Never do this for RL "
+                "training on a shared machine."
             )
             tmpdir = tempfile.mkdtemp(prefix="nemocascade_weak_")
             argv, cwd = py, tmpdir

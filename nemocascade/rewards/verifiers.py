@@ -1,26 +1,44 @@
 """The built-in reward functions, registered by verifier type (see `nemocascade.rewards` for the
-record schema). Each judges `final_answer(response)` and returns (score, details)."""
+record schema). Each judges `final_answer(response)` and returns (score, details); a record it
+cannot judge raises a `VerifierError` (see `registry.py`), never a silent 0."""
 
 from __future__ import annotations
 
+import ast
 import re
 
 from nemocascade.rewards import code as code_lib
 from nemocascade.rewards import instruction as if_lib
 from nemocascade.rewards import math as math_lib
-from nemocascade.rewards.registry import final_answer, register, verifier_spec
+from nemocascade.rewards import structured
+from nemocascade.rewards.registry import (
+    BadRecordError,
+    SandboxError,
+    UnsupportedError,
+    final_answer,
+    register,
+    verifier_spec,
+)
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_LANG = re.compile(r"[ \t]*([A-Za-z0-9_+-]*)")
 
 
 def extract_code(text: str) -> str | None:
-    """The last fenced code block tagged python/py/python3 or untagged; None if there is none."""
-    blocks = [
-        body
-        for lang, body in _FENCE.findall(text)
-        if lang.lower() in ("", "python", "py", "python3")
-    ]
-    return blocks[-1] if blocks else None
+    """The last fenced code block tagged python/py/python3 or untagged; None if there is none.
+
+    A block opens with ``` (an info string up to the end of that line) and ends at the next ```.
+    One left-to-right pass: linear in the length of `text`."""
+    last, pos = None, 0
+    while True:
+        start = text.find("```", pos)
+        newline = -1 if start < 0 else text.find("\n", start + 3)
+        end = -1 if newline < 0 else text.find("```", newline + 1)
+        if end < 0:
+            return last
+        lang = _LANG.match(text, start + 3, newline).group(1).lower()
+        if lang in ("", "python", "py", "python3"):
+            last = text[newline + 1 : end]
+        pos = end + 3
 
 
 def _reference(answer) -> str:
@@ -48,10 +66,24 @@ def mcqa_reward(record: dict, response: str, finished: bool) -> tuple[float, dic
     return float(math_lib.choice_equivalent(pred, str(spec["answer"]))), {"pred": pred}
 
 
+def _code_verdict(res: code_lib.CodeResult) -> tuple[float, dict]:
+    """(score, details) of a sandboxed run; a sandbox that did not run is a SandboxError."""
+    if res.status == "sandbox_error":
+        raise SandboxError(res.detail[:300])
+    details = {"status": res.status, "detail": res.detail[:300]}
+    return float(res.passed), details
+
+
 @register("code")
 def code_reward(record: dict, response: str, finished: bool) -> tuple[float, dict]:
     """1 if the last code block passes `verifier.tests` (asserts or check(candidate)), else 0."""
     spec = verifier_spec(record, "tests")
+    if not isinstance(spec["tests"], str):
+        raise BadRecordError(f"verifier.tests must be a str, got {type(spec['tests']).__name__}")
+    try:
+        ast.parse(spec["tests"], "tests.py")
+    except (SyntaxError, ValueError) as e:  # the record's tests, not the response, are broken
+        raise BadRecordError(f"verifier.tests do not compile: {e}") from None
     program = extract_code(final_answer(response))
     if program is None:
         return 0.0, {"status": "failed", "detail": "no code block"}
@@ -62,40 +94,63 @@ def code_reward(record: dict, response: str, finished: bool) -> tuple[float, dic
         entry_point=spec.get("entry_point"),
         strict_compare=bool(spec.get("strict_compare", True)),
     )
-    return float(res.passed), {"status": res.status, "detail": res.detail[:300]}
+    return _code_verdict(res)
 
 
 @register("code_io", aliases=("code_stdio",))
 def code_io_reward(record: dict, response: str, finished: bool) -> tuple[float, dict]:
     """1 if the last code block passes every stdin/stdout case in `verifier.cases`, else 0."""
     spec = verifier_spec(record, "cases")
+    cases = spec["cases"]
+    if not isinstance(cases, list) or not cases:
+        raise BadRecordError("verifier.cases must be a non-empty list")
+    for i, case in enumerate(cases):
+        if not (
+            isinstance(case, dict)
+            and isinstance(case.get("input"), str)
+            and isinstance(case.get("output"), str)
+        ):
+            raise BadRecordError(f"verifier.cases[{i}] needs str 'input' and 'output'")
     program = extract_code(final_answer(response))
     if program is None:
         return 0.0, {"status": "failed", "detail": "no code block"}
-    res = code_lib.run_io_tests(
-        program, spec["cases"], time_limit_s=float(spec.get("time_limit_s", 2.0))
-    )
-    return float(res.passed), {
-        "status": res.status,
-        "detail": res.detail[:300],
-        "cases_passed": res.cases_passed,
-    }
+    res = code_lib.run_io_tests(program, cases, time_limit_s=float(spec.get("time_limit_s", 2.0)))
+    score, details = _code_verdict(res)
+    return score, {**details, "cases_passed": res.cases_passed}
 
 
 @register("instruction", aliases=("if", "ifeval", "instruction_following"))
 def instruction_reward(record: dict, response: str, finished: bool) -> tuple[float, dict]:
     """All constraints met -> 1 (or, with `verifier.partial=True`, the fraction met).
 
-    Unsupported instruction ids (verdict None) make the record unscorable: ValueError.
+    Unsupported instruction ids (verdict None) make the record unscorable (UnsupportedError);
+    malformed ids or kwargs raise BadRecordError naming the instruction.
     """
     spec = verifier_spec(record, "instruction_id_list", "kwargs")
-    ids = list(spec["instruction_id_list"])
-    verdicts = if_lib.verify(final_answer(response), ids, list(spec["kwargs"]))
+    ids = spec["instruction_id_list"]
+    try:
+        verdicts = if_lib.verify(final_answer(response), ids, spec["kwargs"])
+    except ValueError as e:
+        raise BadRecordError(str(e)) from None
     unsupported = [i for i, v in zip(ids, verdicts, strict=True) if v is None]
     if unsupported:
-        raise ValueError(f"unsupported instruction ids {unsupported}")
+        raise UnsupportedError(f"unsupported instruction ids {unsupported}")
     if not verdicts:
-        raise ValueError("record['verifier']['instruction_id_list'] is empty")
+        raise BadRecordError("record['verifier']['instruction_id_list'] is empty")
     frac = sum(verdicts) / len(verdicts)
     score = frac if spec.get("partial", False) else float(all(verdicts))
     return score, {"verdicts": verdicts}
+
+
+@register("structured_output", aliases=("json_schema",))
+def structured_output_reward(record: dict, response: str, finished: bool) -> tuple[float, dict]:
+    """1 if the final answer is JSON (bare or in one ```json fence) that satisfies
+    `verifier.schema` (the JSON Schema subset of `structured.py`), else 0."""
+    spec = verifier_spec(record, "schema")
+    structured.check_schema(spec["schema"])
+    try:
+        value = structured.parse_json_answer(final_answer(response))
+    except ValueError as e:
+        return 0.0, {"valid": False, "reason": str(e)[:200]}
+    err = structured.validate(value, spec["schema"])
+    return float(err is None), {"valid": err is None, "reason": (err or "")[:200]}

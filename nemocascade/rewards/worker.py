@@ -1,6 +1,7 @@
-"""Reward worker process (started by `batch.score_batch`): `python -m nemocascade.rewards.worker
-REQ_FD REPLY_FD`. Receives pickled (index, record, response, finished) on REQ_FD, answers pickled
-(index, score, details, error) on REPLY_FD; None or EOF ends it. Stray prints go to stderr."""
+"""Reward worker process (started by `batch.grade_batch`): `python -m nemocascade.rewards.worker
+REQ_FD REPLY_FD`. Receives pickled (index, record, response, finished, thinking) on REQ_FD,
+answers pickled (index, score, details, error kind or None) on REPLY_FD; None or EOF ends it.
+Stray prints go to stderr."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def main(argv: list[str]) -> None:
             return
         if msg is None:
             return
-        i, record, response, finished = msg
-        tx.send((i, *_safe_score(record, response, finished)))
+        i, record, response, finished, thinking = msg
+        tx.send((i, *_safe_score(record, response, finished, thinking)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pytest
 from nemocascade.rewards import code as code_lib
 from nemocascade.rewards import sandbox, seccomp
 from nemocascade.rewards.code import normalize_output, run_io_tests, run_tests
+from nemocascade.rewards.verifiers import extract_code
 
 needs_bwrap = pytest.mark.skipif(
     shutil.which("bwrap") is None, reason="bubblewrap (bwrap) not installed; .ci/run installs it"
@@ -53,6 +54,10 @@ SUM_CASES = [
         (FIB_WRONG, FIB_CHECK, "fib", False, "failed"),
         (FIB, FIB_CHECK, "fibonacci", False, "error"),  # entry point missing
         (FIB + "def g():\n    pass\n", FIB_CHECK, None, False, "error"),  # ambiguous candidate
+        (FIB + "def g():\n    pass\n", FIB_CHECK, "fib", True, "passed"),
+        # HumanEval style that calls check itself: runs as written, no candidate to pick.
+        (FIB + "def g():\n    pass\n", FIB_CHECK + "check(fib)\n", None, True, "passed"),
+        (FIB_WRONG + "def g():\n    pass\n", FIB_CHECK + "check(fib)\n", None, False, "failed"),
         ("def fib(n) return n", FIB_ASSERTS, None, False, "error"),  # syntax error
         ("raise ValueError('boom')", FIB_ASSERTS, None, False, "error"),
         (FIB, "assert fib(3) == 2\nraise KeyError('x')\n", None, False, "error"),
@@ -61,6 +66,41 @@ SUM_CASES = [
 def test_run_tests_styles(program, tests, entry, passed, status):
     res = run_tests(program, tests, timeout_s=10.0, entry_point=entry)
     assert (res.passed, res.status) == (passed, status), res
+
+
+@needs_bwrap
+def test_tests_that_call_check_are_not_called_again():
+    tests = (
+        "calls = []\n"
+        "def check(candidate):\n"
+        "    calls.append(candidate)\n"
+        "    assert len(calls) == 1, 'check ran twice'\n"
+        "    assert candidate(10) == 55\n"
+        "if __name__ == '__main__':\n"
+        "    check(fib)\n"
+    )
+    program = "def helper():\n    return 0\n" + FIB
+    for entry in (None, "fib"):
+        res = run_tests(program, tests, entry_point=entry)
+        assert res.passed, res
+    res = run_tests(program, tests, entry_point="helper")  # still not called a second time
+    assert res.passed, res
+
+
+def _fake_bwrap(tmp_path, body: str) -> sandbox.SandboxConfig:
+    path = tmp_path / "bwrap"
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return sandbox.SandboxConfig(bwrap_path=str(path), allow_weak=False)
+
+
+def test_sandbox_that_never_starts_is_a_sandbox_error_not_a_timeout(tmp_path):
+    cfg = _fake_bwrap(tmp_path, "exec sleep 30")
+    res = run_tests(FIB, FIB_ASSERTS, timeout_s=0.5, config=cfg)
+    assert (res.passed, res.status) == (False, "sandbox_error"), res
+    assert "did not start within" in res.detail
+    res = run_io_tests(SUM_PAIRS, SUM_CASES, time_limit_s=0.5, config=cfg)
+    assert (res.passed, res.status) == (False, "sandbox_error"), res
 
 
 @needs_bwrap
@@ -180,3 +220,14 @@ def test_seccomp_filter_shape():
 
 def test_statuses_are_documented():
     assert set(code_lib.STATUSES) == {"passed", "failed", "timeout", "error", "sandbox_error"}
+
+
+def test_extract_code_blocks_in_linear_time():
+    text = "```python\na = 1\n```\nthen ```js\nb()\n``` and ```py3x\nc\n```\n```\nd = 4\n```"
+    assert extract_code(text) == "d = 4\n"
+    assert extract_code("```Python3 extra words\nx\n```") == "x\n"
+    assert extract_code("```python\nnever closed") is None and extract_code("no code") is None
+    # A long line of backticks rescanned the line from every position before (minutes here).
+    assert extract_code("`" * 200_000) is None
+    assert extract_code("```\n" + "`" * 200_000) == ""  # opened, closed at once, then no newline
+    assert extract_code("```python\n" + "x = 1\n" * 40_000) is None

@@ -224,3 +224,81 @@ def test_counts():
     assert count_words("It's a test-case, isn't it?") == 8  # \w+ runs, like IFEval
     assert count_sentences("Dr. Who paid 3.50 dollars. Then left! Why? Because") == 4
     assert count_sentences("") == 0
+
+
+@pytest.mark.parametrize(
+    "ids,kwargs,match",
+    [
+        # kwargs as one dict instead of a list of dicts
+        (
+            ["length_constraints:number_words"],
+            {"num_words": 3, "relation": "at least"},
+            r"kwargs for instructions \['length_constraints:number_words'\] must be a list",
+        ),
+        (["punctuation:no_comma"], ["not a dict"], "'punctuation:no_comma': kwargs must be a dict"),
+        ("punctuation:no_comma", [{}], "instruction_id_list must be a list"),
+        # numbers written as words, fractions, booleans
+        (
+            ["length_constraints:number_words"],
+            [{"num_words": "three", "relation": "at least"}],
+            "'length_constraints:number_words': kwarg num_words must be a non-negative integer",
+        ),
+        (
+            ["keywords:frequency"],
+            [{"keyword": "a", "frequency": 2.5, "relation": "at least"}],
+            "frequency",
+        ),
+        (["detectable_format:number_bullet_lists"], [{"num_bullets": True}], "num_bullets"),
+        (["detectable_format:number_bullet_lists"], [{"num_bullets": -1}], "num_bullets"),
+        # misspelled keys
+        (
+            ["length_constraints:number_words"],
+            [{"num_word": 3, "relation": "at least"}],
+            r"'length_constraints:number_words': unknown kwargs \['num_word'\]",
+        ),
+        # wrong kinds of values
+        (
+            ["keywords:existence"],
+            [{"keywords": "cat"}],
+            "'keywords:existence': kwarg keywords must be a list of strings",
+        ),
+        (
+            ["keywords:letter_frequency"],
+            [{"letter": "ab", "let_frequency": 1, "let_relation": "at least"}],
+            "kwarg letter must be a single letter",
+        ),
+        (
+            ["change_case:capital_word_frequency"],
+            [{"capital_frequency": 1, "capital_relation": "roughly"}],
+            "'change_case:capital_word_frequency': kwarg capital_relation must be one of",
+        ),
+        (["startend:end_checker"], [{"end_phrase": 42}], "kwarg end_phrase must be a string"),
+    ],
+)
+def test_malformed_kwargs_name_the_instruction_and_key(ids, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        verify("one two three", ids, kwargs)
+
+
+def test_lenient_numbers_and_relations():
+    iid = ["length_constraints:number_words"]
+    for n in ("3", " 3 ", 3.0, 3):
+        assert verify("one two three", iid, [{"num_words": n, "relation": "at least"}]) == [True]
+    assert verify("one two", iid, [{"num_words": "3", "relation": "At  Least"}]) == [False]
+
+
+def test_linear_time_on_adversarial_responses():
+    # Each of these took minutes before (quadratic regex rescans); linear now.
+    n = 200_000
+    ps = [{"postscript_marker": "P.S."}]
+    assert verify(" " * n + "x", ["detectable_content:postscript"], ps) == [False]
+    assert verify(
+        "\n" * n + "x", ["detectable_format:number_bullet_lists"], [{"num_bullets": 1}]
+    ) == [False]
+    assert verify(
+        "[" * n, ["detectable_content:number_placeholders"], [{"num_placeholders": 1}]
+    ) == [False]
+    assert verify("<<" * n + "a", ["detectable_format:title"], [{}]) == [False]
+    assert verify("<<" * n + "a>>", ["detectable_format:title"], [{}]) == [True]
+    assert count_sentences("." * n + "x") == 1
+    assert count_sentences("Wait" + "." * n + " Then. Go") == 3

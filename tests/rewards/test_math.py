@@ -10,6 +10,7 @@ from nemocascade.rewards.math import (
     extract_answer,
     extract_choice,
     is_equivalent,
+    normalize_answer,
 )
 
 GSM8K = (
@@ -131,3 +132,19 @@ def test_extract_choice(text, letter):
 def test_choice_equivalent():
     assert choice_equivalent("B", "B") and choice_equivalent("(b)", "B")
     assert not choice_equivalent("C", "B") and not choice_equivalent(None, "B")
+
+
+def test_linear_time_on_adversarial_responses():
+    # ~200 KB of unclosed boxes: the former per-box scan to the end of the text was quadratic
+    # (minutes at this size); a hang here is that regression.
+    text = "\\boxed{7} then " + "\\boxed{" * 30_000
+    assert len(text) > 200_000 and extract_answer(text) == "7"
+    assert extract_answer("\\boxed{" * 30_000 + "#### 5") == "5"
+    # Regexes with adjacent overlapping quantifiers backtracked for minutes on these.
+    assert extract_choice("the answer is" + " " * 200_000 + "x") is None
+    assert extract_choice("the answer is" + " " * 200_000 + "(B)") == "B"
+    assert extract_choice("\n" * 200_000 + "x") is None
+    assert extract_choice("\\boxed{" + " " * 200_000 + "x") is None
+    assert extract_answer("final answer" + " " * 200_000 + "x") is None
+    junk = "1 " + "a" * 200_000 + "!"
+    assert normalize_answer(junk) == junk
