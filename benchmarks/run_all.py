@@ -14,6 +14,7 @@ others still run. Headline keys:
                                                                                (generate.py)
   moe_best_vs_equal_flop_dense                                                 (moe.py)
   logprob_peak_memory_reduction                                                (logprob_memory.py)
+  attention_peak_memory_reduction                                              (attention_memory.py)
   remat_block_temp_vs_none, remat_block_time_vs_none                           (remat.py)
   compile_lower_s, compile_s                                                   (compile_time.py)
 
@@ -49,6 +50,7 @@ HEADLINES = {
     },
     "moe": {"moe_best_vs_equal_flop_dense": "moe_best_vs_equal_flop_dense"},
     "logprob_memory": {"logprob_peak_memory_reduction": "logprob_peak_memory_reduction"},
+    "attention_memory": {"attention_peak_memory_reduction": "attention_peak_memory_reduction"},
     "remat": {
         "remat_block_temp_vs_none": ("policies", "block", "temp_vs_none"),
         "remat_block_time_vs_none": ("policies", "block", "time_vs_none"),

@@ -103,6 +103,9 @@ class ModelConfig:
     # attention kernel: naive ([T, T] scores), blockwise (online softmax in jnp, no [T, T]),
     # pallas (flash attention kernel, `pallas_kernels.flash_attention`)
     attention_impl: str = "naive"
+    # tile sizes of blockwise / pallas attention (clamped to the sequence length)
+    attention_block_q: int = 512
+    attention_block_k: int = 512
 
     def __post_init__(self):
         bad = sorted(set(self.pattern) - set(PATTERN_TO_BLOCK))
@@ -130,6 +133,11 @@ class ModelConfig:
             raise ValueError(f"remat {self.remat!r} not in ('none', 'block', 'matmuls')")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+        if self.attention_block_q < 1 or self.attention_block_k < 1:
+            raise ValueError(
+                f"attention_block_q / attention_block_k must be >= 1, got "
+                f"{self.attention_block_q} / {self.attention_block_k}"
+            )
 
     # ------------------------------------------------------------------ derived
     @property
