@@ -5,16 +5,24 @@
         --config.tokenizer.path=/ckpt/.../tokenizer.json --config.data.paths.math.rl=...
 
 Stage order (C2 Fig. 2): SFT -> IF-RL -> multi-domain RL -> MOPD -> RLHF -> long-context RL ->
-code RL (SWE RL is out of scope: it needs agentic environments). Hyperparameters from
-shared/reference/cascade2_algorithms.md (C2 Tables 7-10, §4): GRPO strictly on-policy (one update
-per batch), group mean/std advantages, token-level loss, no KL except RLHF (0.03), 128 prompts x 16
-rollouts, lr 3e-6, temperature 1.0; MOPD 128 x 4, lr 2e-6 with a 30-step warmup from 2e-7, ICE-POP
-band [0.5, 2.0]; code RL top-p 0.95, 118K responses.
+code RL -> SWE RL. SWE RL (agentic, multi-turn tool execution) joins when the agentic stage kind
+lands. `rlhf_teacher` is a side branch (`start_from="sft"`): "a checkpoint optimized through RLHF
+from the initial SFT checkpoint", the MOPD teacher of the rlhf domain; MOPD's math teacher is the
+SFT checkpoint and the other domains' teachers are their best checkpoints so far (C2 §4.4).
+Hyperparameters from shared/reference/cascade2_algorithms.md (C2 Tables 7-10, §4), checked value
+by value by tests/jobs/test_cascade2_config.py:
+  * SFT: 256K-token packed rows, global batch 64, AdamW (0.9, 0.98), wd 0.1, lr 5e-5 -> 5e-6 cosine
+    over a 40K-step horizon with 200 warmup steps, stopped at 33K steps;
+  * GRPO: strictly on-policy (one update per batch: ratio exactly 1), group mean/std advantages,
+    token-level loss, no KL except RLHF (0.03), 128 prompts x 16 rollouts, lr 3e-6, Adam beta2 0.95
+    (Tables 8-9), temperature 1.0; code RL top-p 0.95;
+  * MOPD: 128 x 4, lr 2e-6 with a 30-step warmup, ICE-POP band [0.5, 2.0], 98K responses.
 
 The data, the released weights and the reward models (GenRM for RLHF, an LLM judge for long-context
-RL) are not in this repository: every path is a config field, and a stage whose inputs are missing
-fails at its start with a message naming the field. Each stage lists the data and reward it needs.
-A test parses this file and builds the sharded train state abstractly (no weights, no data).
+RL) are not in this repository: every path is a config field, and every stage is validated before
+anything trains (`nemocascade.jobs.validate`): a missing input fails within seconds, naming the
+stage and the field. A test builds every stage's sharded train state abstractly (no weights, no
+data). `:rehearsal` is the same pipeline at toy size on 8 simulated CPU devices.
 """
 
 import dataclasses
@@ -29,16 +37,17 @@ def _optim(
     warmup: int,
     *,
     min_lr: float | None = None,
-    b2: float = 0.999,
+    b2: float = 0.95,
     wd: float = 0.0,
-    warmup_from: float = 0.0,
+    decay_steps: int = 0,
 ):
-    del warmup_from  # linear warmup starts at 0 in optim.py; 2e-7 vs 0 is immaterial at step 1
+    """AdamW; RL stages use beta2 0.95 (C2 Tables 8-9). Linear warmup starts at 0 (the paper's
+    MOPD warmup starts at 2e-7: immaterial from the first step on)."""
     return dict(
         lr=lr,
         min_lr=lr if min_lr is None else min_lr,
         warmup_steps=warmup,
-        decay_steps=0,
+        decay_steps=decay_steps,
         b1=0.9,
         b2=b2,
         eps=1e-8,
@@ -77,6 +86,7 @@ def _grpo(
         reward_model_path="",
         moe_bias_rate=1e-3,
         freeze_router=True,
+        start_from="",
         loss=dict(
             eps_low=0.2,
             eps_high=0.28,
@@ -90,7 +100,14 @@ def _grpo(
 
 
 def get_config(arg: str = "") -> ConfigDict:
-    del arg
+    """arg: "" (the paper's pipeline), "rehearsal" (the same pipeline at toy size on 8
+    simulated CPU devices) or "rehearsal_fast" (fewer steps: the CI variant)."""
+    if arg in ("rehearsal", "rehearsal_fast"):
+        return rehearsal(fast=arg == "rehearsal_fast")
+    if arg:
+        raise ValueError(
+            f"nemotron_cascade2: unknown arg {arg!r}; use '', 'rehearsal' or 'rehearsal_fast'"
+        )
     c = ConfigDict()
     c.job = "cascade"
     c.seed = 0
@@ -126,9 +143,14 @@ def get_config(arg: str = "") -> ConfigDict:
         paths={d: dict(sft="", rl="", eval="") for d in domains},
     )
     c.eval = dict(n_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=131072, thinking=True)
-    c.stage_order = "sft,if_rl,multi_domain_rl,mopd,rlhf,long_context_rl,code_rl"
+    c.stage_order = "sft,if_rl,multi_domain_rl,rlhf_teacher,mopd,rlhf,long_context_rl,code_rl"
+    rlhf = dict(
+        _grpo("rlhf", 25, 16_384, kl=0.03, overlong_filter=True, reward="genrm"),
+        temperature=1.0,
+    )
     c.stages = dict(
-        # C2 §3, Table 7: one SFT stage, 256K-token packed rows, global batch 64, 33K steps.
+        # C2 §3, Table 7: one SFT stage, 256K-token packed rows, global batch 64; the cosine runs
+        # over 40K steps and the run stops at 33K (about 1.5 epochs).
         sft=dict(
             type="sft",
             domains="math,science,chat,instruction,agent,code",
@@ -136,7 +158,11 @@ def get_config(arg: str = "") -> ConfigDict:
             seq_len=262_144,
             batch_size=64,
             thinking=True,
-            optim=_optim(5e-5, warmup=200, min_lr=5e-6, b2=0.98, wd=0.1),
+            records_per_domain={},
+            loss_chunk_size=4096,  # never [256K, 131K] fp32 logits
+            checkpoint_every=500,
+            start_from="",
+            optim=_optim(5e-5, warmup=200, min_lr=5e-6, b2=0.98, wd=0.1, decay_steps=40_000),
         ),
         # C2 §4.2: IF-RL, thinking mode, dynamic filtering, truncated responses get reward 0.
         if_rl=_grpo("instruction", 180, 49_152, dynamic=True),
@@ -146,10 +172,16 @@ def get_config(arg: str = "") -> ConfigDict:
             _grpo("mcqa,workplace,structured_output", 70, 49_152, overlong_filter=True),
             domain_weights=dict(mcqa=0.55, workplace=0.30, structured_output=0.15),
         ),
-        # C2 §4.4: MOPD, teachers = best checkpoint per domain so far.
+        # C2 §4.4: the RLHF teacher of MOPD, trained by RLHF from the SFT checkpoint (a side
+        # branch: the main chain continues from multi_domain_rl).
+        rlhf_teacher=dict(rlhf, start_from="sft"),
+        # C2 §4.4, Table 8: MOPD; teachers: math = SFT, rlhf = the RLHF side branch, the others
+        # the best checkpoint per domain so far (IF-RL / multi-domain RL). The table's 6,171
+        # prompts have no RLHF share while the prose also draws from the RLHF pool: rlhf gets the
+        # STEM share (927), an assumption.
         mopd=dict(
             type="mopd",
-            domains="math,instruction,workplace,mcqa,structured_output",
+            domains="math,instruction,workplace,mcqa,structured_output,rlhf",
             steps=52,
             prompts_per_step=128,
             samples_per_prompt=4,
@@ -161,17 +193,116 @@ def get_config(arg: str = "") -> ConfigDict:
             eval_every=0,
             moe_bias_rate=1e-3,
             freeze_router=True,
+            start_from="",
+            teachers=dict(math="sft", rlhf="rlhf_teacher"),
             domain_weights=dict(
-                math=1853, instruction=1854, workplace=610, mcqa=927, structured_output=927
+                math=1853,
+                instruction=1854,
+                workplace=610,
+                mcqa=927,
+                structured_output=927,
+                rlhf=927,
             ),
             loss=dict(is_low=0.5, is_high=2.0, objective="sampled_token"),
-            optim=_optim(2e-6, warmup=30),
+            optim=_optim(2e-6, warmup=30, b2=0.999),  # the MOPD replica's Adam (beta2 0.999)
         ),
-        # C2 §4.5: RLHF with a GenRM (Qwen3-235B-A22B-Thinking-2507), KL 0.03, thinking only.
-        rlhf=_grpo("rlhf", 25, 16_384, kl=0.03, overlong_filter=True, reward="genrm"),
-        # C2 §4.6: long-context RL judged by Qwen3-235B-A22B-Instruct-2507.
-        long_context_rl=_grpo("long_context", 30, 49_152, overlong_filter=True, reward="llm_judge"),
+        # C2 §4.5, Table 9: RLHF with a GenRM (Qwen3-235B-A22B-Thinking-2507), KL 0.03, thinking
+        # mode only, 16K responses.
+        rlhf=rlhf,
+        # C2 §4.6: long-context RL judged by Qwen3-235B-A22B-Instruct-2507: inputs up to 32K,
+        # sequences up to 49K, so responses up to 16K.
+        long_context_rl=_grpo("long_context", 30, 16_384, overlong_filter=True, reward="llm_judge"),
         # C2 §4.7: code RL, 3.5K hard problems, strict binary unit-test reward, top-p 0.95.
         code_rl=_grpo("code", 22, 118_784, top_p=0.95, overlong_filter=True),
+    )
+    return c
+
+
+# ----------------------------------------------------------------------------- the rehearsal
+REHEARSAL_STAGES = "sft,if_rl,multi_domain_rl,mopd,long_context_rl,code_rl"
+
+
+def rehearsal(fast: bool = False) -> ConfigDict:
+    """The paper's pipeline at toy size, end to end on 8 simulated CPU devices:
+
+        XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m nemocascade.launch \\
+            --config=configs/nemotron_cascade2.py:rehearsal --workdir=runs/rehearsal
+
+    Same stage names, order and kinds as the paper config (stages whose kinds are not built yet
+    are left out of `stage_order`: RLHF, SWE RL), the same code paths: thinking mode, chunked
+    vocabulary losses, block remat, bf16 compute over fp32 master weights, expert parallelism on
+    a data (2) x expert (4) mesh, blockwise attention, a side branch and MOPD teachers by name,
+    every stage validated before anything trains. Generated data for every domain
+    (`nemocascade.data.synthetic`: instruction, math, code, mcqa, structured_output, workplace
+    tool calls, long_context), each scored by its real verifier. It checks that the pipeline
+    runs, not what it learns (a few steps per stage).
+    """
+    c = get_config()
+    c.progress = False
+    c.num_workers = 2
+    c.export_hf = True
+    c.model = dataclasses.asdict(
+        ModelConfig.tiny(
+            vocab_size=768,
+            hidden_size=64,
+            pattern="MEM*EMEM*E",
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            param_dtype="float32",
+            compute_dtype="bfloat16",
+            moe_backend="sorted",  # the CPU-fast backend; the paper config runs ragged_dot
+            remat="block",
+            attention_impl="blockwise",
+            attention_block_q=64,
+            attention_block_k=64,
+        )
+    )
+    c.mesh = dict(data=2, fsdp=1, expert=4, tensor=1)
+    c.tokenizer = dict(path="", vocab_size=768, split_digits=True)
+    c.data = dict(source="synthetic", train_per_domain=200, eval_per_domain=8, paths={})
+    c.eval = dict(n_samples=1, temperature=1.0, top_p=1.0, max_new_tokens=48, thinking=True)
+    c.stage_order = REHEARSAL_STAGES
+    rl_steps, sft_steps = (1, 6) if fast else (3, 60)
+
+    def toy(stage: dict, *, max_new: int = 48, **kw) -> dict:
+        """The paper stage at toy size: 8 prompts x 4 samples (32 rows: 4 per batch shard)."""
+        out = dict(
+            stage,
+            steps=rl_steps,
+            prompts_per_step=8,
+            samples_per_prompt=4,
+            max_new_tokens=max_new,
+            checkpoint_every=rl_steps,
+            optim=dict(stage["optim"], lr=1e-4, min_lr=1e-4),
+            **kw,
+        )
+        if "logprob_chunk" not in out["loss"]:
+            out["loss"] = dict(out["loss"], logprob_chunk=64)  # chunked vocabulary losses
+        return out
+
+    sft = c.stages.sft.to_dict()
+    c.stages = dict(
+        sft=dict(
+            sft,
+            domains="math,instruction,code,mcqa,structured_output,workplace,long_context",
+            steps=sft_steps,
+            seq_len=384,
+            batch_size=8,
+            loss_chunk_size=64,
+            checkpoint_every=sft_steps,
+            optim=dict(sft["optim"], lr=3e-3, min_lr=3e-4, warmup_steps=5, decay_steps=0),
+        ),
+        if_rl=toy(c.stages.if_rl.to_dict()),
+        multi_domain_rl=toy(c.stages.multi_domain_rl.to_dict(), max_gen_batches=1),
+        mopd=toy(
+            c.stages.mopd.to_dict(),
+            domains="math,instruction,workplace,mcqa,structured_output",
+            domain_weights={},
+            teachers=dict(math="sft"),  # the RLHF teacher joins with the RLHF stage kind
+        ),
+        long_context_rl=toy(c.stages.long_context_rl.to_dict(), reward="verifier"),
+        code_rl=toy(c.stages.code_rl.to_dict(), max_new=32),
     )
     return c

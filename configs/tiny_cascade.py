@@ -64,6 +64,7 @@ def _grpo(
         reward_model_path="",
         moe_bias_rate=1e-3,
         freeze_router=True,
+        start_from="",
         loss=dict(
             eps_low=0.2,
             eps_high=0.28,
@@ -133,6 +134,9 @@ def get_config(arg: str = "") -> ConfigDict:
             batch_size=16,
             thinking=False,
             records_per_domain={"math": 400},
+            loss_chunk_size=0,
+            checkpoint_every=400,
+            start_from="",
             optim=_optim(3e-3, warmup=20),
         ),
         # GRPO: 32 prompts x 8 samples per step. The gradient is noisy at this size (two 128-sample
@@ -164,6 +168,8 @@ def get_config(arg: str = "") -> ConfigDict:
             domain_weights={},
             moe_bias_rate=1e-3,
             freeze_router=True,
+            start_from="",
+            teachers={},  # {domain: stage or HF checkpoint dir}; default: best so far
             loss=dict(is_low=0.5, is_high=2.0, objective="sampled_token"),
             # below the GRPO lr, as in the paper (2e-6 vs 3e-6): at 3e-4 the held-out
             # instruction score fell 58.5 -> 50.8 in 20 steps, at 1e-4 to 53.8

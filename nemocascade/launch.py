@@ -26,11 +26,38 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from nemocascade import config_files
-from nemocascade.jobs import get_job, register_job
+from nemocascade.jobs import get_identity, get_job, get_preflight, register_job
 
 __all__ = ["main", "register_job", "run_job", "run_sweep"]
 
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Problems with a run's inputs or environment (config, data, workdir, checkpoints, disk),
+    reported on one line with exit 2 (imported here, not at the top: the launcher stays light)."""
+    from nemocascade.data.sources import DataError
+    from nemocascade.jobs.identity import IncompatibleResume
+    from nemocascade.model.hf_io import CheckpointError
+    from nemocascade.rl.stage import RewardErrors
+    from nemocascade.train.checkpoint import CheckpointSaveError
+    from nemocascade.train.loop import NonFiniteError
+    from nemocascade.typed_config import ConfigError
+
+    return (
+        ConfigError,
+        IncompatibleResume,
+        DataError,
+        CheckpointError,
+        CheckpointSaveError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+        NonFiniteError,
+        RewardErrors,
+    )
+
+
 FINAL_METRICS = "final_metrics.json"
+RUN_INFO = "run_info.json"
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file path[:arg]", lock_config=True
@@ -50,20 +77,89 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 
 
-def run_job(config: ConfigDict, workdir: str) -> dict[str, Any]:
-    """Write DIR/config.json, run `config.job`, write DIR/final_metrics.json; return the metrics."""
+def run_info(config: ConfigDict) -> dict[str, Any]:
+    """What this run executes on: devices, the mesh's axes and sizes, whether MoE layers run
+    expert-parallel, the jax / flax versions and the git commit of the code."""
+    import flax
     import jax
 
+    from nemocascade.sharding import MeshConfig, make_mesh
+    from nemocascade.typed_config import from_mapping
+
+    mesh = None
+    if "mesh" in config:
+        mesh = dict(make_mesh(from_mapping(MeshConfig, config.mesh, "mesh")).shape)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "platform": jax.devices()[0].platform,
+        "mesh": mesh,
+        "expert_parallel": bool(mesh and mesh["expert"] > 1),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "git_commit": commit,
+    }
+
+
+def run_job(config: ConfigDict, workdir: str) -> dict[str, Any]:
+    """Check the workdir (and, for a rerun, that the run's identity allows resuming), keep a
+    changed previous config, write DIR/config.json and DIR/run_info.json, run `config.job`,
+    write DIR/final_metrics.json; return the metrics."""
+    import jax
+
+    from nemocascade.jobs import identity as ident
+    from nemocascade.jobs.preflight import check_workdir
+
     is_main = jax.process_index() == 0
-    if is_main:
-        config_files.write_config_json(config, workdir)
     job = get_job(config.job)
+    identity_fn = get_identity(config.job)
+    if is_main:
+        check_workdir(workdir)
+        if identity_fn is not None:  # before anything is written: refuse, touching nothing
+            ident.check_resume(workdir, identity_fn(config), _previous_identity(workdir, config))
+        preflight = get_preflight(config.job)
+        if preflight is not None:
+            preflight(config, workdir)
+        os.makedirs(workdir, exist_ok=True)
+        ident.keep_previous_config(workdir, json.loads(config.to_json_best_effort()))
+        config_files.write_config_json(config, workdir)
+        if identity_fn is not None:
+            ident.record(workdir, identity_fn(config))
+        with open(os.path.join(workdir, RUN_INFO), "w") as f:
+            json.dump(run_info(config), f, indent=2)
+            f.write("\n")
     metrics = dict(job(config, workdir))
     if is_main:
         with open(os.path.join(workdir, FINAL_METRICS), "w") as f:
             json.dump(metrics, f, indent=2, sort_keys=True, default=float)
             f.write("\n")
     return metrics
+
+
+def _previous_identity(workdir: str, config: ConfigDict) -> dict | None:
+    """The recorded identity of the run in `workdir`: its run_identity.json, else (a run older
+    than that file) the identity of its config.json; None for a new workdir."""
+    from nemocascade.jobs import identity as ident
+
+    if os.path.exists(os.path.join(workdir, ident.IDENTITY_FILE)):
+        return None  # check_resume reads it
+    path = os.path.join(workdir, ident.CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    old = ConfigDict(config_files.read_json(path))
+    fn = get_identity(old.get("job", config.job))
+    return None if fn is None else dict(fn(old))
 
 
 def _sweep_row(name: str, overrides: dict, metrics: dict | None, status: str) -> dict[str, Any]:
@@ -229,12 +325,64 @@ def main(argv: Sequence[str]) -> None:
         )
         logging.info("sweep done: %d variants, %s/sweep.md", len(rows), workdir)
         return
-    metrics = run_job(config, workdir)
+    from nemocascade.train.loop import Preempted
+
+    try:
+        metrics = run_job(config, workdir)
+    except Preempted as e:
+        _stopped(str(e))
+        return
+    except user_errors() as e:
+        _fail(e)
+    if metrics.get("preempted"):
+        _stopped(f"SIGTERM at step {metrics.get('step')}; checkpoint saved in {workdir}")
+        return
     logging.info("final metrics: %s", metrics)
+
+
+def _stopped(message: str) -> None:
+    """SIGTERM: the job saved a checkpoint; say how to resume and exit 0."""
+    command = " ".join(["python -m nemocascade.launch", *sys.argv[1:]])
+    sys.stderr.write(f"stopped: {message}\nresume with the same command: {command}\n")
+
+
+def _fail(e: BaseException) -> None:
+    """A problem with the run's inputs, not a bug: its message (which names the key, file or
+    fix) on stderr without a traceback, exit 2; NEMOCASCADE_TRACEBACK=1 shows the traceback."""
+    if os.environ.get("NEMOCASCADE_TRACEBACK") == "1":
+        raise e
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
+
+
+def check_config_file(argv: Sequence[str]) -> None:
+    """Exit with one line if `--config` names a file that is missing or does not load (the
+    flag parser would bury it in a long chained traceback)."""
+    spec = _config_spec(argv)
+    if spec is None:
+        return
+    path, _ = config_files.split_spec(spec)
+    if not os.path.isfile(path):
+        sys.stderr.write(f"error: --config={spec}: no such file {path!r}\n")
+        sys.exit(2)
+    try:
+        config_files.load_config(spec)
+    except Exception as e:  # noqa: BLE001 - whatever the file raises, report it on one line
+        where = ""
+        tb = e.__traceback__
+        while tb is not None:  # the innermost frame inside the config file itself
+            if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+                where = f":{tb.tb_lineno}"
+            tb = tb.tb_next
+        if isinstance(e, SyntaxError) and e.lineno:
+            where = f":{e.lineno}"
+        sys.stderr.write(f"error: --config={spec}: {path}{where}: {type(e).__name__}: {e}\n")
+        sys.exit(2)
 
 
 def cli() -> None:
     """Console entry point."""
+    check_config_file(sys.argv[1:])
     check_command_line(sys.argv[1:])
     app.run(main)
 

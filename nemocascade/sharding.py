@@ -69,9 +69,16 @@ class MeshConfig:
                 raise ValueError(f"mesh {self}: {num_devices} devices not divisible by {known}")
             sizes[sizes.index(-1)] = num_devices // known
         if int(np.prod(sizes)) != num_devices:
+            hint = ""
+            if int(np.prod(sizes)) > num_devices and jax.devices()[0].platform == "cpu":
+                hint = (
+                    f"; on CPU, simulate {int(np.prod(sizes))} devices with XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count={int(np.prod(sizes))}"
+                )
             raise ValueError(
-                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: "
-                f"product {int(np.prod(sizes))} != {num_devices} devices"
+                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} (mesh.data x mesh.fsdp x "
+                f"mesh.expert x mesh.tensor) needs {int(np.prod(sizes))} devices, "
+                f"{num_devices} are available{hint}"
             )
         return tuple(sizes)
 

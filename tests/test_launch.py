@@ -134,6 +134,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, log[-3000:]
+    assert "resume with the same command: python -m nemocascade.launch" in log
     final = json.loads((workdir / "final_metrics.json").read_text())
     assert final["preempted"] is True
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]

@@ -9,6 +9,6 @@
     report      summary -> report.md and scores.png
 """
 
-from nemocascade.jobs.registry import get_job, register_job
+from nemocascade.jobs.registry import get_identity, get_job, get_preflight, register_job
 
-__all__ = ["get_job", "register_job"]
+__all__ = ["get_identity", "get_job", "get_preflight", "register_job"]

@@ -22,20 +22,47 @@ JobFn = Callable[[Any, str], Mapping[str, Any]]
 
 JOB_MODULES: list[str] = ["nemocascade.jobs.sft", "nemocascade.jobs.cascade"]
 
+IdentityFn = Callable[[Any], Mapping[str, Any]]
+PreflightFn = Callable[[Any, str], None]
 _JOBS: dict[str, JobFn] = {}
+_IDENTITIES: dict[str, IdentityFn] = {}
+_PREFLIGHTS: dict[str, PreflightFn] = {}
 
 
-def register_job(name: str) -> Callable[[JobFn], JobFn]:
-    """Decorator: make `fn(config, workdir) -> dict of final metrics` launchable as `name`."""
+def register_job(
+    name: str, *, identity: IdentityFn | None = None, preflight: PreflightFn | None = None
+) -> Callable[[JobFn], JobFn]:
+    """Decorator: make `fn(config, workdir) -> dict of final metrics` launchable as `name`.
+
+    `identity(config) -> dict`: what the run's checkpoints and tokenizer depend on
+    (`jobs.identity`); the launcher refuses to resume a workdir whose identity differs.
+    `preflight(config, workdir)`: checks run before anything is written (raise an error whose
+    message names the key or file and the fix)."""
 
     def deco(fn: JobFn) -> JobFn:
         old = _JOBS.get(name)
         if old is not None and _origin(old) != _origin(fn):  # re-importing a file is fine
             raise ValueError(f"job {name!r} is already registered by {_origin(old)}")
         _JOBS[name] = fn
+        if identity is not None:
+            _IDENTITIES[name] = identity
+        if preflight is not None:
+            _PREFLIGHTS[name] = preflight
         return fn
 
     return deco
+
+
+def get_identity(name: str) -> IdentityFn | None:
+    """The identity function of a registered job (see `register_job`), or None."""
+    get_job(name)
+    return _IDENTITIES.get(name.split(":", 1)[-1])
+
+
+def get_preflight(name: str) -> PreflightFn | None:
+    """The preflight checks of a registered job (see `register_job`), or None."""
+    get_job(name)
+    return _PREFLIGHTS.get(name.split(":", 1)[-1])
 
 
 def _origin(fn: JobFn) -> tuple[str, str]:

@@ -23,9 +23,11 @@ from flax import nnx
 
 from nemocascade import data as nc_data
 from nemocascade.data.synthetic import arithmetic_records
+from nemocascade.jobs.identity import model_identity, tokenizer_identity
+from nemocascade.jobs.preflight import PreflightError, check_disk, state_bytes
 from nemocascade.jobs.registry import register_job
 from nemocascade.model import ModelConfig, NemotronH, save_hf_checkpoint
-from nemocascade.sharding import MeshConfig, device_batch, make_mesh
+from nemocascade.sharding import MeshConfig, batch_shards, device_batch, make_mesh
 from nemocascade.train.checkpoint import Checkpointer, abstract_with_shardings
 from nemocascade.train.loop import (
     CHECKPOINT_DIR,
@@ -244,10 +246,17 @@ def load_records(data: SFTDataConfig, seed: int) -> list[dict]:
     return records
 
 
-def build_tokenizer(data: SFTDataConfig, records: list[dict]) -> nc_data.Tokenizer:
-    """`data.tokenizer` if set, else a BPE trained on the records' rendered text."""
+def build_tokenizer(
+    data: SFTDataConfig, records: list[dict], workdir: str | None = None
+) -> nc_data.Tokenizer:
+    """`data.tokenizer` if set; else the run's own `tokenizer.json` when the workdir has one (a
+    resumed run keeps its vocabulary: that file is never rewritten); else a BPE trained on the
+    records' text."""
     if data.tokenizer:
         return nc_data.Tokenizer.from_file(data.tokenizer)
+    own = os.path.join(workdir, "tokenizer.json") if workdir else ""
+    if own and os.path.exists(own):
+        return nc_data.Tokenizer.from_file(own)
     texts = []
     for r in records:
         for m in r["messages"]:
@@ -285,7 +294,40 @@ def abstract_train_state(config) -> TrainState:
     return jax.eval_shape(lambda: initial_state(*weights(), tx, job.seed))
 
 
-@register_job("sft")
+def sft_identity(config) -> dict[str, Any]:
+    """What an sft run's checkpoints and tokenizer depend on (`jobs.identity`)."""
+    return {
+        "job": "sft",
+        "model": model_identity(config.model),
+        "tokenizer": tokenizer_identity(config.data.tokenizer),
+    }
+
+
+def sft_preflight(config, workdir: str) -> None:
+    """Before anything is written: the mesh splits the batch, the data file exists, the disk
+    holds the planned checkpoints."""
+    job = SFTJob.from_config(config)
+    shards = batch_shards(make_mesh(job.mesh))
+    if job.data.global_batch % shards:
+        raise PreflightError(
+            f"data.global_batch={job.data.global_batch} does not split over the {shards} batch "
+            f"shards of the mesh (mesh.data x mesh.fsdp x mesh.expert on "
+            f"{jax.device_count()} devices): use a multiple of {shards} or change mesh.*"
+        )
+    if job.data.source == "jsonl":
+        for key in ("path", "tokenizer"):
+            path = getattr(job.data, key)
+            if (path or key == "path") and not os.path.isfile(path):
+                raise PreflightError(f"data.{key}={path!r}: no such file")
+    planned = job.train.keep_checkpoints + (1 if job.train.best_metric else 0)
+    check_disk(
+        workdir,
+        planned * state_bytes(abstract_train_state(config)),
+        f"{planned} checkpoints (train.keep_checkpoints + best)",
+    )
+
+
+@register_job("sft", identity=sft_identity, preflight=sft_preflight)
 def run_sft(config, workdir: str) -> dict[str, Any]:
     """Supervised fine-tuning as configured; returns the final step's metrics."""
     job = SFTJob.from_config(config)
@@ -295,15 +337,16 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
     if n_eval >= len(records):
         raise ValueError(f"data.eval_records={n_eval} leaves no training records of {len(records)}")
     train_records, eval_records = records[: len(records) - n_eval], records[len(records) - n_eval :]
-    tokenizer = build_tokenizer(job.data, train_records)
+    tokenizer = build_tokenizer(job.data, train_records, workdir)
     if tokenizer.vocab_size > job.model.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
             f"{job.model.vocab_size}"
         )
-    if jax.process_index() == 0:
+    own = os.path.join(workdir, "tokenizer.json")
+    if jax.process_index() == 0 and not os.path.exists(own):
         os.makedirs(workdir, exist_ok=True)
-        tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+        tokenizer.save(own)
     weights = fresh_weights(job.model, job.seed, mesh)
     graphdef = split_model(
         nnx.eval_shape(lambda: NemotronH(job.model, rngs=nnx.Rngs(0), mesh=mesh))

@@ -33,6 +33,7 @@ class SFTStageConfig:
     non_thinking_fraction: float = 0.0
     overlong: Literal["truncate", "split"] = "truncate"
     checkpoint_every: int = 100
+    start_from: str = ""  # "" continues the main chain; a stage name: a side branch from it
 
     def __post_init__(self):
         for key in ("steps", "seq_len", "batch_size", "checkpoint_every"):

@@ -154,3 +154,23 @@ def structured_output_reward(record: dict, response: str, finished: bool) -> tup
         return 0.0, {"valid": False, "reason": str(e)[:200]}
     err = structured.validate(value, spec["schema"])
     return float(err is None), {"valid": err is None, "reason": (err or "")[:200]}
+
+
+@register("tool_call", aliases=("function_call",))
+def tool_call_reward(record: dict, response: str, finished: bool) -> tuple[float, dict]:
+    """1 if the reply's tool calls, parsed against the record's declared `tools`, are exactly
+    `verifier.calls` (same order, names and arguments) with no malformed call, else 0."""
+    from nemocascade.data.tools import ToolCall, parse_tool_calls  # lazy: workers stay light
+
+    spec = verifier_spec(record, "calls")
+    tools = record.get("tools")
+    if not isinstance(tools, list) or not tools:
+        raise BadRecordError("a tool_call record needs its declared `tools` (a non-empty list)")
+    try:
+        want = [ToolCall.from_mapping(c) for c in spec["calls"]]
+        calls, errors = parse_tool_calls(final_answer(response), tools)
+    except (TypeError, ValueError) as e:
+        raise BadRecordError(f"tool_call record: {e}") from e
+    got = [(c.name, dict(c.arguments)) for c in calls]
+    ok = not errors and got == [(c.name, dict(c.arguments)) for c in want]
+    return float(ok), {"calls": [c.name for c in calls], "errors": [e.kind for e in errors][:8]}

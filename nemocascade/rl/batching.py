@@ -5,7 +5,9 @@ draw_prompts     `count` prompt records mixed over domains by weight, determinis
                  the same prompts
 collect_groups   GRPO with dynamic filtering: sample rounds of prompts until the batch holds
                  `rows` rows of informative groups (rewards not all equal) or the round cap
-                 is hit; whole groups only (a cut group would bias its own baseline)
+                 is hit; whole groups only (a cut group would bias its own baseline); a
+                 group with a grader error (a row without a verdict) is dropped, never
+                 trained on with a made-up reward
 assemble         the kept rows of every round as one fixed-shape batch of exactly `rows` rows
                  (empty rows with loss_mask 0 fill the rest) and one sequence length, so the
                  train step compiles once per stage
@@ -74,13 +76,14 @@ def collect_groups(
 ) -> tuple[list[Part], list[Rollouts], dict[str, float]]:
     """Rollout rounds (`sample_round(round_index)`) until `rows` rows of kept groups or `rounds`.
 
-    Advantages are computed per round over every group (`advantages.prepare_advantages`); with
-    dynamic filtering only groups whose rewards are not all equal are kept, and only as many whole
-    groups as still fit. Returns (parts, every round's rollouts, metrics: the fraction of groups
-    filtered out and the number of rounds)."""
+    Advantages are computed per round over every group (`advantages.prepare_advantages`); groups
+    with a grader error are dropped; with dynamic filtering only groups whose rewards are not all
+    equal are kept; only as many whole groups as still fit. Returns (parts, every round's
+    rollouts, metrics: the fractions of groups filtered out and dropped for errors, the number of
+    rounds)."""
     parts: list[Part] = []
     rolls: list[Rollouts] = []
-    total, seen, dropped = 0, 0, 0.0
+    total, seen, dropped, errored = 0, 0, 0.0, 0
     for round_ in range(rounds):
         roll = sample_round(round_)
         rolls.append(roll)
@@ -90,19 +93,26 @@ def collect_groups(
         groups = len(roll.rewards) // group_size
         seen += groups
         dropped += prep["filtered_fraction"] * groups
+        bad_G = np.asarray(roll.errors, bool).reshape(groups, group_size).any(axis=1)
+        errored += int(bad_G.sum())
+        keep = np.asarray(prep["keep"], bool) & ~np.repeat(bad_G, group_size)
         room = (rows - total) // group_size * group_size
-        kept = np.flatnonzero(prep["keep"])[:room]
+        kept = np.flatnonzero(keep)[:room]
         if kept.size:
             parts.append(Part(roll, kept, prep))
             total += kept.size
         if rows - total < group_size:
             break
-    metrics = {"groups_filtered_frac": dropped / max(seen, 1), "gen_rounds": len(rolls)}
+    metrics = {
+        "groups_filtered_frac": dropped / max(seen, 1),
+        "groups_error_frac": errored / max(seen, 1),
+        "gen_rounds": len(rolls),
+    }
     return parts, rolls, metrics
 
 
 def assemble(
-    parts: Sequence[Part], *, rows: int, seq_len: int, pad_id: int, behaviour: str
+    parts: Sequence[Part], *, rows: int, seq_len: int, pad_id: int
 ) -> dict[str, np.ndarray] | None:
     """One batch of exactly `rows` rows and `seq_len` positions from the parts' rows (None if
     there are none). GRPO parts add `advantages` [rows] and scale each row's `loss_mask` by its
@@ -111,9 +121,7 @@ def assemble(
         return None
     arrays: dict[str, list[np.ndarray]] = {}
     for part in parts:
-        b = training_batch(
-            part.rollouts, rows=part.rows, seq_len=seq_len, pad_id=pad_id, behaviour=behaviour
-        )
+        b = training_batch(part.rollouts, rows=part.rows, seq_len=seq_len, pad_id=pad_id)
         if part.extra is not None:
             b["advantages"] = np.asarray(part.extra["advantages"], np.float32)[part.rows]
             weight = np.asarray(part.extra["sample_weight"], np.float32)[part.rows]

@@ -42,6 +42,17 @@ class RLStageConfig:
     moe_bias_rate: float = 1e-3  # MoE correction-bias rate (aux-loss-free balancing)
     freeze_router: bool = True  # router weights frozen (Nemotron-3 RL); the bias still moves
     max_consecutive_skips: int = 10  # NaN/Inf updates in a row before the stage aborts
+    # a step whose responses the graders fail on (timeouts, sandbox errors, ...) more often than
+    # this stops the stage with the cause: errored rows are never trained on, but a broken
+    # grader would otherwise silently starve the stage
+    max_reward_error_frac: float = 0.1
+    # "" continues the main chain (the previous main-chain stage's weights); a stage name makes
+    # this a side branch from that earlier stage (e.g. an RLHF teacher trained from SFT): the next
+    # main-chain stage does not start from it
+    start_from: str = ""
+    # MOPD: {domain: stage name or Hugging Face checkpoint directory}; a domain not named here is
+    # taught by its best evaluated checkpoint so far
+    teachers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for key in (
@@ -57,6 +68,10 @@ class RLStageConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not self.domains:
             raise ValueError("domains is empty")
+        if not 0 <= self.max_reward_error_frac <= 1:
+            raise ValueError(
+                f"max_reward_error_frac must be in [0, 1], got {self.max_reward_error_frac}"
+            )
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if not self.temperature > 0 or not 0 < self.top_p <= 1:
@@ -66,9 +81,12 @@ class RLStageConfig:
             )
         if not isinstance(self.loss, LOSS_CONFIGS[self.type]):
             raise ValueError(f"a {self.type} stage needs a {LOSS_CONFIGS[self.type].__name__} loss")
-        unknown = sorted(set(self.domain_weights) - set(self.domains))
-        if unknown:
-            raise ValueError(f"domain_weights names domains {unknown} not in domains")
+        for key in ("domain_weights", "teachers"):
+            unknown = sorted(set(getattr(self, key)) - set(self.domains))
+            if unknown:
+                raise ValueError(f"{key} names domains {unknown} not in domains")
+        if self.teachers and self.type != "mopd":
+            raise ValueError("teachers is for mopd stages")
 
     @property
     def rows(self) -> int:

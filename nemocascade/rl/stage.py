@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nemocascade import rewards as rw
 from nemocascade.rl import batching
 from nemocascade.rl import rollouts as ro
 from nemocascade.rl.config import RLStageConfig
@@ -39,6 +40,10 @@ from nemocascade.train.state import TrainState
 
 log = logging.getLogger(__name__)
 SEQ_MULTIPLE = 16  # the train step's sequence length is a multiple of this
+
+
+class RewardErrors(RuntimeError):
+    """Too many responses of a step could not be scored (grader failures, not wrong answers)."""
 
 
 class RLStage:
@@ -56,7 +61,7 @@ class RLStage:
         pools: Mapping[str, list[dict]],
         seed: int,
         teachers: Mapping[str, distill.Teacher] | None = None,
-        reward_cache: ro.RewardCache | None = None,
+        reward_cache: rw.RewardCache | None = None,
         num_workers: int = 2,
         mesh=None,
     ):
@@ -67,7 +72,7 @@ class RLStage:
         self.name, self.cfg = name, cfg
         self.graphdef, self.tokenizer = graphdef, tokenizer
         self.pools, self.seed, self.teachers = pools, seed, dict(teachers or {})
-        self.reward_cache = reward_cache or ro.RewardCache()
+        self.reward_cache = reward_cache or rw.RewardCache()
         self.num_workers, self.mesh = num_workers, mesh
         self.rows = cfg.rows
         # One sequence length for the whole stage (longest prompt + max_new_tokens - 1 inputs,
@@ -82,10 +87,11 @@ class RLStage:
         self.tx = make_optimizer(cfg.optim, cfg.steps)
         if cfg.freeze_router:  # as in Nemotron-3 RL: router frozen, the bias still moves
             self.tx = freeze_router(self.tx)
-        self.step_fn, self.step_args = self._build_step()
+        self.step_fn = self._build_step()
 
     # ------------------------------------------------------------------ the step
-    def _build_step(self) -> tuple[Callable, tuple]:
+    def _build_step(self) -> Callable:
+        """The pure step `(state, batch, *step_args) -> (state, metrics)` (see `_step_args`)."""
         common = dict(
             graphdef=self.graphdef,
             tx=self.tx,
@@ -94,23 +100,35 @@ class RLStage:
             cfg=self.cfg.loss,
         )
         if self.cfg.type == "grpo":
-            return functools.partial(grpo.grpo_train_step, **common), ()
+            return functools.partial(
+                grpo.grpo_train_step, temperature=self.cfg.temperature, **common
+            )
         if self.cfg.loss.objective != "reverse_kl":
-            return functools.partial(distill.distill_train_step, **common), ()
+            return functools.partial(distill.distill_train_step, **common)
         # the full-vocabulary KL needs the teachers inside the step: each distinct teacher once
         # (a tuple of traced states), each domain's rows routed by batch["teacher_index"]
-        groups = distill.teacher_groups(self.teachers)
-        self._teacher_of = {d: k for k, (_, doms) in enumerate(groups) for d in doms}
+        self._teacher_groups = distill.teacher_groups(self.teachers)
+        self._teacher_of = {d: k for k, (_, doms) in enumerate(self._teacher_groups) for d in doms}
         step = functools.partial(
             distill.distill_train_step,
-            teacher_graphdef=tuple(t.graphdef for t, _ in groups),
+            teacher_graphdef=tuple(t.graphdef for t, _ in self._teacher_groups),
             **common,
         )
 
         def step_fn(state, batch, teacher_state):
             return step(state, batch, teacher_state=teacher_state)
 
-        return step_fn, (tuple(t.state for t, _ in groups),)
+        return step_fn
+
+    def _step_args(self, params: nnx.State, model_state: nnx.State) -> tuple:
+        """Traced inputs of every step besides the state and the batch: the reference policy
+        (the stage's starting weights) when GRPO has a KL penalty; the MOPD teachers' weights
+        for the reverse-KL objective."""
+        if self.cfg.type == "grpo":
+            return ((params, model_state),) if self.cfg.loss.kl_coef > 0 else ()
+        if self.cfg.loss.objective == "reverse_kl":
+            return (tuple(t.state for t, _ in self._teacher_groups),)
+        return ()
 
     def initial_state(self, params: nnx.State, model_state: nnx.State) -> TrainState:
         """The stage's starting TrainState: the given weights, a fresh optimizer state."""
@@ -124,14 +142,15 @@ class RLStage:
 
     def run(
         self,
-        state: TrainState,
+        params: nnx.State,
+        model_state: nnx.State,
         *,
         stage_dir: str,
         eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
         progress: bool = True,
     ) -> LoopResult:
-        """Trains from `state` in `stage_dir` (resuming from its checkpoints);
-        `eval_fn(state) -> {name: score}` runs every `eval_every` steps."""
+        """Trains from the stage's starting weights in `stage_dir` (resuming from its
+        checkpoints); `eval_fn(state) -> {name: score}` runs every `eval_every` steps."""
         loop_cfg = LoopConfig(
             steps=self.cfg.steps,
             checkpoint_every=self.cfg.checkpoint_every,
@@ -146,12 +165,12 @@ class RLStage:
             config=loop_cfg,
             workdir=os.fspath(stage_dir),
             mesh=self.mesh,
-            init=state,
+            init=self.initial_state(params, model_state),
             step_fn=self.step_fn,
             source=self,
             eval_fn=eval_fn if self.cfg.eval_every else None,
             eval_on_checkpoint=False,
-            step_args=self.step_args,
+            step_args=self._step_args(params, model_state),
             progress_keys=("reward_mean", "loss"),
             name=self.name,
         )
@@ -201,22 +220,33 @@ class RLStage:
                 rounds=self.cfg.max_gen_batches if self.cfg.loss.dynamic_filtering else 1,
                 cfg=self.cfg.loss,
             )
-            batch = self._assemble(parts, "policy")
+            batch = self._assemble(parts)
         else:
             seed = batching.stable_seed(self.seed, self.name, step)
             roll = self._sample(state, self._draw(step, 0), seed)
             rolls, metrics = [roll], {}
             batch = self._assemble([batching.Part(roll, np.arange(len(roll.records)), None)])
             self._add_teacher_inputs(batch, roll.domains)
-        return batch, {**_rollout_metrics(rolls), **metrics}
+        record = {**_rollout_metrics(rolls), **metrics}
+        if record["reward_error_frac"] > self.cfg.max_reward_error_frac:
+            kinds = {
+                k.split("/", 1)[1]: int(v)
+                for k, v in record.items()
+                if k.startswith("reward_errors/") and v
+            }
+            raise RewardErrors(
+                f"stage {self.name} step {step}: the graders failed on "
+                f"{record['reward_error_frac']:.0%} of the responses (more than "
+                f"stages.{self.name}.max_reward_error_frac={self.cfg.max_reward_error_frac}); "
+                f"errors by kind: {kinds}. For sandbox errors see "
+                "`nemocascade.rewards.sandbox.sandbox_status()`; nothing of this step was "
+                "trained on, and the stage resumes from its last checkpoint when rerun."
+            )
+        return batch, record
 
-    def _assemble(self, parts, behaviour: str = "sampled") -> dict | None:
+    def _assemble(self, parts) -> dict | None:
         return batching.assemble(
-            parts,
-            rows=self.rows,
-            seq_len=self.seq_len,
-            pad_id=self.tokenizer.pad_id,
-            behaviour=behaviour,
+            parts, rows=self.rows, seq_len=self.seq_len, pad_id=self.tokenizer.pad_id
         )
 
     def _add_teacher_inputs(self, batch: dict, row_domains: list[str]) -> None:
@@ -235,12 +265,16 @@ class RLStage:
 
 
 def _rollout_metrics(rolls: list[ro.Rollouts]) -> dict[str, float]:
-    """Per-step rollout statistics: reward (overall and per domain), response length,
-    truncation, and generation / reward wall times."""
+    """Per-step rollout statistics: reward over the rows with a verdict (overall and per
+    domain), grader errors (fraction, and counts by kind), response length, truncation, and
+    generation / reward wall times."""
     rewards = np.concatenate([r.rewards for r in rolls])
-    domains = [d for r in rolls for d in r.domains]
+    errors = np.concatenate([np.asarray(r.errors, bool) for r in rolls])
+    domains = np.asarray([d for r in rolls for d in r.domains])
+    ok = ~errors
     out = {
-        "reward_mean": float(rewards.mean()),
+        "reward_mean": float(rewards[ok].mean()) if ok.any() else 0.0,
+        "reward_error_frac": float(errors.mean()),
         "response_len": float(np.mean(np.concatenate([r.response_lengths() for r in rolls]))),
         "truncated_frac": float(1.0 - np.mean(np.concatenate([r.finished for r in rolls]))),
         "rollout_s": sum(
@@ -248,6 +282,11 @@ def _rollout_metrics(rolls: list[ro.Rollouts]) -> dict[str, float]:
         ),
         "reward_s": sum(r.timings.get("reward_s", 0) for r in rolls),
     }
-    for d, v in ro.domain_means(rewards, domains).items():
+    for d, v in ro.domain_means(rewards[ok], list(domains[ok])).items():
         out[f"reward/{d}"] = v
+    for r in rolls:  # grader error counts by kind (timeouts, sandbox errors, ...)
+        for k, v in r.reward_metrics.items():
+            if k.startswith("rewards/errors/kind/") and isinstance(v, int | float):
+                key = "reward_errors/" + k.rsplit("/", 1)[1]
+                out[key] = out.get(key, 0) + v
     return out

@@ -307,6 +307,7 @@ class _Run:
 
         try:
             for done in range(start + 1, config.steps + 1):
+                self.ckpt.check_errors()  # a failed background save stops the run at once
                 local, host = self.source.next_batch(state, done)
                 source_state = self.source.get_state()
                 if local is None:  # nothing to train on this step: no update, logged as such
@@ -350,6 +351,7 @@ class _Run:
                     if stopping:
                         self.ckpt.wait()
                         return LoopResult(state, last, preempted=True)
+            self.ckpt.wait()  # the last checkpoint is on disk (or its failure is raised)
             return LoopResult(state, last)
         finally:
             stop.uninstall()

@@ -302,11 +302,19 @@ def model_hidden_and_head(model: nnx.Module, batch) -> tuple[jax.Array, jax.Arra
 
 
 def model_token_logprobs(
-    model: nnx.Module, batch, *, chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False
+    model: nnx.Module,
+    batch,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array, dict]:
     """(log p(targets) [B, T], entropy [B, T] (zeros unless `with_entropy`), MoE aux) of a batch
-    under `model`, without materialising the logits."""
+    under `model`, without materialising the logits. `temperature` != 1 gives the log-probs of
+    softmax(logits / temperature) (the head weight is scaled in fp32)."""
     h_BTD, w_DV, aux = model_hidden_and_head(model, batch)
+    if temperature != 1.0:
+        w_DV = (w_DV.astype(jnp.float32) / temperature).astype(w_DV.dtype)
     logp, ent = token_logprobs_and_entropy(
         h_BTD, w_DV, batch["targets"], chunk_size=chunk_size, with_entropy=with_entropy
     )

@@ -18,12 +18,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nemocascade.model.moe_balance import load_metrics
 from nemocascade.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
+OFF_BAND_LOG = float(np.log(2.0))  # |log pi_train - log pi_sampler| beyond this: ratio off [0.5, 2]
 
 
 def schedule_count(opt_state: optax.OptState) -> jax.Array:
@@ -87,6 +89,8 @@ def common_stats(logp_BT, ent_BT, mask_BT, sampler_logp_BT, expert_counts_LE) ->
         "entropy_sum": jnp.sum(jax.lax.stop_gradient(ent_BT) * mask),
         "logp_gap_sum": jnp.sum(gap_BT),
         "logp_gap_max": jnp.max(gap_BT),
+        # ratio pi_train / pi_sampler outside [0.5, 2]
+        "off_band_sum": jnp.sum((gap_BT > OFF_BAND_LOG) * mask),
         "expert_counts": expert_counts_LE.astype(jnp.float32),
     }
 
@@ -145,6 +149,7 @@ def step_metrics(state: TrainState, stats: dict, lr_fn: Callable | None) -> dict
         "tokens": stats["tokens"],
         "logp_gap_mean": stats["logp_gap_sum"] / tokens,
         "logp_gap_max": stats["logp_gap_max"],
+        "logp_off_band_frac": stats["off_band_sum"] / tokens,
     }
     if stats["expert_counts"].shape[0]:
         out["moe_max_violation"] = jnp.max(

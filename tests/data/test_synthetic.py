@@ -70,12 +70,13 @@ def test_reference_responses_fit_the_tiny_cascade_token_budgets(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cfg = mod.get_config()
-    tok = train_bpe(
-        tasks.all_texts(seed=cfg.seed),
+    domains = sorted({d.strip() for st in cfg.stages.values() for d in str(st.domains).split(",")})
+    tok = train_bpe(  # the tokenizer the job trains: on its own domains' texts
+        tasks.all_texts(seed=cfg.seed, domains=domains),
         int(cfg.tokenizer.vocab_size),
         split_digits=bool(cfg.tokenizer.split_digits),
     )
-    caps = {d: [("eval", int(cfg.eval.max_new_tokens))] for d in tasks.DOMAINS}
+    caps = {d: [("eval", int(cfg.eval.max_new_tokens))] for d in domains}
     for name, st in cfg.stages.items():
         if st.type != "sft":
             for d in str(st.domains).split(","):
@@ -89,3 +90,29 @@ def test_reference_responses_fit_the_tiny_cascade_token_budgets(tmp_path):
             assert longest <= cap, (
                 f"{d}: a reference answer needs {longest} tokens, {where} allows {cap}"
             )
+
+
+@pytest.mark.parametrize("domain", ["mcqa", "structured_output", "workplace", "long_context"])
+def test_paper_domains_reference_verifies_and_wrong_fails(domain):
+    from nemocascade.data import render_tool_calls
+
+    for p in tasks.problems(domain, "test", 10):
+        rec = tasks.prompt_record(p)
+        reply = render_tool_calls(list(p.tool_calls)) if p.tool_calls else p.response
+        assert score_one(rec, reply, True)[0] == 1.0, (p, reply)
+        assert score_one(rec, "I do not know.", True)[0] == 0.0
+    if domain == "workplace":  # a call with another argument value is wrong, a malformed one too
+        call = dict(p.tool_calls[0])
+        args = {k: (v + 1 if isinstance(v, int) else v + "x") for k, v in call["arguments"].items()}
+        assert score_one(rec, render_tool_calls([dict(call, arguments=args)]), True)[0] == 0.0
+        assert score_one(rec, reply.replace("</tool_call>", ""), True)[0] == 0.0
+        sft = tasks.sft_record(p)
+        assert sft["tools"] and sft["messages"][1]["tool_calls"] == [dict(call)]
+    if domain == "long_context":  # the answer is one fact among many in the document
+        assert p.prompt.count("has the number") == 12 and p.response[7:-1] in p.prompt
+
+
+def test_all_texts_can_be_limited_to_a_run_domains():
+    some = list(tasks.all_texts(5, domains=["math"]))
+    assert some and all("+" in t or "boxed" in t for t in some)
+    assert len(list(tasks.all_texts(5))) > len(some)

@@ -5,6 +5,8 @@ import os
 import signal
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
@@ -95,6 +97,28 @@ def test_two_stage_pipeline_outputs_and_resume(tmp_path):
     Cascade(c, work).run()
     rkl = _lines(os.path.join(work, "stages", "mopd_rkl", "metrics.jsonl"))
     assert len(rkl) == 1 and rkl[0]["reverse_kl"] >= 0 and rkl[0]["skipped"] == 0
+
+    # a side branch from SFT, and an MOPD stage whose math teacher is that branch by name: the
+    # branch starts from sft, the MOPD stage from the main chain (math_rl)
+    c.stages.branch = ConfigDict(c.stages.math_rl.to_dict())
+    c.stages.branch.update(start_from="sft", steps=1, eval_every=0)
+    c.stages.mopd_named = ConfigDict(c.stages.mopd.to_dict())
+    c.stages.mopd_named.teachers = {"math": "branch"}
+    c.stage_order = "sft,math_rl,branch,mopd_named"
+    cascade = Cascade(c, work)
+    cascade.run()
+    starts = {
+        s["name"]: s["start_from"] for s in _json(os.path.join(work, "summary.json"))["stages"]
+    }
+    assert starts["branch"] == "sft" and starts["mopd_named"] == "math_rl"
+    best = _json(os.path.join(work, "summary.json"))["teachers"]
+    teachers = cascade._teachers("mopd_named", cascade.stages["mopd_named"], best)
+    branch_params = cascade._load_final("branch")[0]
+    for a, b in zip(
+        jax.tree.leaves(teachers["math"].state[0]), jax.tree.leaves(branch_params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert teachers["code"].state[0] is not None  # the others: their best stage so far
     c.stage_order = "sft,math_rl"
     summary["stages"] = summary["stages"][:2]
 

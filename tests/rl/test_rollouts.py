@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from nemocascade.rewards import RewardCache
 from nemocascade.rl import rollouts as ro
 
 
@@ -15,8 +16,8 @@ def _roll():
         responses=["a", "b"],
         finished=np.array([True, False]),
         sampler_logprobs=[np.array([-0.1, -0.2, -0.3], np.float32), np.array([-0.5], np.float32)],
-        policy_logprobs=[np.array([-0.15, -0.25, -0.35], np.float32), np.array([-0.6], np.float32)],
         rewards=np.array([1.0, 0.0], np.float32),
+        errors=np.array([False, False]),
         n=2,
         timings={},
         reward_metrics={},
@@ -34,8 +35,6 @@ def test_training_batch_layout():
     np.testing.assert_array_equal(b["segment_ids"][0], [1] * 5 + [0] * 3)
     np.testing.assert_array_equal(b["loss_mask"][1, :3], [0, 1, 0])
     assert b["loss_mask"][2].sum() == 0 and b["segment_ids"][2].sum() == 0  # padding row
-    p = ro.training_batch(_roll(), seq_bucket=8, behaviour="policy")
-    np.testing.assert_allclose(p["sampler_logprobs"][0, 2:5], [-0.15, -0.25, -0.35])
 
 
 def test_training_batch_exact_length():
@@ -47,14 +46,14 @@ def test_training_batch_exact_length():
 
 
 def test_reward_cache_reuses_identical_pairs():
-    cache = ro.RewardCache()
+    cache = RewardCache()
     recs = [{"verifier": {"type": "math", "answer": "4"}}] * 3
-    s, m = cache.score(
+    s, _, m = cache.score(
         recs, ["\\boxed{4}", "\\boxed{4}", "\\boxed{5}"], [True] * 3, num_workers=1, timeout_s=30
     )
     np.testing.assert_array_equal(s, [1.0, 1.0, 0.0])
     assert m["scored"] == 2 and m["reused"] == 1
-    s2, m2 = cache.score(recs[:1], ["\\boxed{4}"], [True], num_workers=1, timeout_s=30)
+    s2, _, m2 = cache.score(recs[:1], ["\\boxed{4}"], [True], num_workers=1, timeout_s=30)
     assert s2[0] == 1.0 and m2["scored"] == 0
 
 

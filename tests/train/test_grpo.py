@@ -26,7 +26,8 @@ def test_clipped_loss_and_gradient_hand():
     # ratios e^x: 1.5 (A>0: clipped), 1.1 (A>0), 0.5 (A<0: clipped), 0.5 (A>0: not), 1.5 (A<0)
     logp = jnp.log(jnp.array([[1.5, 1.1, 0.5, 0.5, 1.5]]))
     adv = jnp.array([[1.0, 1.0, -2.0, 1.0, -1.0]])
-    batch = {"advantages": adv, "sampler_logprobs": old}
+    # the clip acts on pi_train / pi_old with the previous policy's log-probs given
+    batch = {"advantages": adv, "sampler_logprobs": old, "old_logprobs": old}
     loss, diag = grpo.policy_loss_terms(logp, batch, cfg)
     np.testing.assert_allclose(np.asarray(loss[0]), [-1.28, -1.1, 1.6, -0.5, 1.5], rtol=TOL)
     np.testing.assert_array_equal(np.asarray(diag["clipped"][0]), [1, 0, 1, 0, 0])
@@ -151,11 +152,22 @@ def test_train_step_metrics_and_nan_guard(setup):
         )
     ]
     assert any(moved) and int(new_state.step) == 1
-    # a stale sampler log-prob (ratio 2 on one token with A > 0) is clipped
-    stale = dict(batch, sampler_logprobs=batch["sampler_logprobs"].at[0, 5].add(-np.log(2.0)))
+    # a stale sampler log-prob (pi_train / pi_sampler = 3 on one token) never enters the ratio:
+    # the update is exactly on-policy (nothing clipped, same loss), the gap is measured, and the
+    # opt-in ICE-POP correction masks that token out
+    stale = dict(batch, sampler_logprobs=batch["sampler_logprobs"].at[0, 5].add(-np.log(3.0)))
     _, m2 = step(state, stale)
-    np.testing.assert_allclose(float(m2["clip_fraction"]), 1.0 / mask.sum(), rtol=TOL)
-    np.testing.assert_allclose(float(m2["logp_gap_max"]), np.log(2.0), rtol=1e-4)
+    assert float(m2["clip_fraction"]) == 0.0 and float(m2["is_weight_mean"]) == 1.0
+    np.testing.assert_allclose(float(m2["loss"]), float(m["loss"]), rtol=TOL)
+    np.testing.assert_allclose(float(m2["logp_gap_max"]), np.log(3.0), rtol=1e-4)
+    np.testing.assert_allclose(float(m2["logp_off_band_frac"]), 1.0 / mask.sum(), rtol=TOL)
+    assert float(m["logp_off_band_frac"]) == 0.0
+    icepop = grpo.GRPOConfig(logprob_chunk=8, kl_coef=0.05, importance_correction="icepop")
+    step_ice = jax.jit(
+        functools.partial(grpo.grpo_train_step, graphdef=graphdef, tx=tx, cfg=icepop)
+    )
+    _, m4 = step_ice(state, stale)
+    np.testing.assert_allclose(float(m4["is_weight_mean"]), 1 - 1.0 / mask.sum(), rtol=TOL)
     # NaN advantages: the update is skipped, params unchanged
     bad = dict(batch, advantages=batch["advantages"].at[0].set(jnp.nan))
     skipped_state, m3 = step(state, bad)
@@ -194,3 +206,76 @@ def test_accumulation_and_moe_bias(setup):
         )
     ]
     assert any(changed)  # the MoE correction bias moved
+
+
+def test_ratio_is_exactly_one_on_a_bf16_model():
+    """bf16 parameters and compute: the sampler's log-probs differ from the trainer's, yet the
+    GRPO update is exactly REINFORCE's (ratio 1 from the trainer's own forward)."""
+    cfg = ModelConfig.tiny(pattern="M*E", param_dtype="bfloat16", compute_dtype="bfloat16")
+    model = NemotronH(cfg, rngs=nnx.Rngs(1))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, cfg.vocab_size, (4, 11)).astype(np.int32)
+    mask = np.zeros((4, 10), np.float32)
+    mask[:, 4:] = 1.0
+    batch = {
+        "input_ids": jnp.asarray(ids[:, :-1]),
+        "targets": jnp.asarray(ids[:, 1:]),
+        "loss_mask": jnp.asarray(mask),
+        "segment_ids": jnp.ones((4, 10), jnp.int32),
+        "advantages": jnp.asarray([1.0, -1.0, 0.5, -0.5]),
+        # a sampler that disagrees with the trainer by up to 0.3 nats per token
+        "sampler_logprobs": jnp.asarray(rng.uniform(-3.0, -2.0, (4, 10)), jnp.float32),
+    }
+    gcfg = grpo.GRPOConfig(logprob_chunk=8, compute_entropy=False)
+
+    def grpo_loss(p):
+        loss, stats = grpo.grpo_loss(
+            p, rest, batch, graphdef=graphdef, cfg=gcfg, denom=loss_denominator(batch)
+        )
+        return loss, stats
+
+    def reinforce(p):
+        logp = losses.model_token_logprobs(nnx.merge(graphdef, p, rest), batch, chunk_size=8)[0]
+        m = batch["loss_mask"]
+        return -jnp.sum(batch["advantages"][:, None] * logp * m) / jnp.sum(m)
+
+    (loss, stats), g1 = jax.jit(jax.value_and_grad(grpo_loss, has_aux=True))(params)
+    g0 = jax.jit(jax.grad(reinforce))(params)
+    assert float(stats["clipped_sum"]) == 0.0 and float(stats["logp_gap_max"]) > 0.1
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_reference_kl_and_temperature_in_the_step(setup):
+    """`ref_state` gives the k3 KL against the reference model's own log-probs (computed in the
+    step), equal to a naive computation; `temperature` scales the training logits."""
+    graphdef, state, tx, batch = setup
+    batch = {k: v for k, v in batch.items() if k != "ref_logprobs"}
+    ref_model = NemotronH(ModelConfig.tiny(pattern="M*E"), rngs=nnx.Rngs(7))
+    _, ref_params, ref_rest = nnx.split(ref_model, nnx.Param, ...)
+    cfg = grpo.GRPOConfig(logprob_chunk=8, kl_coef=0.1)
+    temp = 0.7
+    step = jax.jit(
+        functools.partial(grpo.grpo_train_step, graphdef=graphdef, tx=tx, cfg=cfg, temperature=temp)
+    )
+    _, m = step(state, batch, (ref_params, ref_rest))
+
+    def naive_logp(params, rest):
+        logits = nnx.merge(graphdef, params, rest)(batch["input_ids"], batch["segment_ids"])
+        logp = jax.nn.log_softmax(logits / temp, axis=-1)
+        return jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+
+    lp, ref = naive_logp(state.params, state.model_state), naive_logp(ref_params, ref_rest)
+    mask = np.asarray(batch["loss_mask"])
+    d = np.asarray(ref - lp)
+    k3 = (np.exp(d) - d - 1.0) * mask
+    np.testing.assert_allclose(float(m["kl"]), k3.sum() / mask.sum(), rtol=1e-4)
+    adv = np.asarray(batch["advantages"])
+    want = -np.sum(adv[:, None] * mask) / mask.sum() + 0.1 * k3.sum() / mask.sum()
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-4, atol=TOL)
+    # the sampler log-probs were computed at temperature 1: the gap measures exactly that
+    gap = np.abs(np.asarray(lp) - np.asarray(batch["sampler_logprobs"])) * mask
+    np.testing.assert_allclose(float(m["logp_gap_max"]), gap.max(), rtol=1e-4)
+    with pytest.raises(KeyError, match="ref_state"):
+        step(state, batch)

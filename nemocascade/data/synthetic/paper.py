@@ -1,0 +1,119 @@
+"""Toy versions of the paper's other RL domains, for the rehearsal of the full pipeline:
+
+mcqa               "Which number is the largest? A) 12 B) 7 C) 30 D) 3"  -> "The answer is C."
+                   (STEM multiple choice; the mcqa verifier)
+structured_output  "Return a JSON object with the field 'word' set to 'sun' and 'count' set
+                   to 3."  -> {"word": "sun", "count": 3}  (a JSON Schema with const values)
+workplace          a request that one of three declared tools serves ("What is the weather in
+                   Paris on Monday?")  -> a <tool_call> of get_weather(city, day); the
+                   tool_call verifier parses the call against the declared tools
+long_context       a document of numbered facts among filler sentences, then a question about
+                   one fact  -> \\boxed{number}  (retrieval over the whole context; math verifier)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from nemocascade.data.synthetic.base import WORDS, Problem, register_domain
+
+CITIES = ("Paris", "Lima", "Oslo", "Cairo", "Delhi", "Tokyo", "Quito", "Rome", "Seoul", "Accra")
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon")
+ADJECTIVES = ("red", "blue", "green", "small", "old", "tall", "quiet", "fast", "round", "dark")
+
+TOOLS = (
+    {
+        "name": "get_weather",
+        "description": "The weather forecast of a city on a day.",
+        "parameters": {
+            "city": {"type": "string", "description": "city name"},
+            "day": {"type": "string", "description": "day of the week"},
+        },
+        "required": ["city", "day"],
+    },
+    {
+        "name": "send_email",
+        "description": "Send an email.",
+        "parameters": {
+            "to": {"type": "string", "description": "recipient"},
+            "subject": {"type": "string", "description": "subject line"},
+        },
+        "required": ["to", "subject"],
+    },
+    {
+        "name": "lookup_order",
+        "description": "Where an order is.",
+        "parameters": {"order_id": {"type": "integer", "description": "the order number"}},
+        "required": ["order_id"],
+    },
+)
+
+
+@register_domain("mcqa")
+def _mcqa(rng: random.Random) -> Problem:
+    nums = rng.sample(range(1, 100), 4)
+    largest = rng.random() < 0.5
+    letter = "ABCD"[nums.index(max(nums) if largest else min(nums))]
+    options = " ".join(f"{x}) {n}" for x, n in zip("ABCD", nums, strict=True))
+    prompt = f"Which number is the {'largest' if largest else 'smallest'}? {options}"
+    return Problem("mcqa", prompt, f"The answer is {letter}.", {"type": "mcqa", "answer": letter})
+
+
+@register_domain("structured_output")
+def _structured_output(rng: random.Random) -> Problem:
+    key = rng.choice(("word", "name", "item"))
+    word, count = rng.choice(WORDS), rng.randint(1, 20)
+    prompt = (
+        f"Return a JSON object with the field '{key}' set to '{word}' and 'count' set to {count}."
+    )
+    schema = {
+        "type": "object",
+        "properties": {key: {"const": word}, "count": {"const": count}},
+        "required": [key, "count"],
+        "additionalProperties": False,
+    }
+    response = json.dumps({key: word, "count": count})
+    verifier = {"type": "structured_output", "schema": schema}
+    return Problem("structured_output", prompt, response, verifier)
+
+
+@register_domain("workplace")
+def _workplace(rng: random.Random) -> Problem:
+    kind = rng.randrange(3)
+    if kind == 0:
+        city, day = rng.choice(CITIES), rng.choice(DAYS)
+        prompt = f"What is the weather in {city} on {day}?"
+        call = {"name": "get_weather", "arguments": {"city": city, "day": day}}
+    elif kind == 1:
+        to, subject = rng.choice(NAMES), rng.choice(WORDS)
+        prompt = f"Send an email to {to} about {subject}."
+        call = {"name": "send_email", "arguments": {"to": to, "subject": subject}}
+    else:
+        order = rng.randint(100, 999)
+        prompt = f"Where is order {order}?"
+        call = {"name": "lookup_order", "arguments": {"order_id": order}}
+    verifier = {"type": "tool_call", "calls": [call]}
+    return Problem("workplace", prompt, "", verifier, tools=TOOLS, tool_calls=(call,))
+
+
+def long_context(rng: random.Random, *, facts: int = 12, filler: int = 1) -> Problem:
+    """A document of `facts` facts ("The red fox has the number 417."), each followed by
+    `filler` filler sentences, then a question about one fact chosen uniformly."""
+    keys = rng.sample([(a, w) for a in ADJECTIVES for w in WORDS], facts)
+    numbers = [rng.randint(100, 999) for _ in keys]
+    lines = []
+    for (adj, noun), num in zip(keys, numbers, strict=True):
+        lines.append(f"The {adj} {noun} has the number {num}.")
+        lines += [f"Nothing happened on {rng.choice(DAYS)}." for _ in range(filler)]
+    i = rng.randrange(facts)
+    adj, noun = keys[i]
+    prompt = " ".join(lines) + f"\nWhat number does the {adj} {noun} have?"
+    answer = str(numbers[i])
+    return Problem(
+        "long_context", prompt, f"\\boxed{{{answer}}}", {"type": "math", "answer": answer}
+    )
+
+
+register_domain("long_context")(long_context)

@@ -1,0 +1,153 @@
+"""Every stage of a cascade checked before anything trains.
+
+`validate_stages` collects every problem it finds (not only the first) and raises one
+`StageValidationError` listing them, each naming the stage, the field and the fix, within seconds
+of launch, instead of failing hours into a run:
+
+  * `start_from` and MOPD `teachers` name stages that run earlier (or, for a teacher, an existing
+    Hugging Face checkpoint directory); an MOPD stage has an earlier stage to teach it;
+  * every domain's data exists (SFT records for SFT stages, prompt records for RL stages,
+    held-out records for every evaluated domain);
+  * every record a verifier scores has a registered verifier (no silent reward 0 for an unknown
+    domain); a learned reward model's path exists and its kind is implemented;
+  * the mesh splits every batch (RL rows, SFT rows) evenly;
+  * the code sandbox can start when a code verifier is used (`rewards.sandbox.sandbox_status`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+from nemocascade import rewards as rw
+from nemocascade.jobs.stages import SFTStageConfig, StageConfig
+from nemocascade.rewards import sandbox
+from nemocascade.typed_config import ConfigError
+
+SANDBOXED_VERIFIERS = ("code", "code_io")
+REWARD_MODELS: tuple[str, ...] = ()  # learned reward kinds the RL stage can run (none yet)
+
+
+class StageValidationError(ConfigError):
+    """The cascade's stages cannot all run; the message lists every problem and its fix."""
+
+
+def verifier_problems(records: Sequence[dict], where: str) -> tuple[list[str], set[str]]:
+    """(problems, verifier names used) of records scored by rule-based verifiers."""
+    problems, names, unknown = [], set(), {}
+    for i, r in enumerate(records):
+        try:
+            name = rw.verifier_name(r)
+        except (TypeError, ValueError) as e:
+            problems.append(f"{where}: record {i}: {e}")
+            continue
+        names.add(name)
+        if not rw.has_verifier(name):
+            unknown.setdefault(name, i)
+    for name, i in sorted(unknown.items()):
+        problems.append(
+            f"{where}: no verifier is registered for {name!r} (first at record {i}); give the "
+            "records a `verifier.type` that exists or register one with "
+            "`nemocascade.rewards.register`"
+        )
+    return problems, names
+
+
+def validate_stages(
+    order: Sequence[str],
+    stages: Mapping[str, StageConfig],
+    *,
+    eval_domains: Sequence[str],
+    records: Callable[[str, str], list[dict]],
+    batch_shards: int,
+) -> None:
+    """Raise `StageValidationError` listing every problem of the pipeline (see the module
+    docstring); `records(domain, kind)` loads a domain's 'sft', 'rl' or 'eval' records."""
+    problems: list[str] = []
+    verifiers: set[str] = set()
+
+    def load(domain: str, kind: str, where: str) -> list[dict] | None:
+        try:
+            out = records(domain, kind)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            problems.append(f"{where}: {e}")
+            return None
+        if not out:
+            problems.append(f"{where}: domain {domain!r} has no {kind} records")
+        return out
+
+    for name in order:
+        cfg = stages[name]
+        where = f"stages.{name}"
+        earlier = order[: order.index(name)]
+        if cfg.start_from and cfg.start_from not in earlier:
+            problems.append(
+                f"{where}.start_from={cfg.start_from!r}: not a stage that runs before {name!r} "
+                f"(earlier stages: {list(earlier)})"
+            )
+        if isinstance(cfg, SFTStageConfig):
+            if cfg.batch_size % batch_shards:
+                problems.append(
+                    f"{where}.batch_size={cfg.batch_size} does not split over the mesh's "
+                    f"{batch_shards} batch shards; use a multiple of {batch_shards} or change "
+                    "mesh.*"
+                )
+            for d in cfg.domains:
+                load(d, "sft", f"{where}.domains")
+            continue
+        if cfg.rows % batch_shards:
+            problems.append(
+                f"{where}: prompts_per_step x samples_per_prompt = {cfg.rows} rows do not split "
+                f"over the mesh's {batch_shards} batch shards; use a multiple of {batch_shards} "
+                "or change mesh.*"
+            )
+        for d in cfg.domains:
+            pool = load(d, "rl", f"{where}.domains")
+            if pool and cfg.type == "grpo" and cfg.reward == "verifier":
+                found, names = verifier_problems(pool, f"{where} ({d} prompts)")
+                problems += found
+                verifiers |= names
+        if cfg.type == "grpo" and cfg.reward != "verifier":
+            if not cfg.reward_model_path:
+                problems.append(
+                    f"{where}.reward_model_path is not set: reward={cfg.reward!r} needs a "
+                    "reward model checkpoint"
+                )
+            elif not os.path.exists(cfg.reward_model_path):
+                problems.append(
+                    f"{where}.reward_model_path={cfg.reward_model_path!r} does not exist"
+                )
+            if cfg.reward not in REWARD_MODELS:
+                known = ["verifier", *REWARD_MODELS]
+                problems.append(
+                    f"{where}.reward={cfg.reward!r}: learned reward models of this kind are not "
+                    f"implemented (available: {known})"
+                )
+        if cfg.type == "mopd":
+            if not earlier:
+                problems.append(f"{where}: an MOPD stage needs an earlier stage to teach it")
+            for d, src in cfg.teachers.items():
+                is_ckpt = os.path.isdir(src) and os.path.exists(os.path.join(src, "config.json"))
+                if src not in earlier and not is_ckpt:
+                    problems.append(
+                        f"{where}.teachers.{d}={src!r}: neither a stage that runs before "
+                        f"{name!r} nor a Hugging Face checkpoint directory (with config.json)"
+                    )
+    for d in eval_domains:
+        held_out = load(d, "eval", f"eval ({d})")
+        if held_out:
+            found, names = verifier_problems(held_out, f"eval ({d} held-out records)")
+            problems += found
+            verifiers |= names
+    if verifiers & set(SANDBOXED_VERIFIERS):
+        status = sandbox.sandbox_status()
+        if not status.usable:
+            problems.append(
+                f"code verifiers ({sorted(verifiers & set(SANDBOXED_VERIFIERS))}): {status.message}"
+            )
+    if problems:
+        raise StageValidationError(
+            f"the pipeline cannot run ({len(problems)} problem"
+            f"{'s' if len(problems) > 1 else ''}; nothing was trained):\n  - "
+            + "\n  - ".join(problems)
+        )
