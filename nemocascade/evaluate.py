@@ -15,7 +15,7 @@ DIR is either
     newest checkpoint (or `--step`), read-only (a run still training is not disturbed).
 
 Task files are JSONL in a standard format (GSM8K, MATH, HumanEval, MBPP, IFEval, MCQA, or our
-prompt records), detected per file; see `jobs.evaluation`. `--thinking` renders prompts in
+prompt records), detected per file; see `data.task_formats`. `--thinking` renders prompts in
 thinking mode (they open `<think>`) and grades what follows `</think>` (a response that never
 closes its reasoning scores 0).
 
@@ -46,14 +46,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from nemocascade import data as nc_data
+from nemocascade.data.task_formats import FORMATS, read_task_file
 from nemocascade.jobs import evaluation as ev
 from nemocascade.model import CheckpointError, ModelConfig, NemotronH, load_hf_checkpoint
+from nemocascade.train.checkpoint import Checkpointer
 from nemocascade.train.loop import CHECKPOINT_DIR
 from nemocascade.train.state import split_model
 from nemocascade.typed_config import ConfigError
@@ -92,34 +92,23 @@ def _tokenizer(explicit: str | None, *candidates: str) -> nc_data.Tokenizer:
 
 def restore_weights(ckpt_dir: str, model_cfg: ModelConfig, step: int | None = None):
     """(graphdef, state, step): params and model state of checkpoint `step` (default the newest)
-    of `ckpt_dir`, restored without the optimizer state, through a read-only manager (it creates,
-    cleans up and deletes nothing)."""
+    of `ckpt_dir`, restored without the optimizer state, through a read-only `Checkpointer` (it
+    creates, cleans up and deletes nothing)."""
     abstract = nnx.eval_shape(lambda: NemotronH(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_params, abs_rest = split_model(abstract)
-    item = {"params": abs_params, "model_state": abs_rest}
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint directory")
-    manager = ocp.CheckpointManager(
-        os.path.abspath(ckpt_dir),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-    )
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
     try:
-        steps = sorted(manager.all_steps())
+        steps = ckpt.all_steps()
         if not steps:
             raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
         step = steps[-1] if step is None else step
         if step not in steps:
             raise FileNotFoundError(f"{ckpt_dir}: no checkpoint at step {step}; steps: {steps}")
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        restore_args = jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=device, global_shape=x.shape, dtype=x.dtype),
-            item,
-        )
-        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        out = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        out = ckpt.restore_fields(step, {"params": abs_params, "model_state": abs_rest})
     finally:
-        manager.close()
+        ckpt.close()
     return graphdef, nnx.merge_state(out["params"], out["model_state"]), step
 
 
@@ -238,9 +227,9 @@ def _formats(text: str, names: Sequence[str]) -> dict[str, str]:
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise UsageError(f"--format names tasks {unknown} not in --tasks {list(names)}")
-    bad = sorted({f for f in given.values() if f != "auto" and f not in ev.FORMATS})
+    bad = sorted({f for f in given.values() if f != "auto" and f not in FORMATS})
     if bad:
-        raise UsageError(f"--format: unknown formats {bad}; known: auto, {', '.join(ev.FORMATS)}")
+        raise UsageError(f"--format: unknown formats {bad}; known: auto, {', '.join(FORMATS)}")
     return {n: given.get(n, "auto") for n in names}
 
 
@@ -253,7 +242,7 @@ def load_tasks(tasks: str, fmt: str = "auto", limit: int = 0) -> dict[str, dict[
     for name, path in paths.items():
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--tasks: {name}={path}: no such file")
-        records, found = ev.read_task_file(path, formats[name])
+        records, found = read_task_file(path, formats[name])
         out[name] = {
             "path": path,
             "format": found,

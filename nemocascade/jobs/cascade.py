@@ -13,7 +13,13 @@ Config (see configs/tiny_cascade.py for a complete example; every section is typ
     stage_order  comma-separated stage names, run in this order
     stages.<name>  SFTStageConfig (type sft) or RLStageConfig (type grpo | mopd), see
                    `jobs.stages`; an RL stage with eval_every=k evaluates every domain every k
-                   steps (`eval/<domain>` in its metrics.jsonl: the held-out learning curve)
+                   steps (`eval/<domain>` in its metrics.jsonl: the held-out learning curve);
+                   `start_from: <earlier stage>` makes a side branch (it starts from that
+                   stage; the main chain goes on from the last stage without start_from);
+                   an MOPD stage's `teachers: {domain: stage or HF checkpoint dir}` overrides
+                   the default teacher, the domain's best evaluated checkpoint so far
+
+Every stage is validated before anything trains (`jobs.validate`).
 
 Outputs in DIR: summary.json ({"stages": [{"name", "type", "domains", "eval": {domain: score}}],
 "teachers": {domain: stage}}), report.md (stages x domains, best per domain marked), scores.png,
@@ -30,21 +36,28 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 from flax import nnx
 
-from nemocascade import data as nc_data
-from nemocascade.data import synthetic
+from nemocascade import rewards as rw
+from nemocascade.jobs.cascade_data import (
+    CascadeDataConfig,
+    DomainRecords,
+    TokenizerConfig,
+    run_tokenizer,
+)
 from nemocascade.jobs.evaluation import EvalConfig, evaluate_domains
+from nemocascade.jobs.identity import model_identity, tokenizer_identity
+from nemocascade.jobs.preflight import check_disk, state_bytes
 from nemocascade.jobs.registry import register_job
 from nemocascade.jobs.report import write_report
 from nemocascade.jobs.sft import PackingConfig, run_sft_stage
 from nemocascade.jobs.stages import SFTStageConfig, StageConfig, parse_stage
+from nemocascade.jobs.validate import validate_stages
 from nemocascade.model import ModelConfig, NemotronH, load_hf_checkpoint, save_hf_checkpoint
 from nemocascade.rl import RLStage, RLStageConfig
-from nemocascade.rl import rollouts as ro
-from nemocascade.sharding import MeshConfig, make_mesh
+from nemocascade.sharding import MeshConfig, batch_shards, make_mesh
 from nemocascade.train import distill
 from nemocascade.train.checkpoint import Checkpointer
 from nemocascade.train.loop import CHECKPOINT_DIR, LoopConfig, Preempted
@@ -52,28 +65,6 @@ from nemocascade.train.state import split_model
 from nemocascade.typed_config import from_mapping
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
-    path: str  # a tokenizer.json; "" trains a BPE on the synthetic task texts
-    vocab_size: int
-    split_digits: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class DomainPaths:
-    sft: str = ""  # chat records
-    rl: str = ""  # prompt records with verifiers
-    eval: str = ""  # held-out prompt records
-
-
-@dataclasses.dataclass(frozen=True)
-class CascadeDataConfig:
-    source: Literal["synthetic", "jsonl"]
-    train_per_domain: int  # synthetic: SFT / RL problems per domain
-    eval_per_domain: int  # synthetic: held-out prompts per domain
-    paths: dict[str, DomainPaths] = dataclasses.field(default_factory=dict)
 
 
 def record_stage(summary: dict, entry: Mapping[str, Any]) -> None:
@@ -85,28 +76,61 @@ def record_stage(summary: dict, entry: Mapping[str, Any]) -> None:
             summary["teachers"][d] = entry["name"]
 
 
+@dataclasses.dataclass
+class CascadePlan:
+    """A cascade config read into typed sections and validated (`jobs.validate`): what runs,
+    on which data, on which mesh. Building it reads the data but writes nothing."""
+
+    order: list[str]
+    stages: dict[str, StageConfig]
+    domains: list[str]
+    data: CascadeDataConfig
+    eval: EvalConfig
+    tokenizer: TokenizerConfig
+    mesh: Any
+    records: DomainRecords
+
+    @classmethod
+    def check(cls, config) -> CascadePlan:
+        order = [s.strip() for s in str(config.stage_order).split(",") if s.strip()]
+        unknown = [s for s in order if s not in config.stages]
+        if unknown:
+            raise KeyError(
+                f"stage_order names stages {unknown} not in config.stages ({sorted(config.stages)})"
+            )
+        stages = {name: parse_stage(name, config.stages[name]) for name in order}
+        data = from_mapping(CascadeDataConfig, config.data, "data")
+        tokenizer = from_mapping(TokenizerConfig, config.tokenizer, "tokenizer")
+        if not tokenizer.path and data.source != "synthetic":
+            raise ValueError("tokenizer.path is required unless data.source='synthetic'")
+        domains = sorted({d for st in stages.values() for d in st.domains})
+        mesh = make_mesh(from_mapping(MeshConfig, config.mesh, "mesh"))
+        records = DomainRecords(data, int(config.seed))
+        validate_stages(
+            order,
+            stages,
+            eval_domains=domains,
+            records=records,
+            batch_shards=batch_shards(mesh),
+        )
+        eval_cfg = from_mapping(EvalConfig, config.eval, "eval")
+        return cls(order, stages, domains, data, eval_cfg, tokenizer, mesh, records)
+
+
 class Cascade:
     """Holds the run's tokenizer, data, model structure and results; `run()` executes the stages."""
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, os.path.abspath(workdir)
         self.seed = int(config.seed)
-        self.order = [s.strip() for s in str(config.stage_order).split(",") if s.strip()]
-        unknown = [s for s in self.order if s not in config.stages]
-        if unknown:
-            raise KeyError(
-                f"stage_order names stages {unknown} not in config.stages ({sorted(config.stages)})"
-            )
-        self.stages: dict[str, StageConfig] = {
-            name: parse_stage(name, config.stages[name]) for name in self.order
-        }
-        self.data_cfg = from_mapping(CascadeDataConfig, config.data, "data")
-        self.eval_cfg = from_mapping(EvalConfig, config.eval, "eval")
-        self.domains = sorted({d for st in self.stages.values() for d in st.domains})
-        self.mesh = make_mesh(from_mapping(MeshConfig, config.mesh, "mesh"))
+        plan = CascadePlan.check(config)  # every stage validated before anything is written
+        self.order, self.stages, self.domains = plan.order, plan.stages, plan.domains
+        self.data_cfg, self.eval_cfg, self.mesh = plan.data, plan.eval, plan.mesh
+        self._records = plan.records
+        tokenizer_cfg = plan.tokenizer
         os.makedirs(self.workdir, exist_ok=True)
-        self.tokenizer = self._tokenizer(
-            from_mapping(TokenizerConfig, config.tokenizer, "tokenizer")
+        self.tokenizer = run_tokenizer(
+            tokenizer_cfg, self.data_cfg, self.workdir, self.seed, self.domains
         )
         model_cfg = ModelConfig.from_mapping(config.model)
         self.model_cfg = model_cfg.replace(
@@ -118,58 +142,17 @@ class Cascade:
         self.graphdef, abs_params, abs_rest = split_model(abstract)
         self.abstract_weights = {"params": abs_params, "model_state": abs_rest}
         self.eval_sets = {d: self._records(d, "eval") for d in self.domains}
-        self.reward_cache = ro.RewardCache()
+        self.reward_cache = rw.RewardCache()
         self.results_path = os.path.join(self.workdir, "summary.json")
-
-    # ------------------------------------------------------------------ data
-    def _tokenizer(self, tcfg: TokenizerConfig) -> nc_data.Tokenizer:
-        if tcfg.path:
-            return nc_data.Tokenizer.from_file(tcfg.path)
-        path = os.path.join(self.workdir, "tokenizer.json")
-        if os.path.exists(path):
-            return nc_data.Tokenizer.from_file(path)
-        if self.data_cfg.source != "synthetic":
-            raise ValueError("tokenizer.path is required unless data.source='synthetic'")
-        return nc_data.train_bpe(
-            synthetic.all_texts(seed=self.seed),
-            tcfg.vocab_size,
-            path,
-            split_digits=tcfg.split_digits,
-        )
-
-    def _records(self, domain: str, kind: str) -> list[dict]:
-        """kind: 'sft' (chat records), 'rl' (prompt records), 'eval' (held-out prompt records)."""
-        dcfg = self.data_cfg
-        if dcfg.source == "synthetic":
-            if domain not in synthetic.DOMAINS:
-                raise ValueError(
-                    f"data.source='synthetic' has no domain {domain!r}; "
-                    f"known: {sorted(synthetic.DOMAINS)}"
-                )
-            split = "test" if kind == "eval" else "train"
-            n = dcfg.eval_per_domain if kind == "eval" else dcfg.train_per_domain
-            probs = synthetic.problems(domain, split, n, seed=self.seed)
-            make = synthetic.sft_record if kind == "sft" else synthetic.prompt_record
-            return [make(p) for p in probs]
-        path = getattr(dcfg.paths.get(domain, DomainPaths()), kind)
-        if not path:
-            raise FileNotFoundError(
-                f"data.paths.{domain}.{kind} is not set: stage data for domain "
-                f"{domain!r} is not available here"
-            )
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"data.paths.{domain}.{kind}: {path} does not exist")
-        reader = nc_data.read_chat_jsonl if kind == "sft" else nc_data.read_prompt_jsonl
-        records, _ = reader(path)
-        return records
 
     # ------------------------------------------------------------------ weights
     def _stage_dir(self, name: str) -> str:
         return os.path.join(self.workdir, "stages", name)
 
     def _load_final(self, name: str):
-        """A finished stage's final weights: params and model state of its last checkpoint."""
-        ckpt = Checkpointer(os.path.join(self._stage_dir(name), CHECKPOINT_DIR), keep_last=1)
+        """A finished stage's final weights: params and model state of its last checkpoint, read
+        through a read-only `Checkpointer` (the stage's directory is never touched)."""
+        ckpt = Checkpointer(os.path.join(self._stage_dir(name), CHECKPOINT_DIR), read_only=True)
         try:
             steps = ckpt.all_steps()
             if not steps:
@@ -242,31 +225,31 @@ class Cascade:
             name=name,
         )
 
-    def _teachers(self, name: str, cfg: RLStageConfig, teachers_by_domain: Mapping[str, str]):
-        """MOPD: each domain's teacher (its best stage so far), each checkpoint loaded once."""
+    def _teachers(self, name: str, cfg: RLStageConfig, best: Mapping[str, str]):
+        """MOPD: each domain's teacher: `cfg.teachers[domain]` (a stage name or a Hugging Face
+        checkpoint directory), else its best evaluated stage so far; each checkpoint loaded
+        once."""
         teachers, loaded = {}, {}
         for d in cfg.domains:
-            if d not in teachers_by_domain:
+            src = cfg.teachers.get(d) or best.get(d)
+            if src is None:
                 raise ValueError(
                     f"stage {name}: no teacher yet for domain {d!r} (no earlier stage evaluated it)"
                 )
-            src = teachers_by_domain[d]
             if src not in loaded:  # a checkpoint that teaches several domains is held once
-                loaded[src] = distill.Teacher(self.graphdef, self._load_final(src))
+                loaded[src] = distill.Teacher(self.graphdef, self._teacher_weights(src))
             teachers[d] = loaded[src]
         return teachers
 
-    def _run_rl(self, name: str, cfg: RLStageConfig, params, model_state, teachers_by_domain):
-        if cfg.type == "grpo" and cfg.reward != "verifier":
-            if not cfg.reward_model_path:
-                raise FileNotFoundError(
-                    f"stages.{name}.reward_model_path is not set: stage {name!r} needs a "
-                    f"{cfg.reward} reward model, which is not available here"
-                )
-            raise NotImplementedError(
-                f"stages.{name}.reward={cfg.reward!r}: learned reward models "
-                "are not implemented yet (only rule-based verifiers)"
-            )
+    def _teacher_weights(self, src: str):
+        if src in self.stages:
+            return self._load_final(src)
+        # a Hugging Face checkpoint must match the student's architecture and vocabulary
+        # (load_hf_checkpoint names every tensor whose shape differs)
+        model = load_hf_checkpoint(src, config=self.model_cfg, mesh=self.mesh)
+        return split_model(model)[1:]
+
+    def _run_rl(self, name: str, cfg: RLStageConfig, params, model_state, best_teachers):
         stage = RLStage(
             name=name,
             cfg=cfg,
@@ -274,7 +257,7 @@ class Cascade:
             tokenizer=self.tokenizer,
             pools={d: self._records(d, "rl") for d in cfg.domains},
             seed=self.seed,
-            teachers=self._teachers(name, cfg, teachers_by_domain) if cfg.type == "mopd" else None,
+            teachers=self._teachers(name, cfg, best_teachers) if cfg.type == "mopd" else None,
             reward_cache=self.reward_cache,
             num_workers=int(self.config.num_workers),
             mesh=self.mesh,
@@ -285,7 +268,8 @@ class Cascade:
             return {f"eval/{d}": v for d, v in scores.items()}
 
         return stage.run(
-            stage.initial_state(params, model_state),
+            params,
+            model_state,
             stage_dir=self._stage_dir(name),
             eval_fn=eval_fn,
             progress=bool(self.config.progress),
@@ -308,16 +292,21 @@ class Cascade:
     def run(self) -> dict[str, Any]:
         summary = self._load_summary()
         done = {s["name"] for s in summary["stages"]}
-        if summary["stages"]:
-            params, model_state = self._load_final(summary["stages"][-1]["name"])
-        else:
-            params, model_state = self._init_weights()
+        chain = None  # the last finished main-chain stage (side branches have a start_from)
+        weights = None  # its (params, model_state) when they are in memory
         for name in self.order:
-            if name in done:
-                continue
             cfg = self.stages[name]
+            if name in done:
+                if not cfg.start_from:
+                    chain, weights = name, None
+                continue
             t0 = time.perf_counter()
-            log.info("stage %s (%s) on %s", name, cfg.type, list(cfg.domains))
+            start = cfg.start_from or chain
+            log.info("stage %s (%s) on %s from %s", name, cfg.type, cfg.domains, start or "init")
+            if cfg.start_from or weights is None:
+                params, model_state = self._load_final(start) if start else self._init_weights()
+            else:
+                params, model_state = weights
             if isinstance(cfg, SFTStageConfig):
                 result = self._run_sft(name, cfg, params, model_state)
             else:
@@ -328,12 +317,15 @@ class Cascade:
                     "checkpoint saved, run the same command again to resume"
                 )
             params, model_state = result.state.params, result.state.model_state
+            if not cfg.start_from:
+                chain, weights = name, (params, model_state)
             train_s = time.perf_counter() - t0
             scores = self.evaluate(params, model_state)
             entry = {
                 "name": name,
                 "type": cfg.type,
                 "domains": list(cfg.domains),
+                "start_from": start or "",
                 "eval": scores,
                 "train_s": round(train_s, 1),
                 "eval_s": round(time.perf_counter() - t0 - train_s, 1),
@@ -347,7 +339,8 @@ class Cascade:
                 + "  ".join(f"{d}={s:5.1f}" for d, s in scores.items()),
                 flush=True,
             )
-        if self.config.export_hf:
+        if self.config.export_hf and chain is not None:
+            params, model_state = weights or self._load_final(chain)
             model = nnx.merge(self.graphdef, params, model_state)
             save_hf_checkpoint(model, os.path.join(self.workdir, "hf"))
             self.tokenizer.save(os.path.join(self.workdir, "hf", "tokenizer.json"))
@@ -355,7 +348,26 @@ class Cascade:
         return {"final_" + d: v for d, v in final.items()}
 
 
-@register_job("cascade")
+def cascade_preflight(config, workdir: str) -> None:
+    """Before anything is written: every stage validated, and room on disk for every stage's
+    final checkpoint (weights and optimizer state)."""
+    plan = CascadePlan.check(config)
+    model_cfg = ModelConfig.from_mapping(config.model)
+    params = nnx.eval_shape(lambda: NemotronH(model_cfg, rngs=nnx.Rngs(0)))
+    per_stage = 3 * state_bytes(nnx.state(params))  # weights + two Adam moments
+    check_disk(workdir, len(plan.order) * per_stage, f"{len(plan.order)} stage checkpoints")
+
+
+def cascade_identity(config) -> dict[str, Any]:
+    """What a cascade run's checkpoints and tokenizer depend on (`jobs.identity`)."""
+    return {
+        "job": "cascade",
+        "model": model_identity(config.model),
+        "tokenizer": tokenizer_identity(config.tokenizer.path),
+    }
+
+
+@register_job("cascade", identity=cascade_identity, preflight=cascade_preflight)
 def run_cascade(config, workdir: str) -> dict[str, Any]:
     """The Cascade pipeline job (see the module docstring)."""
     return Cascade(config, workdir).run()

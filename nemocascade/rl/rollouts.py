@@ -1,9 +1,11 @@
 """Rollouts for RL and evaluation: prompts -> generated responses -> verifier rewards -> batches.
 
-Shared by the GRPO and MOPD stages and by per-domain evaluation (`jobs.evaluation`):
+Shared by the GRPO and MOPD stages and, for its generation half (`generate_rollouts`), by
+evaluation (`jobs.evaluation`):
 
     roll = sample(graphdef, state, tokenizer, records, n=8, temperature=1.0, ...)
     roll.rewards      # [R] verifier scores, rows prompt-major (prompt i, sample j -> i*n + j)
+    roll.errors       # [R] the grader failed on that row: no verdict, never a wrong answer
     batch = training_batch(roll, seq_bucket=64)   # arrays for grpo / distill steps
 
 A training batch holds, for every rollout row, the sequence `prompt + response` (right-padded):
@@ -16,8 +18,6 @@ A training batch holds, for every rollout row, the sequence `prompt + response` 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -38,8 +38,8 @@ class Rollouts:
     responses: list[str]  # decoded text (without the eos token)
     finished: np.ndarray  # [R] bool: ended with eos / stop (not cut at the limit)
     sampler_logprobs: list[np.ndarray]  # per row, log-prob of each response token (sampled dist.)
-    policy_logprobs: list[np.ndarray]  # the same under the plain temperature-1 policy
-    rewards: np.ndarray  # [R] fp32
+    rewards: np.ndarray  # [R] fp32 (0 where `errors`)
+    errors: np.ndarray  # [R] bool: the grader failed (no verdict): never read the reward
     n: int
     timings: dict[str, float]
     reward_metrics: dict[str, Any]
@@ -50,59 +50,6 @@ class Rollouts:
 
     def response_lengths(self) -> np.ndarray:
         return np.array([len(r) for r in self.response_ids], np.int32)
-
-
-class RewardCache:
-    """Memoises verifier scores of identical (record, response) pairs: RL groups and greedy
-    evaluation repeat responses often, and a code verdict costs a sandboxed process."""
-
-    def __init__(self, max_items: int = 200_000):
-        self._scores: dict[str, float] = {}
-        self.max_items = max_items
-        self.hits = 0
-
-    @staticmethod
-    def key(record: dict, response: str, finished: bool) -> str:
-        blob = json.dumps(
-            [record.get("verifier"), record.get("domain"), response, finished],
-            sort_keys=True,
-            default=str,
-        )
-        return hashlib.sha1(blob.encode()).hexdigest()
-
-    def score(
-        self,
-        records: Sequence[dict],
-        responses: Sequence[str],
-        finished: Sequence[bool],
-        *,
-        num_workers: int,
-        timeout_s: float,
-    ) -> tuple[np.ndarray, dict]:
-        keys = [
-            self.key(r, s, bool(f)) for r, s, f in zip(records, responses, finished, strict=True)
-        ]
-        todo = {}
-        for i, k in enumerate(keys):
-            if k not in self._scores and k not in todo:
-                todo[k] = i
-        metrics: dict[str, Any] = {"scored": len(todo), "reused": len(keys) - len(todo)}
-        if todo:
-            idx = list(todo.values())
-            scores, _, m = rw.score_batch(
-                [records[i] for i in idx],
-                [responses[i] for i in idx],
-                [bool(finished[i]) for i in idx],
-                num_workers=num_workers,
-                timeout_s=timeout_s,
-            )
-            metrics.update({k: v for k, v in m.items() if isinstance(v, (int, float))})
-            if len(self._scores) > self.max_items:
-                self._scores.clear()
-            for k, s in zip(todo, scores, strict=True):
-                self._scores[k] = float(s)
-        self.hits += metrics["reused"]
-        return np.array([self._scores[k] for k in keys], np.float32), metrics
 
 
 def render_prompts(tokenizer, records: Sequence[dict], *, thinking: bool) -> list[list[int]]:
@@ -116,7 +63,20 @@ def render_prompts(tokenizer, records: Sequence[dict], *, thinking: bool) -> lis
     ]
 
 
-def sample(
+@dataclasses.dataclass
+class Generations:
+    """The generation half of `sample`: `n` responses per prompt record, rows prompt-major."""
+
+    records: list[dict]  # one per row (the prompt record, repeated n times)
+    prompt_ids: list[list[int]]  # one per row
+    response_ids: list[list[int]]  # one per row, eos included when finished
+    responses: list[str]  # decoded text (without the eos token)
+    finished: np.ndarray  # [R] bool: ended with eos / stop (not cut at the limit)
+    logprobs: list[np.ndarray]  # per row, log-prob of each response token (sampled dist.)
+    timings: dict[str, float]  # the engine's (`generate`)
+
+
+def generate_rollouts(
     graphdef,
     state: nnx.State,
     tokenizer,
@@ -129,12 +89,10 @@ def sample(
     top_k: int = 0,
     seed: int = 0,
     thinking: bool = False,
-    reward_cache: RewardCache | None = None,
-    num_workers: int = 2,
-    reward_timeout_s: float = 30.0,
     mesh=None,
-) -> Rollouts:
-    """Generates `n` responses per prompt record and scores them with the records' verifiers."""
+) -> Generations:
+    """Renders each prompt record (`render_prompts`), generates `n` responses per prompt (eos:
+    the chat template's end of turn) and decodes them."""
     prompts = render_prompts(tokenizer, records, thinking=thinking)
     eos = tokenizer.im_end_id
     res = generate(
@@ -160,14 +118,68 @@ def sample(
         for ids, fin in zip(r_ids, finished, strict=True)
     ]
     lps = [res.logprobs[r, : res.lengths[r]].astype(np.float32) for r in range(rows)]
-    plps = [res.logprobs_untempered[r, : res.lengths[r]].astype(np.float32) for r in range(rows)]
-    cache = reward_cache or RewardCache()
-    t0 = time.perf_counter()
-    scores, metrics = cache.score(
-        recs, texts, finished, num_workers=num_workers, timeout_s=reward_timeout_s
+    return Generations(recs, p_ids, r_ids, texts, finished, lps, dict(res.timings))
+
+
+def sample(
+    graphdef,
+    state: nnx.State,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    thinking: bool = False,
+    reward_cache: rw.RewardCache | None = None,
+    num_workers: int = 2,
+    reward_timeout_s: float = 30.0,
+    mesh=None,
+) -> Rollouts:
+    """Generates `n` responses per prompt record (`generate_rollouts`) and scores them with the
+    records' verifiers (in thinking mode a response is judged as if it began with `<think>`: an
+    unclosed reasoning block has no final answer)."""
+    g = generate_rollouts(
+        graphdef,
+        state,
+        tokenizer,
+        records,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        thinking=thinking,
+        mesh=mesh,
     )
-    timings = dict(res.timings, reward_s=time.perf_counter() - t0)
-    return Rollouts(recs, p_ids, r_ids, texts, finished, lps, plps, scores, n, timings, metrics)
+    cache = reward_cache or rw.RewardCache()
+    t0 = time.perf_counter()
+    scores, errors, metrics = cache.score(
+        g.records,
+        g.responses,
+        g.finished,
+        num_workers=num_workers,
+        timeout_s=reward_timeout_s,
+        thinking=thinking,
+    )
+    timings = dict(g.timings, reward_s=time.perf_counter() - t0)
+    return Rollouts(
+        records=g.records,
+        prompt_ids=g.prompt_ids,
+        response_ids=g.response_ids,
+        responses=g.responses,
+        finished=g.finished,
+        sampler_logprobs=g.logprobs,
+        rewards=scores,
+        errors=errors,
+        n=n,
+        timings=timings,
+        reward_metrics=metrics,
+    )
 
 
 def training_batch(
@@ -178,21 +190,17 @@ def training_batch(
     seq_bucket: int = 16,
     seq_len: int | None = None,
     pad_id: int = 0,
-    behaviour: str = "sampled",
 ) -> dict[str, np.ndarray]:
     """Packs the chosen rollout rows into fixed-shape arrays (see the module docstring).
 
-    `behaviour` picks the log-probs stored as `sampler_logprobs`: "sampled" (the distribution the
-    tokens were drawn from, after temperature / top-k / top-p: MOPD's pi_inf) or "policy" (the
-    plain temperature-1 policy, which makes GRPO's ratio exactly 1 when strictly on-policy).
+    `sampler_logprobs` are the log-probs of the distribution each token was drawn from (after
+    temperature / top-k / top-p): the behaviour policy of mismatch metrics, GRPO's off-policy
+    correction and MOPD's importance weights.
 
     `num_rows` pads the batch with empty rows (loss_mask 0) to a fixed count, and the length is
     rounded up to a power of two >= `seq_bucket`, so the train step compiles once per bucket;
     `seq_len` instead fixes the length exactly (a row that does not fit raises).
     """
-    if behaviour not in ("sampled", "policy"):
-        raise ValueError(f"training_batch: behaviour {behaviour!r} not in ('sampled', 'policy')")
-    source = roll.sampler_logprobs if behaviour == "sampled" else roll.policy_logprobs
     rows = list(range(len(roll.records))) if rows is None else list(rows)
     num_rows = len(rows) if num_rows is None else num_rows
     if len(rows) > num_rows:
@@ -218,7 +226,7 @@ def training_batch(
         out["targets"][i, :n_in] = s[1:]
         out["segment_ids"][i, :n_in] = 1
         out["loss_mask"][i, p - 1 : n_in] = 1.0  # targets that are response tokens
-        out["sampler_logprobs"][i, p - 1 : n_in] = source[r]
+        out["sampler_logprobs"][i, p - 1 : n_in] = roll.sampler_logprobs[r]
     return out
 
 

@@ -24,6 +24,11 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 log = logging.getLogger(__name__)
 
 BEST_MODES = ("min", "max")
+CORRUPT_DIR = "corrupt"  # unreadable checkpoints are moved here, never deleted
+
+
+class CheckpointSaveError(RuntimeError):
+    """An (asynchronous) checkpoint save failed: the run stops at once with the cause."""
 
 
 class Checkpointer:
@@ -31,6 +36,10 @@ class Checkpointer:
 
     keep_last: how many of the newest checkpoints to keep; best_metric: key of the `metrics`
     passed to `save` whose best value (by `best_mode`) is also kept ("" to disable).
+
+    read_only: restore only (evaluation, a finished stage's weights): the directory is never
+    created, cleaned of temporary directories (a save under way is not disturbed), moved or
+    deleted from, and `save` raises.
     """
 
     def __init__(
@@ -41,6 +50,7 @@ class Checkpointer:
         best_metric: str = "",
         best_mode: str = "min",
         async_save: bool = True,
+        read_only: bool = False,
     ):
         if keep_last < 1:
             raise ValueError(f"checkpoint keep_last must be >= 1, got {keep_last}")
@@ -48,21 +58,17 @@ class Checkpointer:
             raise ValueError(f"checkpoint best_mode must be one of {BEST_MODES}, got {best_mode!r}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.best_metric = best_metric
-        policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep_last)]
-        if best_metric:
-            policies.append(
-                pp.BestN(
-                    get_metric_fn=lambda m: float(m[best_metric]),
-                    reverse=(best_mode == "min"),
-                    n=1,
-                    keep_checkpoints_without_metrics=False,
-                )
+        self.read_only = read_only
+        if read_only:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, cleanup_tmp_directories=False
             )
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=pp.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-        )
+        else:
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=_preservation(keep_last, best_metric, best_mode),
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+            )
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={
@@ -86,6 +92,8 @@ class Checkpointer:
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         """Start saving (returns once arrays are copied off the device; writing continues)."""
+        if self.read_only:
+            raise RuntimeError(f"checkpointer of {self.directory} is read-only: cannot save")
         if self.best_metric and (metrics is None or self.best_metric not in metrics):
             raise KeyError(
                 f"checkpoint at step {step}: best_metric {self.best_metric!r} missing "
@@ -129,31 +137,80 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
         """The newest checkpoint that restores, as `(step, state, data_state, extra)`, or None.
 
-        A checkpoint that fails to restore is skipped with a warning naming its directory.
+        A checkpoint that fails to restore (truncated or deleted files) is moved aside, never
+        deleted, to `<directory>/corrupt/<step>[.n]` with a warning, so the run resumes from the
+        newest good one and can save that step again (no crash loop on the same step); read-only,
+        it is only skipped.
         """
         for step in reversed(self.all_steps()):
             try:
                 state, data_state, extra = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any failure means "unusable checkpoint"
+                where = (
+                    "left in place (read-only)"
+                    if self.read_only
+                    else f"moved to {self._move_aside(step)}"
+                )
                 log.warning(
-                    "checkpoint %s/%d is unreadable (%s: %s); trying an older one",
+                    "checkpoint %s/%d is unreadable (%s: %s); %s, trying an older one",
                     self.directory,
                     step,
                     type(e).__name__,
-                    str(e).splitlines()[0][:300],
+                    str(e).splitlines()[0][:300] if str(e) else "",
+                    where,
                 )
                 continue
             return step, state, data_state, extra
         return None
 
+    def _move_aside(self, step: int) -> str:
+        """Move checkpoint `step` out of the manager's view (kept for inspection)."""
+        src = os.path.join(self.directory, str(step))
+        aside = os.path.join(self.directory, CORRUPT_DIR)
+        os.makedirs(aside, exist_ok=True)
+        dst, n = os.path.join(aside, str(step)), 0
+        while os.path.exists(dst):
+            n += 1
+            dst = os.path.join(aside, f"{step}.{n}")
+        os.replace(src, dst)
+        self._manager.reload()
+        return dst
+
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""
         self._manager.wait_until_finished()
+        self.check_errors()
+
+    def check_errors(self) -> None:
+        """Raise `CheckpointSaveError` (the cause on one line) if a background save failed."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - any failure of the save thread stops the run
+            cause = _root_cause(e)
+            raise CheckpointSaveError(
+                f"saving a checkpoint to {self.directory} failed: {type(cause).__name__}: "
+                f"{str(cause).splitlines()[0] if str(cause) else ''}"
+            ) from e
 
     def close(self) -> None:
         """Finish pending saves and release the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _preservation(keep_last: int, best_metric: str, best_mode: str) -> pp.PreservationPolicy:
+    """Keep the newest `keep_last` checkpoints, and the best by `best_metric` if one is named."""
+    policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep_last)]
+    if best_metric:
+        policies.append(
+            pp.BestN(
+                get_metric_fn=lambda m: float(m[best_metric]),
+                reverse=(best_mode == "min"),
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    return pp.AnyPreservationPolicy(policies)
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
@@ -176,3 +233,12 @@ def _pytree_restore(abstract: Any, *, partial: bool) -> ocp.args.PyTreeRestore:
     return ocp.args.PyTreeRestore(
         item=abstract, restore_args=jax.tree.map(args, abstract), partial_restore=partial
     )
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a chain (e.g. the OSError under orbax's wrappers)."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e

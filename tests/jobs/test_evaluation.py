@@ -13,6 +13,7 @@ from flax import nnx
 
 from nemocascade import data as nc_data
 from nemocascade import rewards as rw
+from nemocascade.data import task_formats as tf
 from nemocascade.jobs import evaluation as ev
 from nemocascade.model import ModelConfig, NemotronH
 from nemocascade.rl import rollouts as ro
@@ -68,25 +69,25 @@ def test_detect_format():
         "prompt": OURS,
     }
     for fmt, raw in cases.items():
-        assert ev.detect_format(raw) == fmt, fmt
-    assert ev.detect_format({"options": ["a"], "question": "q", "answer": "A"}) == "mcqa"
-    assert ev.detect_format({"text": "hello"}) is None
+        assert tf.detect_format(raw) == fmt, fmt
+    assert tf.detect_format({"options": ["a"], "question": "q", "answer": "A"}) == "mcqa"
+    assert tf.detect_format({"text": "hello"}) is None
 
 
 def test_gsm8k_and_math_conversion():
-    rec = ev.CONVERTERS["gsm8k"](GSM8K)
+    rec = tf.CONVERTERS["gsm8k"](GSM8K)
     assert rec["domain"] == "math" and rec["verifier"] == {"type": "math", "answer": "5"}
     assert rec["prompt"].startswith(GSM8K["question"]) and "\\boxed{}" in rec["prompt"]
-    boxed = ev.CONVERTERS["math"](MATH_BOXED)
+    boxed = tf.CONVERTERS["math"](MATH_BOXED)
     assert boxed["verifier"]["answer"] == "\\frac{1}{2}"
-    assert ev.CONVERTERS["math"](MATH_ANSWER)["verifier"]["answer"] == "7"
+    assert tf.CONVERTERS["math"](MATH_ANSWER)["verifier"]["answer"] == "7"
     recs = [rec, boxed]
     assert _grade(recs, ["So \\boxed{5}.", "\\boxed{\\frac{1}{2}}"]) == [1.0, 1.0]
     assert _grade(recs, ["\\boxed{6}", "\\boxed{1}"]) == [0.0, 0.0]
 
 
 def test_gsm8k_sample_file_converts():
-    records, fmt = ev.read_task_file(DATA / "gsm8k_sample.jsonl")
+    records, fmt = tf.read_task_file(DATA / "gsm8k_sample.jsonl")
     assert fmt == "gsm8k" and len(records) == 4
     assert records[0]["verifier"]["answer"] == "72"
     assert records[0]["id"] == "gsm8k_sample.jsonl:1"
@@ -95,7 +96,7 @@ def test_gsm8k_sample_file_converts():
 
 def test_humaneval_canonical_solution_passes_through_the_verifier():
     raws = [json.loads(line) for line in (DATA / "humaneval_sample.jsonl").read_text().splitlines()]
-    records, fmt = ev.read_task_file(DATA / "humaneval_sample.jsonl")
+    records, fmt = tf.read_task_file(DATA / "humaneval_sample.jsonl")
     assert fmt == "humaneval" and [r["id"] for r in records] == ["Toy/0", "Toy/1"]
     assert records[0]["verifier"]["entry_point"] == "add_pairs"
     assert raws[0]["prompt"].rstrip() in records[0]["prompt"]  # the stub is shown
@@ -107,7 +108,7 @@ def test_humaneval_canonical_solution_passes_through_the_verifier():
 
 
 def test_mbpp_conversion_runs_setup_and_tests():
-    rec = ev.CONVERTERS["mbpp"](MBPP)
+    rec = tf.CONVERTERS["mbpp"](MBPP)
     assert rec["domain"] == "code" and "assert isqrt(10) == 3" in rec["prompt"]
     assert rec["verifier"]["tests"].startswith("import math\n")
     assert _grade([rec], [f"```python\n{MBPP['code']}\n```"]) == [1.0]
@@ -117,20 +118,20 @@ def test_mbpp_conversion_runs_setup_and_tests():
         "test_list": MBPP["test_list"],
         "test_imports": ["import math"],
     }
-    rec = ev.CONVERTERS["mbpp"](sanitized)
+    rec = tf.CONVERTERS["mbpp"](sanitized)
     assert rec["verifier"]["tests"] == "\n".join(["import math", *MBPP["test_list"]])
     assert _grade([rec], [f"```python\n{MBPP['code']}\n```"]) == [1.0]
 
 
 def test_ifeval_conversion():
-    rec = ev.CONVERTERS["ifeval"](IFEVAL)
+    rec = tf.CONVERTERS["ifeval"](IFEVAL)
     assert rec["prompt"] == IFEVAL["prompt"] and rec["domain"] == "instruction"
     assert rec["verifier"]["instruction_id_list"] == ["punctuation:no_comma"]
     assert _grade([rec, rec], ["The sea is blue and wide.", "Blue, wide, deep."]) == [1.0, 0.0]
 
 
 def test_mcqa_conversion_forms():
-    rec = ev.CONVERTERS["mcqa"](MCQA)
+    rec = tf.CONVERTERS["mcqa"](MCQA)
     assert "A. 3\nB. 4\nC. 5" in rec["prompt"] and rec["verifier"] == {
         "type": "mcqa",
         "answer": "B",
@@ -143,20 +144,20 @@ def test_mcqa_conversion_forms():
         {"question": "q", "choices": ["3", "4"], "answer": "4"},  # the option's text
     ]
     for raw in same:
-        assert ev.CONVERTERS["mcqa"](raw)["verifier"]["answer"] == "B", raw
+        assert tf.CONVERTERS["mcqa"](raw)["verifier"]["answer"] == "B", raw
 
 
 def test_prompt_records_pass_through(tmp_path):
     path = _write(tmp_path, "ours.jsonl", [OURS, {**OURS, "id": "x"}])
-    records, fmt = ev.read_task_file(path)
+    records, fmt = tf.read_task_file(path)
     assert fmt == "prompt" and records[0] == {**OURS, "id": "ours.jsonl:1"}
     assert records[1]["id"] == "x"
 
 
 def test_named_format_overrides_detection(tmp_path):
     path = _write(tmp_path, "t.jsonl", [{"question": "1+1?", "answer": "2", "choices": ["1", "2"]}])
-    assert ev.read_task_file(path)[1] == "mcqa"
-    records, fmt = ev.read_task_file(path, "gsm8k")
+    assert tf.read_task_file(path)[1] == "mcqa"
+    records, fmt = tf.read_task_file(path, "gsm8k")
     assert fmt == "gsm8k" and records[0]["verifier"]["type"] == "math"
 
 
@@ -183,7 +184,7 @@ def test_named_format_overrides_detection(tmp_path):
 def test_bad_files_name_file_and_line(tmp_path, rows, fmt, match):
     path = _write(tmp_path, "bad.jsonl", rows)
     with pytest.raises(nc_data.DataError, match=match):
-        ev.read_task_file(path, fmt)
+        tf.read_task_file(path, fmt)
 
 
 # ----------------------------------------------------------------------------- grading

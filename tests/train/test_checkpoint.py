@@ -94,3 +94,23 @@ def test_empty_directory_restores_nothing(tmp_path):
     ckpt = Checkpointer(tmp_path / "ck")
     assert ckpt.restore_latest(_abstract(_state(0))) is None
     ckpt.close()
+
+
+def test_read_only_restores_and_touches_nothing(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ck", keep_last=5)
+    ckpt.save(1, _state(1), {"next": 1})
+    ckpt.close()
+    in_progress = tmp_path / "ck" / "2.orbax-checkpoint-tmp-1"  # a save under way elsewhere
+    in_progress.mkdir()
+    before = sorted(os.listdir(tmp_path / "ck"))
+    ro = Checkpointer(tmp_path / "ck", read_only=True)
+    assert ro.all_steps() == [1]
+    fields = ro.restore_fields(1, {"params": _abstract(_state(0)).params})
+    assert _equal(fields["params"], _state(1).params)
+    with pytest.raises(RuntimeError, match="read-only"):
+        ro.save(2, _state(2), {})
+    ro.close()
+    assert sorted(os.listdir(tmp_path / "ck")) == before
+    missing = Checkpointer(tmp_path / "none", read_only=True)
+    assert missing.all_steps() == [] and not (tmp_path / "none").exists()
+    missing.close()
