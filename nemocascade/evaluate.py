@@ -50,9 +50,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemocascade import data as nc_data
-from nemocascade.data.task_formats import FORMATS, read_task_file
 from nemocascade.jobs import evaluation as ev
 from nemocascade.model import CheckpointError, ModelConfig, NemotronH, load_hf_checkpoint
+from nemocascade.rewards.task_formats import FORMATS, read_task_file
 from nemocascade.train.checkpoint import Checkpointer
 from nemocascade.train.loop import CHECKPOINT_DIR
 from nemocascade.train.state import split_model

@@ -59,8 +59,8 @@ from nemocascade.model import ModelConfig, NemotronH, load_hf_checkpoint, save_h
 from nemocascade.rl import RLStage, RLStageConfig
 from nemocascade.sharding import MeshConfig, batch_shards, make_mesh
 from nemocascade.train import distill
-from nemocascade.train.checkpoint import Checkpointer
-from nemocascade.train.loop import CHECKPOINT_DIR, LoopConfig, Preempted
+from nemocascade.train.checkpoint import Checkpointer, abstract_with_shardings
+from nemocascade.train.loop import CHECKPOINT_DIR, LoopConfig, Preempted, full_shardings
 from nemocascade.train.state import split_model
 from nemocascade.typed_config import from_mapping
 
@@ -140,7 +140,9 @@ class Cascade:
             lambda: NemotronH(self.model_cfg, rngs=nnx.Rngs(self.seed), mesh=self.mesh)
         )
         self.graphdef, abs_params, abs_rest = split_model(abstract)
-        self.abstract_weights = {"params": abs_params, "model_state": abs_rest}
+        weights = {"params": abs_params, "model_state": abs_rest}
+        # finished stages' weights are restored straight into their shardings on the mesh
+        self.abstract_weights = abstract_with_shardings(weights, full_shardings(weights, self.mesh))
         self.eval_sets = {d: self._records(d, "eval") for d in self.domains}
         self.reward_cache = rw.RewardCache()
         self.results_path = os.path.join(self.workdir, "summary.json")

@@ -38,6 +38,7 @@ Entry points:
   * `sandbox.sandbox_status()`: can code rewards run here, and if not, the fix.
 """
 
+from nemocascade.rewards import hidden_rule as _hidden_rule  # noqa: F401  (registers it)
 from nemocascade.rewards import verifiers as _builtin  # noqa: F401  (registers the built-ins)
 from nemocascade.rewards.batch import ERROR_KINDS, ScoredBatch, grade_batch, score_batch
 from nemocascade.rewards.registry import (

@@ -13,9 +13,9 @@ from flax import nnx
 
 from nemocascade import data as nc_data
 from nemocascade import rewards as rw
-from nemocascade.data import task_formats as tf
 from nemocascade.jobs import evaluation as ev
 from nemocascade.model import ModelConfig, NemotronH
+from nemocascade.rewards import task_formats as tf
 from nemocascade.rl import rollouts as ro
 from nemocascade.train.state import split_model
 

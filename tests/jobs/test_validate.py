@@ -95,3 +95,17 @@ def test_cascade_validates_before_writing_anything(tmp_path):
     with pytest.raises(StageValidationError, match="no domain 'nope'"):
         Cascade(c, str(work))
     assert not os.path.exists(work)  # no tokenizer trained, no directory made
+
+
+def test_main_job_without_bubblewrap_stops_in_seconds_naming_it(tmp_path, monkeypatch):
+    """The README's main command on a machine without bwrap: the code domain cannot be scored,
+    so the job stops before training, saying how to install it (or opt into the weak sandbox)."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap anywhere on PATH
+    monkeypatch.delenv("NEMOCASCADE_ALLOW_WEAK_SANDBOX", raising=False)
+    work = tmp_path / "run"
+    with pytest.raises(StageValidationError) as e:
+        Cascade(get_config(), str(work))
+    msg = str(e.value)
+    assert "code verifiers (['code'])" in msg and "apt-get install bubblewrap" in msg
+    assert "NEMOCASCADE_ALLOW_WEAK_SANDBOX" in msg
+    assert not work.exists()
