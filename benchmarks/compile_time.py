@@ -2,6 +2,7 @@
 devices, from abstract shapes only (the 30B state is never allocated).
 
     python benchmarks/compile_time.py                       # fsdp=2 x expert=4, batch 8 x 128
+    python benchmarks/compile_time.py --scan_layers         # the same, layers as lax.scan bodies
     python benchmarks/compile_time.py --quick               # the first 8 layers only, 8 x 64
     python benchmarks/compile_time.py --mesh=fsdp=4,expert=2 --batch=8 --seq=256 --remat=block
 
@@ -13,11 +14,17 @@ parallel over the mesh's `expert` axis (`NemotronH(cfg, mesh=mesh)`). Timed phas
 
   trace_lower_s   `jax.jit(step).lower(abstract_state, abstract_batch)` (tracing + StableHLO)
   compile_s       `.compile()` (XLA:CPU SPMD partitioning, optimisation, codegen)
+  compile_cpu_s   the CPU seconds of this process during `.compile()` (all threads): steadier
+                  than wall time on a machine shared with other jobs
 
 and the compiled program's per-device `memory_analysis()` (argument / output / temp bytes).
-The layers are a Python loop (52 unrolled blocks); compile time grows with the layer count, so
-the script compiles the first 8 blocks and then all 52 to show the growth (`--quick`: 8 only).
-Writes benchmarks/results/compile_time.json; `run(quick)` returns the dict.
+By default the layers are a Python loop (52 unrolled blocks); compile time grows with the layer
+count, so the script compiles the first 8 blocks and then all 52 to show the growth (`--quick`:
+8 only). `--scan_layers` sets `ModelConfig.scan_layers`: the repeated block units run as
+`lax.scan` bodies over stacked parameters (`nemotron_h.layer_segments`: 14 block bodies in the
+program for the 52 layers). Writes benchmarks/results/compile_time[_scan][_quick].json with
+`compile_s_nano_52_layers` (the full model's compile seconds, when measured); `run(quick)`
+returns the dict.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ def measure(
     remat: str = "block",
     moe_backend: str = "ragged_dot",
     layers: int | None = None,
+    scan_layers: bool = False,
 ) -> dict:
     """Lowers and compiles the sharded SFT step of nano_30b_a3b (first `layers` blocks if given)."""
     n_dev = 1
@@ -74,13 +82,14 @@ def measure(
     from flax import nnx
 
     from nemocascade.model import ModelConfig, NemotronH
+    from nemocascade.model.nemotron_h import layer_segments
     from nemocascade.sharding import MeshConfig, batch_sharding, make_mesh
     from nemocascade.train.loop import full_shardings
     from nemocascade.train.optim import OptimConfig, make_optimizer
     from nemocascade.train.sft import sft_step
     from nemocascade.train.state import create_train_state
 
-    cfg = ModelConfig.nano_30b_a3b(remat=remat, moe_backend=moe_backend)
+    cfg = ModelConfig.nano_30b_a3b(remat=remat, moe_backend=moe_backend, scan_layers=scan_layers)
     if layers:
         cfg = cfg.replace(pattern=cfg.pattern[:layers])
     mesh = make_mesh(MeshConfig(**sizes), jax.devices()[:n_dev])
@@ -127,9 +136,9 @@ def measure(
     t0 = time.perf_counter()
     lowered = step.lower(astate, abatch)
     lower_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+    compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     mem = compiled.memory_analysis()
     return {
         "model": "nano_30b_a3b",
@@ -140,9 +149,14 @@ def measure(
         "seq": seq,
         "remat": remat,
         "moe_backend": moe_backend,
+        "scan_layers": scan_layers,
+        "block_bodies": (
+            sum(len(s.unit) for s in layer_segments(cfg.pattern)) if scan_layers else cfg.num_layers
+        ),
         "eval_shape_s": round(eval_shape_s, 2),
         "trace_lower_s": round(lower_s, 2),
         "compile_s": round(compile_s, 2),
+        "compile_cpu_s": round(compile_cpu_s, 2),
         "hlo_chars": len(lowered.as_text()),
         "per_device_argument_bytes": int(mem.argument_size_in_bytes),
         "per_device_output_bytes": int(mem.output_size_in_bytes),
@@ -150,18 +164,20 @@ def measure(
     }
 
 
-def run(quick: bool = True, write: bool = True, **kw) -> dict:
-    """The first 8 layers (quick: only those, a few minutes on 2 cores) and the full 52-layer
-    model; prints, writes; `compile_s` / `compile_lower_s` are those of the last row."""
+def run(quick: bool = True, write: bool = True, full_depth: bool = False, **kw) -> dict:
+    """The first 8 layers (quick: only those, a few minutes on 2 cores, unless `full_depth`) and
+    the full 52-layer model; prints, writes; `compile_s` / `compile_lower_s` are those of the
+    last row."""
     kw.setdefault("seq", 64 if quick else 128)
     rows = [measure(**{**kw, "layers": 8})]
-    if not quick:
+    if not quick or full_depth:
         rows.append(measure(**kw))
     for r in rows:
         print(
             f"{r['layers']:>3} layers, mesh {r['mesh']}, batch {r['batch']} x {r['seq']}, "
-            f"remat {r['remat']}: lower {r['trace_lower_s']:.1f} s, "
-            f"compile {r['compile_s']:.1f} s, "
+            f"remat {r['remat']}, scan_layers {r['scan_layers']} ({r['block_bodies']} block "
+            f"bodies): lower {r['trace_lower_s']:.1f} s, "
+            f"compile {r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} s CPU), "
             f"temp {r['per_device_temp_bytes'] / 2**30:.2f} GiB/device, "
             f"args {r['per_device_argument_bytes'] / 2**30:.2f} GiB/device"
         )
@@ -170,9 +186,13 @@ def run(quick: bool = True, write: bool = True, **kw) -> dict:
         "compile_lower_s": rows[-1]["trace_lower_s"],
         "compile_s": rows[-1]["compile_s"],
     }
+    full = [r for r in rows if r["layers"] == 52]
+    if full:
+        res["compile_s_nano_52_layers"] = full[-1]["compile_s"]
+        res["compile_cpu_s_nano_52_layers"] = full[-1]["compile_cpu_s"]
     if write:
-        out = RESULTS if not quick else RESULTS.with_name("compile_time_quick.json")
-        write_result(res, out)
+        name = "compile_time" + ("_scan" if kw.get("scan_layers") else "")
+        write_result(res, RESULTS.with_name(name + ("_quick" if quick else "") + ".json"))
     return res
 
 
@@ -184,11 +204,21 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--remat", default="block", choices=["none", "block", "matmuls"])
     p.add_argument("--moe_backend", default="ragged_dot")
+    p.add_argument("--scan_layers", action="store_true", help="ModelConfig.scan_layers=True")
+    p.add_argument(
+        "--full_depth", action="store_true", help="with --quick: also the 52-layer model"
+    )
     a = p.parse_args()
-    kw = {"mesh_spec": a.mesh, "batch": a.batch, "remat": a.remat, "moe_backend": a.moe_backend}
+    kw = {
+        "mesh_spec": a.mesh,
+        "batch": a.batch,
+        "remat": a.remat,
+        "moe_backend": a.moe_backend,
+        "scan_layers": a.scan_layers,
+    }
     if a.seq:
         kw["seq"] = a.seq
-    run(quick=a.quick, **kw)
+    run(quick=a.quick, full_depth=a.full_depth, **kw)
 
 
 if __name__ == "__main__":

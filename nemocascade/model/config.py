@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nemocascade.typed_config import from_mapping
+from nemocascade.typed_config import ConfigError, convert, from_mapping
 
 PATTERN_TO_BLOCK = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 BLOCK_TO_PATTERN = {v: k for k, v in PATTERN_TO_BLOCK.items()}
@@ -34,6 +35,31 @@ OUR_TO_HF_BLOCK = {
     "moe": "moe",
     "mlp": "mlp",
 }
+
+# config.json keys read by `from_hf_config` -> the ModelConfig field whose declared type each must
+# have (legacy spellings included, so a mistyped value is named by the key the file holds).
+_SAME_NAME = """vocab_size hidden_size num_attention_heads num_key_value_heads head_dim
+    mamba_num_heads mamba_head_dim ssm_state_size n_groups conv_kernel chunk_size use_conv_bias
+    time_step_min time_step_max time_step_floor n_routed_experts num_experts_per_tok
+    moe_intermediate_size moe_shared_expert_intermediate_size n_shared_experts n_group topk_group
+    norm_topk_prob routed_scaling_factor intermediate_size layer_norm_epsilon initializer_range
+    rescale_prenorm_residual tie_word_embeddings bos_token_id eos_token_id pad_token_id
+    max_position_embeddings""".split()
+HF_KEY_FIELDS = {
+    **{f: f for f in _SAME_NAME},
+    "hybrid_override_pattern": "pattern",
+    "norm_eps": "layer_norm_epsilon",
+    "mamba_n_groups": "n_groups",
+    "mamba_d_conv": "conv_kernel",
+    "mamba_chunk_size": "chunk_size",
+    "mamba_dt_min": "time_step_min",
+    "mamba_dt_max": "time_step_max",
+    "mamba_conv_bias": "use_conv_bias",
+}
+# sizes that must be >= 1 (0 would divide by zero or build empty layers)
+POSITIVE_FIELDS = """vocab_size hidden_size num_attention_heads num_key_value_heads head_dim
+    mamba_num_heads mamba_head_dim ssm_state_size n_groups conv_kernel chunk_size
+    n_routed_experts num_experts_per_tok n_group topk_group""".split()
 
 MOE_BACKENDS = ("dense", "ragged_dot", "pallas", "sorted")
 ATTENTION_IMPLS = ("naive", "blockwise", "pallas")
@@ -108,6 +134,9 @@ class ModelConfig:
     attention_block_k: int = 512
 
     def __post_init__(self):
+        small = [f"{f}={getattr(self, f)}" for f in POSITIVE_FIELDS if getattr(self, f) < 1]
+        if small:
+            raise ValueError(f"ModelConfig: {', '.join(small)}: must be >= 1")
         bad = sorted(set(self.pattern) - set(PATTERN_TO_BLOCK))
         if bad or not self.pattern:
             raise ValueError(
@@ -265,9 +294,31 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> ModelConfig:
-        """Reads a Hugging Face NemotronH `config.json` dict (old and new spellings)."""
+    def from_hf_config(
+        cls, hf: dict[str, Any], *, source: str = "config.json", **overrides
+    ) -> ModelConfig:
+        """Reads a Hugging Face NemotronH `config.json` dict (old and new spellings). A value of
+        the wrong type is a `ConfigError` naming `source` (the file), the key and the expected
+        type ("64" is not an integer, nor is true)."""
+        if not isinstance(hf, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(hf).__name__}")
         hf = dict(hf)
+        hints = typing.get_type_hints(cls)
+        for key, field in HF_KEY_FIELDS.items():
+            if hf.get(key) is not None:
+                hf[key] = convert(hf[key], hints[field], f"{source}: {key}")
+        names = hf.get("layers_block_type") or hf.get("layer_types")
+        if names and (
+            not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names)
+        ):
+            raise ConfigError(f"{source}: layers_block_type: expected a list of strings")
+        limit = hf.get("time_step_limit")
+        if limit is not None and (
+            not isinstance(limit, list | tuple)
+            or not limit
+            or (limit[0] is not None and not isinstance(limit[0], int | float))
+        ):
+            raise ConfigError(f"{source}: time_step_limit: expected [min, max], got {limit!r}")
         legacy = {
             "mamba_n_groups": "n_groups",
             "mamba_d_conv": "conv_kernel",
@@ -283,21 +334,20 @@ class ModelConfig:
             names = hf.get("layers_block_type") or hf.get("layer_types")
             unknown = sorted({n for n in names if n not in HF_BLOCK_NAMES})
             if unknown:
-                raise ValueError(f"config.json layers_block_type: unknown block names {unknown}")
+                raise ValueError(f"{source}: layers_block_type: unknown block names {unknown}")
             pattern = "".join(BLOCK_TO_PATTERN[HF_BLOCK_NAMES[n]] for n in names)
         elif "hybrid_override_pattern" in hf:
             pattern = hf["hybrid_override_pattern"]
         else:
             raise ValueError(
-                "config.json has neither 'hybrid_override_pattern' nor 'layers_block_type'"
+                f"{source} has neither 'hybrid_override_pattern' nor 'layers_block_type'"
             )
         if hf.get("moe_latent_size") is not None:
             raise NotImplementedError(
-                "config.json moe_latent_size (LatentMoE, Nemotron 3 Super/Ultra) is not supported"
+                f"{source}: moe_latent_size (LatentMoE, Nemotron 3 Super/Ultra) is not supported"
             )
         if hf.get("mamba_num_heads") is None or hf.get("mamba_head_dim") is None:
-            raise ValueError("config.json needs 'mamba_num_heads' and 'mamba_head_dim'")
-        limit = hf.get("time_step_limit")
+            raise ValueError(f"{source} needs 'mamba_num_heads' and 'mamba_head_dim'")
         required = [
             "vocab_size",
             "hidden_size",
@@ -308,7 +358,7 @@ class ModelConfig:
         ]
         missing = [k for k in required if k not in hf]
         if missing:
-            raise ValueError(f"config.json is missing keys {missing}")
+            raise ValueError(f"{source} is missing keys {missing}")
         eos = hf.get("eos_token_id", 2)
         kw = dict(
             vocab_size=hf["vocab_size"],
@@ -350,13 +400,16 @@ class ModelConfig:
         for flag, want in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
             if hf.get(flag, want) != want:
                 raise NotImplementedError(
-                    f"config.json {flag}={hf[flag]!r}: only {want!r} is supported"
+                    f"{source}: {flag}={hf[flag]!r}: only {want!r} is supported"
                 )
         for flag in ("attention_bias", "mlp_bias", "use_bias", "mamba_proj_bias"):
             if hf.get(flag):
-                raise NotImplementedError(f"config.json {flag}=true is not supported")
+                raise NotImplementedError(f"{source}: {flag}=true is not supported")
         kw.update(overrides)
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except ValueError as e:  # __post_init__ checks: name the file
+            raise ValueError(f"{source}: {e}") from None
 
     def to_hf_config(self) -> dict[str, Any]:
         """A Hugging Face `config.json` dict that `NemotronHConfig` reads."""
@@ -419,7 +472,9 @@ class ModelConfig:
     def from_json_file(cls, path: str | Path, **overrides) -> ModelConfig:
         path = Path(path)
         try:
-            hf = json.loads(path.read_text())
+            hf = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-        return cls.from_hf_config(hf, **overrides)
+            raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        return cls.from_hf_config(hf, source=str(path), **overrides)

@@ -119,27 +119,55 @@ def update_model_biases(
     """Apply `update_expert_bias` to every `ExpertBias` in an nnx state (or module-state pytree).
 
     The biases are matched to the rows of `counts_LE` ([n_moe_layers, E], the model's
-    `expert_counts` statistic, in layer order) by sorting their paths with integer parts compared
-    as integers (layers/2 before layers/10). Returns a new state; other leaves are unchanged.
+    `expert_counts` statistic, in layer order). A bias [E] is one row; a stacked bias [R, E]
+    (a scanned model, `nemotron_h.BlockGroup`) is R rows. The rows' layer order is
+      * the biases' `layer_ids` metadata when they carry it (one layer index per row; set by
+        `NemotronH` with `scan_layers`, whose stacked rows interleave with the other unit
+        positions of their segment), else
+      * the order of their paths, integer parts compared as integers (layers/2 before
+        layers/10), the R rows of a stacked bias consecutive.
+    Returns a new state; other leaves are unchanged.
     """
-    found = []
-    for path, _ in jax.tree_util.tree_leaves_with_path(model_state, is_leaf=_is_bias_var):
-        found.append(tuple(path_names(path)))
-
-    def key(names):
-        return tuple((0, int(n), "") if n.isdigit() else (1, 0, n) for n in names)
-
-    order = {names: i for i, names in enumerate(sorted(found, key=key))}
-    if len(order) != counts_LE.shape[0]:
+    row_keys = {}  # path names -> one sort key per row
+    for path, var in jax.tree_util.tree_leaves_with_path(model_state, is_leaf=_is_bias_var):
+        if not _is_bias_var(var):
+            continue
+        names = tuple(path_names(path))
+        shape = var.get_value().shape
+        rows = 1 if len(shape) == 1 else shape[0]
+        ids = var.get_metadata().get("layer_ids")
+        if ids is not None and len(ids) != rows:
+            raise ValueError(
+                f"moe_balance.update_model_biases: {'/'.join(names)} has {rows} rows but "
+                f"layer_ids {ids}"
+            )
+        row_keys[names] = [ids[r] if ids is not None else (names, r) for r in range(rows)]
+    with_ids = {isinstance(k[0], int) for k in row_keys.values()}
+    if len(with_ids) > 1:
         raise ValueError(
-            f"moe_balance.update_model_biases: {len(order)} ExpertBias variables but "
-            f"counts for {counts_LE.shape[0]} layers"
+            "moe_balance.update_model_biases: some ExpertBias variables have layer_ids "
+            "metadata and others do not"
         )
+
+    def path_key(key):
+        if isinstance(key, int):
+            return (key,)
+        names, r = key
+        return tuple((0, int(n), "") if n.isdigit() else (1, 0, n) for n in names) + ((0, r, ""),)
+
+    flat = sorted((k for keys in row_keys.values() for k in keys), key=path_key)
+    if len(flat) != counts_LE.shape[0]:
+        raise ValueError(
+            f"moe_balance.update_model_biases: {len(flat)} ExpertBias rows "
+            f"({len(row_keys)} variables) but counts for {counts_LE.shape[0]} layers"
+        )
+    row_of = {k: i for i, k in enumerate(flat)}
 
     def upd(path, x):
         if not _is_bias_var(x):
             return x
-        new = update_expert_bias(x.get_value(), counts_LE[order[tuple(path_names(path))]], rate)
-        return x.replace(new)
+        rows = jnp.asarray([row_of[k] for k in row_keys[tuple(path_names(path))]], jnp.int32)
+        counts = counts_LE[rows] if x.get_value().ndim > 1 else counts_LE[rows[0]]
+        return x.replace(update_expert_bias(x.get_value(), counts, rate))
 
     return jax.tree_util.tree_map_with_path(upd, model_state, is_leaf=_is_bias_var)

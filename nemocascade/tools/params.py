@@ -31,9 +31,9 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from nemocascade.model.config import ModelConfig
+from nemocascade.model.config import PATTERN_TO_BLOCK, ModelConfig
 from nemocascade.model.moe_balance import ExpertBias
-from nemocascade.model.nemotron_h import NemotronH
+from nemocascade.model.nemotron_h import NemotronH, layer_segments
 
 
 def resolve_model_config(spec: str) -> ModelConfig:
@@ -45,6 +45,32 @@ def resolve_model_config(spec: str) -> ModelConfig:
 
 def abstract_model(cfg: ModelConfig) -> NemotronH:
     return nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0)))
+
+
+def _block_kind(cfg: ModelConfig, path: tuple) -> str | None:
+    """The block type of a layer parameter's state path (None outside the layers): unrolled
+    `layers/<i>/...`, scanned `segments/<s>/blocks/<j>/...` (one stacked variable holds every
+    repeat of unit position j)."""
+    if path[0] == "layers":
+        return cfg.block_types[path[1]]
+    if path[0] == "segments":
+        return PATTERN_TO_BLOCK[layer_segments(cfg.pattern)[path[1]].unit[path[3]]]
+    return None
+
+
+def layer_param_states(cfg: ModelConfig, params) -> list:
+    """[(state, layers)]: the parameter state of one block and how many layers it holds (its
+    leading stacked axis in a scanned model, else 1)."""
+    if "layers" in params:
+        return [(layer, 1) for layer in params["layers"].values()]
+    if "segments" in params:
+        segs = layer_segments(cfg.pattern)
+        return [
+            (block, segs[s].repeats)
+            for s, group in params["segments"].items()
+            for block in group["blocks"].values()
+        ]
+    return []
 
 
 def count_params(cfg: ModelConfig) -> dict:
@@ -63,8 +89,8 @@ def count_params(cfg: ModelConfig) -> dict:
         if path[0] == "embed_VD":
             continue
         active += act
-        if path[0] == "layers":
-            kind = cfg.block_types[path[1]]
+        kind = _block_kind(cfg, path)
+        if kind is not None:
             per_layer[kind]["params"] = per_layer[kind].get("params", 0) + n
             per_layer[kind]["active"] = per_layer[kind].get("active", 0) + act
     for kind in per_layer:
@@ -213,11 +239,10 @@ def memory_plan(
     opt = bytes_per_device(state.opt_state, amesh)
     other = bytes_per_device(state.model_state, amesh)
     no_fsdp = AbstractMesh(tuple(1 if a == "fsdp" else mesh[a] for a in MESH_AXES), MESH_AXES)
-    layer_bytes = (
-        [bytes_per_device(nnx.state(layer), no_fsdp) for layer in state.params["layers"].values()]
-        if "layers" in state.params
-        else [0]
-    )
+    layer_bytes = [
+        bytes_per_device(nnx.state(layer), no_fsdp) // n
+        for layer, n in layer_param_states(cfg, state.params)
+    ] or [0]
     gather = 2 * max(layer_bytes) if mesh["fsdp"] > 1 else 0
     tokens = batch * seq // batch_shards
     act = activation_estimate(cfg, tokens, seq, remat, loss_chunk)
