@@ -1,6 +1,10 @@
 """The generation (rollout) engine: cached prefill + `lax.while_loop` decode with temperature,
-top-k and top-p. `from nemocascade.generate import generate` is the public entry point."""
+top-k and top-p, static or with continuous batching (`generate(..., slots=S)`).
+`from nemocascade.generate import generate` is the public entry point; `slots` holds the slot-cache
+operations (insert, take, per-row-position forward, `extend` for multi-turn continuation)."""
 
+from nemocascade.generate import slots
+from nemocascade.generate.continuous import CHUNK_STEPS
 from nemocascade.generate.engine import (
     GenerateResult,
     bucket,
@@ -17,6 +21,7 @@ from nemocascade.generate.sampling import (
 )
 
 __all__ = [
+    "CHUNK_STEPS",
     "GenerateResult",
     "SamplingMode",
     "bucket",
@@ -25,6 +30,7 @@ __all__ = [
     "precompile",
     "sample_step",
     "sampling_logits",
+    "slots",
     "top_k_mask",
     "top_p_mask",
 ]

@@ -1,7 +1,9 @@
-"""The rollout engine: cached prefill of ragged prompts, then one jitted `lax.while_loop` decode.
+"""The rollout engine: cached prefill of ragged prompts, then jitted `lax.while_loop` decoding,
+static (this module: every row resident until the longest has finished) or continuous
+(`generate(..., slots=S)`, `continuous.py`: S resident rows, a finished row's slot refilled).
 
     result = generate(model, [[5, 9, 2], [7]], max_new_tokens=32, temperature=0.8, top_p=0.95, n=4)
-    result.tokens        # [B*n, max_new_tokens] int32, prompt-major rows, `pad_id` after the end
+    result.tokens        # [B*n, max(max_new_tokens)] int32, prompt-major, `pad_id` after the end
     result.logprobs      # log-prob of each token under the distribution sampled from
     result.logprobs_untempered  # plain log-softmax at temperature 1 (what the trainer computes)
     result.lengths       # [B*n] generated tokens including the eos / stop token
@@ -11,9 +13,9 @@ Prefill: prompts are LEFT-padded to a length bucket with segment id 0 (real toke
 attention never looks at padding and the Mamba conv/SSM states carry only the prompt's own
 positions; the last position of every row is its last real token. The cache is prefilled once per
 prompt and repeated `n` times for GRPO groups. Decode runs until every row has finished (eos, stop
-token, or `max_new_tokens`). Prompt and generation lengths are rounded up to powers of two, so a run
-compiles one prefill and one decode program per (batch, bucket, sampling mode); `max_new_tokens`,
-the temperature, top-p, the seed and the eos / stop ids are runtime values.
+token, or its prompt's `max_new_tokens`). Prompt and generation lengths are rounded up to powers of
+two, so a run compiles one prefill and one decode program per (batch, bucket, sampling mode);
+`max_new_tokens`, the temperature, top-p, the seed and the eos / stop ids are runtime values.
 
 `model` is an `nnx.Module` or a `(graphdef, state)` pair from `nnx.split(model)` (the full state,
 not a filtered one): an RL loop that keeps its parameters split passes them straight in and pays no
@@ -26,11 +28,9 @@ the parameters are used with whatever sharding they already have (e.g. the train
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,64 +39,26 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nemocascade import sharding as shd
+from nemocascade.generate import continuous
+from nemocascade.generate.request import (
+    LENGTH,
+    RUNNING,
+    GenerateResult,
+    Request,
+    bucket,
+    classify,
+    constrain_batch,
+    finish,
+    left_pad,
+    make_request,
+)
 from nemocascade.generate.sampling import SamplingMode, row_keys, sample_step
+from nemocascade.generate.slots import prefill
 
-RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
-REASONS = {EOS: "eos", STOP: "stop", LENGTH: "length"}
-MIN_BUCKET = 16
-ID_SLOTS = 8  # eos / stop ids are padded to a multiple of this (-1 = unused) to share programs
-
-
-@dataclasses.dataclass
-class GenerateResult:
-    """Host (numpy) outputs of `generate`; rows are prompt-major (prompt i, sample j -> i*n+j)."""
-
-    tokens: np.ndarray  # [R, max_new_tokens] int32, pad_id after each row's end
-    logprobs: np.ndarray  # [R, max_new_tokens] fp32, 0 after the end
-    logprobs_untempered: np.ndarray  # [R, max_new_tokens] fp32, 0 after the end
-    lengths: np.ndarray  # [R] int32, generated tokens including eos / stop
-    finish_reason: list[str]  # "eos" | "stop" | "length"
-    prompt_index: np.ndarray  # [R] index of the prompt each row continues
-    timings: dict[str, float]  # prefill_s, decode_s (wall, including any compile), steps
-
-
-def bucket(length: int, minimum: int = MIN_BUCKET) -> int:
-    """The smallest power of two >= max(length, minimum)."""
-    return max(minimum, 1 << max(0, int(length) - 1).bit_length())
+__all__ = ["GenerateResult", "bucket", "compiled_program_counts", "generate", "precompile"]
 
 
 # ----------------------------------------------------------------------------- jitted programs
-def _constrain_batch(tree: Any, mesh: Mesh | None) -> Any:
-    """Shards the leading (batch) axis of every array leaf over the mesh's batch axes."""
-    if mesh is None:
-        return tree
-
-    def f(x):
-        if x.ndim == 0:
-            return x
-        return jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim))
-
-    return jax.tree.map(f, tree)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh"))
-def _prefill(graphdef, state, ids_BT, seg_BT, *, cache_len: int, mesh: Mesh | None):
-    """Runs the prompts through a fresh cache; returns (last-position logits [B, V], cache)."""
-    model = nnx.merge(graphdef, state)
-    cache = _constrain_batch(model.init_cache(ids_BT.shape[0], cache_len), mesh)
-    h_BTD, cache = model.hidden_states(ids_BT, seg_BT, cache)
-    logits_BV = model.logits(h_BTD[:, -1:])[:, 0]
-    return logits_BV, _constrain_batch(cache, mesh)
-
-
-def _classify(tok_R, step, max_new, eos_E, stop_S):
-    """Finish code of each row if it stopped at `step` (RUNNING if it goes on)."""
-    is_eos = jnp.any(tok_R[:, None] == eos_E[None, :], axis=-1)
-    is_stop = jnp.any(tok_R[:, None] == stop_S[None, :], axis=-1)
-    at_len = step + 1 >= max_new
-    return jnp.where(is_eos, EOS, jnp.where(is_stop, STOP, jnp.where(at_len, LENGTH, RUNNING)))
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "gen_len", "mode", "mesh"))
 def _decode(
     graphdef,
@@ -105,10 +67,10 @@ def _decode(
     logits_BV,
     rows_R,
     live_rows,
+    max_new_R,
     seed,
     temperature,
     top_p,
-    max_new,
     eos_E,
     stop_S,
     pad_id,
@@ -118,7 +80,7 @@ def _decode(
     mode: SamplingMode,
     mesh: Mesh | None,
 ):
-    """Samples up to `max_new` (<= gen_len) tokens for each of the B*n rows in one while loop.
+    """Samples up to `max_new_R` (<= gen_len) tokens for each of the B*n rows in one while loop.
 
     Rows at or past `live_rows` are batch padding: they start finished and never hold the loop.
 
@@ -127,7 +89,7 @@ def _decode(
     if n > 1:  # GRPO groups share the prompt prefill: repeat the prefilled cache per sample
         cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, n, axis=0), cache)
         logits_BV = jnp.repeat(logits_BV, n, axis=0)
-    cache = _constrain_batch(cache, mesh)
+    cache = constrain_batch(cache, mesh)
     r = logits_BV.shape[0]
     keys_R = row_keys(seed, rows_R)
     sample = functools.partial(sample_step, mode=mode, temperature=temperature, top_p=top_p)
@@ -142,7 +104,7 @@ def _decode(
             )
 
         toks, lps, lprs = col(toks, tok_R, pad_id), col(lps, lp_R, 0.0), col(lprs, lpr_R, 0.0)
-        new = jnp.where(active, _classify(tok_R, step, max_new, eos_E, stop_S), reasons)
+        new = jnp.where(active, classify(tok_R, step, max_new_R, eos_E, stop_S), reasons)
         lengths = jnp.where(active & (new != RUNNING), step + 1, lengths)
         return toks, lps, lprs, lengths, new
 
@@ -153,13 +115,13 @@ def _decode(
         jnp.zeros((r,), jnp.int32),
         jnp.where(jnp.arange(r) < live_rows, RUNNING, LENGTH).astype(jnp.int32),
     )
-    out0 = _constrain_batch(out0, mesh)
+    out0 = constrain_batch(out0, mesh)
     tok_R, lp_R, lpr_R = sample(logits_BV, keys_R, 0)
     out = record(out0, tok_R, lp_R, lpr_R, 0)
 
     def cond(carry):
         step, _, _, out = carry
-        return (step < max_new) & jnp.any(out[4] == RUNNING)
+        return (step < gen_len) & jnp.any(out[4] == RUNNING)
 
     def body(carry):
         step, tok_R, cache, out = carry
@@ -174,109 +136,72 @@ def _decode(
 
 
 def compiled_program_counts() -> dict[str, int]:
-    """How many prefill / decode programs this process has compiled (bucketing diagnostics)."""
-    return {"prefill": _prefill._cache_size(), "decode": _decode._cache_size()}
-
-
-# ----------------------------------------------------------------------------- host side
-def _split_model(model) -> tuple[Any, Any]:
-    if isinstance(model, nnx.Module):
-        return nnx.split(model)
-    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nnx.GraphDef):
-        return model
-    raise TypeError(
-        f"generate: model must be an nnx.Module or a (graphdef, state) pair from nnx.split, "
-        f"got {type(model).__name__}"
+    """How many prefill / decode programs this process has compiled (bucketing diagnostics);
+    `prefill` and `decode` are the static engine's, `refill` and `decode_chunk` the continuous
+    engine's."""
+    return {"prefill": prefill._cache_size(), "decode": _decode._cache_size()} | (
+        continuous.compiled_program_counts()
     )
 
 
-def _id_array(ids: Sequence[int]) -> np.ndarray:
-    slots = max(ID_SLOTS, -(-len(ids) // ID_SLOTS) * ID_SLOTS)
-    out = np.full((slots,), -1, np.int32)
-    out[: len(ids)] = ids
-    return out
+# ----------------------------------------------------------------------------- host side
+def _static_args(req: Request, bucket_batch: bool):
+    """The static engine's (prefill args, prefill kwargs, decode args, decode kwargs)."""
+    b, mesh = len(req.prompts), req.mesh
+    mult = shd.batch_shards(mesh)
+    rows = -(-(bucket(b, 1) if bucket_batch else b) // mult) * mult
+    p_len, g_len = bucket(max(len(p) for p in req.prompts)), req.gen_bucket
+    ids, seg = left_pad(req.prompts, rows, p_len, req.pad_id)
+    row_ids = np.arange(rows * req.n, dtype=np.int32)
+    prefill_args = (req.graphdef, req.state, req.put(ids), req.put(seg))
+    prefill_kw = {"cache_len": p_len + g_len, "mesh": mesh}
+    budgets = req.put(req.row_budgets(row_ids))
+    decode_rest = (req.put(row_ids), jnp.int32(req.rows), budgets, *req.sampling_args())
+    decode_kw = {"n": req.n, "gen_len": g_len, "mode": req.mode, "mesh": mesh}
+    return prefill_args, prefill_kw, decode_rest, decode_kw
 
 
-def _as_ids(value, name: str) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (int, np.integer)):
-        return (int(value),)
-    try:
-        return tuple(int(v) for v in value)
-    except TypeError as e:
-        raise TypeError(
-            f"generate: {name} must be an int or a sequence of ints, got {value!r}"
-        ) from e
-
-
-def _check_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
-    if isinstance(prompt_ids, np.ndarray):
-        prompt_ids = prompt_ids.tolist()
-    if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
-        raise ValueError("generate: prompt_ids must be a non-empty list of token-id lists")
-    out = []
-    for i, p in enumerate(prompt_ids):
-        p = [int(t) for t in (p.tolist() if isinstance(p, np.ndarray) else p)]
-        if not p:
-            raise ValueError(
-                f"generate: prompt_ids[{i}] is empty (a prompt needs at least one token)"
-            )
-        bad = [t for t in p if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(
-                f"generate: prompt_ids[{i}] has ids {bad[:5]} outside [0, {vocab_size})"
-            )
-        out.append(p)
-    return out
-
-
-def _left_pad(prompts: list[list[int]], rows: int, length: int, pad_id: int):
-    """[rows, length] ids and segment ids (1 = prompt, 0 = padding); extra rows repeat prompt 0."""
-    ids = np.full((rows, length), pad_id, np.int32)
-    seg = np.zeros((rows, length), np.int32)
-    for i in range(rows):
-        p = prompts[i] if i < len(prompts) else prompts[0]
-        ids[i, length - len(p) :] = p
-        seg[i, length - len(p) :] = 1
-    return ids, seg
-
-
-def _first_stop(tokens: list[int], stop_strings: Sequence[str], tokenizer) -> int | None:
-    """The fewest leading tokens whose decoded text contains a stop string (None if none does)."""
-
-    def hit(k):
-        return any(s in tokenizer.decode(tokens[:k]) for s in stop_strings)
-
-    if not tokens or not hit(len(tokens)):
-        return None
-    lo, hi = 1, len(tokens)  # hit(hi) holds; find the smallest such k
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if hit(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def _compile(prefill_args, prefill_kw, decode_rest, decode_kw) -> dict[str, float]:
+def _compile(req: Request, bucket_batch: bool) -> dict[str, float]:
     """Ahead-of-time compiles the prefill and decode programs; returns their compile seconds."""
+    prefill_args, prefill_kw, decode_rest, decode_kw = _static_args(req, bucket_batch)
     graphdef, state = prefill_args[:2]
     t0 = time.perf_counter()
-    _prefill.lower(*prefill_args, **prefill_kw).compile()
+    prefill.lower(*prefill_args, **prefill_kw).compile()
     t1 = time.perf_counter()
     logits, cache = jax.eval_shape(
-        lambda st, i, s: _prefill(graphdef, st, i, s, **prefill_kw), *prefill_args[1:]
+        lambda st, i, s: prefill(graphdef, st, i, s, **prefill_kw), *prefill_args[1:]
     )
     _decode.lower(graphdef, state, cache, logits, *decode_rest, **decode_kw).compile()
     return {"prefill_compile_s": t1 - t0, "decode_compile_s": time.perf_counter() - t1}
 
 
+def _run_static(req: Request, bucket_batch: bool) -> GenerateResult:
+    """One prefill of every prompt, then one decode loop until the longest row has finished."""
+    prefill_args, prefill_kw, decode_rest, decode_kw = _static_args(req, bucket_batch)
+    t0 = time.perf_counter()
+    logits, cache = prefill(*prefill_args, **prefill_kw)
+    logits = jax.block_until_ready(logits)
+    t1 = time.perf_counter()
+    out = _decode(req.graphdef, req.state, cache, logits, *decode_rest, **decode_kw)
+    toks, lps, lprs, lengths, reasons, steps = jax.device_get(jax.block_until_ready(out))
+    t2 = time.perf_counter()
+    timings = {
+        "prefill_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "decode_steps": int(steps),
+        "prompt_bucket": prefill_kw["cache_len"] - decode_kw["gen_len"],
+        "gen_bucket": decode_kw["gen_len"],
+    }
+    return finish(req, toks, lps, lprs, lengths, reasons, timings)
+
+
 def precompile(model, prompt_ids: Sequence[Sequence[int]], **kwargs) -> dict[str, float]:
     """Compiles (ahead of time) the programs `generate(model, prompt_ids, **kwargs)` would run,
     without running them; returns {"prefill_compile_s", "decode_compile_s"}. Useful to warm an
-    RL loop's buckets and to measure compile time apart from run time."""
+    RL loop's buckets and to measure compile time apart from run time. (Static engine only: the
+    continuous engine's programs depend on how slots free up; they compile on first use.)"""
+    if kwargs.get("slots") is not None:
+        raise ValueError("precompile: only the static engine (slots=None) compiles ahead of time")
     return generate(model, prompt_ids, _compile_only=True, **kwargs)
 
 
@@ -284,7 +209,7 @@ def generate(
     model,
     prompt_ids: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
@@ -297,6 +222,9 @@ def generate(
     pad_id: int = 0,
     mesh: Mesh | None = None,
     bucket_batch: bool = False,
+    slots: int | None = None,
+    chunk_steps: int = continuous.CHUNK_STEPS,
+    refill_at: int | None = None,
     _compile_only: bool = False,
 ) -> GenerateResult:
     """Continues each prompt `n` times; see the module docstring for the layout of the result.
@@ -309,92 +237,44 @@ def generate(
     row with reason "eos", `stop_ids` with "stop". `stop_strings` (needs `tokenizer` with
     `.decode(ids)`) are found on the host after decoding: the row is cut after the first token
     whose text completes a stop string (reason "stop"); such rows are not stopped early on device.
+    `max_new_tokens` is one budget for every row, or one per prompt (its n rows share it; a row
+    at its budget ends with reason "length"; `.tokens` has max(max_new_tokens) columns).
 
     `mesh`: lay the rollout rows over its batch axes (the prompt batch is padded to a multiple of
     their size); the parameters are used with the shardings they have. `bucket_batch`: also round
     the number of prompts up to a power of two (for callers whose batch size varies), so batch
     sizes share programs too. `.timings` holds wall times of the two phases (a first call for a
     bucket includes its compilation).
+
+    `slots`: continuous batching (`nemocascade.generate.continuous`): at most `slots` rows are
+    resident (the decode batch, a multiple of the mesh's batch shards); a finished row's slot is
+    refilled with the next waiting row while the others decode; a decode chunk returns to the host
+    after `chunk_steps` steps, or once `refill_at` slots are free (default max(1, slots // 8)).
+    Same rows, same keys: the same tokens as the static engine (log-probs equal up to fp32
+    summation order). None: the static engine (all rows resident until the longest finishes).
+    `.timings` of a continuous run: prefill_s (the first fill), decode_s (the rest, refills
+    included), decode_steps, chunks, refills, slot_utilization (decoded tokens / slot-steps).
     """
-    graphdef, state = _split_model(model)
-    try:
-        vocab_size = int(state["embed_VD"][...].shape[0])
-    except (KeyError, TypeError) as e:
-        raise TypeError("generate: the model state has no `embed_VD` (expected a NemotronH)") from e
-    prompts = _check_prompts(prompt_ids, vocab_size)
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not temperature >= 0.0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
-    if int(top_k) < 0 or int(n) < 1:
-        raise ValueError(f"generate: need top_k >= 0 and n >= 1, got top_k={top_k}, n={n}")
-    if stop_strings and tokenizer is None:
-        raise ValueError("generate: stop_strings need a tokenizer (with .decode) to be recognised")
-    eos, stops = _as_ids(eos_id, "eos_id"), _as_ids(stop_ids, "stop_ids")
-    greedy = temperature == 0.0
-    mode = SamplingMode(
-        greedy=greedy, top_k=0 if greedy else int(top_k), top_p=(not greedy) and top_p < 1.0
+    req = make_request(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        eos_id=eos_id,
+        stop_ids=stop_ids,
+        stop_strings=stop_strings,
+        tokenizer=tokenizer,
+        n=n,
+        pad_id=pad_id,
+        mesh=mesh,
     )
-
-    b, n, max_new = len(prompts), int(n), int(max_new_tokens)
-    mult = shd.batch_shards(mesh)
-    rows = -(-(bucket(b, 1) if bucket_batch else b) // mult) * mult
-    p_len, g_len = bucket(max(len(p) for p in prompts)), bucket(max_new)
-    ids, seg = _left_pad(prompts, rows, p_len, pad_id)
-
-    def put(x):  # every process holds the same prompts: the whole batch, laid out over the mesh
-        return shd.device_batch({"x": x}, mesh, process_local=False)["x"]
-
-    row_ids = np.arange(rows * n, dtype=np.int32)
-
-    prefill_args = (graphdef, state, put(ids), put(seg))
-    prefill_kw = {"cache_len": p_len + g_len, "mesh": mesh}
-    decode_rest = (
-        put(row_ids),
-        jnp.int32(b * n),
-        jnp.int32(seed),
-        jnp.float32(max(temperature, 1e-6)),
-        jnp.float32(top_p),
-        jnp.int32(max_new),
-        jnp.asarray(_id_array(eos)),
-        jnp.asarray(_id_array(stops)),
-        jnp.int32(pad_id),
-    )
-    decode_kw = {"n": n, "gen_len": g_len, "mode": mode, "mesh": mesh}
+    if slots is not None:
+        if _compile_only:
+            raise ValueError("precompile: only the static engine (slots=None) compiles ahead")
+        return continuous.run(req, slots=slots, chunk_steps=chunk_steps, refill_at=refill_at)
     if _compile_only:
-        return _compile(prefill_args, prefill_kw, decode_rest, decode_kw)
-
-    t0 = time.perf_counter()
-    logits, cache = _prefill(*prefill_args, **prefill_kw)
-    logits = jax.block_until_ready(logits)
-    t1 = time.perf_counter()
-    out = _decode(graphdef, state, cache, logits, *decode_rest, **decode_kw)
-    toks, lps, lprs, lengths, reasons, steps = jax.device_get(jax.block_until_ready(out))
-    t2 = time.perf_counter()
-
-    keep = b * n
-    toks, lps, lprs = (np.array(a[:keep, :max_new]) for a in (toks, lps, lprs))
-    lengths, reasons = np.array(lengths[:keep]), np.array(reasons[:keep])
-    if stop_strings:
-        for r in range(keep):
-            k = _first_stop(toks[r, : lengths[r]].tolist(), stop_strings, tokenizer)
-            if k is not None and (k < lengths[r] or reasons[r] == LENGTH):
-                toks[r, k:], lps[r, k:], lprs[r, k:] = pad_id, 0.0, 0.0
-                lengths[r], reasons[r] = k, STOP
-    return GenerateResult(
-        tokens=toks,
-        logprobs=lps,
-        logprobs_untempered=lprs,
-        lengths=lengths.astype(np.int32),
-        finish_reason=[REASONS[int(c)] for c in reasons],
-        prompt_index=np.repeat(np.arange(b), n).astype(np.int32),
-        timings={
-            "prefill_s": t1 - t0,
-            "decode_s": t2 - t1,
-            "decode_steps": int(steps),
-            "prompt_bucket": p_len,
-            "gen_bucket": g_len,
-        },
-    )
+        return _compile(req, bucket_batch)
+    return _run_static(req, bucket_batch)

@@ -82,7 +82,8 @@ def sample_step(
     temperature: jax.Array,
     top_p: jax.Array,
 ):
-    """Samples one token per row.
+    """Samples one token per row; `step` ([] or [B]: each row's own step) picks the row's key
+    for this token, `fold_in(keys_B[b], step[b])`.
 
     Returns (tokens_B int32, logprob_B, logprob_untempered_B): the log-probability of the token
     under the distribution sampled from (after temperature/top-k/top-p), and under the plain
@@ -97,7 +98,8 @@ def sample_step(
         lp_B = jnp.take_along_axis(logp_raw_BV, tok_B[:, None], axis=-1)[:, 0]
         return tok_B, lp_B, lp_B
     x_BV = sampling_logits(logits_BV, mode, temperature, top_p)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B)
+    steps_B = jnp.broadcast_to(jnp.asarray(step, jnp.int32), keys_B.shape)
+    step_keys = jax.vmap(jax.random.fold_in)(keys_B, steps_B)
     tok_B = jax.vmap(jax.random.categorical)(step_keys, x_BV).astype(jnp.int32)
     lp_B = jnp.take_along_axis(jax.nn.log_softmax(x_BV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
     lp_raw_B = jnp.take_along_axis(logp_raw_BV, tok_B[:, None], axis=-1)[:, 0]

@@ -132,7 +132,8 @@ def test_eos_stop_ids_and_stop_strings(models):
         res.tokens[1, : first + 1].tolist() == row[: first + 1]
         and (res.tokens[1, first + 1 :] == 0).all()
     )
-    eos = generate(model, PROMPTS, max_new_tokens=12, eos_id=[999, target])
+    unused = min(set(range(256)) - set(row))  # an eos id this row never produces
+    eos = generate(model, PROMPTS, max_new_tokens=12, eos_id=[unused, target])
     assert eos.finish_reason[1] == "eos" and eos.lengths[1] == first + 1
     tok = _CharTokenizer()
     stop = tok.decode(row[5:7])
@@ -140,6 +141,20 @@ def test_eos_stop_ids_and_stop_strings(models):
     s = generate(model, PROMPTS, max_new_tokens=12, stop_strings=[stop], tokenizer=tok)
     assert s.finish_reason[1] == "stop" and s.lengths[1] == cut
     assert (s.tokens[1, cut:] == 0).all() and (s.logprobs[1, cut:] == 0).all()
+
+
+def test_per_prompt_max_new_tokens(models):
+    """One budget per prompt: each row is the common-budget row cut at its own budget."""
+    _, model = models
+    full = generate(model, PROMPTS, max_new_tokens=12)
+    res = generate(model, PROMPTS, max_new_tokens=[12, 5, 9])
+    assert res.tokens.shape == (3, 12) and res.lengths.tolist() == [12, 5, 9]
+    assert res.finish_reason == ["length"] * 3
+    for r, m in enumerate([12, 5, 9]):
+        np.testing.assert_array_equal(res.tokens[r, :m], full.tokens[r, :m])
+        assert (res.tokens[r, m:] == 0).all() and (res.logprobs[r, m:] == 0).all()
+    with pytest.raises(ValueError, match="2 entries for 3 prompts"):
+        generate(model, PROMPTS, max_new_tokens=[4, 4])
 
 
 def test_bad_inputs_raise_clear_errors(models):
