@@ -79,6 +79,9 @@ def _grpo(
         top_p=top_p,
         thinking=True,
         max_gen_batches=4,
+        # continuous batching: 512 of a round's 2048 rows decode at once (long-tailed lengths up
+        # to max_new free their slots early); slot KV ~ 6 KB/token in bf16 (6 attention layers)
+        rollout_slots=512,
         checkpoint_every=5,
         eval_every=0,
         domain_weights={},
@@ -142,7 +145,9 @@ def get_config(arg: str = "") -> ConfigDict:
         eval_per_domain=0,
         paths={d: dict(sft="", rl="", eval="") for d in domains},
     )
-    c.eval = dict(n_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=131072, thinking=True)
+    c.eval = dict(
+        n_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=131072, thinking=True, slots=512
+    )
     c.stage_order = "sft,if_rl,multi_domain_rl,rlhf_teacher,mopd,rlhf,long_context_rl,code_rl"
     rlhf = dict(
         _grpo("rlhf", 25, 16_384, kl=0.03, overlong_filter=True, reward="genrm"),
@@ -189,6 +194,7 @@ def get_config(arg: str = "") -> ConfigDict:
             temperature=1.0,
             top_p=1.0,
             thinking=True,
+            rollout_slots=256,  # 512 rows per step, half resident at once
             checkpoint_every=5,
             eval_every=0,
             moe_bias_rate=1e-3,
@@ -219,7 +225,7 @@ def get_config(arg: str = "") -> ConfigDict:
 
 
 # ----------------------------------------------------------------------------- the rehearsal
-REHEARSAL_STAGES = "sft,if_rl,multi_domain_rl,mopd,long_context_rl,code_rl"
+REHEARSAL_STAGES = "sft,if_rl,multi_domain_rl,rm,rlhf_teacher,mopd,rlhf,long_context_rl,code_rl"
 
 
 def rehearsal(fast: bool = False) -> ConfigDict:
@@ -228,14 +234,16 @@ def rehearsal(fast: bool = False) -> ConfigDict:
         XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m nemocascade.launch \\
             --config=configs/nemotron_cascade2.py:rehearsal --workdir=runs/rehearsal
 
-    Same stage names, order and kinds as the paper config (stages whose kinds are not built yet
-    are left out of `stage_order`: RLHF, SWE RL), the same code paths: thinking mode, chunked
-    vocabulary losses, block remat, bf16 compute over fp32 master weights, expert parallelism on
-    a data (2) x expert (4) mesh, blockwise attention, a side branch and MOPD teachers by name,
-    every stage validated before anything trains. Generated data for every domain
-    (`nemocascade.data.synthetic`: instruction, math, code, mcqa, structured_output, workplace
-    tool calls, long_context), each scored by its real verifier. It checks that the pipeline
-    runs, not what it learns (a few steps per stage).
+    Same stage names, order and kinds as the paper config (SWE RL joins when the agentic stage
+    kind lands), the same code paths: thinking mode, chunked vocabulary losses, block remat, bf16
+    compute over fp32 master weights, expert parallelism on a data (2) x expert (4) mesh,
+    blockwise attention, the RLHF side branch and MOPD teachers by name, a learned reward with KL
+    to the reference, every stage validated before anything trains. Generated data for every
+    domain (`nemocascade.data.synthetic`: instruction, math, code, mcqa, structured_output,
+    workplace tool calls, long_context, and "chat", whose preference pairs train a toy
+    Bradley-Terry reward model `rm`; the paper's GenRM judge is the `genrm` reward kind), each
+    scored by its real verifier. It checks that the pipeline runs, not what it learns (a few
+    steps per stage).
     """
     c = get_config()
     c.progress = False
@@ -262,7 +270,9 @@ def rehearsal(fast: bool = False) -> ConfigDict:
     c.mesh = dict(data=2, fsdp=1, expert=4, tensor=1)
     c.tokenizer = dict(path="", vocab_size=768, split_digits=True)
     c.data = dict(source="synthetic", train_per_domain=200, eval_per_domain=8, paths={})
-    c.eval = dict(n_samples=1, temperature=1.0, top_p=1.0, max_new_tokens=48, thinking=True)
+    c.eval = dict(
+        n_samples=1, temperature=1.0, top_p=1.0, max_new_tokens=48, thinking=True, slots=0
+    )
     c.stage_order = REHEARSAL_STAGES
     rl_steps, sft_steps = (1, 6) if fast else (3, 60)
 
@@ -275,6 +285,7 @@ def rehearsal(fast: bool = False) -> ConfigDict:
             samples_per_prompt=4,
             max_new_tokens=max_new,
             checkpoint_every=rl_steps,
+            rollout_slots=16,  # half the rows resident: the continuous-batching path
             optim=dict(stage["optim"], lr=1e-4, min_lr=1e-4),
             **kw,
         )
@@ -283,10 +294,14 @@ def rehearsal(fast: bool = False) -> ConfigDict:
         return out
 
     sft = c.stages.sft.to_dict()
+    # the paper's RLHF at toy size: the chat domain, the toy reward model instead of the GenRM
+    rlhf_toy = dict(
+        c.stages.rlhf.to_dict(), domains="chat", reward="bt", reward_model_path="stage:rm"
+    )
     c.stages = dict(
         sft=dict(
             sft,
-            domains="math,instruction,code,mcqa,structured_output,workplace,long_context",
+            domains="math,instruction,code,mcqa,structured_output,workplace,long_context,chat",
             steps=sft_steps,
             seq_len=384,
             batch_size=8,
@@ -296,12 +311,27 @@ def rehearsal(fast: bool = False) -> ConfigDict:
         ),
         if_rl=toy(c.stages.if_rl.to_dict()),
         multi_domain_rl=toy(c.stages.multi_domain_rl.to_dict(), max_gen_batches=1),
+        rm=dict(
+            type="reward_model",
+            domains="chat",
+            steps=rl_steps * 2,
+            seq_len=64,
+            batch_size=8,
+            eval_pairs=16,
+            thinking=True,
+            strip_reasoning=True,
+            checkpoint_every=rl_steps * 2,
+            start_from="sft",
+            optim=dict(sft["optim"], lr=1e-3, min_lr=1e-3, warmup_steps=0, decay_steps=0),
+        ),
+        rlhf_teacher=toy(rlhf_toy, start_from="sft"),
         mopd=toy(
             c.stages.mopd.to_dict(),
-            domains="math,instruction,workplace,mcqa,structured_output",
+            domains="math,instruction,workplace,mcqa,structured_output,chat",
             domain_weights={},
-            teachers=dict(math="sft"),  # the RLHF teacher joins with the RLHF stage kind
+            teachers=dict(math="sft", chat="rlhf_teacher"),
         ),
+        rlhf=toy(rlhf_toy),
         long_context_rl=toy(c.stages.long_context_rl.to_dict(), reward="verifier"),
         code_rl=toy(c.stages.code_rl.to_dict(), max_new=32),
     )

@@ -192,6 +192,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch_size", type=int, default=64, help="prompts per generation batch (0: all)"
     )
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help="continuous batching: rows decoding at once, a finished row's slot taking the next "
+        "(0: one static batch); pairs with a large --batch_size",
+    )
     p.add_argument("--limit", type=int, default=0, help="only the first N problems of each task")
     p.add_argument("--format", default="auto", help="auto, a format, or NAME=FORMAT,...")
     p.add_argument("--stage", default=None, help="cascade run: the stage to evaluate")
@@ -267,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             top_p=a.top_p,
             max_new_tokens=a.max_new_tokens,
             thinking=a.thinking,
+            slots=a.slots,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

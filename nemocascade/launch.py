@@ -291,10 +291,23 @@ def check_command_line(argv: Sequence[str]) -> None:
         sys.exit(2)
 
 
+# orbax warnings about what we ask for on purpose: reading a finished stage read-only
+_EXPECTED_ORBAX = ("read only", "read_only=True")
+
+
 def _quiet_orbax() -> None:
-    """orbax logs every save step at INFO through absl; keep its warnings and errors only."""
+    """orbax logs every save step at INFO through absl; keep its warnings and errors only, less
+    the ones about read-only restores (which we ask for)."""
     handler = logging.get_absl_handler().python_handler  # ABSLHandler.handle skips its own filters
-    handler.addFilter(lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+
+    def keep(r) -> bool:
+        if "/orbax/" not in r.pathname:
+            return True
+        return r.levelno >= std_logging.WARNING and not any(
+            s in r.getMessage() for s in _EXPECTED_ORBAX
+        )
+
+    handler.addFilter(keep)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -52,8 +52,14 @@ from nemocascade.jobs.identity import model_identity, tokenizer_identity
 from nemocascade.jobs.preflight import check_disk, state_bytes
 from nemocascade.jobs.registry import register_job
 from nemocascade.jobs.report import write_report
+from nemocascade.jobs.reward_stage import EXPORT_DIR, run_reward_stage
 from nemocascade.jobs.sft import PackingConfig, run_sft_stage
-from nemocascade.jobs.stages import SFTStageConfig, StageConfig, parse_stage
+from nemocascade.jobs.stages import (
+    RewardModelStageConfig,
+    SFTStageConfig,
+    StageConfig,
+    parse_stage,
+)
 from nemocascade.jobs.validate import validate_stages
 from nemocascade.model import ModelConfig, NemotronH, load_hf_checkpoint, save_hf_checkpoint
 from nemocascade.rl import RLStage, RLStageConfig
@@ -65,6 +71,7 @@ from nemocascade.train.state import split_model
 from nemocascade.typed_config import from_mapping
 
 log = logging.getLogger(__name__)
+STAGE_PREFIX = "stage:"  # reward_model_path="stage:<name>": that reward_model stage's export
 
 
 def record_stage(summary: dict, entry: Mapping[str, Any]) -> None:
@@ -251,6 +258,39 @@ class Cascade:
         model = load_hf_checkpoint(src, config=self.model_cfg, mesh=self.mesh)
         return split_model(model)[1:]
 
+    def _reward_model(self, name: str, cfg: RLStageConfig):
+        """The learned reward of an RLHF-style stage (None for verifier rewards): its checkpoint
+        (`stage:<name>` is a reward_model stage's export) built into a scorer on the mesh."""
+        if cfg.type != "grpo" or cfg.reward == "verifier":
+            return None
+        from nemocascade.rewards.reward_models import build_reward_model
+
+        path = cfg.reward_model_path
+        if path.startswith(STAGE_PREFIX):
+            path = os.path.join(self._stage_dir(path[len(STAGE_PREFIX) :]), EXPORT_DIR)
+        return build_reward_model(
+            cfg.reward_model_config(path, f"stages.{name}"),
+            policy_config=self.model_cfg,
+            policy_tokenizer=self.tokenizer,
+            mesh=self.mesh,
+        )
+
+    def _run_reward_model(self, name: str, cfg: RewardModelStageConfig, params, model_state):
+        return run_reward_stage(
+            name=name,
+            cfg=cfg,
+            stage_dir=self._stage_dir(name),
+            pairs=[p for d in cfg.domains for p in self._records(d, "pairs")],
+            tokenizer=self.tokenizer,
+            model_cfg=self.model_cfg,
+            policy_graphdef=self.graphdef,
+            params=params,
+            model_state=model_state,
+            mesh=self.mesh,
+            seed=self.seed,
+            progress=bool(self.config.progress),
+        )
+
     def _run_rl(self, name: str, cfg: RLStageConfig, params, model_state, best_teachers):
         stage = RLStage(
             name=name,
@@ -261,6 +301,7 @@ class Cascade:
             seed=self.seed,
             teachers=self._teachers(name, cfg, best_teachers) if cfg.type == "mopd" else None,
             reward_cache=self.reward_cache,
+            reward_model=self._reward_model(name, cfg),
             num_workers=int(self.config.num_workers),
             mesh=self.mesh,
         )
@@ -298,8 +339,9 @@ class Cascade:
         weights = None  # its (params, model_state) when they are in memory
         for name in self.order:
             cfg = self.stages[name]
+            main_chain = not cfg.start_from and not isinstance(cfg, RewardModelStageConfig)
             if name in done:
-                if not cfg.start_from:
+                if main_chain:
                     chain, weights = name, None
                 continue
             t0 = time.perf_counter()
@@ -309,8 +351,11 @@ class Cascade:
                 params, model_state = self._load_final(start) if start else self._init_weights()
             else:
                 params, model_state = weights
+            extra = {}
             if isinstance(cfg, SFTStageConfig):
                 result = self._run_sft(name, cfg, params, model_state)
+            elif isinstance(cfg, RewardModelStageConfig):
+                result, extra["rm_eval"] = self._run_reward_model(name, cfg, params, model_state)
             else:
                 result = self._run_rl(name, cfg, params, model_state, summary["teachers"])
             if result.preempted:  # never go on to the next stage with a partly trained model
@@ -318,17 +363,21 @@ class Cascade:
                     f"stage {name}: SIGTERM at step {result.record.get('step')}/{cfg.steps}; "
                     "checkpoint saved, run the same command again to resume"
                 )
-            params, model_state = result.state.params, result.state.model_state
-            if not cfg.start_from:
-                chain, weights = name, (params, model_state)
             train_s = time.perf_counter() - t0
-            scores = self.evaluate(params, model_state)
+            if isinstance(cfg, RewardModelStageConfig):  # not a policy: no held-out scores
+                scores = {}
+            else:
+                params, model_state = result.state.params, result.state.model_state
+                if main_chain:
+                    chain, weights = name, (params, model_state)
+                scores = self.evaluate(params, model_state)
             entry = {
                 "name": name,
                 "type": cfg.type,
                 "domains": list(cfg.domains),
                 "start_from": start or "",
                 "eval": scores,
+                **extra,
                 "train_s": round(train_s, 1),
                 "eval_s": round(time.perf_counter() - t0 - train_s, 1),
             }
@@ -336,9 +385,10 @@ class Cascade:
             record_stage(summary, entry)
             self._write_summary(summary)
             log.info("stage %s: eval %s (%.0fs)", name, scores, time.perf_counter() - t0)
+            shown = scores or {k: v for k, v in extra.get("rm_eval", {}).items() if "acc" in k}
             print(
                 f"[cascade] {name:>10s} ({cfg.type}): "
-                + "  ".join(f"{d}={s:5.1f}" for d, s in scores.items()),
+                + "  ".join(f"{d}={s:5.1f}" for d, s in shown.items()),
                 flush=True,
             )
         if self.config.export_hf and chain is not None:

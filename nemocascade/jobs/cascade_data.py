@@ -10,8 +10,10 @@ from typing import Literal
 
 from nemocascade import data as nc_data
 from nemocascade.data import synthetic
+from nemocascade.data.preferences import read_preference_jsonl
+from nemocascade.data.synthetic import preference
 
-RECORD_KINDS = ("sft", "rl", "eval")
+RECORD_KINDS = ("sft", "rl", "eval", "pairs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +28,7 @@ class DomainPaths:
     sft: str = ""  # chat records
     rl: str = ""  # prompt records with verifiers
     eval: str = ""  # held-out prompt records
+    pairs: str = ""  # preference pairs {"prompt", "chosen", "rejected"} (reward models)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +40,9 @@ class CascadeDataConfig:
 
 
 class DomainRecords:
-    """`records(domain, kind)`: kind 'sft' (chat records), 'rl' (prompt records) or 'eval'
-    (held-out prompt records), generated (source "synthetic") or read from the configured JSONL
-    files (validated, errors with file:line), each read once."""
+    """`records(domain, kind)`: kind 'sft' (chat records), 'rl' (prompt records), 'eval'
+    (held-out prompt records) or 'pairs' (preference pairs), generated (source "synthetic") or
+    read from the configured JSONL files (validated, errors with file:line), each read once."""
 
     def __init__(self, cfg: CascadeDataConfig, seed: int):
         self.cfg, self.seed = cfg, seed
@@ -54,6 +57,13 @@ class DomainRecords:
 
     def _read(self, domain: str, kind: str) -> list[dict]:
         cfg = self.cfg
+        if cfg.source == "synthetic" and kind == "pairs":
+            if domain != preference.DOMAIN:
+                raise ValueError(
+                    f"data.source='synthetic' has preference pairs only for domain "
+                    f"{preference.DOMAIN!r}, not {domain!r}"
+                )
+            return preference.records("pairs", cfg.train_per_domain, seed=self.seed)
         if cfg.source == "synthetic":
             if domain not in synthetic.DOMAINS:
                 raise ValueError(
@@ -73,6 +83,9 @@ class DomainRecords:
             )
         if not os.path.exists(path):
             raise FileNotFoundError(f"data.paths.{domain}.{kind}: {path} does not exist")
+        if kind == "pairs":
+            pairs, _ = read_preference_jsonl(path)
+            return pairs
         reader = nc_data.read_chat_jsonl if kind == "sft" else nc_data.read_prompt_jsonl
         records, _ = reader(path)
         return records

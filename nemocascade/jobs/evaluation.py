@@ -43,6 +43,9 @@ class EvalConfig:
     top_p: float
     max_new_tokens: int
     thinking: bool
+    # continuous batching (`generate(..., slots=)`): at most this many rows decode at once;
+    # 0: one static batch per evaluation batch
+    slots: int = 0
 
     def __post_init__(self):
         if self.n_samples < 1 or self.max_new_tokens < 1:
@@ -50,6 +53,8 @@ class EvalConfig:
                 f"n_samples and max_new_tokens must be >= 1, got {self.n_samples}, "
                 f"{self.max_new_tokens}"
             )
+        if self.slots < 0:
+            raise ValueError(f"slots must be >= 0, got {self.slots}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self}")
 
@@ -145,6 +150,7 @@ def _sample_batch(graphdef, state, tokenizer, records, cfg, *, seed, num_workers
         seed=seed,
         thinking=cfg.thinking,
         mesh=mesh,
+        slots=cfg.slots,
     )
     scores, errors, details = grade(
         g.records,

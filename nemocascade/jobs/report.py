@@ -1,9 +1,16 @@
-"""Cascade results as a Markdown table (stages x domains, best per domain marked) and a PNG plot."""
+"""Cascade results as a Markdown table (stages x domains, best per domain marked) and PNG plots:
+the per-domain scores across stages, and for each stage trained on a learned reward its reward
+model's score beside the verifiers' ground truth and the KL to the reference, step by step (a
+reward model being gamed shows as its score rising while the ground truth does not)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Sequence
+
+REWARD_KEYS = ("reward_mean", "ground_truth_mean", "kl")  # reward-hacking visibility
 
 
 def markdown_table(summary: dict, domains: Sequence[str]) -> str:
@@ -51,8 +58,51 @@ def plot_scores(summary: dict, domains: Sequence[str], path: str) -> None:
     plt.close(fig)
 
 
+def reward_curves(workdir: str, stage: str) -> dict[str, list[tuple[int, float]]]:
+    """{key: [(step, value)]} of `REWARD_KEYS` in a stage's metrics.jsonl (stages trained on a
+    learned reward log `ground_truth_mean`; others have no curve)."""
+    path = os.path.join(workdir, "stages", stage, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    curves: dict[str, list[tuple[int, float]]] = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            for k in REWARD_KEYS:
+                v = r.get(k)
+                if isinstance(v, int | float) and math.isfinite(v):
+                    curves.setdefault(k, []).append((int(r["step"]), float(v)))
+    return curves if "ground_truth_mean" in curves else {}
+
+
+def plot_reward_curves(curves: dict, stage: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for k, label in (("reward_mean", "reward model"), ("ground_truth_mean", "ground truth")):
+        if k in curves:
+            ax.plot(*zip(*curves[k], strict=True), label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward of the rollouts")
+    if "kl" in curves:
+        kl = ax.twinx()
+        kl.plot(*zip(*curves["kl"], strict=True), color="gray", linestyle="--", label="KL to ref")
+        kl.set_ylabel("KL to the reference (k3)")
+        kl.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{stage}: reward model vs ground truth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(summary: dict, workdir: str, domains: Sequence[str]) -> None:
-    """Writes `report.md` and `scores.png` in `workdir`."""
+    """Writes `report.md`, `scores.png` and one `reward_<stage>.png` per stage trained on a
+    learned reward in `workdir`."""
     table = markdown_table(summary, domains)
     teachers = ", ".join(f"{d}: {s}" for d, s in sorted(summary["teachers"].items()))
     text = (
@@ -61,6 +111,25 @@ def write_report(summary: dict, workdir: str, domains: Sequence[str]) -> None:
         + table
         + f"\n\nTeachers (best stage per domain): {teachers}\n\n![scores](scores.png)\n"
     )
+    for st in summary["stages"]:
+        if "rm_eval" in st:
+            m = st["rm_eval"]
+            text += (
+                f"\nReward model `{st['name']}`: held-out pair accuracy "
+                f"{100 * m.get('eval_accuracy', float('nan')):.1f}%, margin "
+                f"{m.get('eval_margin', float('nan')):.2f}.\n"
+            )
+        curves = reward_curves(workdir, st["name"])
+        if curves:
+            first, last = curves["ground_truth_mean"][0][1], curves["ground_truth_mean"][-1][1]
+            text += (
+                f"\n`{st['name']}` trained on a learned reward: ground truth of its rollouts "
+                f"{100 * first:.1f}% -> {100 * last:.1f}%; reward model score, ground truth "
+                f"and KL per step:\n\n![{st['name']}](reward_{st['name']}.png)\n"
+            )
+            plot_reward_curves(
+                curves, st["name"], os.path.join(workdir, f"reward_{st['name']}.png")
+            )
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write(text)
     plot_scores(summary, domains, os.path.join(workdir, "scores.png"))

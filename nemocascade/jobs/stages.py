@@ -50,11 +50,43 @@ class SFTStageConfig:
         return from_mapping(cls, cfg, section)
 
 
-StageConfig = SFTStageConfig | RLStageConfig
+@dataclasses.dataclass(frozen=True)
+class RewardModelStageConfig:
+    """A Bradley-Terry reward model trained on the preference pairs of `domains` (`batch_size`
+    pairs per step, the last `eval_pairs` held out: accuracy and margin), its backbone started
+    from the main chain's current weights (or `start_from`). A side stage: the policy chain
+    goes on unchanged; an RL stage uses the model with `reward_model_path="stage:<name>"`."""
+
+    type: Literal["reward_model"]
+    domains: tuple[str, ...]
+    steps: int
+    seq_len: int
+    batch_size: int
+    eval_pairs: int
+    thinking: bool
+    optim: OptimConfig
+    strip_reasoning: bool = True  # the model scores final answers only (the paper's RLHF)
+    checkpoint_every: int = 100
+    start_from: str = ""
+
+    def __post_init__(self):
+        for key in ("steps", "seq_len", "batch_size", "eval_pairs", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not self.domains:
+            raise ValueError("domains is empty")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any], section: str) -> RewardModelStageConfig:
+        return from_mapping(cls, cfg, section)
+
+
+StageConfig = SFTStageConfig | RLStageConfig | RewardModelStageConfig
 STAGE_CONFIGS: dict[str, Any] = {
     "sft": SFTStageConfig,
     "grpo": RLStageConfig,
     "mopd": RLStageConfig,
+    "reward_model": RewardModelStageConfig,
 }
 
 

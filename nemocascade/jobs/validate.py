@@ -20,12 +20,11 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 from nemocascade import rewards as rw
-from nemocascade.jobs.stages import SFTStageConfig, StageConfig
+from nemocascade.jobs.stages import RewardModelStageConfig, SFTStageConfig, StageConfig
 from nemocascade.rewards import sandbox
 from nemocascade.typed_config import ConfigError
 
 SANDBOXED_VERIFIERS = ("code", "code_io")
-REWARD_MODELS: tuple[str, ...] = ()  # learned reward kinds the RL stage can run (none yet)
 
 
 class StageValidationError(ConfigError):
@@ -51,6 +50,32 @@ def verifier_problems(records: Sequence[dict], where: str) -> tuple[list[str], s
             "`nemocascade.rewards.register`"
         )
     return problems, names
+
+
+def reward_model_problems(cfg, where: str, earlier, stages) -> list[str]:
+    """A learned reward's kind is registered and its checkpoint reachable: a directory, or
+    `stage:<name>` naming a reward_model stage that runs earlier."""
+    from nemocascade.rewards.reward_models import reward_model_names
+
+    problems = []
+    if cfg.reward not in reward_model_names():
+        known = ["verifier", *reward_model_names()]
+        problems.append(f"{where}.reward={cfg.reward!r}: not a reward kind ({known})")
+    path = cfg.reward_model_path
+    if not path:
+        problems.append(
+            f"{where}.reward_model_path is not set: reward={cfg.reward!r} needs a reward model "
+            "checkpoint (a directory, or stage:<name> of a reward_model stage)"
+        )
+    elif path.startswith("stage:"):
+        src = path[len("stage:") :]
+        if src not in earlier or not isinstance(stages[src], RewardModelStageConfig):
+            problems.append(
+                f"{where}.reward_model_path={path!r}: not a reward_model stage that runs before"
+            )
+    elif not os.path.exists(path):
+        problems.append(f"{where}.reward_model_path={path!r} does not exist")
+    return problems
 
 
 def validate_stages(
@@ -85,6 +110,10 @@ def validate_stages(
                 f"{where}.start_from={cfg.start_from!r}: not a stage that runs before {name!r} "
                 f"(earlier stages: {list(earlier)})"
             )
+        if isinstance(cfg, RewardModelStageConfig):
+            for d in cfg.domains:
+                load(d, "pairs", f"{where}.domains")
+            continue
         if isinstance(cfg, SFTStageConfig):
             if cfg.batch_size % batch_shards:
                 problems.append(
@@ -108,21 +137,7 @@ def validate_stages(
                 problems += found
                 verifiers |= names
         if cfg.type == "grpo" and cfg.reward != "verifier":
-            if not cfg.reward_model_path:
-                problems.append(
-                    f"{where}.reward_model_path is not set: reward={cfg.reward!r} needs a "
-                    "reward model checkpoint"
-                )
-            elif not os.path.exists(cfg.reward_model_path):
-                problems.append(
-                    f"{where}.reward_model_path={cfg.reward_model_path!r} does not exist"
-                )
-            if cfg.reward not in REWARD_MODELS:
-                known = ["verifier", *REWARD_MODELS]
-                problems.append(
-                    f"{where}.reward={cfg.reward!r}: learned reward models of this kind are not "
-                    f"implemented (available: {known})"
-                )
+            problems += reward_model_problems(cfg, where, earlier, stages)
         if cfg.type == "mopd":
             if not earlier:
                 problems.append(f"{where}: an MOPD stage needs an earlier stage to teach it")

@@ -37,8 +37,17 @@ class RLStageConfig:
     eval_every: int = 0  # held-out evaluation of every domain every k steps (0: never)
     domain_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     max_gen_batches: int = 1  # GRPO dynamic filtering: rollout rounds to fill the batch
-    reward: str = "verifier"  # GRPO reward source: verifier (rule-based) or a reward model
+    # continuous batching of the rollouts: at most this many rows decode at once, a finished
+    # row's slot taking the next (a multiple of the mesh's batch shards); 0: one static batch
+    rollout_slots: int = 0
+    # GRPO reward: "verifier" (rule-based, per record) or a learned reward model kind of
+    # `rewards.reward_models` ("bt": a Bradley-Terry scorer, "genrm": a pairwise judge) at
+    # `reward_model_path` (a checkpoint directory, or "stage:<name>" for a reward_model stage of
+    # this pipeline), with `reward_model` options (RewardModelConfig fields: length penalty,
+    # batch size, judge template, ...)
+    reward: str = "verifier"
     reward_model_path: str = ""
+    reward_model: dict[str, Any] = dataclasses.field(default_factory=dict)
     moe_bias_rate: float = 1e-3  # MoE correction-bias rate (aux-loss-free balancing)
     freeze_router: bool = True  # router weights frozen (Nemotron-3 RL); the bias still moves
     max_consecutive_skips: int = 10  # NaN/Inf updates in a row before the stage aborts
@@ -66,6 +75,8 @@ class RLStageConfig:
         ):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.rollout_slots < 0:
+            raise ValueError(f"rollout_slots must be >= 0, got {self.rollout_slots}")
         if not self.domains:
             raise ValueError("domains is empty")
         if not 0 <= self.max_reward_error_frac <= 1:
@@ -87,6 +98,16 @@ class RLStageConfig:
                 raise ValueError(f"{key} names domains {unknown} not in domains")
         if self.teachers and self.type != "mopd":
             raise ValueError("teachers is for mopd stages")
+        if self.reward_model and self.reward == "verifier":
+            raise ValueError("reward_model options need a learned reward (reward != 'verifier')")
+
+    def reward_model_config(self, path: str, section: str):
+        """The `RewardModelConfig` of a learned reward (`path` resolved by the caller)."""
+        from nemocascade.rewards.reward_models import RewardModelConfig
+
+        values = {"thinking": self.thinking, **self.reward_model}
+        values.update(kind=self.reward, path=path)
+        return RewardModelConfig.from_mapping(values, f"{section}.reward_model")
 
     @property
     def rows(self) -> int:
@@ -103,4 +124,7 @@ class RLStageConfig:
             raise ConfigError(f"{section}.type={kind!r}: an RL stage is one of {list(RL_TYPES)}")
         if "loss" in values:
             values["loss"] = from_mapping(LOSS_CONFIGS[kind], values["loss"], f"{section}.loss")
-        return from_mapping(cls, values, section)
+        cfg = from_mapping(cls, values, section)
+        if cfg.reward != "verifier":  # the options are checked now, the model is loaded later
+            cfg.reward_model_config(cfg.reward_model_path, section)
+        return cfg

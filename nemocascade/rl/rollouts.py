@@ -90,11 +90,17 @@ def generate_rollouts(
     seed: int = 0,
     thinking: bool = False,
     mesh=None,
+    slots: int = 0,
 ) -> Generations:
     """Renders each prompt record (`render_prompts`), generates `n` responses per prompt (eos:
-    the chat template's end of turn) and decodes them."""
+    the chat template's end of turn) and decodes them. `slots` > 0: continuous batching with at
+    most that many rows resident (`generate(..., slots=)`: the same tokens, long-tailed lengths
+    no longer hold the whole batch), used when the rows outnumber the slots; otherwise (and
+    with 0) one static batch."""
     prompts = render_prompts(tokenizer, records, thinking=thinking)
     eos = tokenizer.im_end_id
+    if slots < 0:
+        raise ValueError(f"slots must be >= 0, got {slots}")
     res = generate(
         (graphdef, state),
         prompts,
@@ -107,6 +113,7 @@ def generate_rollouts(
         n=n,
         pad_id=tokenizer.pad_id,
         mesh=mesh,
+        slots=slots if 0 < slots < len(prompts) * n else None,
     )
     rows = len(prompts) * n
     recs = [records[i] for i in res.prompt_index]
@@ -138,10 +145,15 @@ def sample(
     num_workers: int = 2,
     reward_timeout_s: float = 30.0,
     mesh=None,
+    scorer=None,
+    slots: int = 0,
 ) -> Rollouts:
     """Generates `n` responses per prompt record (`generate_rollouts`) and scores them with the
     records' verifiers (in thinking mode a response is judged as if it began with `<think>`: an
-    unclosed reasoning block has no final answer)."""
+    unclosed reasoning block has no final answer), or with `scorer`, a learned reward
+    (`rewards.reward_models`: `score_group_rows` over groups of `n`); then records that have a
+    verifier also get their ground-truth score in `reward_metrics["ground_truth"]` [R] (NaN
+    where there is none), so reward hacking shows."""
     g = generate_rollouts(
         graphdef,
         state,
@@ -155,17 +167,44 @@ def sample(
         seed=seed,
         thinking=thinking,
         mesh=mesh,
+        slots=slots,
     )
     cache = reward_cache or rw.RewardCache()
     t0 = time.perf_counter()
-    scores, errors, metrics = cache.score(
-        g.records,
-        g.responses,
-        g.finished,
-        num_workers=num_workers,
-        timeout_s=reward_timeout_s,
-        thinking=thinking,
-    )
+    truth = None
+    if scorer is not None:
+        scores, metrics = scorer.score_group_rows(
+            g.records,
+            g.responses,
+            n,
+            finished=g.finished,
+            response_lengths=[len(r) for r in g.response_ids],
+        )
+        scores = np.asarray(scores, np.float32)
+        errors = np.zeros(len(scores), bool)
+        has = np.array([isinstance(r.get("verifier"), dict) for r in g.records])
+        truth = np.full(len(scores), np.nan, np.float32)
+        if has.any():
+            rows = np.flatnonzero(has)
+            gt, gt_err, _ = cache.score(
+                [g.records[i] for i in rows],
+                [g.responses[i] for i in rows],
+                [g.finished[i] for i in rows],
+                num_workers=num_workers,
+                timeout_s=reward_timeout_s,
+                thinking=thinking,
+            )
+            truth[rows] = np.where(gt_err, np.nan, gt)
+        metrics = dict(metrics, ground_truth=truth)
+    else:
+        scores, errors, metrics = cache.score(
+            g.records,
+            g.responses,
+            g.finished,
+            num_workers=num_workers,
+            timeout_s=reward_timeout_s,
+            thinking=thinking,
+        )
     timings = dict(g.timings, reward_s=time.perf_counter() - t0)
     return Rollouts(
         records=g.records,

@@ -62,6 +62,7 @@ class RLStage:
         seed: int,
         teachers: Mapping[str, distill.Teacher] | None = None,
         reward_cache: rw.RewardCache | None = None,
+        reward_model=None,
         num_workers: int = 2,
         mesh=None,
     ):
@@ -73,6 +74,12 @@ class RLStage:
         self.graphdef, self.tokenizer = graphdef, tokenizer
         self.pools, self.seed, self.teachers = pools, seed, dict(teachers or {})
         self.reward_cache = reward_cache or rw.RewardCache()
+        if (cfg.type == "grpo" and cfg.reward != "verifier") != (reward_model is not None):
+            raise ValueError(
+                f"stage {name}: reward={cfg.reward!r} "
+                + ("needs a reward model" if reward_model is None else "takes no reward model")
+            )
+        self.reward_model = reward_model  # a `rewards.reward_models` scorer, or None
         self.num_workers, self.mesh = num_workers, mesh
         self.rows = cfg.rows
         # One sequence length for the whole stage (longest prompt + max_new_tokens - 1 inputs,
@@ -125,7 +132,10 @@ class RLStage:
         (the stage's starting weights) when GRPO has a KL penalty; the MOPD teachers' weights
         for the reverse-KL objective."""
         if self.cfg.type == "grpo":
-            return ((params, model_state),) if self.cfg.loss.kl_coef > 0 else ()
+            if self.cfg.loss.kl_coef <= 0:
+                return ()
+            # a copy: the loop donates the state's buffers, which would free the reference's
+            return (jax.tree.map(jnp.copy, (params, model_state)),)
         if self.cfg.loss.objective == "reverse_kl":
             return (tuple(t.state for t, _ in self._teacher_groups),)
         return ()
@@ -206,6 +216,8 @@ class RLStage:
             reward_cache=self.reward_cache,
             num_workers=self.num_workers,
             mesh=self.mesh,
+            scorer=self.reward_model,
+            slots=c.rollout_slots,
         )
 
     def next_batch(self, state: TrainState, step: int) -> tuple[dict | None, dict[str, Any]]:
@@ -284,6 +296,22 @@ def _rollout_metrics(rolls: list[ro.Rollouts]) -> dict[str, float]:
     }
     for d, v in ro.domain_means(rewards[ok], list(domains[ok])).items():
         out[f"reward/{d}"] = v
+    truth = [r.reward_metrics.get("ground_truth") for r in rolls]
+    if all(t is not None for t in truth):  # a learned reward: the verifiers' view beside it
+        truth = np.concatenate(truth)
+        known = ~np.isnan(truth)
+        if known.any():
+            out["ground_truth_mean"] = float(truth[known].mean())
+            for d, v in ro.domain_means(truth[known], list(domains[known])).items():
+                out[f"ground_truth/{d}"] = v
+        for k in {k for r in rolls for k in r.reward_metrics if k.startswith("rm/")}:
+            vals = [
+                r.reward_metrics[k]
+                for r in rolls
+                if isinstance(r.reward_metrics.get(k), int | float)
+            ]
+            if vals:
+                out[k] = float(np.mean(vals))
     for r in rolls:  # grader error counts by kind (timeouts, sandbox errors, ...)
         for k, v in r.reward_metrics.items():
             if k.startswith("rewards/errors/kind/") and isinstance(v, int | float):

@@ -78,7 +78,7 @@ def test_reference_responses_fit_the_tiny_cascade_token_budgets(tmp_path):
     )
     caps = {d: [("eval", int(cfg.eval.max_new_tokens))] for d in domains}
     for name, st in cfg.stages.items():
-        if st.type != "sft":
+        if "max_new_tokens" in st:  # the sampling stages (not sft, not reward_model)
             for d in str(st.domains).split(","):
                 caps[d.strip()].append((name, int(st.max_new_tokens)))
     for d, limits in caps.items():

@@ -19,6 +19,7 @@ def _config():
     c.progress = False
     c.num_workers = 1
     c.mesh.data = 1  # one device of the simulated eight: faster, and the code path of a laptop
+    c.stages.sft.domains = "instruction,math,code"  # the chat domain has tests of its own
     c.data.train_per_domain = 64
     c.data.eval_per_domain = 8
     c.eval.max_new_tokens = 12
@@ -216,3 +217,37 @@ def test_sigterm_stops_the_pipeline_and_the_rerun_resumes(tmp_path, monkeypatch)
         "sft",
         "math_rl",
     ]
+
+
+@pytest.mark.slow
+def test_reward_model_and_rlhf_stages(tmp_path):
+    """A reward_model stage trains and exports a Bradley-Terry model on the chat domain's pairs;
+    an RLHF stage trains against it (stage:rm) with KL to its start, logging the reward model's
+    score beside the hidden rule's ground truth, plotted in the report; the policy chain skips
+    the reward model stage."""
+    c = _config()
+    c.stages.sft.domains = "math,chat"
+    c.stages.rm = ConfigDict(get_config().stages.rm.to_dict())
+    c.stages.rm.update(steps=3, eval_pairs=16, batch_size=8, checkpoint_every=3)
+    c.stages.rlhf = ConfigDict(get_config().stages.rlhf.to_dict())
+    c.stages.rlhf.update(steps=2, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=8)
+    c.stages.rlhf.update(max_gen_batches=1, checkpoint_every=2)
+    c.stage_order = "sft,rm,rlhf"
+    work = str(tmp_path / "run")
+    Cascade(c, work).run()
+    summary = _json(os.path.join(work, "summary.json"))
+    rm = summary["stages"][1]
+    assert rm["type"] == "reward_model" and rm["eval"] == {}
+    assert 0.0 <= rm["rm_eval"]["eval_accuracy"] <= 1.0 and rm["rm_eval"]["eval_pairs"] == 16
+    assert os.path.exists(os.path.join(work, "stages", "rm", "reward_model", "reward_model.json"))
+    rlhf = summary["stages"][2]
+    assert rlhf["start_from"] == "sft"  # the chain skipped the reward model stage
+    assert set(rlhf["eval"]) == {"chat", "math"}  # the domains of its stages
+    rows = _lines(os.path.join(work, "stages", "rlhf", "metrics.jsonl"))
+    assert len(rows) == 2
+    for r in rows:
+        assert {"reward_mean", "ground_truth_mean", "ground_truth/chat", "kl"} <= set(r)
+        assert r["kl"] >= 0.0 and 0.0 <= r["ground_truth_mean"] <= 1.0
+    report = Path(work, "report.md").read_text()
+    assert "Reward model `rm`: held-out pair accuracy" in report and "reward_rlhf.png" in report
+    assert os.path.getsize(os.path.join(work, "reward_rlhf.png")) > 1000

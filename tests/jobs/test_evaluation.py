@@ -340,3 +340,32 @@ def test_sample_and_grade_in_batches(tiny):
     )  # fmt: skip
     assert seen == [2, 4] and len(s.responses) == 8 and s.scores.shape == (8,)
     assert s.records == recs and ev.batch_seed(0, 0) == 0 and ev.batch_seed(0, 1) != 1
+
+
+def test_continuous_batching_gives_the_static_samples(tiny):
+    """`slots` (RL `rollout_slots`, eval `slots`): 3 of the 8 rows resident at once, a finished
+    row's slot refilled, the same responses and scores as one static batch (row r samples with
+    its own key whatever the slot); slots >= rows keeps the static engine."""
+    graphdef, state, tok = tiny
+    recs = [
+        {"prompt": f"Say {i}.", "domain": "x", "verifier": {"type": "eval_test_even"}}
+        for i in range(4)
+    ]
+    kw = dict(n=2, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=5, num_workers=0)
+    static = ro.sample(graphdef, state, tok, recs, **kw)
+    cont = ro.sample(graphdef, state, tok, recs, slots=2, **kw)
+    assert cont.timings["slots"] == 2 and "slots" not in static.timings
+    assert cont.responses == static.responses
+    np.testing.assert_array_equal(cont.rewards, static.rewards)
+    for a, b in zip(cont.sampler_logprobs, static.sampler_logprobs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert "slots" not in ro.sample(graphdef, state, tok, recs, slots=8, **kw).timings
+    cfg = ev.EvalConfig(
+        n_samples=2, temperature=1.0, top_p=0.9, max_new_tokens=6, thinking=False, slots=2
+    )
+    s = ev.sample_and_grade(graphdef, state, tok, recs, cfg, seed=5, num_workers=0)
+    assert s.responses == static.responses
+    with pytest.raises(ValueError, match="slots"):
+        ev.EvalConfig(
+            n_samples=1, temperature=1.0, top_p=1.0, max_new_tokens=6, thinking=False, slots=-1
+        )

@@ -71,9 +71,12 @@ def test_all_problems_are_listed_with_stage_and_field():
 def test_reward_models_and_mopd_need_inputs():
     c = get_config()
     c.stages.code_rl.reward = "genrm"
-    order = ["mopd", "code_rl"]
+    c.stages.if_rl.reward = "nope"
+    c.stages.if_rl.reward_model_path = "stage:mopd"  # not a reward_model stage
+    order = ["mopd", "code_rl", "if_rl"]
     code = _prompt("code", {"type": "code", "tests": "assert 1"})
     table = {(d, k): [code] for d in ("instruction", "math", "code") for k in ("rl", "eval")}
+    table["instruction", "rl"] = [_prompt("instruction", {"type": "instruction"})]
     with pytest.raises(StageValidationError) as e:
         validate_stages(
             order,
@@ -85,7 +88,9 @@ def test_reward_models_and_mopd_need_inputs():
     msg = str(e.value)
     assert "stages.mopd: an MOPD stage needs an earlier stage" in msg
     assert "stages.code_rl.reward_model_path is not set" in msg
-    assert "stages.code_rl.reward='genrm'" in msg
+    assert "stages.code_rl.reward=" not in msg  # genrm is a registered reward kind
+    assert "stages.if_rl.reward='nope': not a reward kind" in msg
+    assert "stages.if_rl.reward_model_path='stage:mopd': not a reward_model stage" in msg
 
 
 def test_cascade_validates_before_writing_anything(tmp_path):
