@@ -1,6 +1,7 @@
 """Synthetic, deterministic data checked by the real verifiers: the tiny Cascade's domains
 (`core`: instruction, math, code), toy versions of the paper's other RL domains (`paper`: mcqa,
-structured_output, workplace tool calls, long_context), a preference domain whose truth is a
+structured_output, workplace tool calls, long_context), repository repair tasks for the `swe`
+environment (`repair`: "swe"), a preference domain whose truth is a
 rule only the generator knows (`preference`: "chat", for reward models and RLHF) and the
 arithmetic chats of the tiny SFT run (`arithmetic_records`).
 
@@ -12,7 +13,7 @@ in the formats that `nemocascade.data` reads and `nemocascade.rewards` scores. A
 function `fn(rng) -> Problem` decorated with `register_domain(name)`.
 """
 
-from nemocascade.data.synthetic import core, paper, preference  # noqa: F401  (register domains)
+from nemocascade.data.synthetic import core, paper, preference, repair  # noqa: F401  (register domains)
 from nemocascade.data.synthetic.arithmetic import arithmetic_records
 from nemocascade.data.synthetic.base import (
     DOMAINS,

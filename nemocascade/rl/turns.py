@@ -1,0 +1,192 @@
+"""On-device programs of multi-turn decoding (`rl.episodes`): S slots, each holding one episode
+at its own position and turn.
+
+The slot state is `generate.continuous.SlotState` with one change of meaning: `step_S` is the
+position in the episode of the token sampled next (the sampling key's step), and `toks_SG` /
+`lps_SG` / `lprs_SG` [S, max_episode_tokens] hold each sampled token at its position.
+
+    empty_state   S empty slots
+    reset_rows    zero some slots (a new episode)
+    feed          run new tokens on top of a slot's cached state (`slots.extend`)
+    start_turn    sample a turn's first token from `feed`'s logits, set the slot's turn state
+    decode_turns  decode all running slots (`lax.while_loop`) until enough turns have ended; a
+                  slot whose turn has ended keeps its cached state (`freeze`)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from nemocascade.generate import slots as sl
+from nemocascade.generate.continuous import SlotState
+from nemocascade.generate.request import LENGTH, RUNNING, classify, constrain_batch
+from nemocascade.generate.sampling import SamplingMode, row_keys, sample_step
+from nemocascade.model.attention import KVCache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "length", "mesh"))
+def empty_state(graphdef, state, *, slots: int, length: int, mesh: Mesh | None) -> SlotState:
+    zeros = jnp.zeros((slots,), jnp.int32)
+    st = SlotState(
+        cache=sl.init_slots(nnx.merge(graphdef, state), slots, length),
+        tok_S=zeros,
+        step_S=zeros,
+        row_S=zeros - 1,
+        budget_S=zeros + 1,
+        reason_S=zeros + LENGTH,
+        length_S=zeros,
+        toks_SG=jnp.zeros((slots, length), jnp.int32),
+        lps_SG=jnp.zeros((slots, length), jnp.float32),
+        lprs_SG=jnp.zeros((slots, length), jnp.float32),
+    )
+    return constrain_batch(st, mesh)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def reset_rows(cache: list, slots_M: jax.Array) -> list:
+    """Zeroes the rows `slots_M` (an empty cache is all zeros: KV index 0, Mamba states 0)."""
+    return jax.tree.map(lambda a: a.at[slots_M].set(0), cache)
+
+
+def freeze(new: list, old: list, active_S: jax.Array) -> list:
+    """The cache after a decode step with the rows that are not `active_S` kept as they were:
+    KV index and Mamba states (the KV entry such a row wrote at its index is masked, and
+    overwritten by the row's next tokens, so the [S, L] KV arrays are never copied)."""
+
+    def keep(n, o):
+        a = active_S.reshape(active_S.shape + (1,) * (n.ndim - 1))
+        return jnp.where(a, n, o)
+
+    out = []
+    for n, o in zip(new, old, strict=True):
+        if isinstance(n, KVCache):
+            out.append(n.replace(index=keep(n.index, o.index)))
+        else:
+            out.append(jax.tree.map(keep, n, o))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "mesh"), donate_argnames=("st",))
+def start_turn(
+    st: SlotState,
+    logits_M1V,
+    slots_M,
+    eps_M,
+    pos_M,
+    budget_M,
+    seed,
+    temperature,
+    top_p,
+    eos_E,
+    stop_S,
+    *,
+    mode: SamplingMode,
+    mesh: Mesh | None,
+) -> SlotState:
+    """Samples the first token of a turn (position `pos_M`) from the logits of the fed tokens and
+    sets the slots' decode state: the next input, position, budget (the turn ends once position
+    `budget_M - 1` is sampled), episode."""
+    tok_M, lp_M, lpr_M = sample_step(
+        logits_M1V[:, 0], row_keys(seed, eps_M), pos_M, mode, temperature, top_p
+    )
+    reason_M = classify(tok_M, pos_M, budget_M, eos_E, stop_S)
+    at_MG = jnp.arange(st.toks_SG.shape[1])[None, :] == pos_M[:, None]
+
+    def put(a, v):
+        return a.at[slots_M].set(v.astype(a.dtype))
+
+    def put_row(a, v):
+        return put(a, jnp.where(at_MG, v[:, None], a[slots_M]))
+
+    new = st.replace(
+        tok_S=put(st.tok_S, tok_M),
+        step_S=put(st.step_S, pos_M + 1),
+        row_S=put(st.row_S, eps_M),
+        budget_S=put(st.budget_S, budget_M),
+        reason_S=put(st.reason_S, reason_M),
+        length_S=put(st.length_S, jnp.where(reason_M != RUNNING, pos_M + 1, 0)),
+        toks_SG=put_row(st.toks_SG, tok_M),
+        lps_SG=put_row(st.lps_SG, lp_M),
+        lprs_SG=put_row(st.lprs_SG, lpr_M),
+    )
+    return constrain_batch(new, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "mesh"), donate_argnames=("st",))
+def decode_turns(
+    graphdef,
+    state,
+    st: SlotState,
+    seed,
+    temperature,
+    top_p,
+    eos_E,
+    stop_S,
+    max_steps,
+    stop_at,
+    *,
+    mode: SamplingMode,
+    mesh: Mesh | None,
+):
+    """Decodes every running slot at its own position until `max_steps` steps, no slot running,
+    or at least `stop_at` slots not running. `step_S` is the position of the token sampled next
+    (the key's step); `toks_SG` holds each token at its position. Returns (state, steps)."""
+    s = st.tok_S.shape[0]
+    cols_G = jnp.arange(st.toks_SG.shape[1])[None, :]
+    sample = functools.partial(sample_step, mode=mode, temperature=temperature, top_p=top_p)
+
+    def cond(carry):
+        i, st = carry
+        running = jnp.sum(st.reason_S == RUNNING)
+        return (i < max_steps) & (running > 0) & (s - running < stop_at)
+
+    def body(carry):
+        i, st = carry
+        model = nnx.merge(graphdef, state)
+        ids_S1 = st.tok_S[:, None]
+        h_S1D, cache = sl.forward(model, ids_S1, jnp.ones_like(ids_S1), st.cache)
+        tok_S, lp_S, lpr_S = sample(
+            model.logits(h_S1D)[:, 0], row_keys(seed, jnp.maximum(st.row_S, 0)), st.step_S
+        )
+        active = st.reason_S == RUNNING
+        at_SG = active[:, None] & (cols_G == st.step_S[:, None])
+        code = classify(tok_S, st.step_S, st.budget_S, eos_E, stop_S)
+        reason = jnp.where(active, code, st.reason_S)
+        ended = active & (reason != RUNNING)
+        new = SlotState(
+            cache=freeze(cache, st.cache, active),
+            tok_S=jnp.where(active, tok_S, st.tok_S),
+            step_S=st.step_S + active.astype(jnp.int32),
+            row_S=st.row_S,
+            budget_S=st.budget_S,
+            reason_S=reason,
+            length_S=jnp.where(ended, st.step_S + 1, st.length_S),
+            toks_SG=jnp.where(at_SG, tok_S[:, None], st.toks_SG),
+            lps_SG=jnp.where(at_SG, lp_S[:, None], st.lps_SG),
+            lprs_SG=jnp.where(at_SG, lpr_S[:, None], st.lprs_SG),
+        )
+        return i + 1, constrain_batch(new, mesh)
+
+    steps, st = jax.lax.while_loop(cond, body, (jnp.int32(0), st))
+    return st, steps
+
+
+def feed(
+    model_parts, st: SlotState, slot: int, ids: Sequence[int], max_piece: int | None = None
+) -> tuple[jax.Array, SlotState]:
+    """Runs `ids` on top of slot `slot`'s cached state (only these tokens); returns (logits of
+    the last position [1, 1, V], state). `max_piece` cuts `ids` into blocks of at most that many
+    tokens before `slots.extend`'s power-of-two pieces: fewer compiled programs (log2(max_piece)
+    + 1), more calls (a cached call continues exactly, so the result is the same)."""
+    ids = [int(t) for t in ids]
+    step = len(ids) if max_piece is None else int(max_piece)
+    cache = st.cache
+    for a in range(0, len(ids), step):
+        logits, cache = sl.extend(model_parts, cache, [slot], [ids[a : a + step]])
+    return logits, st.replace(cache=cache)
