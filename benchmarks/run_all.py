@@ -9,17 +9,21 @@ child process because it needs simulated devices set before jax is imported). A 
 is missing or fails is reported with `null` for its keys and its error under `errors`, and the
 others still run. Headline keys:
 
-  train_mfu, train_speedup_vs_transformers, prefill_speedup_vs_transformers   (train_step.py)
+  train_mfu, train_speedup_vs_transformers, prefill_speedup_vs_transformers,
+  matmul_peak_gflops                                                           (train_step.py)
   decode_speedup_vs_transformers (and generate's prefill speedup as generate_prefill_speedup)
                                                                                (generate.py)
   moe_best_vs_equal_flop_dense                                                 (moe.py)
   logprob_peak_memory_reduction                                                (logprob_memory.py)
   attention_peak_memory_reduction                                              (attention_memory.py)
   remat_block_temp_vs_none, remat_block_time_vs_none                           (remat.py)
-  compile_lower_s, compile_s                                                   (compile_time.py)
+  continuous_batching_speedup                                      (continuous_batching.py)
+  compile_lower_s, compile_s, compile_s_nano_52_layers (52 layers, layer scan) (compile_time.py)
 
 `prefill_speedup_vs_transformers` is the train_step benchmark's (a full forward over a batch);
 generate.py's cached-prefill speedup is kept as `generate_prefill_speedup_vs_transformers`.
+Both time transformers in a worker process of its own (`side_by_side.py`):
+`transformers_separate_process` is true when every comparison that ran says so.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ HEADLINES = {
         "train_mfu": "train_mfu",
         "train_speedup_vs_transformers": "train_speedup_vs_transformers",
         "prefill_speedup_vs_transformers": "prefill_speedup_vs_transformers",
+        "matmul_peak_gflops": "matmul_peak_gflops",
     },
     "generate": {
         "decode_speedup_vs_transformers": "decode_speedup_vs_transformers",
@@ -55,9 +60,17 @@ HEADLINES = {
         "remat_block_temp_vs_none": ("policies", "block", "temp_vs_none"),
         "remat_block_time_vs_none": ("policies", "block", "time_vs_none"),
     },
-    "compile_time": {"compile_lower_s": "compile_lower_s", "compile_s": "compile_s"},
+    "continuous_batching": {"continuous_batching_speedup": "continuous_batching_speedup"},
+    "compile_time": {
+        "compile_lower_s": "compile_lower_s",
+        "compile_s": "compile_s",
+        "compile_s_nano_52_layers": "compile_s_nano_52_layers",
+    },
 }
-SUBPROCESS = ("compile_time",)
+# run in a child process (simulated devices are set before jax is imported): extra arguments
+# and the name of the JSON they write. compile_time: the 52-layer model with the layer scan, in
+# --quick too (~2 CPU-minutes)
+SUBPROCESS = {"compile_time": (["--scan_layers", "--full_depth"], "compile_time_scan")}
 
 
 def _get(result: dict, key):
@@ -69,8 +82,9 @@ def _get(result: dict, key):
 def _run_subprocess(name: str, quick: bool) -> dict:
     """Runs `benchmarks/<name>.py` in a child process; returns the JSON it wrote."""
     mod = importlib.import_module(name)
-    out = mod.RESULTS.with_name(f"{name}_quick.json") if quick else mod.RESULTS
-    cmd = [sys.executable, str(HERE / f"{name}.py")] + (["--quick"] if quick else [])
+    args, stem = SUBPROCESS[name]
+    out = mod.RESULTS.with_name(f"{stem}_quick.json" if quick else f"{stem}.json")
+    cmd = [sys.executable, str(HERE / f"{name}.py"), *args] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     sys.stdout.write(proc.stdout)
     if proc.returncode:
@@ -104,6 +118,10 @@ def run_all(quick: bool, only: list[str] | None = None) -> dict:
             out["errors"][name] = f"{type(err).__name__}: {err}"
             traceback.print_exc()
         out["seconds"][name] = round(time.perf_counter() - t0, 1)
+    compared = [r for n, r in out["details"].items() if n in ("train_step", "generate")]
+    out["transformers_separate_process"] = (
+        all(r.get("transformers_separate_process") is True for r in compared) if compared else None
+    )
     return out
 
 
