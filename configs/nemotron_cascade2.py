@@ -5,8 +5,10 @@
         --config.tokenizer.path=/ckpt/.../tokenizer.json --config.data.paths.math.rl=...
 
 Stage order (C2 Fig. 2): SFT -> IF-RL -> multi-domain RL -> MOPD -> RLHF -> long-context RL ->
-code RL -> SWE RL. SWE RL (agentic, multi-turn tool execution) joins when the agentic stage kind
-lands. `rlhf_teacher` is a side branch (`start_from="sft"`): "a checkpoint optimized through RLHF
+code RL -> SWE RL. SWE RL is the execution-based agentic stage (`swe_rl`: GRPO whose rollouts
+are multi-turn episodes in the `swe` environment, tools executed in the sandbox, reward = the
+hidden tests pass); the paper's agentless SWE RL (a GPT-OSS-120B patch judge) is not modelled.
+`rlhf_teacher` is a side branch (`start_from="sft"`): "a checkpoint optimized through RLHF
 from the initial SFT checkpoint", the MOPD teacher of the rlhf domain; MOPD's math teacher is the
 SFT checkpoint and the other domains' teachers are their best checkpoints so far (C2 §4.4).
 Hyperparameters from shared/reference/cascade2_algorithms.md (C2 Tables 7-10, §4), checked value
@@ -16,7 +18,12 @@ by value by tests/jobs/test_cascade2_config.py:
   * GRPO: strictly on-policy (one update per batch: ratio exactly 1), group mean/std advantages,
     token-level loss, no KL except RLHF (0.03), 128 prompts x 16 rollouts, lr 3e-6, Adam beta2 0.95
     (Tables 8-9), temperature 1.0; code RL top-p 0.95;
-  * MOPD: 128 x 4, lr 2e-6 with a 30-step warmup, ICE-POP band [0.5, 2.0], 98K responses.
+  * MOPD: 128 x 4, lr 2e-6 with a 30-step warmup, ICE-POP band [0.5, 2.0], 98K responses;
+  * SWE RL (Table 10): 16 prompts x 64 episodes, temperature 0.8, 256K-token episodes of up to
+    200 turns, lr 3e-6 with 10 warmup steps decaying to 0. The paper does not give its step
+    count, per-turn budget or tool limits: 50 steps (as agentless SWE RL's 40-50), 16K tokens
+    per turn, 120 s per tool call and 16K characters of tool output are our assumptions; its
+    data filter (drop all-pass instances, 90% of the all-fail ones) is dynamic filtering here.
 
 The data, the released weights and the reward models (GenRM for RLHF, an LLM judge for long-context
 RL) are not in this repository: every path is a config field, and every stage is validated before
@@ -138,6 +145,7 @@ def get_config(arg: str = "") -> ConfigDict:
         "mcqa",
         "workplace",
         "structured_output",
+        "swe",
     )
     c.data = dict(
         source="jsonl",
@@ -148,7 +156,9 @@ def get_config(arg: str = "") -> ConfigDict:
     c.eval = dict(
         n_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=131072, thinking=True, slots=512
     )
-    c.stage_order = "sft,if_rl,multi_domain_rl,rlhf_teacher,mopd,rlhf,long_context_rl,code_rl"
+    c.stage_order = (
+        "sft,if_rl,multi_domain_rl,rlhf_teacher,mopd,rlhf,long_context_rl,code_rl,swe_rl"
+    )
     rlhf = dict(
         _grpo("rlhf", 25, 16_384, kl=0.03, overlong_filter=True, reward="genrm"),
         temperature=1.0,
@@ -220,12 +230,35 @@ def get_config(arg: str = "") -> ConfigDict:
         long_context_rl=_grpo("long_context", 30, 16_384, overlong_filter=True, reward="llm_judge"),
         # C2 §4.7: code RL, 3.5K hard problems, strict binary unit-test reward, top-p 0.95.
         code_rl=_grpo("code", 22, 118_784, top_p=0.95, overlong_filter=True),
+        # C2 §4.8, Table 10: execution-based agentic SWE RL (OpenHands on SWE-Gym + R2E): 16 x 64
+        # episodes at temperature 0.8, 256K context, up to 200 turns (see the docstring for the
+        # values the paper leaves open)
+        swe_rl=dict(
+            _grpo("swe", 50, 16_384, dynamic=True),
+            prompts_per_step=16,
+            samples_per_prompt=64,
+            temperature=0.8,
+            # 64 of the 1024 episodes resident at once: a 256K-token slot holds ~1.5 GB of KV
+            rollout_slots=64,
+            optim=_optim(3e-6, warmup=10, min_lr=0.0),
+            env=dict(
+                name="swe",
+                max_turns=200,
+                max_calls_per_turn=8,
+                max_tool_calls=200,
+                tool_timeout_s=120.0,
+                max_tool_output_chars=16_384,
+                max_episode_tokens=262_144,
+            ),
+        ),
     )
     return c
 
 
 # ----------------------------------------------------------------------------- the rehearsal
-REHEARSAL_STAGES = "sft,if_rl,multi_domain_rl,rm,rlhf_teacher,mopd,rlhf,long_context_rl,code_rl"
+REHEARSAL_STAGES = (
+    "sft,if_rl,multi_domain_rl,rm,rlhf_teacher,mopd,rlhf,long_context_rl,code_rl,swe_rl"
+)
 
 
 def rehearsal(fast: bool = False) -> ConfigDict:
@@ -234,15 +267,17 @@ def rehearsal(fast: bool = False) -> ConfigDict:
         XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m nemocascade.launch \\
             --config=configs/nemotron_cascade2.py:rehearsal --workdir=runs/rehearsal
 
-    Same stage names, order and kinds as the paper config (SWE RL joins when the agentic stage
-    kind lands), the same code paths: thinking mode, chunked vocabulary losses, block remat, bf16
-    compute over fp32 master weights, expert parallelism on a data (2) x expert (4) mesh,
-    blockwise attention, the RLHF side branch and MOPD teachers by name, a learned reward with KL
-    to the reference, every stage validated before anything trains. Generated data for every
-    domain (`nemocascade.data.synthetic`: instruction, math, code, mcqa, structured_output,
-    workplace tool calls, long_context, and "chat", whose preference pairs train a toy
-    Bradley-Terry reward model `rm`; the paper's GenRM judge is the `genrm` reward kind), each
-    scored by its real verifier. It checks that the pipeline runs, not what it learns (a few
+    Same stage names, order and kinds as the paper config, the same code paths: thinking mode,
+    chunked vocabulary losses, block remat, the layer scan, bf16 compute over fp32 master
+    weights, expert parallelism on a data (2) x expert (4) mesh, blockwise attention, the RLHF
+    side branch and MOPD teachers by name, a learned reward with KL to the reference, every
+    stage validated before anything trains. Generated data for every domain
+    (`nemocascade.data.synthetic`: instruction, math, code, mcqa, structured_output, workplace
+    tool calls, long_context, generated repository repairs for SWE RL (`swe`: multi-turn
+    episodes in the sandbox, 2 turns of a 2K-token episode), and "chat", whose preference pairs
+    train a toy Bradley-Terry reward model `rm`; the paper's GenRM judge is the `genrm` reward
+    kind), each scored by its real verifier or environment. It checks that the pipeline runs,
+    not what it learns (a few
     steps per stage).
     """
     c = get_config()
@@ -265,6 +300,7 @@ def rehearsal(fast: bool = False) -> ConfigDict:
             attention_impl="blockwise",
             attention_block_q=64,
             attention_block_k=64,
+            scan_layers=True,  # "MEM*E" x 2: one scanned body of 5 blocks
         )
     )
     c.mesh = dict(data=2, fsdp=1, expert=4, tensor=1)
@@ -301,7 +337,7 @@ def rehearsal(fast: bool = False) -> ConfigDict:
     c.stages = dict(
         sft=dict(
             sft,
-            domains="math,instruction,code,mcqa,structured_output,workplace,long_context,chat",
+            domains="math,instruction,code,mcqa,structured_output,workplace,long_context,chat,swe",
             steps=sft_steps,
             seq_len=384,
             batch_size=8,
@@ -334,5 +370,18 @@ def rehearsal(fast: bool = False) -> ConfigDict:
         rlhf=toy(rlhf_toy),
         long_context_rl=toy(c.stages.long_context_rl.to_dict(), reward="verifier"),
         code_rl=toy(c.stages.code_rl.to_dict(), max_new=32),
+        # the opening prompt (five tool declarations) is ~1.3K tokens of the toy BPE
+        swe_rl=toy(
+            c.stages.swe_rl.to_dict(),
+            max_new=48,
+            max_gen_batches=1,
+            env=dict(
+                c.stages.swe_rl.env.to_dict(),
+                max_turns=2,
+                tool_timeout_s=10.0,
+                max_tool_output_chars=600,
+                max_episode_tokens=2048,
+            ),
+        ),
     )
     return c

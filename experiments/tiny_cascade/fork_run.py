@@ -6,9 +6,10 @@
         --config.stages.math_rl.eval_every=20
 
 The fork holds the tokenizer, the final weights of every stage up to `--after` (the MOPD teachers
-among them) and `summary.json` cut after that stage, with the best-checkpoint registry rebuilt
-from the kept stages; the launcher then skips the kept stages and runs the rest. `eval_every`
-logs the held-out score of every domain as `eval/<domain>` in the stage's metrics.jsonl.
+among them; a reward_model stage's export too) and `summary.json` cut after that stage, with the
+best-checkpoint registry rebuilt from the kept stages; the launcher then skips the kept stages
+and runs the rest. `eval_every` logs the held-out score of every domain as `eval/<domain>` in the
+stage's metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import shutil
 import sys
 
 from nemocascade.jobs.cascade import record_stage
+from nemocascade.jobs.reward_stage import EXPORT_DIR
 
 
 def fork(src: str, dst: str, after: str) -> dict:
@@ -41,6 +43,9 @@ def fork(src: str, dst: str, after: str) -> dict:
             os.path.join(src, "stages", st["name"], "checkpoints"),
             os.path.join(dst, "stages", st["name"], "checkpoints"),
         )
+        export = os.path.join(src, "stages", st["name"], EXPORT_DIR)
+        if os.path.isdir(export):  # a reward_model stage: its export is what stage:<name> reads
+            shutil.copytree(export, os.path.join(dst, "stages", st["name"], EXPORT_DIR))
     with open(os.path.join(dst, "summary.json"), "w") as f:
         json.dump(out, f, indent=2)
     return out

@@ -11,7 +11,8 @@ Config (see configs/tiny_cascade.py for a complete example; every section is typ
                 eval_per_domain, paths: {domain: {sft, rl, eval}} for jsonl}
     eval       EvalConfig {n_samples, temperature, top_p, max_new_tokens, thinking}
     stage_order  comma-separated stage names, run in this order
-    stages.<name>  SFTStageConfig (type sft) or RLStageConfig (type grpo | mopd), see
+    stages.<name>  SFTStageConfig (type sft) or RLStageConfig (type grpo | mopd; a grpo stage
+                   with an `env` section is agentic: multi-turn tool episodes, e.g. swe_rl), see
                    `jobs.stages`; an RL stage with eval_every=k evaluates every domain every k
                    steps (`eval/<domain>` in its metrics.jsonl: the held-out learning curve);
                    `start_from: <earlier stage>` makes a side branch (it starts from that
@@ -21,8 +22,9 @@ Config (see configs/tiny_cascade.py for a complete example; every section is typ
 
 Every stage is validated before anything trains (`jobs.validate`).
 
-Outputs in DIR: summary.json ({"stages": [{"name", "type", "domains", "eval": {domain: score}}],
-"teachers": {domain: stage}}), report.md (stages x domains, best per domain marked), scores.png,
+Outputs in DIR: summary.json ({"stages": [{"name", "type", "domains", "eval": {domain: score}},
+"episodes": {domain: episode metrics} for domains evaluated by episodes], "teachers": {domain:
+stage}}), report.md (stages x domains, best per domain marked), scores.png,
 and per stage DIR/stages/<name>/ (metrics.jsonl, checkpoints/: the last one holds the stage's
 final weights). Re-running the command resumes: finished stages are skipped (their final
 weights reloaded), an interrupted stage continues from its last checkpoint.
@@ -47,7 +49,7 @@ from nemocascade.jobs.cascade_data import (
     TokenizerConfig,
     run_tokenizer,
 )
-from nemocascade.jobs.evaluation import EvalConfig, evaluate_domains
+from nemocascade.jobs.evaluation import EvalConfig, episode_envs, evaluate_domains
 from nemocascade.jobs.identity import model_identity, tokenizer_identity
 from nemocascade.jobs.preflight import check_disk, state_bytes
 from nemocascade.jobs.registry import register_job
@@ -151,6 +153,8 @@ class Cascade:
         # finished stages' weights are restored straight into their shardings on the mesh
         self.abstract_weights = abstract_with_shardings(weights, full_shardings(weights, self.mesh))
         self.eval_sets = {d: self._records(d, "eval") for d in self.domains}
+        # agentic domains (e.g. swe) are evaluated by episodes in their environment
+        self.eval_envs = episode_envs(self.order, self.stages, self.eval_sets)
         self.reward_cache = rw.RewardCache()
         self.results_path = os.path.join(self.workdir, "summary.json")
 
@@ -184,8 +188,9 @@ class Cascade:
         _, params, rest = split_model(model)
         return params, rest
 
-    def evaluate(self, params, model_state) -> dict[str, float]:
-        """Held-out score (percent) of every domain (`jobs.evaluation`)."""
+    def evaluate(self, params, model_state, episodes: dict | None = None) -> dict[str, float]:
+        """Held-out score (percent) of every domain (`jobs.evaluation`); the episode metrics of
+        the agentic domains go to `episodes` when given."""
         return evaluate_domains(
             self.graphdef,
             nnx.merge_state(params, model_state),
@@ -196,6 +201,8 @@ class Cascade:
             reward_cache=self.reward_cache,
             num_workers=int(self.config.num_workers),
             mesh=self.mesh,
+            envs=self.eval_envs,
+            episodes=episodes,
         )
 
     # ------------------------------------------------------------------ stages
@@ -351,7 +358,7 @@ class Cascade:
                 params, model_state = self._load_final(start) if start else self._init_weights()
             else:
                 params, model_state = weights
-            extra = {}
+            extra: dict[str, Any] = {}
             if isinstance(cfg, SFTStageConfig):
                 result = self._run_sft(name, cfg, params, model_state)
             elif isinstance(cfg, RewardModelStageConfig):
@@ -370,7 +377,10 @@ class Cascade:
                 params, model_state = result.state.params, result.state.model_state
                 if main_chain:
                     chain, weights = name, (params, model_state)
-                scores = self.evaluate(params, model_state)
+                episodes: dict[str, dict[str, float]] = {}
+                scores = self.evaluate(params, model_state, episodes)
+                if episodes:  # success by number of turns, finish reasons, ... per domain
+                    extra["episodes"] = episodes
             entry = {
                 "name": name,
                 "type": cfg.type,

@@ -14,6 +14,13 @@ in `data.task_formats`.
 
 Scores: a sample's score is its verifier's, in [0, 1]; it is *correct* when the score is 1.
 A grader failure (see `rewards.ERROR_KINDS`) scores 0 and is counted as a verifier error.
+
+Agentic domains (`episode_envs`: the domains an environment stage trains, and domains whose
+records name an environment rather than a verifier, such as `swe`) are evaluated by episodes
+instead (`rl.agentic.evaluate_episodes`): a single response cannot fix a repository, and the
+`swe` record type is an environment, not a reward verifier. Their score is the episodes' mean
+reward in percent; the episode metrics (success by number of turns, finish reasons, ...) come
+with it.
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ import numpy as np
 from flax import nnx
 
 from nemocascade import rewards as rw
+from nemocascade.rl import agentic
 from nemocascade.rl import rollouts as ro
+from nemocascade.rl.config import EnvStageConfig, RLStageConfig
+from nemocascade.rl.envs import ENVS
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -274,6 +284,37 @@ def task_metrics(s: EvalSamples) -> dict[str, Any]:
 
 
 # ============================================================================ the cascade's hook
+def _record_kind(record: dict) -> str | None:
+    """The verifier (or environment) name of a held-out record; None if it has none (the
+    validation names that record)."""
+    try:
+        return rw.verifier_name(record)
+    except (TypeError, ValueError):
+        return None
+
+
+def episode_envs(
+    order: Sequence[str], stages: Mapping[str, Any], eval_sets: Mapping[str, Sequence[dict]]
+) -> dict[str, EnvStageConfig]:
+    """{domain: environment} of the domains evaluated by episodes: each domain of a stage with
+    an environment gets the first such stage's (its limits too); a domain no such stage trains
+    whose held-out records all name a registered environment and no verifier (`swe`) gets that
+    environment with the default limits. The other domains are graded by their verifiers."""
+    out: dict[str, EnvStageConfig] = {}
+    for name in order:
+        cfg = stages[name]
+        if isinstance(cfg, RLStageConfig) and cfg.env.name:
+            for d in cfg.domains:
+                out.setdefault(d, cfg.env)
+    for d, records in eval_sets.items():
+        kinds = {_record_kind(r) for r in records}
+        if d not in out and len(kinds) == 1:
+            (kind,) = kinds
+            if kind in ENVS and not rw.has_verifier(kind):
+                out[d] = EnvStageConfig(name=kind)
+    return out
+
+
 def evaluate_domains(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -285,12 +326,36 @@ def evaluate_domains(
     reward_cache: rw.RewardCache | None = None,
     num_workers: int = 2,
     mesh=None,
+    envs: Mapping[str, EnvStageConfig] | None = None,
+    episodes: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """{domain: score in percent} over each domain's held-out prompt records: the mean score of
     every sample (a grader failure counts 0), one generation batch per domain: the numbers
-    `rl.rollouts.sample` gives for the same arguments."""
+    `rl.rollouts.sample` gives for the same arguments. A domain in `envs` (`episode_envs`) is
+    scored by `cfg.n_samples` episodes per record in its environment (at `cfg.temperature`,
+    `cfg.max_new_tokens` per turn); their metrics go to `episodes[domain]` when given."""
     out = {}
     for domain, records in eval_sets.items():
+        if envs and domain in envs:
+            m = agentic.evaluate_episodes(
+                graphdef,
+                state,
+                tokenizer,
+                records,
+                envs[domain],
+                n=cfg.n_samples,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=seed,
+                thinking=cfg.thinking,
+                slots=cfg.slots,
+                mesh=mesh,
+            )
+            out[domain] = m.pop("score")
+            if episodes is not None:
+                episodes[domain] = m
+            continue
         s = sample_and_grade(
             graphdef,
             state,

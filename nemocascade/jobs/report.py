@@ -1,7 +1,9 @@
 """Cascade results as a Markdown table (stages x domains, best per domain marked) and PNG plots:
 the per-domain scores across stages, and for each stage trained on a learned reward its reward
 model's score beside the verifiers' ground truth and the KL to the reference, step by step (a
-reward model being gamed shows as its score rising while the ground truth does not)."""
+reward model being gamed shows as its score rising while the ground truth does not), and for the
+domains evaluated by episodes (agentic, e.g. swe) their success by number of turns after each
+stage: first try (one turn) vs after reading tool feedback."""
 
 from __future__ import annotations
 
@@ -31,6 +33,28 @@ def markdown_table(summary: dict, domains: Sequence[str]) -> str:
             f"| {st['name']} | {st['type']} | {', '.join(st['domains'])} | "
             + " | ".join(cells)
             + " |"
+        )
+    return "\n".join(lines)
+
+
+def episode_table(summary: dict) -> str:
+    """Stages x agentic domains: held-out success rate, split into first-turn successes and
+    successes after tool feedback, with mean turns and tool calls per episode ("" if no stage
+    evaluated a domain by episodes)."""
+    rows = [
+        (st["name"], d, m) for st in summary["stages"] for d, m in st.get("episodes", {}).items()
+    ]
+    if not rows:
+        return ""
+    lines = [
+        "| stage | domain | success % | first turn % | after feedback % | turns | tool calls |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, d, m in rows:
+        lines.append(
+            f"| {name} | {d} | {100 * m['success_rate']:.1f} | "
+            f"{100 * m['success_first_turn']:.1f} | {100 * m['success_after_feedback']:.1f} | "
+            f"{m['turns']:.2f} | {m['tool_calls']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -111,6 +135,12 @@ def write_report(summary: dict, workdir: str, domains: Sequence[str]) -> None:
         + table
         + f"\n\nTeachers (best stage per domain): {teachers}\n\n![scores](scores.png)\n"
     )
+    episodes = episode_table(summary)
+    if episodes:
+        text += (
+            "\nAgentic domains, held-out episodes: success by number of turns (first try vs "
+            "after reading tool output):\n\n" + episodes + "\n"
+        )
     for st in summary["stages"]:
         if "rm_eval" in st:
             m = st["rm_eval"]

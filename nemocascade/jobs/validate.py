@@ -11,7 +11,12 @@ of launch, instead of failing hours into a run:
   * every record a verifier scores has a registered verifier (no silent reward 0 for an unknown
     domain); a learned reward model's path exists and its kind is implemented;
   * the mesh splits every batch (RL rows, SFT rows) evenly;
-  * the code sandbox can start when a code verifier is used (`rewards.sandbox.sandbox_status`).
+  * the code sandbox can start when a code verifier is used (`rewards.sandbox.sandbox_status`);
+  * an agentic stage's environment (`stages.<name>.env`) exists, its limits are >= 1 (the tool
+    timeout > 0), every
+    record of its domains builds the environment (e.g. a `swe` record has its repository), and
+    the sandbox its tools run in can start; a domain evaluated by episodes
+    (`jobs.evaluation.episode_envs`) likewise.
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 from nemocascade import rewards as rw
+from nemocascade.jobs.evaluation import episode_envs
 from nemocascade.jobs.stages import RewardModelStageConfig, SFTStageConfig, StageConfig
 from nemocascade.rewards import sandbox
+from nemocascade.rl import envs
+from nemocascade.rl.config import EnvStageConfig
 from nemocascade.typed_config import ConfigError
 
 SANDBOXED_VERIFIERS = ("code", "code_io")
+MAX_RECORD_PROBLEMS = 3  # per domain: the first few records that cannot build the environment
 
 
 class StageValidationError(ConfigError):
@@ -50,6 +59,27 @@ def verifier_problems(records: Sequence[dict], where: str) -> tuple[list[str], s
             "`nemocascade.rewards.register`"
         )
     return problems, names
+
+
+def env_record_problems(env: EnvStageConfig, records: Sequence[dict], where: str) -> list[str]:
+    """The first records that cannot build environment `env.name` (each built and closed: the
+    check is the environment's own, e.g. a `swe` record's repository and test command)."""
+    problems = []
+    for i, r in enumerate(records):
+        try:
+            envs.make_env(env.name, r, env.limits()).close()
+        except Exception as e:  # whatever the environment rejects, named with the record
+            problems.append(f"{where}: record {i}: {type(e).__name__}: {e}")
+            if len(problems) >= MAX_RECORD_PROBLEMS:
+                break
+    return problems
+
+
+def env_problems(env: EnvStageConfig, where: str) -> list[str]:
+    """An environment's name is registered and its limits are valid (`where` = `...env`)."""
+    if env.name not in envs.ENVS:
+        return [f"{where}.name={env.name!r}: not an environment; known: {sorted(envs.ENVS)}"]
+    return env.problems(where)
 
 
 def reward_model_problems(cfg, where: str, earlier, stages) -> list[str]:
@@ -90,6 +120,7 @@ def validate_stages(
     docstring); `records(domain, kind)` loads a domain's 'sft', 'rl' or 'eval' records."""
     problems: list[str] = []
     verifiers: set[str] = set()
+    sandboxed: dict[str, None] = {}  # environments whose tools run in the sandbox (ordered)
 
     def load(domain: str, kind: str, where: str) -> list[dict] | None:
         try:
@@ -130,9 +161,19 @@ def validate_stages(
                 f"over the mesh's {batch_shards} batch shards; use a multiple of {batch_shards} "
                 "or change mesh.*"
             )
+        if cfg.env.name:
+            found = env_problems(cfg.env, f"{where}.env")
+            problems += found
+            if not found:
+                sandboxed[f"{where}.env.name={cfg.env.name!r}"] = None
         for d in cfg.domains:
             pool = load(d, "rl", f"{where}.domains")
-            if pool and cfg.type == "grpo" and cfg.reward == "verifier":
+            if pool and cfg.env.name:
+                if cfg.env.name in envs.ENVS:
+                    problems += env_record_problems(
+                        cfg.env, pool, f"{where}.env.name={cfg.env.name!r} ({d} prompts)"
+                    )
+            elif pool and cfg.type == "grpo" and cfg.reward == "verifier":
                 found, names = verifier_problems(pool, f"{where} ({d} prompts)")
                 problems += found
                 verifiers |= names
@@ -148,9 +189,16 @@ def validate_stages(
                         f"{where}.teachers.{d}={src!r}: neither a stage that runs before "
                         f"{name!r} nor a Hugging Face checkpoint directory (with config.json)"
                     )
-    for d in eval_domains:
-        held_out = load(d, "eval", f"eval ({d})")
-        if held_out:
+    held_out_sets = {d: load(d, "eval", f"eval ({d})") for d in eval_domains}
+    by_episodes = episode_envs(order, stages, {d: r for d, r in held_out_sets.items() if r})
+    for d, held_out in held_out_sets.items():
+        if held_out and d in by_episodes:
+            env = by_episodes[d]
+            if env.name in envs.ENVS:  # an unknown name is named with its stage above
+                where = f"eval ({d} held-out records, environment {env.name!r})"
+                problems += env_record_problems(env, held_out, where)
+                sandboxed[where] = None
+        elif held_out:
             found, names = verifier_problems(held_out, f"eval ({d} held-out records)")
             problems += found
             verifiers |= names
@@ -160,6 +208,13 @@ def validate_stages(
             problems.append(
                 f"code verifiers ({sorted(verifiers & set(SANDBOXED_VERIFIERS))}): {status.message}"
             )
+    if sandboxed:
+        status = sandbox.sandbox_status()
+        if not status.usable:
+            problems += [
+                f"{k}: the environment's tools run in the sandbox: {status.message}"
+                for k in sandboxed
+            ]
     if problems:
         raise StageValidationError(
             f"the pipeline cannot run ({len(problems)} problem"

@@ -1,4 +1,5 @@
-"""The typed config of an RL stage (`stages.<name>` with `type` grpo or mopd)."""
+"""The typed config of an RL stage (`stages.<name>` with `type` grpo or mopd), and of its
+optional environment (`stages.<name>.env`: a multi-turn, tool-executing GRPO stage)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from nemocascade.rl.envs.base import EnvLimits
 from nemocascade.train.distill import DistillConfig
 from nemocascade.train.grpo import GRPOConfig
 from nemocascade.train.optim import OptimConfig
@@ -13,6 +15,58 @@ from nemocascade.typed_config import ConfigError, from_mapping
 
 RL_TYPES = ("grpo", "mopd")
 LOSS_CONFIGS = {"grpo": GRPOConfig, "mopd": DistillConfig}
+ENV_LIMIT_KEYS = (
+    "max_turns",
+    "max_calls_per_turn",
+    "max_tool_calls",
+    "tool_timeout_s",
+    "max_tool_output_chars",
+    "max_episode_tokens",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvStageConfig:
+    """The environment of an agentic GRPO stage (`stages.<name>.env`); `name` "" (the default)
+    keeps the stage single-turn. With a name (an `rl.envs` environment, e.g. "swe"), every
+    rollout is an episode: the environment is built from the prompt record, the model's tool
+    calls are executed in the sandbox and answered, until the episode ends or a limit cuts it
+    (the `EnvLimits` fields, plus `max_episode_tokens` for the whole conversation, which is
+    also the stage's training sequence length). The paper's SWE RL (256K context, up to 200
+    turns) is this with `name="swe"`.
+
+    The limits are not checked here but by `problems` (called by `jobs.validate` before
+    anything trains, and by `RLStage`), so every bad key of every stage is listed at once."""
+
+    name: str = ""
+    max_turns: int = 8
+    max_calls_per_turn: int = 8
+    max_tool_calls: int = 32
+    tool_timeout_s: float = 10.0
+    max_tool_output_chars: int = 2000
+    max_episode_tokens: int = 4096
+
+    def problems(self, where: str) -> list[str]:
+        """Each count limit below 1 and a tool timeout not > 0, named `where.<key>` (`where` is
+        the section, `stages.<name>.env`)."""
+        out = [
+            f"{where}.{k}={getattr(self, k)}: must be >= 1"
+            for k in ENV_LIMIT_KEYS
+            if k != "tool_timeout_s" and not getattr(self, k) >= 1
+        ]
+        if not self.tool_timeout_s > 0:
+            out.append(f"{where}.tool_timeout_s={self.tool_timeout_s}: must be > 0 (seconds)")
+        return out
+
+    def limits(self) -> EnvLimits:
+        """The per-episode limits every environment enforces."""
+        return EnvLimits(
+            max_turns=self.max_turns,
+            max_calls_per_turn=self.max_calls_per_turn,
+            max_tool_calls=self.max_tool_calls,
+            tool_timeout_s=self.tool_timeout_s,
+            max_tool_output_chars=self.max_tool_output_chars,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +116,9 @@ class RLStageConfig:
     # MOPD: {domain: stage name or Hugging Face checkpoint directory}; a domain not named here is
     # taught by its best evaluated checkpoint so far
     teachers: dict[str, str] = dataclasses.field(default_factory=dict)
+    # GRPO: multi-turn episodes with tool execution instead of single responses (see
+    # `EnvStageConfig`); `max_new_tokens` then bounds each assistant turn
+    env: EnvStageConfig = dataclasses.field(default_factory=EnvStageConfig)
 
     def __post_init__(self):
         for key in (
@@ -98,6 +155,10 @@ class RLStageConfig:
                 raise ValueError(f"{key} names domains {unknown} not in domains")
         if self.teachers and self.type != "mopd":
             raise ValueError("teachers is for mopd stages")
+        if self.env.name and (self.type != "grpo" or self.reward != "verifier"):
+            raise ValueError(
+                "env is for grpo stages rewarded by the environment (reward='verifier')"
+            )
         if self.reward_model and self.reward == "verifier":
             raise ValueError("reward_model options need a learned reward (reward != 'verifier')")
 

@@ -154,6 +154,9 @@ def run_episodes(
     if max_new_tokens < 1 or max_episode_tokens < 2:
         raise ValueError("run_episodes: need max_new_tokens >= 1 and max_episode_tokens >= 2")
     refill_at = max(1, s // 8) if refill_at is None else int(refill_at)
+    # a fed slot runs as one row per batch shard: an expert-parallel MoE splits the tokens over
+    # the shards (1 on one device, so nothing changes there)
+    feed_rows = shd.batch_shards(mesh)
     greedy = temperature == 0.0
     mode = SamplingMode(greedy=greedy, top_k=0, top_p=(not greedy) and top_p < 1.0)
     args = (
@@ -232,7 +235,7 @@ def run_episodes(
                 ready.append((ep, prompt))
             while ready:  # feed new tokens, sample each turn's first token
                 ep, ids = ready.popleft()
-                logits, st = tr.feed(parts, st, ep.slot, ids, max_piece)
+                logits, st = tr.feed(parts, st, ep.slot, ids, max_piece, feed_rows)
                 pos = len(ep.builder)
                 budget = min(pos + max_new_tokens, max_episode_tokens)
                 st = tr.start_turn(

@@ -10,6 +10,8 @@ Cascade 2):
      `max_gen_batches` rounds); MOPD: each row's domain teacher scores the sampled tokens
      (`loss.objective="reverse_kl"`: the teachers run inside the step, full-vocabulary KL);
   4. one optimizer update (`train.grpo` / `train.distill` steps, jitted once per stage).
+A GRPO stage with an environment (`env.name`, e.g. the paper's SWE RL) samples whole multi-turn
+episodes instead of single responses in steps 2-3 (`rl.agentic`); the step is the same.
 The loop checkpoints every `checkpoint_every` steps (and on SIGTERM), logs the rollout metrics
 (rewards per domain, response lengths, truncation, timings) with the step's, and evaluates every
 `eval_every` steps when given an `eval_fn`.
@@ -29,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from nemocascade import rewards as rw
-from nemocascade.rl import batching
+from nemocascade.rl import agentic, batching
 from nemocascade.rl import rollouts as ro
 from nemocascade.rl.config import RLStageConfig
 from nemocascade.sharding import device_batch
@@ -84,13 +86,30 @@ class RLStage:
         self.rows = cfg.rows
         # One sequence length for the whole stage (longest prompt + max_new_tokens - 1 inputs,
         # rounded up to a multiple of 16, not a power of two: up to 1.9x less work per step), so
-        # the train step compiles once.
-        longest = max(
-            len(p)
-            for pool in pools.values()
-            for p in ro.render_prompts(tokenizer, pool, thinking=cfg.thinking)
-        )
-        self.seq_len = -(-(longest + cfg.max_new_tokens - 1) // SEQ_MULTIPLE) * SEQ_MULTIPLE
+        # the train step compiles once. An episode is at most `env.max_episode_tokens` long.
+        if cfg.env.name:
+            problems = cfg.env.problems(f"stages.{name}.env")
+            prompt = max(
+                agentic.longest_prompt(tokenizer, pool, cfg.env, cfg.thinking)
+                for pool in pools.values()
+            )
+            if prompt + cfg.max_new_tokens > cfg.env.max_episode_tokens:
+                problems.append(
+                    f"stages.{name}.env.max_episode_tokens={cfg.env.max_episode_tokens}: the "
+                    f"longest opening prompt has {prompt} tokens, no room for a turn of "
+                    f"max_new_tokens={cfg.max_new_tokens}"
+                )
+            if problems:
+                raise ValueError("; ".join(problems))
+            longest_inputs = cfg.env.max_episode_tokens - 1
+        else:
+            longest = max(
+                len(p)
+                for pool in pools.values()
+                for p in ro.render_prompts(tokenizer, pool, thinking=cfg.thinking)
+            )
+            longest_inputs = longest + cfg.max_new_tokens - 1
+        self.seq_len = -(-longest_inputs // SEQ_MULTIPLE) * SEQ_MULTIPLE
         self.tx = make_optimizer(cfg.optim, cfg.steps)
         if cfg.freeze_router:  # as in Nemotron-3 RL: router frozen, the bias still moves
             self.tx = freeze_router(self.tx)
@@ -220,8 +239,37 @@ class RLStage:
             slots=c.rollout_slots,
         )
 
+    def _episodes(self, state: TrainState, step: int, round_: int) -> list:
+        """One round of an agentic stage: `samples_per_prompt` episodes of each drawn record."""
+        c = self.cfg
+        return agentic.sample_episodes(
+            self.graphdef,
+            nnx.merge_state(state.params, state.model_state),
+            self.tokenizer,
+            self._draw(step, round_),
+            env=c.env,
+            n=c.samples_per_prompt,
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            seed=batching.stable_seed(self.seed, self.name, step, round_),
+            thinking=c.thinking,
+            slots=c.rollout_slots,
+            mesh=self.mesh,
+        )
+
     def next_batch(self, state: TrainState, step: int) -> tuple[dict | None, dict[str, Any]]:
-        if self.cfg.type == "grpo":
+        if self.cfg.env.name:  # agentic GRPO: multi-turn episodes (`rl.agentic`)
+            batch, record = agentic.episode_batch(
+                lambda r: self._episodes(state, step, r),
+                rows=self.rows,
+                group_size=self.cfg.samples_per_prompt,
+                rounds=self.cfg.max_gen_batches if self.cfg.loss.dynamic_filtering else 1,
+                cfg=self.cfg.loss,
+                seq_len=self.seq_len,
+                pad_id=self.tokenizer.pad_id,
+            )
+        elif self.cfg.type == "grpo":
             n = self.cfg.samples_per_prompt
             parts, rolls, metrics = batching.collect_groups(
                 lambda r: self._sample(
@@ -233,13 +281,14 @@ class RLStage:
                 cfg=self.cfg.loss,
             )
             batch = self._assemble(parts)
+            record = {**_rollout_metrics(rolls), **metrics}
         else:
             seed = batching.stable_seed(self.seed, self.name, step)
             roll = self._sample(state, self._draw(step, 0), seed)
             rolls, metrics = [roll], {}
             batch = self._assemble([batching.Part(roll, np.arange(len(roll.records)), None)])
             self._add_teacher_inputs(batch, roll.domains)
-        record = {**_rollout_metrics(rolls), **metrics}
+            record = {**_rollout_metrics(rolls), **metrics}
         if record["reward_error_frac"] > self.cfg.max_reward_error_frac:
             kinds = {
                 k.split("/", 1)[1]: int(v)
@@ -247,7 +296,7 @@ class RLStage:
                 if k.startswith("reward_errors/") and v
             }
             raise RewardErrors(
-                f"stage {self.name} step {step}: the graders failed on "
+                f"stage {self.name} step {step}: the graders (or environments) failed on "
                 f"{record['reward_error_frac']:.0%} of the responses (more than "
                 f"stages.{self.name}.max_reward_error_frac={self.cfg.max_reward_error_frac}); "
                 f"errors by kind: {kinds}. For sandbox errors see "

@@ -178,15 +178,24 @@ def decode_turns(
 
 
 def feed(
-    model_parts, st: SlotState, slot: int, ids: Sequence[int], max_piece: int | None = None
+    model_parts,
+    st: SlotState,
+    slot: int,
+    ids: Sequence[int],
+    max_piece: int | None = None,
+    rows: int = 1,
 ) -> tuple[jax.Array, SlotState]:
     """Runs `ids` on top of slot `slot`'s cached state (only these tokens); returns (logits of
     the last position [1, 1, V], state). `max_piece` cuts `ids` into blocks of at most that many
     tokens before `slots.extend`'s power-of-two pieces: fewer compiled programs (log2(max_piece)
-    + 1), more calls (a cached call continues exactly, so the result is the same)."""
+    + 1), more calls (a cached call continues exactly, so the result is the same). `rows` > 1
+    runs the slot as that many identical rows (written back to the same slot, all equal): a
+    sharded model needs its token count to divide over the batch shards (expert parallelism
+    splits tokens over them), which one row of 1, 2 or 4 tokens does not."""
     ids = [int(t) for t in ids]
     step = len(ids) if max_piece is None else int(max_piece)
     cache = st.cache
     for a in range(0, len(ids), step):
-        logits, cache = sl.extend(model_parts, cache, [slot], [ids[a : a + step]])
-    return logits, st.replace(cache=cache)
+        piece = ids[a : a + step]
+        logits, cache = sl.extend(model_parts, cache, [slot] * rows, [piece] * rows)
+    return logits[:1], st.replace(cache=cache)

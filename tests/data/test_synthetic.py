@@ -70,14 +70,15 @@ def test_reference_responses_fit_the_tiny_cascade_token_budgets(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cfg = mod.get_config()
-    domains = sorted({d.strip() for st in cfg.stages.values() for d in str(st.domains).split(",")})
+    stages = {n: cfg.stages[n] for n in cfg.stage_order.split(",")}  # the main job's stages
+    domains = sorted({d.strip() for st in stages.values() for d in str(st.domains).split(",")})
     tok = train_bpe(  # the tokenizer the job trains: on its own domains' texts
         tasks.all_texts(seed=cfg.seed, domains=domains),
         int(cfg.tokenizer.vocab_size),
         split_digits=bool(cfg.tokenizer.split_digits),
     )
     caps = {d: [("eval", int(cfg.eval.max_new_tokens))] for d in domains}
-    for name, st in cfg.stages.items():
+    for name, st in stages.items():
         if "max_new_tokens" in st:  # the sampling stages (not sft, not reward_model)
             for d in str(st.domains).split(","):
                 caps[d.strip()].append((name, int(st.max_new_tokens)))

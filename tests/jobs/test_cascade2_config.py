@@ -19,7 +19,8 @@ NUM_DEVICES = 64  # e.g. a v5p-128 slice (64 chips) or 8 hosts x 8 H200
 
 
 # C2 Tables 7-10 and §4 (shared/reference/cascade2_algorithms.md): stage -> (steps, prompts,
-# samples, max response, lr, temperature, top-p, kl, overlong filtering, dynamic filtering)
+# samples, max response (swe_rl: per turn), lr, temperature, top-p, kl, overlong filtering,
+# dynamic filtering)
 PAPER_RL = {
     "if_rl": (180, 128, 16, 49_152, 3e-6, 1.0, 1.0, 0.0, False, True),
     "multi_domain_rl": (70, 128, 16, 49_152, 3e-6, 1.0, 1.0, 0.0, True, False),
@@ -27,6 +28,7 @@ PAPER_RL = {
     "rlhf": (25, 128, 16, 16_384, 3e-6, 1.0, 1.0, 0.03, True, False),
     "long_context_rl": (30, 128, 16, 16_384, 3e-6, 1.0, 1.0, 0.0, True, False),
     "code_rl": (22, 128, 16, 118_784, 3e-6, 1.0, 0.95, 0.0, True, False),
+    "swe_rl": (50, 16, 64, 16_384, 3e-6, 0.8, 1.0, 0.0, False, True),
 }
 
 
@@ -41,6 +43,7 @@ def test_paper_hyperparameters():
         "rlhf",
         "long_context_rl",
         "code_rl",
+        "swe_rl",
     ]
     stages = {n: parse_stage(n, c.stages[n]) for n in c.stage_order.split(",")}
     for name, want in PAPER_RL.items():
@@ -67,6 +70,12 @@ def test_paper_hyperparameters():
         "workplace": 0.30,
         "structured_output": 0.15,
     }
+    # SWE RL (Table 10): multi-turn episodes in the swe environment, 256K context, <= 200 turns,
+    # lr 3e-6 after 10 warmup steps decaying to 0; the other stages are single-turn
+    swe = stages["swe_rl"]
+    assert (swe.env.name, swe.env.max_episode_tokens, swe.env.max_turns) == ("swe", 262_144, 200)
+    assert (swe.optim.warmup_steps, swe.optim.min_lr) == (10, 0.0)
+    assert all(not stages[n].env.name for n in PAPER_RL if n != "swe_rl")
     assert stages["rlhf"].reward == "genrm" and stages["long_context_rl"].reward == "llm_judge"
     # MOPD (Table 8 and §4.4): 128 x 4, lr 2e-6 after a 30-step warmup, band [0.5, 2.0];
     # teachers: math = SFT, rlhf = RLHF trained from SFT (a side branch), others: best so far
