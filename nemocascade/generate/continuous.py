@@ -167,8 +167,7 @@ def _refill(
     return constrain_batch(new, mesh), evicted
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "mesh"), donate_argnames=("st",))
-def _decode_chunk(
+def decode_loop(
     graphdef,
     state,
     st: SlotState,
@@ -177,16 +176,20 @@ def _decode_chunk(
     top_p,
     eos_E,
     stop_S,
-    pad_id,
     max_steps,
-    refill_at,
+    stop_at,
     *,
     mode: SamplingMode,
     mesh: Mesh | None,
+    hold_finished: bool,
 ):
-    """Decodes every slot, each at its own position and step, until `max_steps` steps have run,
-    no slot is running, or at least `refill_at` slots are not running. Returns (state, steps)."""
-    del pad_id  # finished and empty slots keep their buffers; pads were written at admission
+    """Decodes every running slot, each at its own position and step, until `max_steps` steps
+    have run, no slot is running, or at least `stop_at` slots are not running (traced: call it
+    inside a jitted program). Returns (state, steps).
+
+    `hold_finished`: a slot that is not running keeps its cached state (KV index, Mamba states)
+    and its next input, as a multi-turn episode waiting for its tools must (`rl.turns`); without
+    it (this engine) finished slots run along and their state is discarded at the next refill."""
     s, g = st.tok_S.shape[0], st.toks_SG.shape[1]
     cols_G = jnp.arange(g)[None, :]
     sample = functools.partial(sample_step, mode=mode, temperature=temperature, top_p=top_p)
@@ -194,7 +197,7 @@ def _decode_chunk(
     def cond(carry):
         i, st = carry
         running = jnp.sum(st.reason_S == RUNNING)
-        return (i < max_steps) & (running > 0) & (s - running < refill_at)
+        return (i < max_steps) & (running > 0) & (s - running < stop_at)
 
     def body(carry):
         i, st = carry
@@ -205,6 +208,8 @@ def _decode_chunk(
         keys_S = row_keys(seed, jnp.maximum(st.row_S, 0))
         tok_S, lp_S, lpr_S = sample(logits_SV, keys_S, st.step_S)
         active = st.reason_S == RUNNING
+        if hold_finished:
+            cache, tok_S = sl.hold_rows(cache, st.cache, active), jnp.where(active, tok_S, st.tok_S)
         at_SG = active[:, None] & (cols_G == st.step_S[:, None])
         code = classify(tok_S, st.step_S, st.budget_S, eos_E, stop_S)
         reason = jnp.where(active, code, st.reason_S)
@@ -225,6 +230,42 @@ def _decode_chunk(
 
     steps, st = jax.lax.while_loop(cond, body, (jnp.int32(0), st))
     return st, steps
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "mesh"), donate_argnames=("st",))
+def _decode_chunk(
+    graphdef,
+    state,
+    st: SlotState,
+    seed,
+    temperature,
+    top_p,
+    eos_E,
+    stop_S,
+    pad_id,
+    max_steps,
+    refill_at,
+    *,
+    mode: SamplingMode,
+    mesh: Mesh | None,
+):
+    """`decode_loop` until `max_steps` steps, no slot running, or `refill_at` slots free."""
+    del pad_id  # finished and empty slots keep their buffers; pads were written at admission
+    return decode_loop(
+        graphdef,
+        state,
+        st,
+        seed,
+        temperature,
+        top_p,
+        eos_E,
+        stop_S,
+        max_steps,
+        refill_at,
+        mode=mode,
+        mesh=mesh,
+        hold_finished=False,
+    )
 
 
 def compiled_program_counts() -> dict[str, int]:

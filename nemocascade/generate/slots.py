@@ -89,6 +89,24 @@ def put_rows(cache: list, slots_M: jax.Array, rows: list) -> list:
     return jax.tree.map(lambda a, r: a.at[slots_M].set(r.astype(a.dtype), mode="drop"), cache, rows)
 
 
+def hold_rows(new: list, old: list, active_S: jax.Array) -> list:
+    """The slot cache after a decode step with the rows that are not `active_S` kept as they were:
+    KV index and Mamba states (the KV entry such a row wrote at its index is masked, and
+    overwritten by the row's next tokens, so the [S, L] KV arrays are never copied)."""
+
+    def keep(n, o):
+        a = active_S.reshape(active_S.shape + (1,) * (n.ndim - 1))
+        return jnp.where(a, n, o)
+
+    out = []
+    for n, o in zip(new, old, strict=True):
+        if isinstance(n, KVCache):
+            out.append(n.replace(index=keep(n.index, o.index)))
+        else:
+            out.append(jax.tree.map(keep, n, o))
+    return out
+
+
 def _attention_per_row(block, x_BTD, seg_BT, cache: KVCache):
     """One attention block, each row continuing its own cache at its own index."""
 

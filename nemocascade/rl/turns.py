@@ -10,7 +10,7 @@ position in the episode of the token sampled next (the sampling key's step), and
     feed          run new tokens on top of a slot's cached state (`slots.extend`)
     start_turn    sample a turn's first token from `feed`'s logits, set the slot's turn state
     decode_turns  decode all running slots (`lax.while_loop`) until enough turns have ended; a
-                  slot whose turn has ended keeps its cached state (`freeze`)
+                  slot whose turn has ended keeps its cached state (`slots.hold_rows`)
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nemocascade.generate import slots as sl
-from nemocascade.generate.continuous import SlotState
+from nemocascade.generate.continuous import SlotState, decode_loop
 from nemocascade.generate.request import LENGTH, RUNNING, classify, constrain_batch
 from nemocascade.generate.sampling import SamplingMode, row_keys, sample_step
-from nemocascade.model.attention import KVCache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "slots", "length", "mesh"))
@@ -52,24 +51,6 @@ def empty_state(graphdef, state, *, slots: int, length: int, mesh: Mesh | None) 
 def reset_rows(cache: list, slots_M: jax.Array) -> list:
     """Zeroes the rows `slots_M` (an empty cache is all zeros: KV index 0, Mamba states 0)."""
     return jax.tree.map(lambda a: a.at[slots_M].set(0), cache)
-
-
-def freeze(new: list, old: list, active_S: jax.Array) -> list:
-    """The cache after a decode step with the rows that are not `active_S` kept as they were:
-    KV index and Mamba states (the KV entry such a row wrote at its index is masked, and
-    overwritten by the row's next tokens, so the [S, L] KV arrays are never copied)."""
-
-    def keep(n, o):
-        a = active_S.reshape(active_S.shape + (1,) * (n.ndim - 1))
-        return jnp.where(a, n, o)
-
-    out = []
-    for n, o in zip(new, old, strict=True):
-        if isinstance(n, KVCache):
-            out.append(n.replace(index=keep(n.index, o.index)))
-        else:
-            out.append(jax.tree.map(keep, n, o))
-    return out
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "mesh"), donate_argnames=("st",))
@@ -136,45 +117,23 @@ def decode_turns(
 ):
     """Decodes every running slot at its own position until `max_steps` steps, no slot running,
     or at least `stop_at` slots not running. `step_S` is the position of the token sampled next
-    (the key's step); `toks_SG` holds each token at its position. Returns (state, steps)."""
-    s = st.tok_S.shape[0]
-    cols_G = jnp.arange(st.toks_SG.shape[1])[None, :]
-    sample = functools.partial(sample_step, mode=mode, temperature=temperature, top_p=top_p)
-
-    def cond(carry):
-        i, st = carry
-        running = jnp.sum(st.reason_S == RUNNING)
-        return (i < max_steps) & (running > 0) & (s - running < stop_at)
-
-    def body(carry):
-        i, st = carry
-        model = nnx.merge(graphdef, state)
-        ids_S1 = st.tok_S[:, None]
-        h_S1D, cache = sl.forward(model, ids_S1, jnp.ones_like(ids_S1), st.cache)
-        tok_S, lp_S, lpr_S = sample(
-            model.logits(h_S1D)[:, 0], row_keys(seed, jnp.maximum(st.row_S, 0)), st.step_S
-        )
-        active = st.reason_S == RUNNING
-        at_SG = active[:, None] & (cols_G == st.step_S[:, None])
-        code = classify(tok_S, st.step_S, st.budget_S, eos_E, stop_S)
-        reason = jnp.where(active, code, st.reason_S)
-        ended = active & (reason != RUNNING)
-        new = SlotState(
-            cache=freeze(cache, st.cache, active),
-            tok_S=jnp.where(active, tok_S, st.tok_S),
-            step_S=st.step_S + active.astype(jnp.int32),
-            row_S=st.row_S,
-            budget_S=st.budget_S,
-            reason_S=reason,
-            length_S=jnp.where(ended, st.step_S + 1, st.length_S),
-            toks_SG=jnp.where(at_SG, tok_S[:, None], st.toks_SG),
-            lps_SG=jnp.where(at_SG, lp_S[:, None], st.lps_SG),
-            lprs_SG=jnp.where(at_SG, lpr_S[:, None], st.lprs_SG),
-        )
-        return i + 1, constrain_batch(new, mesh)
-
-    steps, st = jax.lax.while_loop(cond, body, (jnp.int32(0), st))
-    return st, steps
+    (the key's step); `toks_SG` holds each token at its position; a slot whose turn has ended
+    keeps its cached state and next input (`slots.hold_rows`). Returns (state, steps)."""
+    return decode_loop(
+        graphdef,
+        state,
+        st,
+        seed,
+        temperature,
+        top_p,
+        eos_E,
+        stop_S,
+        max_steps,
+        stop_at,
+        mode=mode,
+        mesh=mesh,
+        hold_finished=True,
+    )
 
 
 def feed(
