@@ -30,7 +30,6 @@ import optax
 from flax import nnx
 
 from nemocascade.model.config import ModelConfig
-from nemocascade.model.moe_balance import load_metrics
 from nemocascade.model.reward_head import RewardModel, abstract_reward_model, split_reward_model
 from nemocascade.sharding import device_batch
 from nemocascade.train.checkpoint import Checkpointer
@@ -44,7 +43,7 @@ from nemocascade.train.loop import (
 )
 from nemocascade.train.optim import OptimConfig, apply_update, lr_schedule, make_optimizer
 from nemocascade.train.state import TrainState
-from nemocascade.train.steps import accumulate, schedule_count
+from nemocascade.train.steps import accumulate, update_metrics
 
 Batch = Mapping[str, jax.Array]
 PAIR_KEYS = ("chosen_ids", "chosen_last", "rejected_ids", "rejected_last", "pair_mask")
@@ -156,14 +155,7 @@ def reward_model_step(
     new_state, grad_norm, skipped = apply_update(
         state, metrics["loss"], grads, counts_LE, tx=tx, moe_bias_rate=moe_bias_rate
     )
-    metrics |= {
-        "grad_norm": grad_norm,
-        "lr": lr_fn(schedule_count(state.opt_state)),
-        "skipped": skipped,
-    }
-    if counts_LE.shape[0]:
-        metrics["moe_max_violation"] = jnp.max(load_metrics(counts_LE)["moe/max_violation"])
-    return new_state, metrics
+    return new_state, metrics | update_metrics(state, counts_LE, grad_norm, skipped, lr_fn)
 
 
 def reward_model_eval_step(state, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:

@@ -23,11 +23,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nemocascade.model.moe_balance import load_metrics
 from nemocascade.train.losses import model_hidden_and_head, token_cross_entropy_sum
 from nemocascade.train.optim import apply_update
 from nemocascade.train.state import TrainState
-from nemocascade.train.steps import accumulate, schedule_count
+from nemocascade.train.steps import accumulate, update_metrics
 
 Batch = Mapping[str, jax.Array]
 
@@ -122,16 +121,8 @@ def sft_step(
     new_state, grad_norm, skipped = apply_update(
         state, loss, grads, counts_LE, tx=tx, moe_bias_rate=moe_bias_rate
     )
-    metrics = {
-        "loss": loss,
-        "tokens": count,
-        "grad_norm": grad_norm,
-        "lr": lr_fn(schedule_count(state.opt_state)),
-        "skipped": skipped,
-    }
-    if counts_LE.shape[0]:
-        metrics["moe_max_violation"] = jnp.max(load_metrics(counts_LE)["moe/max_violation"])
-    return new_state, metrics
+    metrics = {"loss": loss, "tokens": count}
+    return new_state, metrics | update_metrics(state, counts_LE, grad_norm, skipped, lr_fn)
 
 
 def sft_eval_step(

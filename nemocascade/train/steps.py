@@ -9,6 +9,7 @@ accumulate         value, stats and gradients summed over equal microbatches (`l
 common_stats       the RL steps' additive diagnostics (tokens, entropy, sampler gap, expert
                    counts); `step_metrics` turns them into means, MoE load and the lr
 schedule_count     the optimizer's update count (the lr schedule's argument)
+update_metrics     grad_norm, lr, skipped and MoE load of an update (SFT, reward model)
 """
 
 from __future__ import annotations
@@ -157,4 +158,16 @@ def step_metrics(state: TrainState, stats: dict, lr_fn: Callable | None) -> dict
         )
     if lr_fn is not None:
         out["lr"] = lr_fn(schedule_count(state.opt_state))
+    return out
+
+
+def update_metrics(
+    state: TrainState, counts_LE: jax.Array, grad_norm, skipped, lr_fn: Callable
+) -> dict:
+    """What every update reports beside its loss: grad_norm (before clipping), the lr of this
+    update (`state` is the state before it), skipped, and with MoE layers moe_max_violation (max
+    over layers of max/mean expert load - 1)."""
+    out = {"grad_norm": grad_norm, "lr": lr_fn(schedule_count(state.opt_state)), "skipped": skipped}
+    if counts_LE.shape[0]:
+        out["moe_max_violation"] = jnp.max(load_metrics(counts_LE)["moe/max_violation"])
     return out
