@@ -1,6 +1,11 @@
-"""Test-wide setup: 8 simulated CPU devices (for mesh tests) and fp32 matmuls.
+"""Test-wide setup: 8 simulated CPU devices (for mesh tests), fp32 matmuls, and the sandbox.
 
 XLA_FLAGS must be set before jax is imported anywhere, so it lives here.
+
+On a machine where bubblewrap cannot start a sandbox (not installed, or no user namespaces), the
+suite opts in to the weak sandbox (`NEMOCASCADE_ALLOW_WEAK_SANDBOX=1`: rlimits only): the code it
+runs is the suite's own, so the README's test command passes with and without bubblewrap. Tests of
+the isolation itself skip without bwrap, and tests of the refusal unset the variable.
 """
 
 import os
@@ -11,3 +16,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from nemocascade.rewards.sandbox import WEAK_SANDBOX_ENV, SandboxConfig, sandbox_status  # noqa: E402
+
+_SANDBOX = sandbox_status(SandboxConfig(allow_weak=False))
+if not _SANDBOX.available:
+    os.environ.setdefault(WEAK_SANDBOX_ENV, "1")
+
+
+def pytest_report_header(config):
+    if _SANDBOX.available:
+        return f"sandbox: bubblewrap at {_SANDBOX.bwrap}"
+    return (
+        f"sandbox: no working bubblewrap; tests run code with {WEAK_SANDBOX_ENV}=1 (rlimits only)"
+    )

@@ -64,6 +64,7 @@ from nemocascade.jobs.stages import (
 )
 from nemocascade.jobs.validate import validate_stages
 from nemocascade.model import ModelConfig, NemotronH, load_hf_checkpoint, save_hf_checkpoint
+from nemocascade.model.reward_head import META_FILE
 from nemocascade.rl import RLStage, RLStageConfig
 from nemocascade.sharding import MeshConfig, batch_shards, make_mesh
 from nemocascade.train import distill
@@ -188,36 +189,69 @@ class Cascade:
         _, params, rest = split_model(model)
         return params, rest
 
-    def evaluate(self, params, model_state, episodes: dict | None = None) -> dict[str, float]:
-        """Held-out score (percent) of every domain (`jobs.evaluation`); the episode metrics of
-        the agentic domains go to `episodes` when given."""
+    def evaluate(
+        self,
+        params,
+        model_state,
+        episodes: dict | None = None,
+        domains=None,
+        intervals=None,
+        n_samples: int = 0,
+    ) -> dict[str, float]:
+        """Held-out score (percent) of every domain, or of `domains` (`jobs.evaluation`), from
+        `n_samples` per prompt (0: the eval section's); the episode metrics of the agentic
+        domains go to `episodes`, the 95% intervals of the verifier-graded ones to `intervals`,
+        when given."""
+        eval_sets = self.eval_sets
+        if domains is not None:
+            eval_sets = {d: eval_sets[d] for d in domains}
         return evaluate_domains(
             self.graphdef,
             nnx.merge_state(params, model_state),
             self.tokenizer,
-            self.eval_sets,
-            self.eval_cfg,
+            eval_sets,
+            dataclasses.replace(self.eval_cfg, n_samples=n_samples or self.eval_cfg.n_samples),
             seed=self.seed,
             reward_cache=self.reward_cache,
             num_workers=int(self.config.num_workers),
             mesh=self.mesh,
             envs=self.eval_envs,
             episodes=episodes,
+            intervals=intervals,
         )
 
     # ------------------------------------------------------------------ stages
     def _run_sft(self, name: str, cfg: SFTStageConfig, params, model_state):
         records = [
-            r for d in cfg.domains for r in self._records(d, "sft")[: cfg.records_per_domain.get(d)]
+            r
+            for d in cfg.domains
+            for r in self._records(d, "sft")[: cfg.records_per_domain.get(d)]
+            * int(cfg.domain_repeats.get(d, 1))
         ]
         loop = LoopConfig(
             steps=cfg.steps,
             checkpoint_every=min(cfg.checkpoint_every, cfg.steps),
             keep_checkpoints=1,
             best_metric="",
+            eval_every=cfg.eval_every,
             progress=bool(self.config.progress),
             async_checkpoint=False,
         )
+        scores_fn = until = None
+        if cfg.eval_every:  # the learning curve; with stop_at, only its domains decide the end
+            watched = tuple(cfg.stop_at) or tuple(d for d in cfg.domains if d in self.eval_sets)
+
+            def scores_fn(state):
+                scores = self.evaluate(
+                    state.params, state.model_state, domains=watched, n_samples=cfg.eval_samples
+                )
+                return {f"eval/{d}": v for d, v in scores.items()}
+
+        if cfg.stop_at:
+
+            def until(metrics):
+                return all(metrics[f"eval/{d}"] >= float(s) for d, s in cfg.stop_at.items())
+
         packing = PackingConfig(
             seq_len=cfg.seq_len,
             global_batch=cfg.batch_size,
@@ -239,6 +273,8 @@ class Cascade:
             loss_chunk_size=cfg.loss_chunk_size,
             seed=self.seed,
             name=name,
+            scores_fn=scores_fn,
+            until=until,
         )
 
     def _teachers(self, name: str, cfg: RLStageConfig, best: Mapping[str, str]):
@@ -281,6 +317,24 @@ class Cascade:
             policy_tokenizer=self.tokenizer,
             mesh=self.mesh,
         )
+
+    def _check_finished_exports(self, done: set[str]) -> None:
+        """A stage still to run that scores with `stage:<name>` of a reward model that already
+        finished needs that export on disk: checked at launch, not when the stage starts."""
+        for name in self.order:
+            cfg = self.stages[name]
+            path = getattr(cfg, "reward_model_path", "")
+            if name in done or getattr(cfg, "reward", "verifier") == "verifier":
+                continue
+            if path.startswith(STAGE_PREFIX) and path[len(STAGE_PREFIX) :] in done:
+                src = path[len(STAGE_PREFIX) :]
+                export = os.path.join(self._stage_dir(src), EXPORT_DIR)
+                if not os.path.isfile(os.path.join(export, META_FILE)):
+                    raise FileNotFoundError(
+                        f"stages.{name}.reward_model_path={path!r}: stage {src!r} finished "
+                        f"(summary.json) but its export {export} is missing; restore it, or "
+                        f"remove {src!r} from {self.results_path} to train it again"
+                    )
 
     def _run_reward_model(self, name: str, cfg: RewardModelStageConfig, params, model_state):
         return run_reward_stage(
@@ -342,6 +396,7 @@ class Cascade:
     def run(self) -> dict[str, Any]:
         summary = self._load_summary()
         done = {s["name"] for s in summary["stages"]}
+        self._check_finished_exports(done)
         chain = None  # the last finished main-chain stage (side branches have a start_from)
         weights = None  # its (params, model_state) when they are in memory
         for name in self.order:
@@ -361,6 +416,13 @@ class Cascade:
             extra: dict[str, Any] = {}
             if isinstance(cfg, SFTStageConfig):
                 result = self._run_sft(name, cfg, params, model_state)
+                extra["steps_done"] = int(result.record.get("step", cfg.steps))
+                if result.stopped_early:  # stop_at reached: the measured scores that ended it
+                    extra["stopped_at"] = {
+                        k[len("eval/") :]: float(v)
+                        for k, v in result.record.items()
+                        if k.startswith("eval/")
+                    }
             elif isinstance(cfg, RewardModelStageConfig):
                 result, extra["rm_eval"] = self._run_reward_model(name, cfg, params, model_state)
             else:
@@ -378,7 +440,9 @@ class Cascade:
                 if main_chain:
                     chain, weights = name, (params, model_state)
                 episodes: dict[str, dict[str, float]] = {}
-                scores = self.evaluate(params, model_state, episodes)
+                intervals: dict[str, list] = {}
+                scores = self.evaluate(params, model_state, episodes, intervals=intervals)
+                extra["eval_ci95"] = intervals  # over problems, normal approximation
                 if episodes:  # success by number of turns, finish reasons, ... per domain
                     extra["episodes"] = episodes
             entry = {

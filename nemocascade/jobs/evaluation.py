@@ -328,12 +328,15 @@ def evaluate_domains(
     mesh=None,
     envs: Mapping[str, EnvStageConfig] | None = None,
     episodes: dict[str, dict[str, float]] | None = None,
+    intervals: dict[str, list[float | None]] | None = None,
 ) -> dict[str, float]:
     """{domain: score in percent} over each domain's held-out prompt records: the mean score of
     every sample (a grader failure counts 0), one generation batch per domain: the numbers
     `rl.rollouts.sample` gives for the same arguments. A domain in `envs` (`episode_envs`) is
     scored by `cfg.n_samples` episodes per record in its environment (at `cfg.temperature`,
-    `cfg.max_new_tokens` per turn); their metrics go to `episodes[domain]` when given."""
+    `cfg.max_new_tokens` per turn); their metrics go to `episodes[domain]` when given. With
+    `intervals`, each verifier-graded domain's 95% interval over problems (`mean_ci95`, percent)
+    goes to `intervals[domain]` as [low, high]."""
     out = {}
     for domain, records in eval_sets.items():
         if envs and domain in envs:
@@ -368,4 +371,7 @@ def evaluate_domains(
             reward_cache=reward_cache,
         )
         out[domain] = round(100.0 * float(s.scores.mean()), 2)
+        if intervals is not None:
+            ci = task_metrics(s)["ci95"]
+            intervals[domain] = [ci["low"], ci["high"]]
     return out

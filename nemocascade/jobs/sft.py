@@ -181,6 +181,8 @@ def run_sft_stage(
     loss_chunk_size: int,
     seed: int,
     name: str | None = None,
+    scores_fn: Callable[[TrainState], dict[str, float]] | None = None,
+    until: Callable[[dict[str, float]], bool] | None = None,
 ) -> LoopResult:
     """SFT of `weights` (a `(params, model_state)` pair, or a traceable function returning one)
     on the packed records: the one SFT stage, for the `sft` job and the cascade's SFT stage.
@@ -189,6 +191,8 @@ def run_sft_stage(
     `grad_accum_steps`, the MoE bias rate), the model's MoE aux-loss coefficient and
     `loss_chunk_size` (chunked cross-entropy, never [B, T, V] logits). With `eval_records`, the
     token-mean NLL on them is logged as `eval_loss` at `loop.eval_every` steps and checkpoints.
+    `scores_fn(state)` adds measured scores (e.g. held-out accuracies) to those evaluations, and
+    `until(metrics)` ends the stage early once they are good enough (`train_loop`).
     """
     tx = make_optimizer(optim, loop.steps)
     step_fn = functools.partial(
@@ -223,6 +227,8 @@ def run_sft_stage(
             functools.partial(sft_eval_step, graphdef=graphdef, loss_chunk_size=loss_chunk_size)
         )
         eval_fn = _EvalSet([device_batch(b, mesh) for b in batches], eval_step)
+    if scores_fn is not None:
+        eval_fn = _with_scores(eval_fn, scores_fn)
     return train_loop(
         config=loop,
         workdir=workdir,
@@ -231,8 +237,17 @@ def run_sft_stage(
         step_fn=step_fn,
         source=IteratorSource(iter(data)),
         eval_fn=eval_fn,
+        eval_on_checkpoint=until is None,  # an early stop decides at eval_every steps only
+        until=until,
         name=name,
     )
+
+
+def _with_scores(eval_fn, scores_fn):
+    def both(state: TrainState) -> dict[str, float]:
+        return {**(eval_fn(state) if eval_fn is not None else {}), **scores_fn(state)}
+
+    return both
 
 
 # ----------------------------------------------------------------------------- the `sft` job

@@ -19,7 +19,15 @@ from nemocascade.typed_config import ConfigError, from_mapping
 class SFTStageConfig:
     """An SFT stage of the cascade: `steps` updates on packed rows of `seq_len` tokens,
     `batch_size` rows per step, over the SFT records of `domains` (each capped at
-    `records_per_domain[domain]` records if given)."""
+    `records_per_domain[domain]` records if given).
+
+    `eval_every` > 0 scores the held-out sets every that many steps (`eval/<domain>` in
+    metrics.jsonl: the SFT's learning curve); with `stop_at` ({domain: held-out score in percent})
+    only those domains are scored and the stage ends at the first evaluation where every one of
+    them reaches its score: SFT sized by measured accuracy, not by a step count that lands on
+    either side of a skill's cliff depending on the CPU and the seed (`steps` is the maximum; the
+    learning-rate schedule keeps its `steps` horizon, as the paper's 40K-step cosine stopped at
+    33K)."""
 
     type: Literal["sft"]
     domains: tuple[str, ...]
@@ -29,11 +37,17 @@ class SFTStageConfig:
     thinking: bool
     optim: OptimConfig
     records_per_domain: dict[str, int] = dataclasses.field(default_factory=dict)
+    # each record of domain d appears domain_repeats[d] times per pass (default 1): a domain's
+    # share of the mixture raised without inventing records
+    domain_repeats: dict[str, int] = dataclasses.field(default_factory=dict)
     loss_chunk_size: int = 0  # 0: full logits; N: chunked cross-entropy (large vocabularies)
     non_thinking_fraction: float = 0.0
     overlong: Literal["truncate", "split"] = "truncate"
     checkpoint_every: int = 100
     start_from: str = ""  # "" continues the main chain; a stage name: a side branch from it
+    eval_every: int = 0  # 0: held-out scores only after the stage
+    eval_samples: int = 0  # samples per prompt of those checks; 0: the eval section's n_samples
+    stop_at: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for key in ("steps", "seq_len", "batch_size", "checkpoint_every"):
@@ -44,6 +58,25 @@ class SFTStageConfig:
         unknown = sorted(set(self.records_per_domain) - set(self.domains))
         if unknown:
             raise ValueError(f"records_per_domain names domains {unknown} not in domains")
+        unknown = sorted(set(self.domain_repeats) - set(self.domains))
+        if unknown:
+            raise ValueError(f"domain_repeats names domains {unknown} not in domains")
+        bad = {d: n for d, n in self.domain_repeats.items() if int(n) != n or n < 1}
+        if bad:
+            raise ValueError(f"domain_repeats must be integers >= 1, got {bad}")
+        if self.eval_every < 0 or self.eval_samples < 0:
+            raise ValueError(
+                f"eval_every and eval_samples must be >= 0, got {self.eval_every}, "
+                f"{self.eval_samples}"
+            )
+        unknown = sorted(set(self.stop_at) - set(self.domains))
+        if unknown:
+            raise ValueError(f"stop_at names domains {unknown} not in domains {self.domains}")
+        bad = {d: v for d, v in self.stop_at.items() if not 0.0 < float(v) <= 100.0}
+        if bad:
+            raise ValueError(f"stop_at scores are percentages in (0, 100], got {bad}")
+        if self.stop_at and self.eval_every < 1:
+            raise ValueError("stop_at needs eval_every >= 1 (the steps between its evaluations)")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any], section: str) -> SFTStageConfig:

@@ -15,7 +15,10 @@ metrics)`; everything else happens here, once:
      abort with `NonFiniteError`;
   5. `eval_fn(state)` every `eval_every` steps (and at checkpoints when `eval_on_checkpoint`);
      checkpoints every `checkpoint_every` steps, at the last step and on SIGTERM, which then
-     returns with `preempted=True`; a progress bar, `metrics.jsonl` and TensorBoard.
+     returns with `preempted=True`; a progress bar, `metrics.jsonl` and TensorBoard;
+  6. `until(eval metrics)`: an early stop sized by a measured score (e.g. an SFT that ends
+     once a held-out accuracy is reached): the step is checkpointed and the loop returns with
+     `stopped_early=True`; a rerun restores that checkpoint, sees the same record and stops.
 
 Running again on a finished workdir restores the last checkpoint and does no step.
 """
@@ -119,12 +122,13 @@ class Preempted(RuntimeError):
 
 @dataclasses.dataclass
 class LoopResult:
-    """The state after the last step done, that step's record, and whether SIGTERM stopped
-    the loop early (after saving a checkpoint)."""
+    """The state after the last step done, that step's record, whether SIGTERM stopped the
+    loop early (after saving a checkpoint) and whether `until` ended it before `steps`."""
 
     state: Any
     record: dict[str, Any]
     preempted: bool = False
+    stopped_early: bool = False
 
 
 def full_shardings(abstract_state: Any, mesh: Mesh) -> Any:
@@ -183,6 +187,7 @@ def train_loop(
     source: BatchSource,
     eval_fn: Callable[[Any], dict[str, float]] | None = None,
     eval_on_checkpoint: bool = True,
+    until: Callable[[dict[str, float]], bool] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     step_args: Sequence[Any] = (),
     progress_keys: Sequence[str] = ("loss",),
@@ -195,6 +200,7 @@ def train_loop(
     its scalar metrics. eval_fn(state) -> {name: float} is merged into the step's record.
     on_record(record) is called on every process after each record is logged. `progress_keys`
     are shown in the progress bar; `name` labels it (default: the workdir's name).
+    until(eval metrics) -> True ends training after that evaluation (checkpointed first).
     """
     workdir = os.fspath(workdir)
     is_main = jax.process_index() == 0
@@ -210,9 +216,13 @@ def train_loop(
     try:
         restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
         if restored is not None:
-            start, state, source_state, _ = restored
+            start, state, source_state, extra = restored
             source.set_state(source_state)
             log.info("resumed from %s/%s/%d", workdir, CHECKPOINT_DIR, start)
+            record = dict((extra or {}).get("record") or {})
+            if until is not None and record.get("stopped_early"):
+                log.info("%s: stopped early at step %d (resumed); nothing to do", workdir, start)
+                return LoopResult(state, record, stopped_early=True)
         elif callable(init):
             start, state = 0, jax.jit(init, out_shardings=shardings)()
         else:
@@ -225,7 +235,9 @@ def train_loop(
             return LoopResult(state, dict(records[-1]) if records else {"step": start})
         writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
         try:
-            run = _Run(config, workdir, mesh, shardings, step_fn, source, eval_fn, on_record, ckpt)
+            run = _Run(
+                config, workdir, mesh, shardings, step_fn, source, eval_fn, on_record, ckpt, until
+            )
             return run.loop(
                 state,
                 start,
@@ -264,6 +276,7 @@ class _Run:
     eval_fn: Callable | None
     on_record: Callable | None
     ckpt: Checkpointer
+    until: Callable | None = None
 
     def loop(self, state, start, *, eval_on_checkpoint, step_args, writer, progress, progress_keys):
         config = self.config
@@ -338,6 +351,10 @@ class _Run:
                         is_eval or (is_ckpt and eval_on_checkpoint)
                     )
                     extra = self.eval_fn(state) if run_eval else None
+                    early = extra is not None and self.until is not None and self.until(extra)
+                    if early:
+                        extra = {**extra, "stopped_early": 1}
+                        is_ckpt = True
                     last = handle(*pending, extra=extra)
                     pending = None
                     if is_ckpt:
@@ -351,6 +368,10 @@ class _Run:
                     if stopping:
                         self.ckpt.wait()
                         return LoopResult(state, last, preempted=True)
+                    if early:
+                        self.ckpt.wait()
+                        log.info("%s: stopped early at step %d", self.workdir, done)
+                        return LoopResult(state, last, stopped_early=True)
             self.ckpt.wait()  # the last checkpoint is on disk (or its failure is raised)
             return LoopResult(state, last)
         finally:

@@ -148,6 +148,47 @@ def test_bad_stage_config_is_named(tmp_path):
         Cascade(c, str(tmp_path))
 
 
+def test_sft_stops_at_measured_scores_and_stays_stopped(tmp_path, monkeypatch):
+    """`stop_at`: the SFT is scored every `eval_every` steps on its stop_at domains only and ends
+    at the first check where every one reaches its score (here math at the second check); the
+    summary records the steps done and the scores that ended it, and a rerun trains no further.
+    Invalid stop_at sections are refused with the key named."""
+    calls = []
+
+    def scripted(self, params, model_state, episodes=None, domains=None, intervals=None, **kw):
+        calls.append(tuple(domains) if domains is not None else None)
+        if domains is None:  # the evaluation after the stage
+            return {d: 1.0 for d in self.eval_sets}
+        return {"math": 10.0 * sum(1 for c in calls if c is not None)}  # 10, 20, ...
+
+    monkeypatch.setattr(Cascade, "evaluate", scripted)
+    c = _config()
+    c.stage_order = "sft"
+    c.stages.sft.update(steps=8, eval_every=2, checkpoint_every=8, stop_at={"math": 15.0})
+    work = str(tmp_path / "run")
+    Cascade(c, work).run()
+    assert calls == [("math",), ("math",), None]  # checked at steps 2 and 4, stopped at 4
+    entry = _json(os.path.join(work, "summary.json"))["stages"][0]
+    assert entry["steps_done"] == 4 and entry["stopped_at"] == {"math": 20.0}
+    metrics = _lines(os.path.join(work, "stages", "sft", "metrics.jsonl"))
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4]
+    assert metrics[1]["eval/math"] == 10.0 and metrics[3]["stopped_early"] == 1
+
+    calls.clear()
+    Cascade(c, work).run()  # finished: nothing trained, nothing evaluated
+    assert calls == [] and len(_lines(os.path.join(work, "stages", "sft", "metrics.jsonl"))) == 4
+
+    for bad, match in (
+        ({"stop_at": {"chat": 10.0}}, "stop_at names domains"),
+        ({"stop_at": {"math": 150.0}}, "percentages"),
+        ({"stop_at": {"math": 10.0}, "eval_every": 0}, "eval_every"),
+    ):
+        c = _config()
+        c.stages.sft.update(bad)
+        with pytest.raises(ValueError, match=match):
+            Cascade(c, str(tmp_path / "bad"))
+
+
 class _SigtermAfter:
     """A data iterator that sends this process SIGTERM when its `n`-th batch is taken."""
 
@@ -251,3 +292,13 @@ def test_reward_model_and_rlhf_stages(tmp_path):
     report = Path(work, "report.md").read_text()
     assert "Reward model `rm`: held-out pair accuracy" in report and "reward_rlhf.png" in report
     assert os.path.getsize(os.path.join(work, "reward_rlhf.png")) > 1000
+
+    # a later stage scoring with the finished rm whose export is gone: refused at launch,
+    # before anything trains, naming the key and the missing directory
+    export = os.path.join(work, "stages", "rm", "reward_model")
+    os.rename(export, export + ".moved")
+    c.stages.rlhf2 = ConfigDict(c.stages.rlhf.to_dict())
+    c.stage_order = "sft,rm,rlhf,rlhf2"
+    with pytest.raises(FileNotFoundError, match=r"stages\.rlhf2\.reward_model_path.*missing"):
+        Cascade(c, work).run()
+    assert not os.path.exists(os.path.join(work, "stages", "rlhf2"))

@@ -175,6 +175,7 @@ def test_normalize_output():
 
 
 def test_refuses_without_bwrap(monkeypatch, caplog, capsys):
+    monkeypatch.delenv(sandbox.WEAK_SANDBOX_ENV, raising=False)  # conftest sets it without bwrap
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
     monkeypatch.setattr(sandbox, "_SHOUTED", set())
     with caplog.at_level(logging.ERROR):
@@ -201,7 +202,7 @@ def test_weak_mode_only_when_allowed(monkeypatch, capsys):
 
 
 def test_missing_bwrap_binary_is_a_sandbox_error():
-    cfg = sandbox.SandboxConfig(bwrap_path="/nonexistent/bwrap")
+    cfg = sandbox.SandboxConfig(bwrap_path="/nonexistent/bwrap", allow_weak=False)
     res = run_tests(FIB, FIB_ASSERTS, config=cfg)
     assert (res.passed, res.status) == (False, "sandbox_error")
 

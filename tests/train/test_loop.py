@@ -213,3 +213,53 @@ def test_nonfinite_steps_abort_with_a_clear_message(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records] == [0, 0, 1, 1, 1]
     assert records[-1]["skipped_total"] == 3 and records[-1]["loss"] == "nan"
+
+
+def test_until_stops_early_checkpoints_and_a_rerun_stays_stopped(tmp_path):
+    """`until` ends the loop after the first evaluation it accepts (an SFT sized by a measured
+    score): that step is checkpointed even off the checkpoint interval, and a rerun restores it
+    and trains no further; without `until` the same loop runs all its steps."""
+    cfg = loop_lib.LoopConfig(
+        steps=40, checkpoint_every=100, eval_every=5, progress=False, best_metric=""
+    )
+
+    def step(state, batch):
+        return {"n": state["n"] + 1}, {"loss": jnp.float32(1.0), "skipped": jnp.int32(0)}
+
+    seen = []
+
+    def eval_fn(state):
+        seen.append(int(state["n"]))
+        return {"eval/score": 10.0 * float(state["n"])}
+
+    def run(workdir, until):
+        return loop_lib.train_loop(
+            config=cfg,
+            workdir=workdir,
+            mesh=make_mesh(),
+            init=lambda: {"n": jnp.zeros((), jnp.int32)},
+            step_fn=step,
+            source=loop_lib.IteratorSource(_Counter()),
+            eval_fn=eval_fn,
+            eval_on_checkpoint=False,
+            until=until,
+        )
+
+    def until(metrics):
+        return metrics["eval/score"] >= 120.0  # reached at step 15 (evaluated at 5, 10, 15)
+
+    result = run(tmp_path / "a", until)
+    assert result.stopped_early and not result.preempted
+    assert int(result.state["n"]) == 15 and seen == [5, 10, 15]
+    assert result.record["step"] == 15 and result.record["stopped_early"] == 1
+    ckpt = Checkpointer(os.path.join(tmp_path / "a", loop_lib.CHECKPOINT_DIR))
+    try:
+        assert ckpt.all_steps() == [15]  # saved although 15 is off checkpoint_every
+    finally:
+        ckpt.close()
+
+    again = run(tmp_path / "a", until)  # the rerun: restored, already stopped, no step
+    assert again.stopped_early and int(again.state["n"]) == 15 and seen == [5, 10, 15]
+
+    full = run(tmp_path / "b", None)
+    assert not full.stopped_early and int(full.state["n"]) == 40
