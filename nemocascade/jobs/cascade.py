@@ -62,9 +62,8 @@ from nemocascade.jobs.stages import (
     StageConfig,
     parse_stage,
 )
-from nemocascade.jobs.validate import validate_stages
+from nemocascade.jobs.validate import check_finished_exports, validate_stages
 from nemocascade.model import ModelConfig, NemotronH, load_hf_checkpoint, save_hf_checkpoint
-from nemocascade.model.reward_head import META_FILE
 from nemocascade.rl import RLStage, RLStageConfig
 from nemocascade.sharding import MeshConfig, batch_shards, make_mesh
 from nemocascade.train import distill
@@ -318,24 +317,6 @@ class Cascade:
             mesh=self.mesh,
         )
 
-    def _check_finished_exports(self, done: set[str]) -> None:
-        """A stage still to run that scores with `stage:<name>` of a reward model that already
-        finished needs that export on disk: checked at launch, not when the stage starts."""
-        for name in self.order:
-            cfg = self.stages[name]
-            path = getattr(cfg, "reward_model_path", "")
-            if name in done or getattr(cfg, "reward", "verifier") == "verifier":
-                continue
-            if path.startswith(STAGE_PREFIX) and path[len(STAGE_PREFIX) :] in done:
-                src = path[len(STAGE_PREFIX) :]
-                export = os.path.join(self._stage_dir(src), EXPORT_DIR)
-                if not os.path.isfile(os.path.join(export, META_FILE)):
-                    raise FileNotFoundError(
-                        f"stages.{name}.reward_model_path={path!r}: stage {src!r} finished "
-                        f"(summary.json) but its export {export} is missing; restore it, or "
-                        f"remove {src!r} from {self.results_path} to train it again"
-                    )
-
     def _run_reward_model(self, name: str, cfg: RewardModelStageConfig, params, model_state):
         return run_reward_stage(
             name=name,
@@ -396,7 +377,7 @@ class Cascade:
     def run(self) -> dict[str, Any]:
         summary = self._load_summary()
         done = {s["name"] for s in summary["stages"]}
-        self._check_finished_exports(done)
+        check_finished_exports(self.order, self.stages, done, self._stage_dir, self.results_path)
         chain = None  # the last finished main-chain stage (side branches have a start_from)
         weights = None  # its (params, model_state) when they are in memory
         for name in self.order:
@@ -418,6 +399,7 @@ class Cascade:
                 result = self._run_sft(name, cfg, params, model_state)
                 extra["steps_done"] = int(result.record.get("step", cfg.steps))
                 if result.stopped_early:  # stop_at reached: the measured scores that ended it
+                    extra["stop_at"] = dict(cfg.stop_at)
                     extra["stopped_at"] = {
                         k[len("eval/") :]: float(v)
                         for k, v in result.record.items()

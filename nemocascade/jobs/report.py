@@ -28,7 +28,9 @@ def markdown_table(summary: dict, domains: Sequence[str]) -> str:
                 cells.append("")
             else:
                 mark = " **(best)**" if summary["teachers"].get(d) == st["name"] else ""
-                cells.append(f"{v:.1f}{mark}")
+                ci = st.get("eval_ci95", {}).get(d)
+                half = f" ±{(ci[1] - ci[0]) / 2:.1f}" if ci and None not in ci else ""
+                cells.append(f"{v:.1f}{half}{mark}")
         lines.append(
             f"| {st['name']} | {st['type']} | {', '.join(st['domains'])} | "
             + " | ".join(cells)
@@ -82,6 +84,45 @@ def plot_scores(summary: dict, domains: Sequence[str], path: str) -> None:
     plt.close(fig)
 
 
+def eval_curves(workdir: str, stage: str) -> dict[str, list[tuple[int, float]]]:
+    """{domain: [(step, held-out score)]} of the evaluations inside a stage (`eval/<domain>` in
+    its metrics.jsonl: an SFT's stop checks, an RL stage's `eval_every`); {} if none."""
+    path = os.path.join(workdir, "stages", stage, "metrics.jsonl")
+    curves: dict[str, list[tuple[int, float]]] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                for k, v in r.items():
+                    if k.startswith("eval/") and isinstance(v, int | float):
+                        curves.setdefault(k[len("eval/") :], []).append((int(r["step"]), v))
+    return curves
+
+
+def plot_eval_curves(curves: dict, stage: str, path: str, stop_at: dict | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for d, pts in sorted(curves.items()):
+        line = ax.plot(*zip(*pts, strict=True), marker=".", label=d)[0]
+        if stop_at and d in stop_at:
+            ax.axhline(stop_at[d], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out score (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(
+        f"{stage}: held-out scores during the stage" + (" (dotted: stop_at)" if stop_at else "")
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def reward_curves(workdir: str, stage: str) -> dict[str, list[tuple[int, float]]]:
     """{key: [(step, value)]} of `REWARD_KEYS` in a stage's metrics.jsonl (stages trained on a
     learned reward log `ground_truth_mean`; others have no curve)."""
@@ -130,8 +171,9 @@ def write_report(summary: dict, workdir: str, domains: Sequence[str]) -> None:
     table = markdown_table(summary, domains)
     teachers = ", ".join(f"{d}: {s}" for d, s in sorted(summary["teachers"].items()))
     text = (
-        "# Cascade report\n\nHeld-out score (%) per domain after each stage; **(best)** marks "
-        "the checkpoint registered as that domain's teacher.\n\n"
+        "# Cascade report\n\nHeld-out score (%) per domain after each stage, ± the half-width "
+        "of its 95% interval over problems; **(best)** marks the checkpoint registered as that "
+        "domain's teacher.\n\n"
         + table
         + f"\n\nTeachers (best stage per domain): {teachers}\n\n![scores](scores.png)\n"
     )
@@ -142,6 +184,21 @@ def write_report(summary: dict, workdir: str, domains: Sequence[str]) -> None:
             "after reading tool output):\n\n" + episodes + "\n"
         )
     for st in summary["stages"]:
+        if "stopped_at" in st:
+            got = ", ".join(f"{d} {v:.1f}" for d, v in sorted(st["stopped_at"].items()))
+            text += (
+                f"\n`{st['name']}` stopped at step {st.get('steps_done')}, the first check where "
+                f"every stop_at score was reached ({got}).\n"
+            )
+        points = eval_curves(workdir, st["name"])
+        if points:
+            plot_eval_curves(
+                points,
+                st["name"],
+                os.path.join(workdir, f"curve_{st['name']}.png"),
+                st.get("stop_at"),
+            )
+            text += f"\n![{st['name']} during training](curve_{st['name']}.png)\n"
         if "rm_eval" in st:
             m = st["rm_eval"]
             text += (

@@ -26,7 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 from nemocascade import rewards as rw
 from nemocascade.jobs.evaluation import episode_envs
+from nemocascade.jobs.reward_stage import EXPORT_DIR
 from nemocascade.jobs.stages import RewardModelStageConfig, SFTStageConfig, StageConfig
+from nemocascade.model.reward_head import META_FILE
 from nemocascade.rewards import sandbox
 from nemocascade.rl import envs
 from nemocascade.rl.config import EnvStageConfig
@@ -221,3 +223,29 @@ def validate_stages(
             f"{'s' if len(problems) > 1 else ''}; nothing was trained):\n  - "
             + "\n  - ".join(problems)
         )
+
+
+def check_finished_exports(
+    order: Sequence[str],
+    stages: Mapping[str, StageConfig],
+    done: set[str],
+    stage_dir: Callable[[str], str],
+    summary_path: str,
+) -> None:
+    """A stage still to run that scores with `stage:<name>` of a reward model that already
+    finished needs that export on disk: checked when the job (re)starts, not when the stage
+    does, hours later."""
+    for name in order:
+        cfg = stages[name]
+        path = getattr(cfg, "reward_model_path", "")
+        if name in done or getattr(cfg, "reward", "verifier") == "verifier":
+            continue
+        src = path[len("stage:") :] if path.startswith("stage:") else ""
+        if src in done:
+            export = os.path.join(stage_dir(src), EXPORT_DIR)
+            if not os.path.isfile(os.path.join(export, META_FILE)):
+                raise FileNotFoundError(
+                    f"stages.{name}.reward_model_path={path!r}: stage {src!r} finished "
+                    f"({summary_path}) but its export {export} is missing; restore it, or "
+                    f"remove {src!r} from {summary_path} to train it again"
+                )

@@ -173,6 +173,9 @@ def test_sft_stops_at_measured_scores_and_stays_stopped(tmp_path, monkeypatch):
     metrics = _lines(os.path.join(work, "stages", "sft", "metrics.jsonl"))
     assert [r["step"] for r in metrics] == [1, 2, 3, 4]
     assert metrics[1]["eval/math"] == 10.0 and metrics[3]["stopped_early"] == 1
+    report = Path(work, "report.md").read_text()
+    assert "`sft` stopped at step 4" in report and "math 20.0" in report
+    assert os.path.getsize(os.path.join(work, "curve_sft.png")) > 1000  # the stop checks plotted
 
     calls.clear()
     Cascade(c, work).run()  # finished: nothing trained, nothing evaluated
