@@ -115,6 +115,15 @@ class Problem:
     verifier: dict
     tools: tuple = ()  # tool declarations of the conversation (agentic domains)
     tool_calls: tuple = ()  # the reference response's tool calls (its SFT target)
+    system: str = ""  # the system turn's text (agentic domains: what the environment says)
+    # a multi-turn SFT target: the messages after the prompt (assistant turns and the tool
+    # messages answering them), or a callable building them only when an SFT record needs them
+    # (a generator may run code to get the tool outputs); replaces `response` / `tool_calls`
+    turns: tuple | Callable[[], tuple] = ()
+
+    def conversation(self) -> tuple:
+        """The multi-turn target's messages (() when the target is one response)."""
+        return tuple(self.turns()) if callable(self.turns) else tuple(self.turns)
 
 
 def _held_out(key: str, fraction: float) -> bool:
@@ -163,11 +172,17 @@ def problems(
 
 
 def sft_record(p: Problem) -> dict:
-    """The chat record of a problem: the prompt and its reference response (and tool calls)."""
+    """The chat record of a problem: the prompt and its reference response (and tool calls), or
+    its multi-turn reference conversation (`turns`)."""
     assistant = {"role": "assistant", "content": p.response}
     if p.tool_calls:
         assistant["tool_calls"] = [dict(c) for c in p.tool_calls]
-    record = {"messages": [{"role": "user", "content": p.prompt}, assistant], "domain": p.domain}
+    turns = p.conversation()
+    after = [dict(m) for m in turns] if turns else [assistant]
+    messages = [{"role": "user", "content": p.prompt}, *after]
+    if p.system:
+        messages.insert(0, {"role": "system", "content": p.system})
+    record = {"messages": messages, "domain": p.domain}
     if p.tools:
         record["tools"] = [dict(t) for t in p.tools]
     return record
@@ -175,11 +190,10 @@ def sft_record(p: Problem) -> dict:
 
 def prompt_record(p: Problem) -> dict:
     """The RL / evaluation record of a problem: the prompt, its tools and its verifier."""
-    record = {
-        "messages": [{"role": "user", "content": p.prompt}],
-        "domain": p.domain,
-        "verifier": p.verifier,
-    }
+    messages = [{"role": "user", "content": p.prompt}]
+    if p.system:
+        messages.insert(0, {"role": "system", "content": p.system})
+    record = {"messages": messages, "domain": p.domain, "verifier": p.verifier}
     if p.tools:
         record["tools"] = [dict(t) for t in p.tools]
     return record
@@ -197,5 +211,7 @@ def all_texts(
             for p in problems(d, split, n_per_domain, seed=seed):
                 yield p.prompt
                 yield p.response
+                for m in p.conversation():  # a multi-turn target: tool outputs too
+                    yield m["content"]
                 for t in p.tools:  # the declarations the tokenizer will see rendered
                     yield str(t.get("name", "")) + " " + str(t.get("description", ""))

@@ -13,16 +13,33 @@ passes everything, so each task has a solution (`RepairTask.solution`, the origi
 `repair_task(rng) -> RepairTask`; `record` is the repository record of
 `nemocascade.rl.envs.repo` (what the `swe` environment reads), and the registered domain wraps
 it as a `Problem` whose verifier is `{"type": "swe", **record}`.
+
+The domain's SFT target is a whole agentic episode (`demonstration`), as the `swe` environment
+would play it: run the tests (the failure names the helper), read its module, write the fix, run
+the tests again, submit. Its tool messages are what the environment answers: file texts and
+write acknowledgements exactly, and the test runs through the same unittest runner, in-process
+(our own code), with the sandbox's report format; a test replays every demonstration's calls in
+the real environment and compares.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
 import random
+import sys
+import tempfile
+import unittest
 
 from nemocascade.data.synthetic.base import WORDS, Problem, register_domain
 
 TEST_COMMAND = "python -m unittest discover -s tests"
+SWE_SYSTEM = (
+    "You are working in a small Python repository. Use the tools to list, read and write its "
+    "files and to run its tests; when the tests pass, call submit()."
+)
+SANDBOX_REPO = "/tmp/repo"  # where the sandbox materialises a repository (tracebacks name it)
 
 # name -> (source, [(mutated substring, replacement)], visible case, hidden cases); a case is
 # (args tuple, expected result)
@@ -226,17 +243,84 @@ def check_pool() -> None:
                 assert got != visible[1], f"{name}: mutation {old!r} passes its visible case"
 
 
+def run_visible_tests(files: dict[str, str]) -> tuple[bool, str]:
+    """(passed, report) of `TEST_COMMAND` on `files`, run in-process with the unittest runner
+    the sandbox runs, the report in the `swe` environment's format (`exit status N`, then the
+    streams; unittest writes to stderr). Only for the generator's own repositories."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(tmp, "repo")
+        for path, text in files.items():
+            full = os.path.join(root, path)
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "w", encoding="utf-8") as f:
+                f.write(text)
+        stream, saved_path, before = io.StringIO(), list(sys.path), set(sys.modules)
+        sys.path[:0] = [root]
+        try:
+            suite = unittest.TestLoader().discover(os.path.join(root, "tests"))
+            passed = unittest.TextTestRunner(stream=stream).run(suite).wasSuccessful()
+        finally:
+            sys.path[:] = saved_path
+            for name in set(sys.modules) - before:  # the package and tests imported above
+                del sys.modules[name]
+        err = stream.getvalue().replace(root, SANDBOX_REPO)
+    return passed, f"exit status {0 if passed else 1}\nstdout:\n\nstderr:\n{err}"
+
+
+def demonstration(task: RepairTask) -> tuple[dict, ...]:
+    """The messages of a successful episode after the user's request (assistant turns with their
+    tool calls, each followed by the environment's tool message)."""
+    path, name = task.bug["path"], task.bug["function"]
+    broken, fixed = task.record["files"], task.solution
+    _, failing = run_visible_tests(broken)
+    _, passing = run_visible_tests(fixed)
+
+    def turn(text: str, tool: str, result: str, **arguments) -> tuple[dict, dict]:
+        call = {"name": tool, "arguments": arguments}
+        return {"role": "assistant", "content": text, "tool_calls": [call]}, {
+            "role": "tool",
+            "content": result,
+        }
+
+    steps = [
+        turn("I will run the tests first.", "run_tests", failing),
+        turn(
+            f"`test_{name}` fails; `{name}` is in `{path}`.", "read_file", broken[path], path=path
+        ),
+        turn(
+            f"`{task.bug['mutated'].strip()}` should be `{task.bug['original'].strip()}`.",
+            "write_file",
+            f"wrote {path} ({len(fixed[path])} characters)",
+            path=path,
+            content=fixed[path],
+        ),
+        turn("Now the tests again.", "run_tests", passing),
+    ]
+    messages = [m for pair in steps for m in pair]
+    final = {"name": "submit", "arguments": {}}
+    return (*messages, {"role": "assistant", "content": "They pass.", "tool_calls": [final]})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Demonstration:
+    """`demonstration(task)` when called: built only for the problems that become SFT records
+    (it runs the tests twice), not for every problem drawn (held-out filtering draws many)."""
+
+    task: RepairTask
+
+    def __call__(self) -> tuple[dict, ...]:
+        return demonstration(self.task)
+
+
 @register_domain("swe")
 def _swe(rng: random.Random) -> Problem:
     task = repair_task(rng)
-    path = task.bug["path"]
-    fixed = {"name": "write_file", "arguments": {"path": path, "content": task.solution[path]}}
-    response = f"The bug is in `{task.bug['function']}` in `{path}`; fixed it and submitted."
     return Problem(
         "swe",
         task.record["prompt"],
-        response,
+        "They pass.",
         {"type": "swe", **task.record},
         tools=SWE_TOOLS,
-        tool_calls=(fixed,),
+        system=SWE_SYSTEM,
+        turns=_Demonstration(task),
     )

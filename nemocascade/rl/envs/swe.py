@@ -21,16 +21,13 @@ also ends the episode and the repository is scored as it stands. Reward: the rep
 
 from __future__ import annotations
 
-from nemocascade.data.synthetic.repair import SWE_TOOLS
+from nemocascade.data.synthetic.repair import SWE_SYSTEM, SWE_TOOLS
 from nemocascade.data.tools import ToolCall, ToolSpec
 from nemocascade.rl.envs import sandboxed
 from nemocascade.rl.envs.base import Environment, SandboxUnavailable, ToolError, register_env
 from nemocascade.rl.envs.repo import WorkDir, validate_repo_record
 
-SYSTEM = (
-    "You are working in a small Python repository. Use the tools to list, read and write its "
-    "files and to run its tests; when the tests pass, call submit()."
-)
+SYSTEM = SWE_SYSTEM  # the synthetic SFT demonstrations open with the same system turn
 TOOLS = tuple(ToolSpec.from_mapping(t) for t in SWE_TOOLS)
 OUTPUT_CAP = 1 << 18  # bytes of test-runner output the host reads
 _COLLECTION_MARKERS = ("Failed to import test module", "SyntaxError", "IndentationError")
