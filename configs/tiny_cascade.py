@@ -253,7 +253,8 @@ def get_config(arg: str = "") -> ConfigDict:
         c.stages.sft.domains = "swe"
         c.stages.sft.records_per_domain = {}
         c.stages.sft.domain_repeats = {}
-        c.stages.sft.update(eval_every=0, stop_at={})
+        c.stages.sft.eval_every = 0
+        c.stages.sft.stop_at = {}
         c.stages.sft.seq_len = 2560  # a whole repair episode with its tool declarations
         c.stages.sft.steps = 300
         c.data.train_per_domain = 400
