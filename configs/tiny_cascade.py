@@ -1,17 +1,21 @@
-"""The tiny end-to-end Cascade on CPU: SFT -> IF-RL -> math RL -> MOPD -> code RL.
+"""The tiny end-to-end Cascade on CPU: SFT -> IF-RL -> math RL -> MOPD -> reward model -> RLHF ->
+code RL.
 
     python -m nemocascade.launch --config=configs/tiny_cascade.py --workdir=runs/tiny_cascade
 
 A ~1M-parameter NemotronH (Mamba-2, attention and MoE blocks; MoE on the CPU-fast `sorted`
-backend) and a BPE trained on the fly learn three synthetic domains checked by the real verifiers
-(`nemocascade.tasks`): instruction following (IFEval ids), arithmetic (math-verify, \\boxed{}),
-and small Python functions (unit tests run in the bubblewrap sandbox). Stages follow the paper's
-spirit: SFT leaves headroom, each GRPO stage trains one domain (strictly on-policy, group-normalised
-rewards, token-level loss, dynamic filtering), MOPD distils every domain from its best checkpoint
-so far, then code RL. About 12-13 minutes on 2 CPU cores; `:fast` is a 2-stage smoke run.
+backend) and a BPE trained on the fly learn four synthetic domains checked by the real verifiers
+(`nemocascade.data.synthetic`): instruction following (IFEval ids), arithmetic (math-verify,
+\\boxed{}), small Python functions (unit tests run in the bubblewrap sandbox) and "chat", whose
+preferred answers follow a rule a reward model learns from preference pairs. The SFT stops once
+every domain's held-out score reaches its `stop_at` (sized by measured accuracy, not a step
+count); each GRPO stage trains one domain (strictly on-policy, group-normalised rewards,
+token-level loss, dynamic filtering), MOPD distils every domain from its best checkpoint so far,
+RLHF trains against the reward model with KL to its start, then code RL. `:fast` is a 2-stage
+smoke run; `:swe` is SFT on whole repair episodes -> agentic SWE RL.
 
-Writes DIR/summary.json, DIR/report.md and DIR/scores.png (see nemocascade/cascade.py).
-Measured results: experiments/tiny_cascade/README.md.
+Writes DIR/summary.json, DIR/report.md and DIR/scores.png (see nemocascade/jobs/cascade.py).
+Measured results over seeds 0-2: experiments/tiny_cascade/README.md and seeds.md.
 """
 
 import dataclasses

@@ -78,18 +78,22 @@ def check_targets(summary: dict, *, lift: float = 10.0, mopd_margin: float = 3.0
     return out
 
 
-def mean_spread(values: list[float]) -> dict:
-    """Mean, sample standard deviation and the t-based 95% interval of the mean over seeds."""
+def mean_spread(values: list[float], clip: tuple[float, float] | None = None) -> dict:
+    """Mean, sample standard deviation and the t-based 95% interval of the mean over seeds
+    (clipped to `clip`: scores are percentages; lifts and gaps are not clipped)."""
     v = np.asarray(values, np.float64)
     m = float(v.mean())
     if v.size < 2:
         return {"mean": round(m, 2), "sd": None, "ci95": None, "n": int(v.size)}
     sd = float(v.std(ddof=1))
     half = _T95.get(v.size - 1, 1.96) * sd / math.sqrt(v.size)
+    lo, hi = m - half, m + half
+    if clip is not None:
+        lo, hi = max(lo, clip[0]), min(hi, clip[1])
     return {
         "mean": round(m, 2),
         "sd": round(sd, 2),
-        "ci95": [round(m - half, 2), round(m + half, 2)],
+        "ci95": [round(lo, 2), round(hi, 2)],
         "n": int(v.size),
     }
 
@@ -111,7 +115,10 @@ def aggregate(runs: dict[str, dict], **targets) -> dict:
     for name in order:
         domains = sorted({d for p in per_seed.values() for d in p["scores"].get(name, {})})
         over[name] = {
-            d: mean_spread([p["scores"][name][d] for p in per_seed.values() if name in p["scores"]])
+            d: mean_spread(
+                [p["scores"][name][d] for p in per_seed.values() if name in p["scores"]],
+                clip=(0.0, 100.0),
+            )
             for d in domains
         }
     checks: dict[str, dict] = {}
