@@ -12,7 +12,7 @@ attention layer, conv + SSM state per Mamba layer). The host loop:
             longest), inserts the caches into those slots (their KV positions start again at 0),
             samples each row's first token, and hands back the outputs of the finished rows the
             slots held (they stay on device until the end);
-    decode: `_decode_chunk`, one `lax.while_loop` of at most `chunk_steps` steps over all S slots
+    decode: `decode_loop`, one `lax.while_loop` of at most `chunk_steps` steps over all S slots
             (every slot at its own position), which stops early once `refill_at` slots are free
             while rows wait; with no row waiting it runs until every resident row has finished;
     then one [S] finish-code array comes back to the host (the only sync per chunk) to see which
@@ -167,6 +167,11 @@ def _refill(
     return constrain_batch(new, mesh), evicted
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "mode", "mesh", "hold_finished"),
+    donate_argnames=("st",),
+)
 def decode_loop(
     graphdef,
     state,
@@ -184,8 +189,8 @@ def decode_loop(
     hold_finished: bool,
 ):
     """Decodes every running slot, each at its own position and step, until `max_steps` steps
-    have run, no slot is running, or at least `stop_at` slots are not running (traced: call it
-    inside a jitted program). Returns (state, steps).
+    have run, no slot is running, or at least `stop_at` slots are not running. Returns (state,
+    steps). The one decode program of this engine and of multi-turn episodes (`rl.episodes`).
 
     `hold_finished`: a slot that is not running keeps its cached state (KV index, Mamba states)
     and its next input, as a multi-turn episode waiting for its tools must (`rl.turns`); without
@@ -232,44 +237,8 @@ def decode_loop(
     return st, steps
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "mesh"), donate_argnames=("st",))
-def _decode_chunk(
-    graphdef,
-    state,
-    st: SlotState,
-    seed,
-    temperature,
-    top_p,
-    eos_E,
-    stop_S,
-    pad_id,
-    max_steps,
-    refill_at,
-    *,
-    mode: SamplingMode,
-    mesh: Mesh | None,
-):
-    """`decode_loop` until `max_steps` steps, no slot running, or `refill_at` slots free."""
-    del pad_id  # finished and empty slots keep their buffers; pads were written at admission
-    return decode_loop(
-        graphdef,
-        state,
-        st,
-        seed,
-        temperature,
-        top_p,
-        eos_E,
-        stop_S,
-        max_steps,
-        refill_at,
-        mode=mode,
-        mesh=mesh,
-        hold_finished=False,
-    )
-
-
 def compiled_program_counts() -> dict[str, int]:
-    return {"refill": _refill._cache_size(), "decode_chunk": _decode_chunk._cache_size()}
+    return {"refill": _refill._cache_size(), "decode_chunk": decode_loop._cache_size()}
 
 
 # ----------------------------------------------------------------------------- host loop
@@ -344,15 +313,16 @@ def run(req: Request, *, slots: int, chunk_steps: int = CHUNK_STEPS, refill_at: 
         if prefill_s is None:  # the first fill: blocked on once, to time it apart
             jax.block_until_ready(st.tok_S)
             prefill_s = time.perf_counter() - t0
-        st, k = _decode_chunk(
+        st, k = decode_loop(
             graphdef,
             state,
             st,
-            *args,
+            *args[:-1],  # not the pad id: pads were written at admission
             jnp.int32(chunk_steps if waiting else g_len),
             jnp.int32(refill_at if waiting else s + 1),
             mode=req.mode,
             mesh=mesh,
+            hold_finished=False,
         )
         reason, k = jax.device_get((st.reason_S, k))  # the one sync per chunk
         chunks, steps = chunks + 1, steps + int(k)

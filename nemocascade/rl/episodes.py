@@ -16,11 +16,12 @@ own position. The host loop:
               continuation after a tool turn: `trajectory.continuation_ids`) runs only those
               tokens on top of its slot's cached state (`slots.extend`; never the whole
               conversation again) and samples the turn's first token (`turns.start_turn`);
-    decode    `turns.decode_turns`: one `lax.while_loop` over all slots, stopping after
-              `chunk_steps` steps while tool calls are in flight (to collect them), or once
-              `refill_at` turns have ended. A slot whose turn has ended keeps its cached
-              state: its Mamba states and KV index are frozen while the others decode (the KV
-              entry written at its index is masked and overwritten by its next tokens);
+    decode    `continuous.decode_loop` (hold_finished): one `lax.while_loop` over all slots,
+              stopping after `chunk_steps` steps while tool calls are in flight (to collect
+              them), or once `refill_at` turns have ended. A slot whose turn has ended keeps
+              its cached state: its Mamba states and KV index are frozen while the others
+              decode (the KV entry written at its index is masked and overwritten by its next
+              tokens);
     tools     an ended turn's text (the assistant message: generation prefix body + sampled text)
               goes to `env.step` on a thread pool, so slow tools of one episode stall only that
               episode; results are collected after every chunk (and waited for when no slot has
@@ -56,7 +57,7 @@ from jax.sharding import Mesh
 
 from nemocascade import sharding as shd
 from nemocascade.data.chat import render_prompt
-from nemocascade.generate.continuous import CHUNK_STEPS
+from nemocascade.generate.continuous import CHUNK_STEPS, decode_loop
 from nemocascade.generate.request import EOS, RUNNING, id_array
 from nemocascade.generate.sampling import SamplingMode
 from nemocascade.rl import turns as tr
@@ -252,7 +253,7 @@ def run_episodes(
                 counts["fed_tokens"] += len(ids)
             if decoding:
                 busy = bool(inflight or waiting)
-                st, k = tr.decode_turns(
+                st, k = decode_loop(
                     graphdef,
                     state,
                     st,
@@ -261,6 +262,7 @@ def run_episodes(
                     jnp.int32(s - len(decoding) + min(refill_at, len(decoding))),
                     mode=mode,
                     mesh=mesh,
+                    hold_finished=True,  # a finished turn's slot waits for its tools
                 )
                 reason, k = jax.device_get((st.reason_S, k))  # the one sync per chunk
                 counts["chunks"] += 1

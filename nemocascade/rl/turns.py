@@ -9,8 +9,9 @@ position in the episode of the token sampled next (the sampling key's step), and
     reset_rows    zero some slots (a new episode)
     feed          run new tokens on top of a slot's cached state (`slots.extend`)
     start_turn    sample a turn's first token from `feed`'s logits, set the slot's turn state
-    decode_turns  decode all running slots (`lax.while_loop`) until enough turns have ended; a
-                  slot whose turn has ended keeps its cached state (`slots.hold_rows`)
+
+Decoding is `generate.continuous.decode_loop` with `hold_finished=True`: a slot whose turn has
+ended keeps its cached state (`slots.hold_rows`) until its tools answer.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nemocascade.generate import slots as sl
-from nemocascade.generate.continuous import SlotState, decode_loop
+from nemocascade.generate.continuous import SlotState
 from nemocascade.generate.request import LENGTH, RUNNING, classify, constrain_batch
 from nemocascade.generate.sampling import SamplingMode, row_keys, sample_step
 
@@ -97,43 +98,6 @@ def start_turn(
         lprs_SG=put_row(st.lprs_SG, lpr_M),
     )
     return constrain_batch(new, mesh)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "mesh"), donate_argnames=("st",))
-def decode_turns(
-    graphdef,
-    state,
-    st: SlotState,
-    seed,
-    temperature,
-    top_p,
-    eos_E,
-    stop_S,
-    max_steps,
-    stop_at,
-    *,
-    mode: SamplingMode,
-    mesh: Mesh | None,
-):
-    """Decodes every running slot at its own position until `max_steps` steps, no slot running,
-    or at least `stop_at` slots not running. `step_S` is the position of the token sampled next
-    (the key's step); `toks_SG` holds each token at its position; a slot whose turn has ended
-    keeps its cached state and next input (`slots.hold_rows`). Returns (state, steps)."""
-    return decode_loop(
-        graphdef,
-        state,
-        st,
-        seed,
-        temperature,
-        top_p,
-        eos_E,
-        stop_S,
-        max_steps,
-        stop_at,
-        mode=mode,
-        mesh=mesh,
-        hold_finished=True,
-    )
 
 
 def feed(
