@@ -47,6 +47,13 @@ def load_run(workdir: str) -> dict:
     return summary
 
 
+def _paired(stage: dict, reference: str, domain: str) -> list[float] | None:
+    """The run's paired 95% interval of `stage` - `reference` on `domain` (per-problem scores
+    of both on the same held-out problems: `paired_ci95` in the summary), if recorded."""
+    x = stage.get("paired_ci95", {}).get(reference, {}).get(domain)
+    return None if x is None or x[1] is None else [x[1], x[2]]
+
+
 def check_targets(summary: dict, *, lift: float = 10.0, mopd_margin: float = 3.0) -> dict:
     """{stage: {"kind": "lift" | "mopd", "domains": {d: {"value", "ok"}}, "ok"}} of one run: the
     lift of each GRPO stage on its own domains over its start, MOPD's gap to the best teacher."""
@@ -58,20 +65,26 @@ def check_targets(summary: dict, *, lift: float = 10.0, mopd_margin: float = 3.0
             start = by_name.get(st.get("start_from") or "")
             if start is None:
                 continue
-            vals = {
-                d: round(st["eval"][d] - start["eval"][d], 2)
-                for d in st["domains"]
-                if d in st["eval"] and d in start["eval"]
-            }
-            doms = {d: {"value": v, "ok": v >= lift} for d, v in vals.items()}
+            doms = {}
+            for d in st["domains"]:
+                if d in st["eval"] and d in start["eval"]:
+                    v = round(st["eval"][d] - start["eval"][d], 2)
+                    doms[d] = {"value": v, "ok": v >= lift, "ci95": _paired(st, start["name"], d)}
             out[st["name"]] = {"kind": "lift", "domains": doms}
         elif st["type"] == "mopd":
             doms = {}
             for d in st["domains"]:
-                before = [s["eval"][d] for s in stages[:i] if d in s.get("eval", {})]
-                if before and d in st["eval"]:
-                    gap = round(st["eval"][d] - max(before), 2)
-                    doms[d] = {"value": gap, "best_teacher": max(before), "ok": gap >= -mopd_margin}
+                before = [s for s in stages[:i] if d in s.get("eval", {})]
+                if before and d in st["eval"]:  # the registry's teacher: earliest of the best
+                    best = max(before, key=lambda s: s["eval"][d])
+                    gap = round(st["eval"][d] - best["eval"][d], 2)
+                    doms[d] = {
+                        "value": gap,
+                        "best_teacher": best["eval"][d],
+                        "teacher": best["name"],
+                        "ok": gap >= -mopd_margin,
+                        "ci95": _paired(st, best["name"], d),
+                    }
             out[st["name"]] = {"kind": "mopd", "domains": doms}
     for v in out.values():
         v["ok"] = all(x["ok"] for x in v["domains"].values())
@@ -159,7 +172,8 @@ def markdown(result: dict, *, lift: float, mopd_margin: float) -> str:
     lines += [
         "",
         f"Targets per seed (lift >= {lift:g} on the stage's own domains over its start; MOPD "
-        f"within {mopd_margin:g} of the best teacher): value per seed, PASS/FAIL.",
+        f"within {mopd_margin:g} of the best teacher): value per seed [its paired 95% interval "
+        "over held-out problems, when the run recorded one], PASS/FAIL.",
         "",
         "| stage | domain | " + " | ".join(seeds) + " | mean ± sd |",
         "|---|---|" + "---:|" * (len(seeds) + 1),
@@ -169,9 +183,12 @@ def markdown(result: dict, *, lift: float, mopd_margin: float) -> str:
             cells = []
             for s in seeds:
                 x = result["per_seed"][s]["targets"].get(name, {}).get("domains", {}).get(d)
-                cells.append(
-                    "" if x is None else f"{x['value']:+.1f} {'PASS' if x['ok'] else 'FAIL'}"
-                )
+                if x is None:
+                    cells.append("")
+                    continue
+                lo_hi = x.get("ci95")
+                ci = f" [{lo_hi[0]:+.1f}, {lo_hi[1]:+.1f}]" if lo_hi else ""
+                cells.append(f"{x['value']:+.1f}{ci} {'PASS' if x['ok'] else 'FAIL'}")
             lines.append(f"| {name} | {d} | " + " | ".join(cells) + f" | {_fmt(agg)} |")
     lines += ["", "Each run's own scores with their 95% interval over held-out problems:", ""]
     for s in seeds:

@@ -49,7 +49,12 @@ from nemocascade.jobs.cascade_data import (
     TokenizerConfig,
     run_tokenizer,
 )
-from nemocascade.jobs.evaluation import EvalConfig, episode_envs, evaluate_domains
+from nemocascade.jobs.evaluation import (
+    EvalConfig,
+    episode_envs,
+    evaluate_domains,
+    paired_deltas,
+)
 from nemocascade.jobs.identity import model_identity, tokenizer_identity
 from nemocascade.jobs.preflight import check_disk, state_bytes
 from nemocascade.jobs.registry import register_job
@@ -196,6 +201,7 @@ class Cascade:
         domains=None,
         intervals=None,
         n_samples: int = 0,
+        problems=None,
     ) -> dict[str, float]:
         """Held-out score (percent) of every domain, or of `domains` (`jobs.evaluation`), from
         `n_samples` per prompt (0: the eval section's); the episode metrics of the agentic
@@ -217,6 +223,7 @@ class Cascade:
             envs=self.eval_envs,
             episodes=episodes,
             intervals=intervals,
+            problems=problems,
         )
 
     # ------------------------------------------------------------------ stages
@@ -423,8 +430,19 @@ class Cascade:
                     chain, weights = name, (params, model_state)
                 episodes: dict[str, dict[str, float]] = {}
                 intervals: dict[str, list] = {}
-                scores = self.evaluate(params, model_state, episodes, intervals=intervals)
+                problems: dict[str, list[float]] = {}
+                scores = self.evaluate(
+                    params, model_state, episodes, intervals=intervals, problems=problems
+                )
                 extra["eval_ci95"] = intervals  # over problems, normal approximation
+                refs = [start]  # paired differences against the start and MOPD's teachers
+                if cfg.type == "mopd":
+                    refs += [cfg.teachers.get(d) or summary["teachers"].get(d) for d in cfg.domains]
+                extra["paired_ci95"] = paired_deltas(
+                    problems,
+                    self._stage_dir(name),
+                    {r: self._stage_dir(r) for r in refs if r in self.stages},
+                )
                 if episodes:  # success by number of turns, finish reasons, ... per domain
                     extra["episodes"] = episodes
             entry = {

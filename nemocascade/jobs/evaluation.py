@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -253,6 +255,51 @@ def _pct(x: float | None) -> float | None:
     return None if x is None else round(100.0 * x, 2)
 
 
+PROBLEM_SCORES = "eval_problems.json"  # a stage's per-problem held-out scores, in its directory
+
+
+def paired_ci95(current: Sequence[float], reference: Sequence[float]) -> list[float | None]:
+    """[delta, low, high] in percent: the mean over problems of current - reference (per-problem
+    scores of two checkpoints on the same problems, in the same order) and its normal 95%
+    interval. Pairing removes the problems' own difficulty from the noise: the interval of a
+    difference is much narrower than the two scores' intervals suggest. No interval for one
+    problem."""
+    a, b = np.asarray(current, np.float64), np.asarray(reference, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired_ci95: {a.shape} vs {b.shape} problems; need the same, >= 1")
+    d = a - b
+    m = float(d.mean())
+    if d.size < 2:
+        return [_pct(m), None, None]
+    half = Z95 * float(d.std(ddof=1)) / math.sqrt(d.size)
+    return [_pct(m), _pct(m - half), _pct(m + half)]
+
+
+def paired_deltas(
+    problems: Mapping[str, Sequence[float]], stage_dir: str, references: Mapping[str, str]
+) -> dict[str, dict[str, list[float | None]]]:
+    """Saves a stage's per-problem held-out scores (`problems`, from `evaluate_domains`) in
+    `stage_dir` (`PROBLEM_SCORES`) and returns {reference: {domain: paired_ci95(...)}}: their
+    paired differences against each reference stage's, read from its directory
+    (`references[name]`). A reference without the file (a checkpoint from elsewhere, a run from
+    before it existed) or a domain with other problems is left out, never compared unpaired."""
+    with open(os.path.join(stage_dir, PROBLEM_SCORES), "w") as f:
+        json.dump(problems, f)
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for name, ref_dir in references.items():
+        try:
+            with open(os.path.join(ref_dir, PROBLEM_SCORES)) as f:
+                ref = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        out[name] = {
+            d: paired_ci95(v, ref[d])
+            for d, v in problems.items()
+            if v and len(ref.get(d, ())) == len(v)
+        }
+    return out
+
+
 def task_metrics(s: EvalSamples) -> dict[str, Any]:
     """Per-task summary, scores in percent: pass@1 (the mean score, errors as 0) with its 95%
     interval over problems (`mean_ci95` of the per-problem mean scores), pass@k for k in {1, n}
@@ -329,6 +376,7 @@ def evaluate_domains(
     envs: Mapping[str, EnvStageConfig] | None = None,
     episodes: dict[str, dict[str, float]] | None = None,
     intervals: dict[str, list[float | None]] | None = None,
+    problems: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
     """{domain: score in percent} over each domain's held-out prompt records: the mean score of
     every sample (a grader failure counts 0), one generation batch per domain: the numbers
@@ -336,7 +384,8 @@ def evaluate_domains(
     scored by `cfg.n_samples` episodes per record in its environment (at `cfg.temperature`,
     `cfg.max_new_tokens` per turn); their metrics go to `episodes[domain]` when given. With
     `intervals`, each verifier-graded domain's 95% interval over problems (`mean_ci95`, percent)
-    goes to `intervals[domain]` as [low, high]."""
+    goes to `intervals[domain]` as [low, high]; with `problems`, its per-problem mean scores (in
+    record order: `paired_ci95` compares two checkpoints on them) to `problems[domain]`."""
     out = {}
     for domain, records in eval_sets.items():
         if envs and domain in envs:
@@ -374,4 +423,7 @@ def evaluate_domains(
         if intervals is not None:
             ci = task_metrics(s)["ci95"]
             intervals[domain] = [ci["low"], ci["high"]]
+        if problems is not None:
+            per = s.scores.astype(np.float64).reshape(len(records), s.n).mean(axis=1)
+            problems[domain] = [round(float(x), 4) for x in per]
     return out

@@ -39,6 +39,26 @@ def markdown_table(summary: dict, domains: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def paired_lines(summary: dict) -> list[str]:
+    """One line per stage with paired differences (`paired_ci95`): each reference stage (its
+    start; MOPD's teachers) and, on the stage's own domains, the difference with its paired 95%
+    interval over the same held-out problems."""
+    lines = []
+    for st in summary["stages"]:
+        parts = []
+        for ref, doms in st.get("paired_ci95", {}).items():
+            cells = [
+                f"{d} {x[0]:+.1f}" + (f" [{x[1]:+.1f}, {x[2]:+.1f}]" if x[1] is not None else "")
+                for d, x in sorted(doms.items())
+                if d in st["domains"]
+            ]
+            if cells:
+                parts.append(f"vs `{ref}`: " + ", ".join(cells))
+        if parts:
+            lines.append(f"- `{st['name']}` " + "; ".join(parts))
+    return lines
+
+
 def episode_table(summary: dict) -> str:
     """Stages x agentic domains: held-out success rate, split into first-turn successes and
     successes after tool feedback, with mean turns and tool calls per episode ("" if no stage
@@ -177,6 +197,15 @@ def write_report(summary: dict, workdir: str, domains: Sequence[str]) -> None:
         + table
         + f"\n\nTeachers (best stage per domain): {teachers}\n\n![scores](scores.png)\n"
     )
+    paired = paired_lines(summary)
+    if paired:
+        text += (
+            "\nEach stage against its start (and MOPD against its teachers) on its own domains: "
+            "the difference with its paired 95% interval (the same held-out problems scored by "
+            "both checkpoints, so the problems' own difficulty cancels):\n\n"
+            + "\n".join(paired)
+            + "\n"
+        )
     episodes = episode_table(summary)
     if episodes:
         text += (

@@ -77,6 +77,17 @@ def test_two_stage_pipeline_outputs_and_resume(tmp_path):
     assert [r["step"] for r in rl_metrics] == [1, 2]
     assert all("reward/math" in r and "loss" in r for r in rl_metrics)
     assert "eval/math" not in rl_metrics[0]
+    # each stage's per-problem scores are kept; math_rl is compared to its start, problem by
+    # problem: the paired difference is the difference of the two scores
+    for s in summary["stages"]:
+        assert os.path.exists(os.path.join(work, "stages", s["name"], "eval_problems.json"))
+    sft, rl = summary["stages"]
+    assert sft["paired_ci95"] == {}
+    for d, (delta, lo, hi) in rl["paired_ci95"]["sft"].items():
+        assert delta == pytest.approx(rl["eval"][d] - sft["eval"][d], abs=0.02)
+        assert lo <= delta <= hi
+    delta, lo, hi = rl["paired_ci95"]["sft"]["math"]
+    assert f"- `math_rl` vs `sft`: math {delta:+.1f} [{lo:+.1f}, {hi:+.1f}]" in report
     assert set(rl_metrics[1]) >= {"eval/math", "eval/code", "eval/instruction"}
 
     # re-running a finished pipeline repeats nothing
@@ -91,6 +102,13 @@ def test_two_stage_pipeline_outputs_and_resume(tmp_path):
     assert [s["name"] for s in summary["stages"]] == ["sft", "math_rl", "mopd"]
     mopd = _lines(os.path.join(work, "stages", "mopd", "metrics.jsonl"))
     assert len(mopd) == 1 and {"in_band_fraction", "advantage", "loss"} <= set(mopd[0])
+    # MOPD is compared with its start and with every teacher, problem by problem
+    before = summary["stages"][:2]
+    teachers = {  # the best stage per domain before MOPD, the earlier one on ties
+        max(before, key=lambda s: (s["eval"][d], -before.index(s)))["name"]
+        for d in summary["stages"][2]["domains"]
+    }
+    assert set(summary["stages"][2]["paired_ci95"]) == {"math_rl"} | teachers
     # the full-vocabulary reverse-KL objective: the registered teachers run inside the step
     c.stages.mopd_rkl = ConfigDict(c.stages.mopd.to_dict())
     c.stages.mopd_rkl.loss.objective = "reverse_kl"

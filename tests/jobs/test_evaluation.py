@@ -245,6 +245,30 @@ def test_mean_ci95_hand_values():
     assert ev.mean_ci95([0.2]) == (0.2, None, None)
 
 
+def test_paired_ci95_hand_values():
+    # differences [0.5, 0.25, 0.0, 0.25]: mean 0.25, s = sqrt(0.125 / 3), P = 4
+    d, lo, hi = ev.paired_ci95([1.0, 0.5, 0.5, 0.75], [0.5, 0.25, 0.5, 0.5])
+    half = 1.959964 * math.sqrt(0.125 / 3) / 2
+    assert d == 25.0 and lo == pytest.approx(100 * (0.25 - half), abs=0.01)
+    assert hi == pytest.approx(100 * (0.25 + half), abs=0.01)
+    # the same shift on problems of very different difficulty: the pairs agree exactly
+    assert ev.paired_ci95([1.0, 0.25, 0.5], [0.75, 0.0, 0.25]) == [25.0, 25.0, 25.0]
+    assert ev.paired_ci95([0.5], [0.0]) == [50.0, None, None]
+    with pytest.raises(ValueError, match="same"):
+        ev.paired_ci95([0.5, 0.5], [0.5])
+
+
+def test_paired_deltas_saves_and_compares_only_the_same_problems(tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    for p in (a, b, c):
+        p.mkdir()
+    ev.paired_deltas({"x": [0.0, 1.0], "y": [0.5]}, str(a), {})
+    assert json.loads((a / ev.PROBLEM_SCORES).read_text()) == {"x": [0.0, 1.0], "y": [0.5]}
+    # "y" has another number of problems in b; c never saved its scores: left out
+    got = ev.paired_deltas({"x": [1.0, 1.0], "y": [0.5, 0.5]}, str(b), {"a": str(a), "c": str(c)})
+    assert got == {"a": {"x": [50.0, pytest.approx(-48.0, abs=0.1), pytest.approx(148.0, abs=0.1)]}}
+
+
 def test_task_metrics_hand_values():
     s = ev.EvalSamples(
         records=[{"id": "a"}, {"id": "b"}],
@@ -314,9 +338,14 @@ def test_evaluate_domains_matches_rollout_sampling(tiny):
     np.testing.assert_array_equal(s.scores, roll.rewards)
     np.testing.assert_array_equal(s.response_tokens, roll.response_lengths())
     want = {"x": round(100.0 * float(roll.rewards.mean()), 2)}
+    problems: dict = {}
     assert (
-        ev.evaluate_domains(graphdef, state, tok, {"x": recs}, cfg, seed=3, num_workers=0) == want
+        ev.evaluate_domains(
+            graphdef, state, tok, {"x": recs}, cfg, seed=3, num_workers=0, problems=problems
+        )
+        == want
     )
+    assert problems["x"] == pytest.approx(list(roll.rewards.reshape(2, 2).mean(axis=1)))
     cache = rw.RewardCache()  # the cascade passes its run's cache
     for _ in range(2):
         got = ev.evaluate_domains(

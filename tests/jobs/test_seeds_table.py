@@ -19,13 +19,15 @@ def _module():
 def _summary(sft, if_rl, mopd, rlhf_chat):
     """sft/if_rl/mopd: (instruction, math); an rm side stage, then rlhf on chat."""
     ev = lambda i, m, c=40.0: {"instruction": i, "math": m, "chat": c}  # noqa: E731
+    lift = if_rl[0] - sft[0]  # the paired interval if_rl recorded against sft
     return {
         "stages": [
             {"name": "sft", "type": "sft", "domains": ["instruction", "math", "chat"],
              "start_from": "", "eval": ev(*sft), "steps_done": 700,
              "eval_ci95": {"math": [10.0, 20.0]}},
             {"name": "if_rl", "type": "grpo", "domains": ["instruction"], "start_from": "sft",
-             "eval": ev(*if_rl)},
+             "eval": ev(*if_rl),
+             "paired_ci95": {"sft": {"instruction": [lift, lift - 2.5, lift + 2.5]}}},
             {"name": "mopd", "type": "mopd", "domains": ["instruction", "math"],
              "start_from": "if_rl", "eval": ev(*mopd)},
             {"name": "rm", "type": "reward_model", "domains": ["chat"], "start_from": "mopd",
@@ -40,9 +42,11 @@ def test_targets_per_seed_and_spread(tmp_path):
     seeds = _module()
     good = _summary((50.0, 15.0), (62.0, 10.0), (60.0, 13.0), 55.0)
     s = seeds.check_targets(good)
-    assert s["if_rl"]["domains"]["instruction"] == {"value": 12.0, "ok": True}
+    assert s["if_rl"]["domains"]["instruction"] == {"value": 12.0, "ok": True, "ci95": [9.5, 14.5]}
     # MOPD: instruction 2 below its best teacher (if_rl 62), math 2 below (sft 15): both within 3
     assert s["mopd"]["domains"]["math"]["best_teacher"] == 15.0 and s["mopd"]["ok"]
+    assert s["mopd"]["domains"]["math"]["teacher"] == "sft"
+    assert s["mopd"]["domains"]["instruction"]["ci95"] is None  # this run recorded no pairs
     assert s["rlhf"]["domains"]["chat"]["value"] == 15.0 and "rm" not in s
 
     bad = _summary((50.0, 15.0), (59.0, 10.0), (55.0, 15.0), 55.0)  # +9 lift, -4 MOPD gap
@@ -64,7 +68,11 @@ def test_targets_per_seed_and_spread(tmp_path):
     lo, hi = agg["ci95"]  # t(2) = 4.303: 11 +- 4.303 * 1.732 / sqrt(3)
     assert lo == pytest.approx(11 - 4.303, abs=0.01) and hi == pytest.approx(11 + 4.303, abs=0.01)
     md = (tmp_path / "table.md").read_text()
-    assert "+9.0 FAIL" in md and "+12.0 PASS" in md and "math 15.0 [10.0, 20.0]" in md
+    assert (
+        "+9.0 [+6.5, +11.5] FAIL" in md
+        and "+12.0 [+9.5, +14.5] PASS" in md
+        and "math 15.0 [10.0, 20.0]" in md
+    )
     assert seeds.main([dirs[0], dirs[1], f"--out={out}"]) == 0
 
     (tmp_path / "seed0" / "summary.json").write_text("{")
