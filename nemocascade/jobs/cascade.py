@@ -22,12 +22,14 @@ Config (see configs/tiny_cascade.py for a complete example; every section is typ
 
 Every stage is validated before anything trains (`jobs.validate`).
 
-Outputs in DIR: summary.json ({"stages": [{"name", "type", "domains", "eval": {domain: score}},
-"episodes": {domain: episode metrics} for domains evaluated by episodes], "teachers": {domain:
-stage}}), report.md (stages x domains, best per domain marked), scores.png,
-and per stage DIR/stages/<name>/ (metrics.jsonl, checkpoints/: the last one holds the stage's
-final weights). Re-running the command resumes: finished stages are skipped (their final
-weights reloaded), an interrupted stage continues from its last checkpoint.
+Outputs in DIR: summary.json ({"stages": [{"name", "type", "domains", "eval": {domain: score},
+"eval_ci95", "paired_ci95": {reference stage: {domain: [difference, low, high]}} (against its
+start; MOPD: and each teacher), "episodes": {domain: episode metrics} for domains evaluated by
+episodes}], "teachers": {domain: stage}}), report.md (stages x domains, best per domain marked),
+scores.png, and per stage DIR/stages/<name>/ (metrics.jsonl, eval_problems.json, checkpoints/:
+the last one holds the stage's final weights). Re-running the command resumes: finished stages
+are skipped (their final weights reloaded), an interrupted stage continues from its last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -49,12 +51,7 @@ from nemocascade.jobs.cascade_data import (
     TokenizerConfig,
     run_tokenizer,
 )
-from nemocascade.jobs.evaluation import (
-    EvalConfig,
-    episode_envs,
-    evaluate_domains,
-    paired_deltas,
-)
+from nemocascade.jobs.evaluation import EvalConfig, episode_envs, evaluate_domains, paired_deltas
 from nemocascade.jobs.identity import model_identity, tokenizer_identity
 from nemocascade.jobs.preflight import check_disk, state_bytes
 from nemocascade.jobs.registry import register_job
