@@ -16,7 +16,9 @@ Reads each run's `summary.json` and checks, per seed, the targets the main job i
 Writes `<out>.json` (per seed: scores, lifts, gaps, pass/fail; over seeds: mean, standard
 deviation and the t-based 95% interval of each stage x domain) and `<out>.md` (the tables).
 Within one run, each score also has its own 95% interval over held-out problems
-(`eval_ci95` in the summary), shown beside the seed's score in `<out>.md`.
+(`eval_ci95` in the summary), shown beside the seed's score in `<out>.md`, and each lift or
+MOPD gap its paired 95% interval (`paired_ci95`: the two checkpoints on the same problems),
+shown beside the value when the run recorded it.
 """
 
 from __future__ import annotations
