@@ -267,6 +267,10 @@ def rehearsal(fast: bool = False) -> ConfigDict:
         XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m nemocascade.launch \\
             --config=configs/nemotron_cascade2.py:rehearsal --workdir=runs/rehearsal
 
+    (on a machine with few cores and other work, add
+    `--xla_cpu_collective_call_terminate_timeout_seconds=1800` to XLA_FLAGS: the 8 simulated
+    devices share the cores, and XLA aborts a collective it thinks is stuck after a timeout)
+
     Same stage names, order and kinds as the paper config, the same code paths: thinking mode,
     chunked vocabulary losses, block remat, the layer scan, bf16 compute over fp32 master
     weights, expert parallelism on a data (2) x expert (4) mesh, blockwise attention, the RLHF

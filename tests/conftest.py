@@ -10,7 +10,16 @@ the isolation itself skip without bwrap, and tests of the refusal unset the vari
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 simulated devices share the machine's cores: on a loaded 2-core machine one device's thread
+# can wait minutes for a collective, which XLA would otherwise abort as stuck (seen in the
+# rehearsal while the other test worker ran)
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 "
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800 "
+    "--xla_cpu_collective_timeout_seconds=1800 "
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600",
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
