@@ -106,6 +106,7 @@ def run_info(config: ConfigDict) -> dict[str, Any]:
         "platform": jax.devices()[0].platform,
         "mesh": mesh,
         "expert_parallel": bool(mesh and mesh["expert"] > 1),
+        "context_parallel": bool(mesh and mesh.get("context", 1) > 1),
         "jax": jax.__version__,
         "flax": flax.__version__,
         "git_commit": commit,

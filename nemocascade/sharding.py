@@ -1,12 +1,14 @@
 """Device mesh construction and the one logical-axis -> mesh-axis table.
 
 Layers name logical axes on their parameters (`nnx.Param(..., axes=("embed", "mlp"))`) and on
-activations; only this module knows mesh axes. The mesh has four axes:
+activations; only this module knows mesh axes. The mesh has five axes:
 
-  data    pure data parallelism (batch)
-  fsdp    batch and parameter sharding (ZeRO-3 style: params gathered per layer by XLA)
-  expert  MoE experts (expert parallelism; tokens exchanged with all-to-all), also a batch axis
-  tensor  Megatron-style tensor parallelism (heads, MLP width, vocabulary)
+  data     pure data parallelism (batch)
+  fsdp     batch and parameter sharding (ZeRO-3 style: params gathered per layer by XLA)
+  expert   MoE experts (expert parallelism; tokens exchanged with all-to-all), also a batch axis
+  context  sequence positions (context parallelism, `model/context_parallel.py`): the attention
+           and Mamba-2 layers exchange keys / values and recurrent states across it
+  tensor   Megatron-style tensor parallelism (heads, MLP width, vocabulary)
 
 Their product must equal the number of devices used.
 """
@@ -23,13 +25,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 LOGICAL_RULES: dict[str, Any] = {
     # activations
     "batch": ("data", "fsdp", "expert"),
-    "seq": None,
+    "seq": "context",
     "act_embed": None,
     # parameters
     "vocab": "tensor",
@@ -57,10 +59,12 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     expert: int = 1
+    context: int = 1
     tensor: int = 1
 
     def shape(self, num_devices: int) -> tuple[int, ...]:
-        sizes = [self.data, self.fsdp, self.expert, self.tensor]
+        """Sizes in `MESH_AXES` order."""
+        sizes = [getattr(self, a) for a in MESH_AXES]
         if sizes.count(-1) > 1:
             raise ValueError(f"mesh {self}: at most one axis may be -1")
         known = int(np.prod([s for s in sizes if s != -1]))
@@ -77,7 +81,7 @@ class MeshConfig:
                 )
             raise ValueError(
                 f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} (mesh.data x mesh.fsdp x "
-                f"mesh.expert x mesh.tensor) needs {int(np.prod(sizes))} devices, "
+                f"mesh.expert x mesh.context x mesh.tensor) needs {int(np.prod(sizes))} devices, "
                 f"{num_devices} are available{hint}"
             )
         return tuple(sizes)
@@ -98,7 +102,7 @@ def make_mesh(
             raise ValueError(f"mesh config: unknown axes {sorted(unknown)}; use {MESH_AXES}")
         cfg = MeshConfig(**{k: int(v) for k, v in cfg.items()})
     devices = list(jax.devices() if devices is None else devices)
-    sizes = (cfg.data, cfg.fsdp, cfg.expert, cfg.tensor)
+    sizes = tuple(getattr(cfg, a) for a in MESH_AXES)
     if -1 not in sizes and 0 < int(np.prod(sizes)) < len(devices):
         devices = devices[: int(np.prod(sizes))]
     shape = cfg.shape(len(devices))
@@ -120,7 +124,7 @@ def logical_to_spec(
             raise KeyError(f"logical axis {name!r} has no rule in the sharding table")
         targets = (target,) if isinstance(target, str) else tuple(target or ())
         if mesh is not None:
-            targets = tuple(t for t in targets if mesh.shape[t] > 1)
+            targets = tuple(t for t in targets if mesh.shape.get(t, 1) > 1)
         targets = tuple(t for t in targets if t not in used)  # a mesh axis may appear once
         used.update(targets)
         out.append(None if not targets else (targets[0] if len(targets) == 1 else targets))

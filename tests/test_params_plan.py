@@ -63,6 +63,23 @@ def test_remat_orders_activation_estimates():
     assert chunked < activation_estimate(NANO, 4096, 4096, "block")["loss"]
 
 
+def test_context_axis_splits_each_sequence():
+    """context=4 holds a quarter of each row's positions (activations and loss), adds the keys
+    and values an attention layer gathers over the axis, and splits no parameter."""
+    flash = ModelConfig.nano_30b_a3b(attention_impl="blockwise", attention_block_k=512)
+    kw = {"batch": 8, "seq": 65536, "remat": "block", "loss_chunk": 2048}
+    one = memory_plan(flash, parse_mesh("fsdp=2,expert=4"), **kw)
+    four = memory_plan(flash, parse_mesh("fsdp=2,expert=4,context=4"), **kw)
+    assert four["tokens_per_device"] * 4 == one["tokens_per_device"] == 65536
+    a, b = one["per_device_bytes"], four["per_device_bytes"]
+    assert b["params"] == a["params"] and b["optimizer"] == a["optimizer"]
+    np.testing.assert_allclose(b["activations_blocks"], a["activations_blocks"] / 4, rtol=1e-9)
+    kv = 2 * flash.num_key_value_heads * flash.head_dim * 2  # k and v, bf16
+    assert a["context_gather"] == 0 and b["context_gather"] == 2 * 1 * 65536 * kv
+    with pytest.raises(ValueError, match="context axis 3"):
+        memory_plan(flash, parse_mesh("fsdp=2,expert=4,context=3"), **kw)
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="pipeline=2"):
         parse_mesh("fsdp=2,pipeline=2")

@@ -108,7 +108,9 @@ def _outputs(st: SlotState, idx=None):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "cache_len", "mode", "mesh"), donate_argnames=("st",)
+    jax.jit,
+    static_argnames=("graphdef", "cache_len", "mode", "mesh", "prefill_chunk"),
+    donate_argnames=("st",),
 )
 def _refill(
     graphdef,
@@ -130,13 +132,14 @@ def _refill(
     cache_len: int,
     mode: SamplingMode,
     mesh: Mesh | None,
+    prefill_chunk: int = 0,
 ):
     """Prefills the P left-padded prompts `ids_PT`; rows `rows_M` enter slots `dest_M` (an index
     >= S is padding, dropped) with prompt `src_M`'s cache (KV positions from 0) and logits, and
     sample their first token (step 0). Returns (state, the outputs of the rows the slots held
     before)."""
     model = nnx.merge(graphdef, state)
-    logits_PV, cache = sl.prefill_rows(model, ids_PT, seg_PT, cache_len, mesh)
+    logits_PV, cache = sl.prefill_rows(model, ids_PT, seg_PT, cache_len, mesh, prefill_chunk)
     evicted = _outputs(st, dest_M)
     keys_M = row_keys(seed, rows_M)
     tok_M, lp_M, lpr_M = sample_step(
@@ -305,6 +308,7 @@ def run(req: Request, *, slots: int, chunk_steps: int = CHUNK_STEPS, refill_at: 
                 cache_len=p_max + g_len,
                 mode=req.mode,
                 mesh=mesh,
+                prefill_chunk=req.prefill_chunk,
             )
             evicted.append((out, slot_row[dest].copy()))
             slot_row[dest] = rows

@@ -154,7 +154,7 @@ def _static_args(req: Request, bucket_batch: bool):
     ids, seg = left_pad(req.prompts, rows, p_len, req.pad_id)
     row_ids = np.arange(rows * req.n, dtype=np.int32)
     prefill_args = (req.graphdef, req.state, req.put(ids), req.put(seg))
-    prefill_kw = {"cache_len": p_len + g_len, "mesh": mesh}
+    prefill_kw = {"cache_len": p_len + g_len, "mesh": mesh, "chunk": req.prefill_chunk}
     budgets = req.put(req.row_budgets(row_ids))
     decode_rest = (req.put(row_ids), jnp.int32(req.rows), budgets, *req.sampling_args())
     decode_kw = {"n": req.n, "gen_len": g_len, "mode": req.mode, "mesh": mesh}
@@ -225,6 +225,7 @@ def generate(
     slots: int | None = None,
     chunk_steps: int = continuous.CHUNK_STEPS,
     refill_at: int | None = None,
+    prefill_chunk: int = 0,
     _compile_only: bool = False,
 ) -> GenerateResult:
     """Continues each prompt `n` times; see the module docstring for the layout of the result.
@@ -254,6 +255,10 @@ def generate(
     summation order). None: the static engine (all rows resident until the longest finishes).
     `.timings` of a continuous run: prefill_s (the first fill), decode_s (the rest, refills
     included), decode_steps, chunks, refills, slot_utilization (decoded tokens / slot-steps).
+
+    `prefill_chunk` > 0: chunked prefill (`slots.prefill_rows`): prompts enter the cache in
+    slices of that many positions, so a long prompt never needs a whole-prompt activation or a
+    [T, T] score block; the same tokens and log-probs up to fp32 summation order. 0: one pass.
     """
     req = make_request(
         model,
@@ -270,6 +275,7 @@ def generate(
         n=n,
         pad_id=pad_id,
         mesh=mesh,
+        prefill_chunk=prefill_chunk,
     )
     if slots is not None:
         if _compile_only:

@@ -208,6 +208,7 @@ class Request:
     tokenizer: Any
     pad_id: int
     mesh: Mesh | None
+    prefill_chunk: int = 0  # > 0: chunked prefill (`slots.prefill_rows`)
 
     @property
     def rows(self) -> int:
@@ -283,6 +284,7 @@ def make_request(
     n: int,
     pad_id: int,
     mesh: Mesh | None,
+    prefill_chunk: int = 0,
 ) -> Request:
     """Checks `generate`'s arguments (clear errors) and resolves the sampling mode."""
     graphdef, state = split_model(model)
@@ -299,6 +301,7 @@ def make_request(
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
     top_k, n = _int_arg(top_k, "top_k", 0), _int_arg(n, "n", 1)
+    prefill_chunk = _int_arg(prefill_chunk, "prefill_chunk", 0)
     if not _is_int(seed):
         raise TypeError(f"generate: seed must be an integer, got {seed!r}")
     pad_id = _token_id(pad_id, "pad_id", vocab_size)
@@ -327,6 +330,7 @@ def make_request(
         tokenizer=tokenizer,
         pad_id=pad_id,
         mesh=mesh,
+        prefill_chunk=prefill_chunk,
     )
 
 

@@ -43,19 +43,38 @@ from nemocascade.model.attention import KVCache
 from nemocascade.model.layers import dtype_of
 
 
-def prefill_rows(model, ids_BT, seg_BT, cache_len: int, mesh: Mesh | None):
+def prefill_rows(model, ids_BT, seg_BT, cache_len: int, mesh: Mesh | None, chunk: int = 0):
     """Runs left-padded prompts through a fresh cache of `cache_len` positions (the model's own
-    layout: one scalar index); returns (last-position logits [B, V], cache)."""
+    layout: one scalar index); returns (last-position logits [B, V], cache).
+
+    `chunk` > 0 (chunked prefill, for long prompts): the prompt goes through the cache in slices
+    of `chunk` positions (the first slice takes the remainder of T / chunk), a `fori_loop` over
+    equal slices, so no activation, attention score or SSD block spans more than one slice of the
+    prompt: the same cache and logits as one pass up to fp32 summation order."""
     cache = constrain_batch(model.init_cache(ids_BT.shape[0], cache_len), mesh)
+    t = ids_BT.shape[1]
+    if 0 < chunk < t:
+        head, n = t % chunk, t // chunk
+        if head:
+            _, cache = model.hidden_states(ids_BT[:, :head], seg_BT[:, :head], cache)
+
+        def body(i, cache):
+            start = head + i * chunk
+            ids = jax.lax.dynamic_slice_in_dim(ids_BT, start, chunk, 1)
+            seg = jax.lax.dynamic_slice_in_dim(seg_BT, start, chunk, 1)
+            return constrain_batch(model.hidden_states(ids, seg, cache)[1], mesh)
+
+        cache = jax.lax.fori_loop(0, n - 1, body, cache)
+        ids_BT, seg_BT = ids_BT[:, t - chunk :], seg_BT[:, t - chunk :]
     h_BTD, cache = model.hidden_states(ids_BT, seg_BT, cache)
     logits_BV = model.logits(h_BTD[:, -1:])[:, 0]
     return logits_BV, constrain_batch(cache, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh"))
-def prefill(graphdef, state, ids_BT, seg_BT, *, cache_len: int, mesh: Mesh | None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh", "chunk"))
+def prefill(graphdef, state, ids_BT, seg_BT, *, cache_len: int, mesh: Mesh | None, chunk: int = 0):
     """`prefill_rows` as one program (the static engine's prefill)."""
-    return prefill_rows(nnx.merge(graphdef, state), ids_BT, seg_BT, cache_len, mesh)
+    return prefill_rows(nnx.merge(graphdef, state), ids_BT, seg_BT, cache_len, mesh, chunk)
 
 
 def _is_kv(x) -> bool:

@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 from jax import lax
+from jax.sharding import Mesh
 
+from nemocascade.model import context_parallel as cp
 from nemocascade.model.config import ModelConfig
-from nemocascade.model.layers import dtype_of, param
+from nemocascade.model.layers import dtype_of, make_varying, param
 
 
 @struct.dataclass
@@ -135,6 +137,8 @@ def _blockwise_forward(q_BTNH, k_BSKH, v_BSKH, seg_q_BT, seg_k_BS, q_offset, bq:
             jnp.zeros((b, kv, g, bq), jnp.float32),
             jnp.zeros((b, kv, g, bq, h), jnp.float32),
         )
+        # (under shard_map the carry varies over the mesh axes of its operands)
+        init = make_varying(init, q_BQKGH, k_BSKH, v_BSKH, seg_q_BQ, seg_k_BS, q_offset)
         m_BKGQ, l_BKGQ, acc_BKGQH = lax.fori_loop(0, n_visible, kv_block, init)
         seen = l_BKGQ > 0
         o_BKGQH = acc_BKGQH / jnp.where(seen, l_BKGQ, 1.0)[..., None]
@@ -207,13 +211,14 @@ def _blockwise_backward(bq: int, bk: int, residuals, do_BTNH):
             )
             return dk_BCKH, dv_BCKH, dq_BTKGH
 
-        zeros_BCKH = jnp.zeros((b, bk, kv, h), jnp.float32)
+        zeros_BCKH = make_varying(jnp.zeros((b, bk, kv, h), jnp.float32), operands, q_offset)
         dk_BCKH, dv_BCKH, dq_BTKGH = lax.fori_loop(
             first, nq, q_block, (zeros_BCKH, zeros_BCKH, dq_BTKGH)
         )
         return dq_BTKGH, (dk_BCKH, dv_BCKH)
 
-    dq0 = jnp.zeros((b, nq * bq, kv, g, h), jnp.float32)
+    operands = (q_BTKGH, do_BTKGH, kp_BSKH, vp_BSKH, lse_BKGT, delta_BKGT, seg_q_BT, seg_k_BS)
+    dq0 = make_varying(jnp.zeros((b, nq * bq, kv, g, h), jnp.float32), operands, q_offset)
     dq_BTKGH, (dk_nBCKH, dv_nBCKH) = lax.scan(kv_block, dq0, jnp.arange(nk))
 
     def unblock(x_nBCKH):
@@ -278,11 +283,42 @@ def blockwise_attention(
     )
 
 
+def context_parallel_attention(
+    q_BTNH, k_BTKH, v_BTKH, seg_BT, mesh: Mesh, *, impl: str, block_q: int, block_k: int
+):
+    """Self-attention of sequences sharded over the mesh's `context` axis (`context_parallel`):
+    local queries at their global positions, keys and values all-gathered. Equals the
+    single-device layer (naive: the masked softmax; blockwise and pallas: `blockwise_attention`,
+    which takes the query offset) up to summation order."""
+    t_l = cp.local_length(q_BTNH.shape[1], mesh, "context_parallel_attention")
+    tp = mesh.shape.get("tensor", 1)
+    split_heads = tp > 1 and q_BTNH.shape[2] % tp == 0 and k_BTKH.shape[2] % tp == 0
+
+    def local(q, k, v, seg):
+        start = cp.offset(t_l)
+        k_all, v_all, seg_all = cp.gather(k), cp.gather(v), cp.gather(seg)
+        if impl == "naive":
+            pos_k = jnp.arange(k_all.shape[1])
+            mask = attention_weights_mask(seg, seg_all, start + jnp.arange(t_l), pos_k)
+            return gqa_attention(q, k_all, v_all, mask)
+        return blockwise_attention(
+            q, k_all, v_all, seg, seg_all, start, block_q=block_q, block_k=block_k
+        )
+
+    qkv = cp.seq_spec(mesh, 4, ("tensor" if split_heads else None,))
+    seg = cp.seq_spec(mesh, 2)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv)
+    return fn(q_BTNH, k_BTKH, v_BTKH, seg_BT)
+
+
 # --------------------------------------------------------------------------- the layer
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """`mesh`: with a context axis of more than one device, the forward without a cache runs
+    context parallel (`context_parallel_attention`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
         d, n, kv, h = (
             cfg.hidden_size,
             cfg.num_attention_heads,
@@ -297,8 +333,20 @@ class Attention(nnx.Module):
         self.compute_dtype = dtype_of(cfg.compute_dtype)
         self.impl = cfg.attention_impl
         self.block_q, self.block_k = cfg.attention_block_q, cfg.attention_block_k
+        self.cp_mesh = cp.context_mesh(mesh)  # None: one device holds each sequence
 
     def _self_attention(self, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
+        if self.cp_mesh is not None:
+            return context_parallel_attention(
+                q_BTNH,
+                k_BTKH,
+                v_BTKH,
+                segment_ids_BT,
+                self.cp_mesh,
+                impl=self.impl,
+                block_q=self.block_q,
+                block_k=self.block_k,
+            )
         if self.impl == "blockwise":
             return blockwise_attention(
                 q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q=self.block_q, block_k=self.block_k

@@ -80,3 +80,23 @@ class MLP(nnx.Module):
         cd = self.compute_dtype
         h_BTF = relu2(jnp.einsum("btd,df->btf", x_BTD.astype(cd), self.up_DF[...].astype(cd)))
         return jnp.einsum("btf,fd->btd", h_BTF, self.down_FD[...].astype(cd))
+
+
+def _varying_axes(x) -> frozenset:
+    """Manual mesh axes (inside `shard_map`) that `x` varies over; empty outside shard_map."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def make_varying(tree, *refs):
+    """`tree` with every leaf marked varying over the manual axes that any of `refs` varies over
+    (a no-op outside `shard_map`): the initial carry of a loop whose body mixes it with sharded
+    operands (else the loop's carry types clash under `shard_map`)."""
+    vma = frozenset().union(*(_varying_axes(x) for x in jax.tree.leaves(refs)))
+
+    def vary(x):
+        missing = tuple(sorted(vma - _varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(vary, tree)

@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh
 
+from nemocascade.model import context_parallel as cp
 from nemocascade.model.config import ModelConfig
 from nemocascade.model.layers import dtype_of, param
 
@@ -56,17 +58,20 @@ class MambaCache:
         )
 
 
-def causal_conv(x_BTC, w_KC, b_C, seg_BT, prev_BKC=None):
+def causal_conv(x_BTC, w_KC, b_C, seg_BT, prev_BKC=None, prev_seg_BK=None):
     """Depthwise causal conv over time; taps from another segment contribute zero.
 
-    `prev_BKC` (K-1 earlier inputs, already masked to the first position's segment) continues a
-    cached sequence. Output `y[t] = b + sum_j w[j] * x[t - (K-1) + j]`.
+    `prev_BKC` (K-1 earlier inputs) continues a sequence: a cache's (already masked to the first
+    position's segment) or, with their segment ids `prev_seg_BK`, the previous slice's of a
+    context-parallel sequence. Output `y[t] = b + sum_j w[j] * x[t - (K-1) + j]`.
     """
     k = w_KC.shape[0]
     t = x_BTC.shape[1]
     if prev_BKC is None:
         prev_BKC = jnp.zeros((x_BTC.shape[0], k - 1, x_BTC.shape[2]), x_BTC.dtype)
         prev_seg = jnp.full((x_BTC.shape[0], k - 1), -1, seg_BT.dtype)
+    elif prev_seg_BK is not None:
+        prev_seg = prev_seg_BK.astype(seg_BT.dtype)
     else:
         prev_seg = jnp.broadcast_to(seg_BT[:, :1], (x_BTC.shape[0], k - 1))
     xx = jnp.concatenate([prev_BKC.astype(x_BTC.dtype), x_BTC], axis=1)  # [B, K-1+T, C]
@@ -162,6 +167,44 @@ def ssd_step(state_BHPN, x_BHP, dt_BH, a_H, b_BGN, c_BGN):
     return y, state
 
 
+def context_parallel_mixer(
+    xbc_BTC, dt_BTH, a_H, d_H, conv_w_KC, conv_b_C, seg_BT, mesh: Mesh, *, chunk: int, split
+):
+    """conv -> SiLU -> SSD (+ the D skip) of `Mamba2` on sequences sharded over the mesh's
+    `context` axis (`context_parallel`: the conv's halo from the previous slice, the SSD from a
+    zero state plus the entering state's contribution, which is linear in it).
+
+    `xbc_BTC` the conv input, `dt_BTH` the clamped time steps, `a_H` = -exp(A_log), `split(xbc)`
+    -> (x [.., H, P], B [.., G, N], C [.., G, N]). Returns y [B, T, H, P] fp32, equal to the
+    single-device path up to summation order."""
+    k1 = conv_w_KC.shape[0] - 1
+    cp.local_length(xbc_BTC.shape[1], mesh, "context_parallel_mixer", max(k1, 1))
+
+    def local(xbc, dt, seg, a_H, d_H, w, b):
+        prev_x, prev_seg = cp.halo(xbc, seg, k1)
+        conv = causal_conv(xbc, w, b, seg, prev_x, prev_seg)
+        xs, bb, cc = split(jax.nn.silu(conv.astype(jnp.float32)).astype(xbc.dtype))
+        y, final = ssd_scan(xs, dt, a_H, bb, cc, seg, chunk)
+        la_BTH = dt.astype(jnp.float32) * a_H.astype(jnp.float32)
+        s_in = cp.entering_state(final, la_BTH.sum(1), seg[:, 0], seg[:, -1])
+        # y_t += exp(cum_t) C_t . S_in on the positions of the slice's first segment
+        first_BT1 = (seg == seg[:, :1])[..., None]
+        cum_BTH = jnp.where(first_BT1, jnp.cumsum(la_BTH, axis=1), _NEG)
+        c_BTHN = jnp.repeat(cc.astype(jnp.float32), xs.shape[2] // cc.shape[2], axis=2)
+        y = y + jnp.einsum("bthn,bhpn->bthp", c_BTHN, s_in) * jnp.exp(cum_BTH)[..., None]
+        return y + d_H.astype(jnp.float32)[:, None] * xs.astype(jnp.float32)
+
+    seq2, seq3 = cp.seq_spec(mesh, 2), cp.seq_spec(mesh, 3)
+    rep = jax.sharding.PartitionSpec()
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(seq3, seq3, seq2, rep, rep, rep, rep),
+        out_specs=cp.seq_spec(mesh, 4),
+    )
+    return fn(xbc_BTC, dt_BTH, seg_BT, a_H, d_H, conv_w_KC, conv_b_C)
+
+
 def gated_group_rms_norm(y, z, weight, n_groups: int, eps: float):
     """HF NemotronHRMSNormGated with norm_before_gate=False: RMS over groups of (y * silu(z))."""
     y = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
@@ -172,8 +215,12 @@ def gated_group_rms_norm(y, z, weight, n_groups: int, eps: float):
 
 
 class Mamba2(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """`mesh`: with a context axis of more than one device, the forward without a cache runs
+    context parallel (`context_parallel_mixer`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
         self.cfg = cfg
+        self.cp_mesh = cp.context_mesh(mesh)  # None: one device holds each sequence
         d, h, pd, std = cfg.hidden_size, cfg.mamba_num_heads, cfg.param_dtype, cfg.initializer_range
         proj = cfg.mamba_inner + cfg.conv_dim + h
         self.in_proj_DP = param(rngs, (d, proj), ("embed", "ssm_proj"), std=std, dtype=pd)
@@ -257,6 +304,20 @@ class Mamba2(nnx.Module):
             xs = xs[:, None]
             new_conv = window[:, 1:]
             cache = MambaCache(new_conv.astype(cache.conv_BKC.dtype), ssm, new_seg_B)
+        elif cache is None and self.cp_mesh is not None:
+            y = context_parallel_mixer(
+                xbc,
+                dt,
+                a_H,
+                self.D_H[...],
+                self.conv_w_KC[...],
+                self.conv_b_C[...],
+                segment_ids_BT,
+                self.cp_mesh,
+                chunk=cfg.chunk_size,
+                split=self._xbc_split,
+            )
+            return self._out(y, z), None
         else:
             prev = None if cache is None else cache.conv_BKC
             conv = causal_conv(xbc, self.conv_w_KC[...], self.conv_b_C[...], segment_ids_BT, prev)
@@ -269,10 +330,15 @@ class Mamba2(nnx.Module):
                     self._conv_tail(cache.conv_BKC, xbc, segment_ids_BT), ssm, new_seg_B
                 )
         y = y + self.D_H[...].astype(jnp.float32)[:, None] * xs.astype(jnp.float32)
-        y = y.reshape(y.shape[:2] + (cfg.mamba_inner,))
+        return self._out(y, z), cache
+
+    def _out(self, y_BTHP, z):
+        """Gated group norm and out_proj of the SSD output (with its D skip)."""
+        cfg = self.cfg
+        cd = dtype_of(cfg.compute_dtype)
+        y = y_BTHP.reshape(y_BTHP.shape[:2] + (cfg.mamba_inner,))
         y = gated_group_rms_norm(y, z, self.norm_I[...], cfg.n_groups, cfg.layer_norm_epsilon)
-        out = jnp.einsum("bti,id->btd", y.astype(cd), self.out_proj_ID[...].astype(cd))
-        return out, cache
+        return jnp.einsum("bti,id->btd", y.astype(cd), self.out_proj_ID[...].astype(cd))
 
     def _conv_tail(self, prev_BKC, xbc_BTC, seg_BT):
         """Last K-1 conv inputs for decoding, zeroed where they belong to an earlier segment."""

@@ -93,10 +93,12 @@ class MoE(nnx.Module):
             )
         up_EDF, down_EFD = self.up_EDF[...].astype(cd), self.down_EFD[...].astype(cd)
         if self.ep_mesh is not None:  # expert parallel (moe_ep)
+            # tokens as [B, T] when sequences are sharded over `context`: each device sends its own
+            tokens = (b, t) if self.ep_mesh.shape.get("context", 1) > 1 else (b * t,)
             y_TD, aux["dropped_tokens"] = moe_ep.expert_parallel_mlp(
-                x_TD,
-                idx_TK,
-                w_TK,
+                x_TD.reshape(tokens + (d,)),
+                idx_TK.reshape(tokens + (k,)),
+                w_TK.reshape(tokens + (k,)),
                 up_EDF,
                 down_EFD,
                 mesh=self.ep_mesh,

@@ -34,7 +34,7 @@ from typing import NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
-from nemocascade.model.layers import relu2
+from nemocascade.model.layers import make_varying, relu2
 
 
 class ExpertBackend(Protocol):
@@ -204,13 +204,13 @@ _combine.defvjp(_combine_fwd, _combine_bwd)
 def gather_rows(x_TD: jax.Array, perm: Permutation) -> jax.Array:
     """Buffer rows `x_ND[n] = x_TD[token of row n]` (zero for padding rows)."""
     args = (x_TD, perm.assign_N, perm.pos_TK)
-    return _tokens_to_rows(*_make_varying(args, *args))  # (shard_map: see tiled_expert_mlp)
+    return _tokens_to_rows(*make_varying(args, *args))  # (shard_map: see tiled_expert_mlp)
 
 
 def unpermute(y_ND: jax.Array, perm: Permutation, w_TK: jax.Array, dtype) -> jax.Array:
     """`y_t = sum_k w_tk * y_ND[pos_tk]`, summed in fp32, cast to `dtype`."""
     args = (y_ND, w_TK, perm.pos_TK, perm.assign_N)
-    return _combine(*_make_varying(args, *args)).astype(dtype)  # (shard_map: see tiled_expert_mlp)
+    return _combine(*make_varying(args, *args)).astype(dtype)  # (shard_map: see tiled_expert_mlp)
 
 
 def _grouped_expert_mlp(gmm: Callable, x_TD, idx_TK, w_TK, up_EDF, down_EFD):
@@ -257,29 +257,10 @@ def default_tile_rows(num_rows: int, num_experts: int) -> int:
     return int(min(MAX_TILE_ROWS, max(8, 1 << (target.bit_length() - 1))))
 
 
-def _varying_axes(x) -> frozenset:
-    """Manual mesh axes (inside `shard_map`) that `x` varies over; empty outside shard_map."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
-
-
 def _tile_loop(n, body, init, *operands):
     """fori_loop over the first `n` tiles. Under `shard_map`, the zero-initialised carry is first
     marked varying over the manual mesh axes its operands vary over (else the loop types clash)."""
-    return jax.lax.fori_loop(0, n, body, _make_varying(init, n, *operands))
-
-
-def _make_varying(tree, *refs):
-    """`tree` with every leaf marked varying over the manual axes that any of `refs` varies over
-    (a no-op outside `shard_map`)."""
-    vma = frozenset().union(*(_varying_axes(x) for x in refs))
-
-    def vary(x):
-        missing = tuple(sorted(vma - _varying_axes(x)))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(vary, tree)
+    return jax.lax.fori_loop(0, n, body, make_varying(init, n, *operands))
 
 
 def _dyn(a, i):
@@ -311,7 +292,7 @@ def tiled_expert_mlp(
     # `data`): align them first so the custom VJP's cotangents match, and JAX's transpose of this
     # cast (a psum) sums the weight gradient over the replicas.
     args = (x_GMD, up_EDF, down_EFD, tile_expert_G, num_tiles)
-    return _tiled_expert_mlp(*_make_varying(args, *args))
+    return _tiled_expert_mlp(*make_varying(args, *args))
 
 
 @jax.custom_vjp

@@ -107,7 +107,15 @@ def expert_parallel_mlp(
     [T, K], up_EDF [E, D, F], down_EFD [E, F, D]. Returns (y_TD, dropped) where `dropped` is the
     global number of dropped assignments (always 0 when dropless). Without a mesh or with an
     expert axis of size 1 this is the plain single-device backend.
+
+    On a mesh with a `context` axis the tokens may come as [B, T, D] (idx, w [B, T, K]): each
+    device then dispatches its own (batch shard, sequence slice) tokens, as laid out by the
+    context-parallel layers, and y has the same shape.
     """
+    if x_TD.ndim == 3:
+        return _sequence_parallel_mlp(
+            x_TD, idx_TK, w_TK, up_EDF, down_EFD, mesh, capacity_factor, backend
+        )
     E, D, _F = up_EDF.shape
     T, K = idx_TK.shape
     if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) == 1:
@@ -127,7 +135,58 @@ def expert_parallel_mlp(
         raise ValueError(
             f"moe_ep: {T} tokens do not divide over the batch axes {axes} ({shards} shards)"
         )
-    cap = capacity(T // shards, K, E, ep, capacity_factor)
+    local = _local_exchange(T // shards, K, E, ep, D, capacity_factor, backend, axes)
+    tok, exp = P(axes, None), P(EXPERT_AXIS, None, None)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp), out_specs=(tok, P()))
+    return fn(x_TD, idx_TK, w_TK, up_EDF, down_EFD)
+
+
+def _sequence_parallel_mlp(x_BTD, idx_BTK, w_BTK, up_EDF, down_EFD, mesh, capacity_factor, backend):
+    """`expert_parallel_mlp` of [B, T, ...] tokens sharded over the batch axes and `context`."""
+    (B, T, D), K, E = x_BTD.shape, idx_BTK.shape[-1], up_EDF.shape[0]
+    if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) == 1:
+        y, dropped = expert_parallel_mlp(
+            x_BTD.reshape(B * T, D),
+            idx_BTK.reshape(B * T, K),
+            w_BTK.reshape(B * T, K),
+            up_EDF,
+            down_EFD,
+            mesh=mesh,
+            capacity_factor=capacity_factor,
+            backend=backend,
+        )
+        return y.reshape(B, T, D), dropped
+    ep = mesh.shape[EXPERT_AXIS]
+    if E % ep:
+        raise ValueError(f"moe_ep: {E} experts do not divide over expert axis of size {ep}")
+    spec = sharding.logical_to_spec(("batch", "seq"), mesh=mesh)
+    axes = tuple(a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ()))
+    if EXPERT_AXIS not in axes:
+        raise ValueError(f"moe_ep: the batch axes of {spec} must include '{EXPERT_AXIS}'")
+    b_sh = math.prod(mesh.shape[a] for a in axes if a != "context")
+    c_sh = mesh.shape.get("context", 1)
+    if B % b_sh or T % c_sh:
+        raise ValueError(
+            f"moe_ep: [{B}, {T}] tokens do not divide over the mesh's batch ({b_sh}) and context "
+            f"({c_sh}) shards"
+        )
+    tokens = (B // b_sh) * (T // c_sh)
+    flat = _local_exchange(tokens, K, E, ep, D, capacity_factor, backend, axes)
+
+    def local(x, idx, w, up, down):
+        b, t = x.shape[:2]
+        y, dropped = flat(x.reshape(b * t, D), idx.reshape(b * t, K), w.reshape(b * t, K), up, down)
+        return y.reshape(b, t, D), dropped
+
+    tok, exp = P(*spec, None), P(EXPERT_AXIS, None, None)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp), out_specs=(tok, P()))
+    return fn(x_BTD, idx_BTK, w_BTK, up_EDF, down_EFD)
+
+
+def _local_exchange(tokens: int, K: int, E: int, ep: int, D: int, capacity_factor, backend, axes):
+    """The per-device body of the exchange (module docstring, steps 1-4) for `tokens` local
+    tokens; `dropped` is summed over the token `axes`."""
+    cap = capacity(tokens, K, E, ep, capacity_factor)
 
     def local(x_TD, idx_TK, w_TK, up_EDF, down_EFD):
         perm, local_e_N, dropped = dispatch_permutation(idx_TK, E, ep, cap)
@@ -148,9 +207,7 @@ def expert_parallel_mlp(
         y_TD = moe_backends.unpermute(back_ND, perm, w_TK, x_TD.dtype)
         return y_TD, jax.lax.psum(dropped, axes)
 
-    tok, exp = P(axes, None), P(EXPERT_AXIS, None, None)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp), out_specs=(tok, P()))
-    return fn(x_TD, idx_TK, w_TK, up_EDF, down_EFD)
+    return local
 
 
 def expert_mesh(mesh: Mesh | None) -> Mesh | None:

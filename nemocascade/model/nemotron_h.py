@@ -28,8 +28,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
+from nemocascade.model import context_parallel
 from nemocascade.model.attention import Attention, KVCache
 from nemocascade.model.config import ModelConfig
 from nemocascade.model.layers import MLP, RMSNorm, dtype_of, param
@@ -68,9 +69,9 @@ class Block(nnx.Module):
         self.kind = kind
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype=cfg.param_dtype)
         if kind == "mamba":
-            self.mixer = Mamba2(cfg, rngs=rngs)
+            self.mixer = Mamba2(cfg, rngs=rngs, mesh=mesh)
         elif kind == "attention":
-            self.mixer = Attention(cfg, rngs=rngs)
+            self.mixer = Attention(cfg, rngs=rngs, mesh=mesh)
         elif kind == "moe":
             self.mixer = MoE(cfg, rngs=rngs, mesh=mesh)
         elif kind == "mlp":
@@ -235,7 +236,9 @@ class BlockGroup(nnx.Module):
 
 class NemotronH(nnx.Module):
     """`mesh`: the device mesh the model runs on; MoE layers run expert-parallel over its
-    `expert` axis when that axis has more than one device (`moe_ep`). None: single-device MoE."""
+    `expert` axis when that axis has more than one device (`moe_ep`), and the attention and
+    Mamba-2 layers context parallel over its `context` axis (`context_parallel`: the forward
+    without a cache). None: single-device layers."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
         self.cfg = cfg
@@ -244,6 +247,7 @@ class NemotronH(nnx.Module):
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std=std, dtype=pd
         )
         blocks = [Block(cfg, kind, rngs=rngs, mesh=mesh) for kind in cfg.block_types]
+        self.cp_mesh = context_parallel.context_mesh(mesh)
         if cfg.scan_layers:  # same blocks (same rngs, layer order), stacked per segment
             self.segments = nnx.List(
                 [
@@ -269,6 +273,11 @@ class NemotronH(nnx.Module):
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones(input_ids_BT.shape, jnp.int32)
         x = jnp.take(self.embed_VD[...], input_ids_BT, axis=0).astype(cd)
+        if self.cp_mesh is not None and cache is None:  # every position-wise op on its slice
+            context_parallel.local_length(x.shape[1], self.cp_mesh, "NemotronH")
+            x = jax.lax.with_sharding_constraint(
+                x, NamedSharding(self.cp_mesh, context_parallel.seq_spec(self.cp_mesh, 3))
+            )
         new_cache, auxes = None, []  # auxes: the MoE layers' statistics, in layer order
         if cache is not None:
             new_cache = []

@@ -94,6 +94,9 @@ class RLStageConfig:
     # continuous batching of the rollouts: at most this many rows decode at once, a finished
     # row's slot taking the next (a multiple of the mesh's batch shards); 0: one static batch
     rollout_slots: int = 0
+    # chunked prefill of the rollout prompts (long context): slices of this many positions
+    # enter the cache in turn (`generate(..., prefill_chunk=)`); 0: the whole prompt at once
+    rollout_prefill_chunk: int = 0
     # GRPO reward: "verifier" (rule-based, per record) or a learned reward model kind of
     # `rewards.reward_models` ("bt": a Bradley-Terry scorer, "genrm": a pairwise judge) at
     # `reward_model_path` (a checkpoint directory, or "stage:<name>" for a reward_model stage of
@@ -134,6 +137,10 @@ class RLStageConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.rollout_slots < 0:
             raise ValueError(f"rollout_slots must be >= 0, got {self.rollout_slots}")
+        if self.rollout_prefill_chunk < 0:
+            raise ValueError(
+                f"rollout_prefill_chunk must be >= 0, got {self.rollout_prefill_chunk}"
+            )
         if not self.domains:
             raise ValueError("domains is empty")
         if not 0 <= self.max_reward_error_frac <= 1:

@@ -91,12 +91,13 @@ def generate_rollouts(
     thinking: bool = False,
     mesh=None,
     slots: int = 0,
+    prefill_chunk: int = 0,
 ) -> Generations:
     """Renders each prompt record (`render_prompts`), generates `n` responses per prompt (eos:
     the chat template's end of turn) and decodes them. `slots` > 0: continuous batching with at
     most that many rows resident (`generate(..., slots=)`: the same tokens, long-tailed lengths
     no longer hold the whole batch), used when the rows outnumber the slots; otherwise (and
-    with 0) one static batch."""
+    with 0) one static batch. `prefill_chunk` > 0: chunked prefill (`generate`)."""
     prompts = render_prompts(tokenizer, records, thinking=thinking)
     eos = tokenizer.im_end_id
     if slots < 0:
@@ -114,6 +115,7 @@ def generate_rollouts(
         pad_id=tokenizer.pad_id,
         mesh=mesh,
         slots=slots if 0 < slots < len(prompts) * n else None,
+        prefill_chunk=prefill_chunk,
     )
     rows = len(prompts) * n
     recs = [records[i] for i in res.prompt_index]
@@ -147,6 +149,7 @@ def sample(
     mesh=None,
     scorer=None,
     slots: int = 0,
+    prefill_chunk: int = 0,
 ) -> Rollouts:
     """Generates `n` responses per prompt record (`generate_rollouts`) and scores them with the
     records' verifiers (in thinking mode a response is judged as if it began with `<think>`: an
@@ -168,6 +171,7 @@ def sample(
         thinking=thinking,
         mesh=mesh,
         slots=slots,
+        prefill_chunk=prefill_chunk,
     )
     cache = reward_cache or rw.RewardCache()
     t0 = time.perf_counter()

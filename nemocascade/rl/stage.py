@@ -237,6 +237,7 @@ class RLStage:
             mesh=self.mesh,
             scorer=self.reward_model,
             slots=c.rollout_slots,
+            prefill_chunk=c.rollout_prefill_chunk,
         )
 
     def _episodes(self, state: TrainState, step: int, round_: int) -> list:

@@ -111,7 +111,7 @@ def count_params(cfg: ModelConfig) -> dict:
 
 # ----------------------------------------------------------------------------- memory plan
 def parse_mesh(spec: str) -> dict[str, int]:
-    """'fsdp=16,expert=8' -> {'data': 1, 'fsdp': 16, 'expert': 8, 'tensor': 1}."""
+    """'fsdp=16,expert=8' -> {'data': 1, 'fsdp': 16, 'expert': 8, 'context': 1, 'tensor': 1}."""
     from nemocascade.sharding import MESH_AXES
 
     sizes = dict.fromkeys(MESH_AXES, 1)
@@ -143,7 +143,8 @@ def _block_activation_bytes(cfg: ModelConfig, kind: str, seq: int, saved: str) -
 
     saved="all": every intermediate (no remat); "matmuls": only outputs of matmuls without batch
     dimensions (jax.checkpoint_policies.dots_with_no_batch_dims_saveable) plus the block input.
-    Attention is the plain (non-flash) softmax: scores/probabilities are [heads, seq] per token.
+    Attention scores / probabilities are [heads, seq] per token for the naive softmax and
+    [heads, block_k] for the blockwise and Pallas paths (one key tile at a time).
     """
     c, f32 = jnp.dtype(cfg.compute_dtype).itemsize, 4
     d, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -168,7 +169,8 @@ def _block_activation_bytes(cfg: ModelConfig, kind: str, seq: int, saved: str) -
     elif kind == "attention":
         nq, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         mm = (nq + 2 * kv) * hd * c + d * c  # q, k, v, o projections
-        rest = nq * seq * (3 * f32 + c) + seq + nq * hd * c  # scores, masked, probs, mask, out
+        keys = seq if cfg.attention_impl == "naive" else min(cfg.attention_block_k, seq)
+        rest = nq * keys * (3 * f32 + c) + keys + nq * hd * c  # scores, masked, probs, mask, out
     elif kind == "moe":
         fe, fs = cfg.moe_intermediate_size, cfg.moe_shared_expert_intermediate_size
         mm = e * f32 + fs * c + d * c  # router logits, shared expert
@@ -218,10 +220,13 @@ def memory_plan(
     hbm_gb: float | None = None,
 ) -> dict:
     """Per-device bytes of parameters, gradients (param dtype), AdamW state and activations on
-    `mesh` (sizes of data/fsdp/expert/tensor), from the sharding table; `fits` compares the sum
-    with `hbm_gb` * 1e9 bytes. The batch is split over the data-like axes (data, fsdp, expert).
-    A layer's parameters gathered over fsdp (forward, and again for its gradient) are included
-    as `fsdp_gather_bytes` (the largest layer, twice)."""
+    `mesh` (sizes of data/fsdp/expert/context/tensor), from the sharding table; `fits` compares
+    the sum with `hbm_gb` * 1e9 bytes. The batch is split over the data-like axes (data, fsdp,
+    expert) and each sequence over `context` (context parallelism: a device holds seq / context
+    positions of its rows). A layer's parameters gathered over fsdp (forward, and again for its
+    gradient) are included as `fsdp_gather_bytes` (the largest layer, twice); with context > 1,
+    the keys and values an attention layer gathers over the axis (its rows' whole sequences,
+    forward and backward) as `context_gather_bytes`."""
     from nemocascade.sharding import LOGICAL_RULES, MESH_AXES
     from nemocascade.train.state import bytes_per_device
 
@@ -244,9 +249,15 @@ def memory_plan(
         for layer, n in layer_param_states(cfg, state.params)
     ] or [0]
     gather = 2 * max(layer_bytes) if mesh["fsdp"] > 1 else 0
-    tokens = batch * seq // batch_shards
+    context = mesh.get("context", 1)
+    if seq % context:
+        raise ValueError(f"seq {seq} is not divisible by the context axis {context} of {mesh}")
+    tokens = batch * seq // (batch_shards * context)
     act = activation_estimate(cfg, tokens, seq, remat, loss_chunk)
-    total = params + grads + opt + other + gather + act["total"]
+    kv_bytes = 2 * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
+    has_attention = "attention" in cfg.block_types
+    cp_gather = 2 * (batch // batch_shards) * seq * kv_bytes if context > 1 and has_attention else 0
+    total = params + grads + opt + other + gather + cp_gather + act["total"]
     plan = {
         "mesh": mesh,
         "devices": n_dev,
@@ -266,6 +277,7 @@ def memory_plan(
             "optimizer": opt,
             "model_state": other,
             "fsdp_gather": gather,
+            "context_gather": int(cp_gather),
             "activations": int(act["total"]),
             "activations_blocks": int(act["blocks"]),
             "activations_loss": int(act["loss"]),
@@ -284,7 +296,7 @@ flags.DEFINE_string("model", "nano_30b_a3b", "preset name or path to a HF config
 flags.DEFINE_string(
     "mesh",
     None,
-    "mesh sizes, e.g. fsdp=16,expert=8 (axes data, fsdp, expert, "
+    "mesh sizes, e.g. fsdp=16,expert=8 (axes data, fsdp, expert, context, "
     "tensor; unnamed axes are 1); enables the per-device memory plan",
 )
 flags.DEFINE_integer("batch", 8, "global batch (sequences) for the activation estimate")

@@ -19,7 +19,7 @@ from nemocascade.model import moe_balance as bal
 from nemocascade.model.hf_io import iter_hf_tensors
 from nemocascade.model.moe_balance import ExpertBias
 from nemocascade.model.nemotron_h import Segment, layer_segments
-from nemocascade.sharding import MESH_AXES, state_specs
+from nemocascade.sharding import MESH_AXES, MeshConfig, state_specs
 from nemocascade.tools.params import count_params
 from nemocascade.train.state import bytes_per_device
 
@@ -239,7 +239,7 @@ def test_param_counts_shardings_and_bytes_per_device():
     for cfg in (_cfg(), ModelConfig.small()):
         assert count_params(cfg.replace(scan_layers=True)) == count_params(cfg)
     m0, m1 = _pair(_cfg())
-    mesh = AbstractMesh((1, 2, 4, 1), MESH_AXES)
+    mesh = AbstractMesh(MeshConfig(data=1, fsdp=2, expert=4).shape(8), MESH_AXES)
     specs = state_specs(nnx.state(m1), mesh=mesh)
     assert specs["segments"][0]["blocks"][1]["mixer"]["up_EDF"] == P(None, "expert", "fsdp", None)
     assert specs["segments"][2]["blocks"][0]["norm"]["weight"] == P("fsdp")
