@@ -4,8 +4,9 @@
     python benchmarks/run_all.py --json=benchmarks/results/all.json # the full sizes (long)
     python benchmarks/run_all.py --quick --only=train_step,moe
 
-Each benchmark module's `run(quick)` is called in this process, in order (compile_time runs in a
-child process because it needs simulated devices set before jax is imported). A benchmark that
+Each benchmark module's `run(quick)` is called in this process, in order (context_parallel and
+compile_time run in a child process because they need simulated devices set before jax is
+imported). A benchmark that
 is missing or fails is reported with `null` for its keys and its error under `errors`, and the
 others still run. Headline keys:
 
@@ -18,6 +19,7 @@ others still run. Headline keys:
   attention_peak_memory_reduction                                              (attention_memory.py)
   remat_block_temp_vs_none, remat_block_time_vs_none                           (remat.py)
   continuous_batching_speedup                                      (continuous_batching.py)
+  context_parallel_max_logit_err, context_parallel_max_rel_grad_err          (context_parallel.py)
   compile_lower_s, compile_s, compile_s_nano_52_layers (52 layers, layer scan) (compile_time.py)
 
 `prefill_speedup_vs_transformers` is the train_step benchmark's (a full forward over a batch);
@@ -61,6 +63,10 @@ HEADLINES = {
         "remat_block_time_vs_none": ("policies", "block", "time_vs_none"),
     },
     "continuous_batching": {"continuous_batching_speedup": "continuous_batching_speedup"},
+    "context_parallel": {
+        "context_parallel_max_logit_err": "context_parallel_max_logit_err",
+        "context_parallel_max_rel_grad_err": "context_parallel_max_rel_grad_err",
+    },
     "compile_time": {
         "compile_lower_s": "compile_lower_s",
         "compile_s": "compile_s",
@@ -70,7 +76,10 @@ HEADLINES = {
 # run in a child process (simulated devices are set before jax is imported): extra arguments
 # and the name of the JSON they write. compile_time: the 52-layer model with the layer scan, in
 # --quick too (~2 CPU-minutes)
-SUBPROCESS = {"compile_time": (["--scan_layers", "--full_depth"], "compile_time_scan")}
+SUBPROCESS = {
+    "context_parallel": ([], "context_parallel"),
+    "compile_time": (["--scan_layers", "--full_depth"], "compile_time_scan"),
+}
 
 
 def _get(result: dict, key):

@@ -125,10 +125,17 @@ def get_config(arg: str = "") -> ConfigDict:
     c.num_workers = 64
     c.export_hf = True
     c.model_path = ""  # released Nemotron-3-Nano-30B-A3B-Base (safetensors dir); "" = random init
-    # fp32 master weights, bf16 compute; router, SSM recurrence and losses stay fp32
+    # fp32 master weights, bf16 compute; router, SSM recurrence and losses stay fp32; attention
+    # by online softmax over 512 x 512 tiles (O(T) memory on every platform: `pallas` on TPU)
     c.model = dataclasses.asdict(
         ModelConfig.nano_30b_a3b(
-            param_dtype="float32", compute_dtype="bfloat16", moe_backend="ragged_dot", remat="block"
+            param_dtype="float32",
+            compute_dtype="bfloat16",
+            moe_backend="ragged_dot",
+            remat="block",
+            attention_impl="blockwise",
+            attention_block_q=512,
+            attention_block_k=512,
         )
     )
     c.mesh = dict(data=1, fsdp=-1, expert=8, tensor=1)

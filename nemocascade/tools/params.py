@@ -304,11 +304,16 @@ flags.DEFINE_integer("seq", 4096, "sequence length for the activation estimate")
 flags.DEFINE_string("remat", None, "none | block | matmuls (default: the model config's)")
 flags.DEFINE_integer("loss_chunk", 0, "chunked cross-entropy size (0: full [B, T, V] logits)")
 flags.DEFINE_float("hbm_gb", None, "HBM per device in GB (1e9 bytes), e.g. 95 (v5p), 141 (H200)")
+flags.DEFINE_string(
+    "attention_impl", None, "naive | blockwise | pallas (default: the model config's)"
+)
 
 
 def main(argv):
     del argv
     cfg = resolve_model_config(FLAGS.model)
+    if FLAGS.attention_impl:
+        cfg = cfg.replace(attention_impl=FLAGS.attention_impl)
     report = count_params(cfg)
     if FLAGS.mesh is not None:
         report["plan"] = memory_plan(
