@@ -19,6 +19,8 @@ others still run. Headline keys:
   attention_peak_memory_reduction                                              (attention_memory.py)
   remat_block_temp_vs_none, remat_block_time_vs_none                           (remat.py)
   continuous_batching_speedup                                      (continuous_batching.py)
+  sampler_trainer_logprob_max_abs_diff_fp32, sampler_trainer_tokens_off_band_bf16
+                                                                               (logprob_mismatch.py)
   context_parallel_max_logit_err, context_parallel_max_rel_grad_err          (context_parallel.py)
   compile_lower_s, compile_s, compile_s_nano_52_layers (52 layers, layer scan) (compile_time.py)
 
@@ -63,6 +65,10 @@ HEADLINES = {
         "remat_block_time_vs_none": ("policies", "block", "time_vs_none"),
     },
     "continuous_batching": {"continuous_batching_speedup": "continuous_batching_speedup"},
+    "logprob_mismatch": {
+        "sampler_trainer_logprob_max_abs_diff_fp32": "sampler_trainer_logprob_max_abs_diff_fp32",
+        "sampler_trainer_tokens_off_band_bf16": "sampler_trainer_tokens_off_band_bf16",
+    },
     "context_parallel": {
         "context_parallel_max_logit_err": "context_parallel_max_logit_err",
         "context_parallel_max_rel_grad_err": "context_parallel_max_rel_grad_err",

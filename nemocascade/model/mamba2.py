@@ -63,7 +63,10 @@ def causal_conv(x_BTC, w_KC, b_C, seg_BT, prev_BKC=None, prev_seg_BK=None):
 
     `prev_BKC` (K-1 earlier inputs) continues a sequence: a cache's (already masked to the first
     position's segment) or, with their segment ids `prev_seg_BK`, the previous slice's of a
-    context-parallel sequence. Output `y[t] = b + sum_j w[j] * x[t - (K-1) + j]`.
+    context-parallel sequence. Output `y[t] = b + sum_j w[j] * x[t - (K-1) + j]` in fp32: the
+    decode step's conv stays fp32 up to the SiLU as well, so the two paths round to the compute
+    dtype once, at the same place (a bf16 rounding here, on the training path only, put the
+    sampler's and the trainer's log-probs apart: issue 20, `benchmarks/logprob_mismatch.py`).
     """
     k = w_KC.shape[0]
     t = x_BTC.shape[1]
@@ -81,7 +84,7 @@ def causal_conv(x_BTC, w_KC, b_C, seg_BT, prev_BKC=None, prev_seg_BK=None):
         tap = jax.lax.dynamic_slice_in_dim(xx, j, t, axis=1)
         same = (jax.lax.dynamic_slice_in_dim(ss, j, t, axis=1) == seg_BT)[..., None]
         y = y + jnp.where(same, tap, 0).astype(jnp.float32) * w_KC[j].astype(jnp.float32)
-    return y.astype(x_BTC.dtype)
+    return y
 
 
 def _pad_time(x, pad, mode="zeros"):
