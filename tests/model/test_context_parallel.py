@@ -56,25 +56,28 @@ def _run(cfg, mesh, ids, seg, r):
     return np.asarray(logits), g
 
 
-def _check(cfg, mesh_cfg, packed):
+def _check(cfg, mesh_cfgs, packed):
+    """Every mesh of `mesh_cfgs` against one device (computed once)."""
     ids = jax.random.randint(jax.random.key(0), (B, T), 0, cfg.vocab_size)
     r = jax.random.normal(jax.random.key(1), (B, T, cfg.vocab_size))
     seg = jnp.asarray(_segments(packed))
     logits_ref, g_ref = _run(cfg, None, ids, seg, r)
-    mesh = sharding.make_mesh(mesh_cfg)
-    logits, g = _run(cfg, mesh, ids, seg, r)
-    np.testing.assert_allclose(logits, logits_ref, **TOL)
-    for (path, a), b in zip(
-        jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref), strict=True
-    ):
-        np.testing.assert_allclose(a, b, **TOL, err_msg=jax.tree_util.keystr(path))
+    for mesh_cfg in mesh_cfgs:
+        logits, g = _run(cfg, sharding.make_mesh(mesh_cfg), ids, seg, r)
+        np.testing.assert_allclose(logits, logits_ref, **TOL, err_msg=str(mesh_cfg))
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref), strict=True
+        ):
+            np.testing.assert_allclose(
+                a, b, **TOL, err_msg=f"{mesh_cfg} {jax.tree_util.keystr(path)}"
+            )
 
 
-@pytest.mark.parametrize("context", [2, 4, 8])
 @pytest.mark.parametrize("packed", [False, True], ids=["one_doc", "packed"])
-def test_model_with_context_axis_matches_one_device(context, packed):
-    """Mamba-2 (conv halo, SSD state carried across slices), attention (blockwise with its query
-    offset) and the MoE on the local slices; chunk 8 so each slice holds several chunks."""
+def test_model_with_context_axis_matches_one_device(packed):
+    """Context 2, 4 and 8: Mamba-2 (conv halo, SSD state carried across slices), attention
+    (blockwise with its query offset) and the MoE on the local slices; chunk 8 so each slice
+    holds several chunks."""
     cfg = ModelConfig.tiny(
         pattern="M*EM",
         attention_impl="blockwise",
@@ -83,7 +86,7 @@ def test_model_with_context_axis_matches_one_device(context, packed):
         moe_backend="sorted",
         n_group=1,
     )
-    _check(cfg, dict(data=min(B, 8 // context), context=context), packed)
+    _check(cfg, [dict(data=min(B, 8 // c), context=c) for c in (2, 4, 8)], packed)
 
 
 def test_context_with_expert_parallel_scan_and_naive_attention():
@@ -97,7 +100,7 @@ def test_context_with_expert_parallel_scan_and_naive_attention():
         scan_layers=True,
         remat="block",
     )
-    _check(cfg, dict(data=1, expert=2, context=4), packed=True)
+    _check(cfg, [dict(data=1, expert=2, context=4)], packed=True)
 
 
 def test_halo_and_state_fold_pieces():
