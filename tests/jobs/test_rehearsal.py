@@ -26,12 +26,16 @@ ROOT = Path(__file__).parents[2]
 def test_fast_rehearsal_runs_every_paper_stage_on_8_devices(tmp_path):
     work = tmp_path / "rehearsal"
     env = dict(os.environ)
-    # 8 devices on the machine's cores; a loaded machine must not abort a slow collective
+    # 8 devices on the machine's cores. XLA:CPU's simulated devices now and then leave a
+    # collective waiting for a participant that never arrives (seen in 2 of ~5 runs: every
+    # thread idle, the step never returns); XLA exits after the termination timeout (long
+    # enough for a slow but live collective on a loaded machine), and the rerun resumes the
+    # pipeline from its finished stages (a run is never restarted from scratch).
     env["XLA_FLAGS"] = (
         "--xla_force_host_platform_device_count=8 "
-        "--xla_cpu_collective_call_terminate_timeout_seconds=1800 "
-        "--xla_cpu_collective_timeout_seconds=1800 "
-        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
+        "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+        "--xla_cpu_collective_timeout_seconds=600 "
+        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
     )
     env["JAX_PLATFORMS"] = "cpu"
     # stages that build the same programs (the GRPO stages' steps) compile them once
@@ -43,7 +47,11 @@ def test_fast_rehearsal_runs_every_paper_stage_on_8_devices(tmp_path):
         "--config=configs/nemotron_cascade2.py:rehearsal_fast",
         f"--workdir={work}",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    for attempt in range(3):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
+        if proc.returncode == 0 or "Termination timeout for" not in proc.stderr:
+            break
+        print(f"\nrehearsal attempt {attempt + 1}: XLA:CPU stuck collective, resuming")
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((work / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == REHEARSAL_STAGES.split(",")
