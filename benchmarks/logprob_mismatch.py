@@ -46,7 +46,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "logprob_mismatch.json"
 
 def tiny_cascade_model() -> ModelConfig:
     """The main job's model (`configs/tiny_cascade.py`)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from configs import tiny_cascade
 
     return ModelConfig.from_mapping(tiny_cascade.get_config().model.to_dict())

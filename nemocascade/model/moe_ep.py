@@ -160,11 +160,11 @@ def _sequence_parallel_mlp(x_BTD, idx_BTK, w_BTK, up_EDF, down_EFD, mesh, capaci
     if E % ep:
         raise ValueError(f"moe_ep: {E} experts do not divide over expert axis of size {ep}")
     spec = sharding.logical_to_spec(("batch", "seq"), mesh=mesh)
-    axes = tuple(a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ()))
+    c_sh = mesh.shape.get("context", 1)
+    axes = sharding.batch_axes(mesh) + (("context",) if c_sh > 1 else ())
     if EXPERT_AXIS not in axes:
         raise ValueError(f"moe_ep: the batch axes of {spec} must include '{EXPERT_AXIS}'")
-    b_sh = math.prod(mesh.shape[a] for a in axes if a != "context")
-    c_sh = mesh.shape.get("context", 1)
+    b_sh = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
     if B % b_sh or T % c_sh:
         raise ValueError(
             f"moe_ep: [{B}, {T}] tokens do not divide over the mesh's batch ({b_sh}) and context "
