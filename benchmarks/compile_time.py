@@ -64,8 +64,10 @@ def measure(
     moe_backend: str = "ragged_dot",
     layers: int | None = None,
     scan_layers: bool = False,
+    **model_kw,
 ) -> dict:
-    """Lowers and compiles the sharded SFT step of nano_30b_a3b (first `layers` blocks if given)."""
+    """Lowers and compiles the sharded SFT step of nano_30b_a3b (first `layers` blocks if given;
+    `model_kw`: other ModelConfig fields, e.g. attention_impl)."""
     n_dev = 1
     for part in filter(None, mesh_spec.split(",")):
         n_dev *= int(part.partition("=")[2])
@@ -82,14 +84,16 @@ def measure(
     from flax import nnx
 
     from nemocascade.model import ModelConfig, NemotronH
-    from nemocascade.model.nemotron_h import layer_segments
+    from nemocascade.model.layer_scan import layer_segments
     from nemocascade.sharding import MeshConfig, batch_sharding, make_mesh
     from nemocascade.train.loop import full_shardings
     from nemocascade.train.optim import OptimConfig, make_optimizer
     from nemocascade.train.sft import sft_step
     from nemocascade.train.state import create_train_state
 
-    cfg = ModelConfig.nano_30b_a3b(remat=remat, moe_backend=moe_backend, scan_layers=scan_layers)
+    cfg = ModelConfig.nano_30b_a3b(
+        remat=remat, moe_backend=moe_backend, scan_layers=scan_layers, **model_kw
+    )
     if layers:
         cfg = cfg.replace(pattern=cfg.pattern[:layers])
     mesh = make_mesh(MeshConfig(**sizes), jax.devices()[:n_dev])

@@ -46,7 +46,7 @@ LOGICAL_RULES: dict[str, Any] = {
     "ssm_inner": "tensor",
     "ssm_heads": "tensor",
     "conv_kernel": None,
-    # the repeats of a scanned layer segment (stacked parameters, `nemotron_h.BlockGroup`):
+    # the repeats of a scanned layer segment (stacked parameters, `layer_scan.BlockGroup`):
     # replicated, every device holds its share of every layer as in the unrolled model
     "layers": None,
 }

@@ -10,7 +10,7 @@ Loading streams tensor by tensor into a model built abstractly (`nnx.eval_shape`
 holds the model once plus one tensor (one MoE layer's experts while stacking them; with
 `scan_layers` one stacked variable, i.e. that tensor of every repeat of a scanned segment).
 A scanned model (`ModelConfig.scan_layers`) reads and writes the same tensor names and values as
-the unrolled one: layer i's tensors are row r of the stacked variable `nemotron_h.layer_location`
+the unrolled one: layer i's tensors are row r of the stacked variable `layer_scan.layer_location`
 names.
 """
 
@@ -29,7 +29,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from nemocascade.model.config import ModelConfig
-from nemocascade.model.nemotron_h import NemotronH, layer_location
+from nemocascade.model.layer_scan import layer_location
+from nemocascade.model.nemotron_h import NemotronH
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 IGNORED_PREFIXES = ("mtp.",)  # multi-token-prediction heads of other family members

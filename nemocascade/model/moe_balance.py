@@ -120,7 +120,7 @@ def update_model_biases(
 
     The biases are matched to the rows of `counts_LE` ([n_moe_layers, E], the model's
     `expert_counts` statistic, in layer order). A bias [E] is one row; a stacked bias [R, E]
-    (a scanned model, `nemotron_h.BlockGroup`) is R rows. The rows' layer order is
+    (a scanned model, `layer_scan.BlockGroup`) is R rows. The rows' layer order is
       * the biases' `layer_ids` metadata when they carry it (one layer index per row; set by
         `NemotronH` with `scan_layers`, whose stacked rows interleave with the other unit
         positions of their segment), else

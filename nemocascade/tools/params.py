@@ -32,8 +32,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from nemocascade.model.config import PATTERN_TO_BLOCK, ModelConfig
+from nemocascade.model.layer_scan import layer_segments
 from nemocascade.model.moe_balance import ExpertBias
-from nemocascade.model.nemotron_h import NemotronH, layer_segments
+from nemocascade.model.nemotron_h import NemotronH
 
 
 def resolve_model_config(spec: str) -> ModelConfig:
@@ -66,9 +67,9 @@ def layer_param_states(cfg: ModelConfig, params) -> list:
     if "segments" in params:
         segs = layer_segments(cfg.pattern)
         return [
-            (block, segs[s].repeats)
+            (block, segs[s].rows(j) if segs[s].repeats > 1 else 1)
             for s, group in params["segments"].items()
-            for block in group["blocks"].values()
+            for j, block in group["blocks"].items()
         ]
     return []
 

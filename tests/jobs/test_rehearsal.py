@@ -1,13 +1,13 @@
 """The paper's pipeline rehearsed end to end (issue 14, item 9): the `rehearsal_fast` variant of
 `configs/nemotron_cascade2.py`, every stage of the paper config in order on 8 simulated CPU
 devices (data 2 x expert 4), in a process of its own (the device count is fixed when jax
-starts). Deselected from the suite by the `rehearsal` marker (pyproject's addopts); run it
-alone (`.ci/run` leaves it out until a whole run without the compilation cache is verified):
+starts). Deselected from the suite by the `rehearsal` marker (pyproject's addopts); run alone,
+as `.ci/run` does after the suite:
 
     python -m pytest -q -m rehearsal -s tests/jobs/test_rehearsal.py
 
-About 15 minutes on a quiet 2-core CPU (the compiles of the first evaluation and of each stage's
-steps are most of it)."""
+15-20 minutes on a 2-core CPU (the compiles of the first evaluation and of each stage's steps
+are most of it)."""
 
 import json
 import os

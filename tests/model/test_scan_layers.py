@@ -1,8 +1,9 @@
-"""`scan_layers=True` (repeated block units as `lax.scan` bodies over stacked parameters) gives
-the numbers of the unrolled model (fp32, 1e-5): same initial parameters and Hugging Face tensors,
-logits / gradients / MoE statistics with and without remat and with packed rows, the cached
-prefill + decode path, the MoE bias update on stacked biases, checkpoint I/O across the two
-layouts, parameter counts and shardings."""
+"""`scan_layers=True` (repeated block units as `lax.scan` bodies over stacked parameters, a unit
+position that only some copies have under `lax.cond`) gives the numbers of the unrolled model
+(fp32, 1e-5): same initial parameters and Hugging Face tensors, logits / gradients / MoE
+statistics with and without remat and with packed rows, the cached prefill + decode path, the MoE
+bias update on stacked biases, checkpoint I/O across the two layouts, parameter counts and
+shardings."""
 
 import functools
 
@@ -17,8 +18,8 @@ from jax.sharding import PartitionSpec as P
 from nemocascade.model import ModelConfig, NemotronH, load_hf_checkpoint, save_hf_checkpoint
 from nemocascade.model import moe_balance as bal
 from nemocascade.model.hf_io import iter_hf_tensors
+from nemocascade.model.layer_scan import Segment, layer_segments
 from nemocascade.model.moe_balance import ExpertBias
-from nemocascade.model.nemotron_h import Segment, layer_segments
 from nemocascade.sharding import MESH_AXES, MeshConfig, state_specs
 from nemocascade.tools.params import count_params
 from nemocascade.train.state import bytes_per_device
@@ -26,11 +27,13 @@ from nemocascade.train.state import bytes_per_device
 TOL = {"atol": 1e-5, "rtol": 0}  # fp32, fixed up front
 # ME*E x2 (two MoE layers per unit: their bias rows interleave), ME x2, then "-" unrolled
 PATTERN = "ME*EME*EMEME-"
+# M*E x4 with the attention in copies 2 and 4 (one scan, the attention under lax.cond), "-"
+GAPPED = "MEM*EMEM*E-"
 
 
-def _cfg(**kw):
+def _cfg(pattern=PATTERN, **kw):
     return ModelConfig.tiny(
-        **{"pattern": PATTERN, "chunk_size": 4, "moe_aux_loss_coef": 1e-2, **kw}
+        **{"pattern": pattern, "chunk_size": 4, "moe_aux_loss_coef": 1e-2, **kw}
     )
 
 
@@ -54,13 +57,14 @@ def _assert_same_tensors(a: dict, b: dict, **tol):
 
 def test_layer_segments_rule():
     nano = ModelConfig.nano_30b_a3b().pattern
-    assert layer_segments(nano) == (
-        Segment(0, "MEMEM*E", 5),
-        Segment(35, "ME", 3),
-        Segment(41, "M*", 1),
-        Segment(43, "EM", 4),
-        Segment(51, "E", 1),
+    assert nano.replace("M*E", "A").replace("ME", "B") == "BBA" * 5 + "BBBABBBB"
+    present = tuple(c == "A" for c in "BBA" * 5 + "BBBABBBB")  # 23 copies, 6 with attention
+    assert layer_segments(nano) == (Segment(0, "M*E", 23, 1, present),)  # 3 block bodies
+    assert layer_segments(GAPPED) == (
+        Segment(0, "M*E", 4, 1, (False, True, False, True)),
+        Segment(10, "-", 1),
     )
+    assert layer_segments("MM*MM*-")[0] == Segment(0, "M*", 4, 1, (False, True, False, True))
     assert layer_segments(PATTERN) == (
         Segment(0, "ME*E", 2),
         Segment(8, "ME", 2),
@@ -69,12 +73,27 @@ def test_layer_segments_rule():
     assert layer_segments("EEEE") == (Segment(0, "E", 4),)
     assert layer_segments("MEMEMEME") == (Segment(0, "ME", 4),)  # shortest unit among equals
     assert layer_segments("M*EM-E") == (Segment(0, "M*EM-E", 1),)  # nothing repeats
-    for p in (nano, PATTERN, "M", "MM*MM*-", "ME*MEME*ME-"):
+    assert layer_segments("E*EE*E")[0] == Segment(0, "*E", 4, 0, (False, True, False, True))
+    assert [s.optional for s in layer_segments("MEMMEM")] == [None]  # an MoE is never optional
+    for p in (
+        nano,
+        PATTERN,
+        GAPPED,
+        "M",
+        "MM*MM*-",
+        "ME*MEME*ME-",
+        "E*EE*EEE*",
+        "-*M-M*",
+        "MEMMEM",
+    ):
         segs = layer_segments(p)
-        assert "".join(s.unit * s.repeats for s in segs) == p
-        assert [s.start for s in segs] == list(
-            np.cumsum([0] + [len(s.unit) * s.repeats for s in segs[:-1]])
-        )
+        assert "".join(s.letters for s in segs) == p
+        assert [s.start for s in segs] == list(np.cumsum([0] + [s.num_layers for s in segs[:-1]]))
+        for s in segs:
+            assert s.optional is None or s.unit[s.optional] != "E"
+            assert [layer for layer, _, _ in s.layers()] == list(
+                range(s.start, s.start + s.num_layers)
+            )
 
 
 def test_same_initial_parameters_and_hf_tensors():
@@ -85,6 +104,11 @@ def test_same_initial_parameters_and_hf_tensors():
     assert m1.segments[0].blocks[1].mixer.bias_E.get_metadata()["layer_ids"] == (1, 5)
     assert m1.segments[2].blocks[0].norm.weight.get_value().ndim == 1  # one repeat: unstacked
     _assert_same_tensors(_hf(m0), _hf(m1))
+    g0, g1 = _pair(_cfg(GAPPED))
+    attn, moe = g1.segments[0].blocks[1].mixer, g1.segments[0].blocks[2].mixer
+    assert attn.q_DNH.get_value().shape[0] == 2  # the attention of copies 2 and 4
+    assert moe.bias_E.get_metadata()["layer_ids"] == (1, 4, 6, 9)
+    _assert_same_tensors(_hf(g0), _hf(g1))
 
 
 def _run(model, ids, seg, r_BTV):
@@ -99,9 +123,11 @@ def _run(model, ids, seg, r_BTV):
     return logits, aux, nnx.merge(graphdef, g, rest)
 
 
-@pytest.mark.parametrize("remat", ["none", "block"])
-def test_logits_gradients_and_moe_stats_match_unrolled(remat):
-    cfg = _cfg(remat=remat)
+@pytest.mark.parametrize(
+    "pattern,remat", [(PATTERN, "none"), (PATTERN, "block"), (GAPPED, "none"), (GAPPED, "block")]
+)
+def test_logits_gradients_and_moe_stats_match_unrolled(pattern, remat):
+    cfg = _cfg(pattern, remat=remat)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 12)))
     seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])  # packed row with padding
@@ -111,18 +137,19 @@ def test_logits_gradients_and_moe_stats_match_unrolled(remat):
     l1, a1, g1 = _run(m1, ids, seg, r)
     err = {"logits": float(jnp.max(jnp.abs(l0 - l1)))}
     np.testing.assert_allclose(l1, l0, **TOL)
-    assert a0["expert_counts"].shape == (PATTERN.count("E"), cfg.n_routed_experts)
+    assert a0["expert_counts"].shape == (pattern.count("E"), cfg.n_routed_experts)
     np.testing.assert_array_equal(a1["expert_counts"], a0["expert_counts"])
     np.testing.assert_allclose(a1["aux_loss"], a0["aux_loss"], **TOL)
     err["aux_loss"] = abs(float(a0["aux_loss"]) - float(a1["aux_loss"]))
     h0, h1 = _hf(g0), _hf(g1)
     err["grads"] = max(float(np.max(np.abs(h0[k] - h1[k]))) for k in h0)
-    print(f"scan vs unrolled, remat={remat}: max abs errors {err}")
+    print(f"scan vs unrolled, {pattern} remat={remat}: max abs errors {err}")
     _assert_same_tensors(h0, h1, **TOL)
 
 
-def test_cached_prefill_and_decode_match_unrolled():
-    cfg = _cfg()
+@pytest.mark.parametrize("pattern", [PATTERN, GAPPED])
+def test_cached_prefill_and_decode_match_unrolled(pattern):
+    cfg = _cfg(pattern)
     rng = np.random.default_rng(1)
     prompt = jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 7)))
     seg = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * 7])  # left padding, as the rollout engine
@@ -149,10 +176,11 @@ def test_cached_prefill_and_decode_match_unrolled():
         np.testing.assert_allclose(b, a, **TOL)
 
 
-def test_update_model_biases_on_stacked_biases_in_layer_order():
-    cfg = _cfg()
+@pytest.mark.parametrize("pattern", [PATTERN, GAPPED])
+def test_update_model_biases_on_stacked_biases_in_layer_order(pattern):
+    cfg = _cfg(pattern)
     m0, m1 = _pair(cfg)
-    n_moe, e = PATTERN.count("E"), cfg.n_routed_experts
+    n_moe, e = pattern.count("E"), cfg.n_routed_experts
     # layer l: expert l % E is hot, expert (l + 3) % E cold: every row is different
     rows = jnp.arange(n_moe)
     counts = jnp.full((n_moe, e), 5.0).at[rows, rows % e].set(20.0).at[rows, (rows + 3) % e].set(0)
@@ -204,8 +232,9 @@ def _logits(model, ids):
     return _forward(*nnx.split(model), ids)
 
 
-def test_hf_checkpoint_between_layouts(tmp_path):
-    cfg = _cfg(moe_aux_loss_coef=0.0)  # not a config.json field
+@pytest.mark.parametrize("pattern", [PATTERN, GAPPED])
+def test_hf_checkpoint_between_layouts(tmp_path, pattern):
+    cfg = _cfg(pattern, moe_aux_loss_coef=0.0)  # not a config.json field
     ids = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)))
     scanned = NemotronH(cfg.replace(scan_layers=True), rngs=nnx.Rngs(3))
     unrolled = NemotronH(cfg, rngs=nnx.Rngs(4))
@@ -220,12 +249,13 @@ def test_hf_checkpoint_between_layouts(tmp_path):
     np.testing.assert_allclose(_logits(into_scanned, ids), _logits(unrolled, ids), **TOL)
 
 
-def test_transformers_checkpoint_into_scanned_model(tmp_path):
+@pytest.mark.parametrize("pattern", [PATTERN, GAPPED])
+def test_transformers_checkpoint_into_scanned_model(tmp_path, pattern):
     """The transformers parity of test_hf_parity (same tolerance) for a scanned model."""
     from tests.model.hf_reference import hf_logits, hf_model
     from tests.model.test_hf_parity import ATOL
 
-    cfg = ModelConfig.tiny(pattern=PATTERN, chunk_size=4, dt_floor_like_hf=True)
+    cfg = ModelConfig.tiny(pattern=pattern, chunk_size=4, dt_floor_like_hf=True)
     ref = hf_model(cfg, seed=1)
     ref.save_pretrained(tmp_path)
     ours = load_hf_checkpoint(tmp_path, dt_floor_like_hf=True, scan_layers=True)
@@ -236,7 +266,7 @@ def test_transformers_checkpoint_into_scanned_model(tmp_path):
 
 
 def test_param_counts_shardings_and_bytes_per_device():
-    for cfg in (_cfg(), ModelConfig.small()):
+    for cfg in (_cfg(), _cfg(GAPPED), ModelConfig.small(), ModelConfig.nano_30b_a3b()):
         assert count_params(cfg.replace(scan_layers=True)) == count_params(cfg)
     m0, m1 = _pair(_cfg())
     mesh = AbstractMesh(MeshConfig(data=1, fsdp=2, expert=4).shape(8), MESH_AXES)
