@@ -21,10 +21,10 @@ and the compiled program's per-device `memory_analysis()` (argument / output / t
 By default the layers are a Python loop (52 unrolled blocks); compile time grows with the layer
 count, so the script compiles the first 8 blocks and then all 52 to show the growth (`--quick`:
 8 only). `--scan_layers` sets `ModelConfig.scan_layers`: the repeated block units run as
-`lax.scan` bodies over stacked parameters (`nemotron_h.layer_segments`: 14 block bodies in the
-program for the 52 layers). Writes benchmarks/results/compile_time[_scan][_quick].json with
-`compile_s_nano_52_layers` (the full model's compile seconds, when measured); `run(quick)`
-returns the dict.
+`lax.scan` bodies over stacked parameters (`layer_scan.layer_segments`: 3 block bodies in the
+program for the 52 layers, 23 copies of M*E with the attention in 6). Writes
+benchmarks/results/compile_time[_scan][_quick].json with `compile_s_nano_52_layers` (the full
+model's compile seconds, when measured); `run(quick)` returns the dict.
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ program's `memory_analysis()` per device:
              state, donated, plus the batch's few int32 arrays)
   transient  plan: gradients + fsdp / context gathers + activations; compiled: temp bytes
 
-and their ratios (compiled / plan). XLA:CPU's buffer assignment is not the accelerators' (its
+and their ratios (compiled / plan). The first mesh is compiled again at 1/8 of its tokens, which
+splits the compiled temp bytes into a part that does not grow with the tokens (`intercept`:
+gradients, optimizer-update temporaries, gathers) and a part per token (`per_token`), each set
+beside the plan's. XLA:CPU's buffer assignment is not the accelerators' (its
 fusion and rematerialisation decisions differ), so the ratio says how far the plan is from one
 real compiler's answer for the same program, not a bound for TPU or GPU. Writes
 benchmarks/results/memory_plan_check[_quick].json (`plan_state_ratio`, `plan_transient_ratio`:
@@ -85,8 +88,28 @@ def run(quick: bool = False, write: bool = True) -> dict:
             f"compiled {r['compiled_transient_gb']:.2f} ({r['transient_ratio']:.2f}x)"
         )
     far = max(rows, key=lambda r: abs(r["transient_ratio"] - 1))
+    mesh_spec, batch, seq = ROWS[0]
+    small = check(mesh_spec, batch, seq // 8, 8 if quick else None)
+    big = rows[0]
+    dt = big["tokens_per_device"] - small["tokens_per_device"]
+    slope = (big["compiled_transient_gb"] - small["compiled_transient_gb"]) / dt
+    plan_slope = (big["plan_transient_gb"] - small["plan_transient_gb"]) / dt
+    split = {
+        "mesh": mesh_spec,
+        "tokens_per_device": [small["tokens_per_device"], big["tokens_per_device"]],
+        "compiled_intercept_gb": round(
+            big["compiled_transient_gb"] - slope * big["tokens_per_device"], 2
+        ),
+        "plan_intercept_gb": round(
+            big["plan_transient_gb"] - plan_slope * big["tokens_per_device"], 2
+        ),
+        "compiled_per_token_mb": round(slope * 1e3, 3),
+        "plan_per_token_mb": round(plan_slope * 1e3, 3),
+    }
+    print(f"transient split over tokens per device ({mesh_spec}): {split}")
     res = {
         "rows": rows,
+        "transient_split": split,
         "plan_state_ratio": max((r["state_ratio"] for r in rows), key=lambda x: abs(x - 1)),
         "plan_transient_ratio": far["transient_ratio"],
     }

@@ -4,11 +4,10 @@
     python benchmarks/run_all.py --json=benchmarks/results/all.json # the full sizes (long)
     python benchmarks/run_all.py --quick --only=train_step,moe
 
-Each benchmark module's `run(quick)` is called in this process, in order (context_parallel and
-compile_time run in a child process because they need simulated devices set before jax is
-imported). A benchmark that
-is missing or fails is reported with `null` for its keys and its error under `errors`, and the
-others still run. Headline keys:
+Each benchmark module's `run(quick)` is called in this process, in order (context_parallel,
+compile_time and memory_plan_check run in a child process because they need simulated devices
+set before jax is imported). A benchmark that is missing or fails is reported with `null` for
+its keys and its error under `errors`, and the others still run. Headline keys:
 
   train_mfu, train_speedup_vs_transformers, prefill_speedup_vs_transformers,
   matmul_peak_gflops                                                           (train_step.py)
@@ -23,6 +22,8 @@ others still run. Headline keys:
                                                                                (logprob_mismatch.py)
   context_parallel_max_logit_err, context_parallel_max_rel_grad_err          (context_parallel.py)
   compile_lower_s, compile_s, compile_s_nano_52_layers (52 layers, layer scan) (compile_time.py)
+  plan_state_ratio, plan_transient_ratio (compiled / planned bytes per device)
+                                                                      (memory_plan_check.py)
 
 `prefill_speedup_vs_transformers` is the train_step benchmark's (a full forward over a batch);
 generate.py's cached-prefill speedup is kept as `generate_prefill_speedup_vs_transformers`.
@@ -78,6 +79,10 @@ HEADLINES = {
         "compile_s": "compile_s",
         "compile_s_nano_52_layers": "compile_s_nano_52_layers",
     },
+    "memory_plan_check": {
+        "plan_state_ratio": "plan_state_ratio",
+        "plan_transient_ratio": "plan_transient_ratio",
+    },
 }
 # run in a child process (simulated devices are set before jax is imported): extra arguments
 # and the name of the JSON they write. compile_time: the 52-layer model with the layer scan, in
@@ -85,6 +90,7 @@ HEADLINES = {
 SUBPROCESS = {
     "context_parallel": ([], "context_parallel"),
     "compile_time": (["--scan_layers", "--full_depth"], "compile_time_scan"),
+    "memory_plan_check": ([], "memory_plan_check"),
 }
 
 
