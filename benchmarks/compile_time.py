@@ -64,10 +64,12 @@ def measure(
     moe_backend: str = "ragged_dot",
     layers: int | None = None,
     scan_layers: bool = False,
+    loss_chunk: int = 0,
     **model_kw,
 ) -> dict:
     """Lowers and compiles the sharded SFT step of nano_30b_a3b (first `layers` blocks if given;
-    `model_kw`: other ModelConfig fields, e.g. attention_impl)."""
+    `model_kw`: other ModelConfig fields, e.g. attention_impl; `loss_chunk`: the step's chunked
+    cross-entropy, 0 for the full [tokens, V] logits)."""
     n_dev = 1
     for part in filter(None, mesh_spec.split(",")):
         n_dev *= int(part.partition("=")[2])
@@ -132,6 +134,7 @@ def measure(
             tx=tx,
             lr_fn=lambda s: optim.lr,
             moe_bias_rate=optim.moe_bias_rate,
+            loss_chunk_size=loss_chunk,
         ),
         in_shardings=(shardings, {k: bsh for k in abatch}),
         out_shardings=(shardings, None),
