@@ -316,7 +316,7 @@ def rehearsal(fast: bool = False) -> ConfigDict:
             attention_impl="blockwise",
             attention_block_q=64,
             attention_block_k=64,
-            scan_layers=True,  # "MEM*E" x 2: one scanned body of 5 blocks
+            scan_layers=True,  # "M*E" x 4, the attention in 2: one scan, 3 block bodies
         )
     )
     c.mesh = dict(data=2, fsdp=1, expert=4, tensor=1)
