@@ -35,31 +35,34 @@ class Block(nnx.Module):
         else:
             raise ValueError(f"unknown block kind {kind!r}")
 
-    def __call__(self, x_BTD, segment_ids_BT, cache=None):
-        """Returns (x_BTD, cache, aux); aux is the MoE statistics dict or None."""
+    def __call__(self, x_BTD, segment_ids_BT, cache=None, routes_BTK=None):
+        """Returns (x_BTD, cache, aux); aux is the MoE statistics dict or None. `routes_BTK`:
+        an MoE block's experts to replay (`moe.route`)."""
         h = self.norm(x_BTD)
         aux = None
         if self.kind in ("mamba", "attention"):
             h, cache = self.mixer(h, segment_ids_BT, cache)
         elif self.kind == "moe":
-            h, aux = self.mixer(h, segment_ids_BT > 0)
+            h, aux = self.mixer(h, segment_ids_BT > 0, routes_BTK)
         else:
             h = self.mixer(h)
         return x_BTD + h.astype(x_BTD.dtype), cache, aux
 
 
-def _remat_block(block: Block, x_BTD, segment_ids_BT, policy: str):
+def _remat_block(block: Block, x_BTD, segment_ids_BT, routes_BTK, policy: str):
     """Runs `block` under `jax.checkpoint` as a pure function of its state (no NNX state writes)."""
     graphdef, state = nnx.split(block)
 
-    def run(st, x, seg):
-        return nnx.merge(graphdef, st)(x, seg)
+    def run(st, x, seg, routes):
+        return nnx.merge(graphdef, st)(x, seg, None, routes)
 
-    return jax.checkpoint(run, policy=REMAT_POLICIES[policy])(state, x_BTD, segment_ids_BT)
+    ckpt = jax.checkpoint(run, policy=REMAT_POLICIES[policy])
+    return ckpt(state, x_BTD, segment_ids_BT, routes_BTK)
 
 
-def run_block(block: Block, x_BTD, segment_ids_BT, remat: str):
-    """One block without a cache (under `jax.checkpoint` unless remat is "none"): (x, None, aux)."""
+def run_block(block: Block, x_BTD, segment_ids_BT, remat: str, routes_BTK=None):
+    """One block without a cache (under `jax.checkpoint` unless remat is "none"): (x, None, aux).
+    `routes_BTK`: an MoE block's experts to replay."""
     if remat != "none":
-        return _remat_block(block, x_BTD, segment_ids_BT, remat)
-    return block(x_BTD, segment_ids_BT)
+        return _remat_block(block, x_BTD, segment_ids_BT, routes_BTK, remat)
+    return block(x_BTD, segment_ids_BT, None, routes_BTK)

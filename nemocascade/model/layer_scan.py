@@ -211,19 +211,25 @@ class BlockGroup(nnx.Module):
             stacked.append(nnx.merge(graphdef, state))
         self.blocks = nnx.List(stacked)
 
-    def __call__(self, x_BTD, segment_ids_BT, remat: str):
-        """Returns (x_BTD, per-MoE-layer aux dicts in layer order)."""
+    def __call__(self, x_BTD, segment_ids_BT, remat: str, routes=None):
+        """Returns (x_BTD, per-MoE-layer aux dicts in layer order). `routes`: None, or the
+        experts to replay for each of the segment's MoE layers in layer order ([B, T, K] each)."""
         seg = self.segment
         if seg.repeats == 1:
-            auxes = []
+            auxes, routes = [], None if routes is None else list(routes)
             for block in self.blocks:
-                x_BTD, _, aux = run_block(block, x_BTD, segment_ids_BT, remat)
+                replay = routes.pop(0) if routes is not None and block.kind == "moe" else None
+                x_BTD, _, aux = run_block(block, x_BTD, segment_ids_BT, remat, replay)
                 if aux is not None:
                     auxes.append(aux)
             return x_BTD, auxes
         parts = [nnx.split(b) for b in self.blocks]
         scanned = [st for j, (_, st) in enumerate(parts) if j != seg.optional]
-        xs = (scanned,)
+        moe_at = [j for j, b in enumerate(self.blocks) if b.kind == "moe"]
+        if routes is not None:  # [R, B, T, K] per MoE unit position (MoE is never optional)
+            n = len(moe_at)
+            routes = [jnp.stack(routes[m::n]) for m in range(n)]
+        xs = (scanned, routes)
         if seg.optional is not None:  # its flag and its row (of the copies that have it) per copy
             present = np.asarray(seg.present)
             rows = np.maximum(np.cumsum(present) - 1, 0).astype(np.int32)
@@ -242,9 +248,11 @@ class BlockGroup(nnx.Module):
             states, auxes = list(xs[0]), []
             for j, (graphdef, _) in enumerate(parts):
                 if j == seg.optional:
-                    x = optional_block(x, *xs[1:])
+                    x = optional_block(x, *xs[2:])
                     continue
-                x, _, aux = run_block(nnx.merge(graphdef, states.pop(0)), x, segment_ids_BT, remat)
+                replay = xs[1][moe_at.index(j)] if xs[1] is not None and j in moe_at else None
+                block = nnx.merge(graphdef, states.pop(0))
+                x, _, aux = run_block(block, x, segment_ids_BT, remat, replay)
                 if aux is not None:
                     auxes.append(aux)
             return x, auxes

@@ -35,8 +35,12 @@ from nemocascade.model.moe_balance import ExpertBias
 ROUTER_PARAM_NAMES = ("router_DE",)
 
 
-def route(x_TD, router_DE, bias_E, cfg: ModelConfig):
-    """Returns (idx_TK int32, w_TK fp32, scores_TE fp32) for tokens `x_TD`."""
+def route(x_TD, router_DE, bias_E, cfg: ModelConfig, replay_TK=None):
+    """Returns (idx_TK int32, w_TK fp32, scores_TE fp32) for tokens `x_TD`.
+
+    `replay_TK` (routing replay, R3): the experts to use, e.g. those the sampler chose; the
+    choice step is skipped and the weights are recomputed from this router's scores of those
+    experts (so gradients reach the router as with a fresh choice)."""
     logits_TE = jnp.einsum(
         "td,de->te",
         x_TD.astype(jnp.float32),
@@ -44,6 +48,19 @@ def route(x_TD, router_DE, bias_E, cfg: ModelConfig):
         precision=jax.lax.Precision.HIGHEST,
     )
     scores_TE = jax.nn.sigmoid(logits_TE)
+    if replay_TK is not None:
+        idx_TK = replay_TK.astype(jnp.int32)
+    else:
+        idx_TK = _choose(scores_TE, bias_E, cfg)
+    w_TK = jnp.take_along_axis(scores_TE, idx_TK, axis=1)
+    if cfg.norm_topk_prob:
+        w_TK = w_TK / (jnp.sum(w_TK, axis=-1, keepdims=True) + 1e-20)
+    w_TK = w_TK * cfg.routed_scaling_factor
+    return idx_TK, w_TK, scores_TE
+
+
+def _choose(scores_TE, bias_E, cfg: ModelConfig):
+    """The top-k experts by biased score, group-limited (DeepSeek-V3): [T, K] int32."""
     choice_TE = scores_TE + bias_E.astype(jnp.float32)
     if cfg.n_group > 1:
         t, e = choice_TE.shape
@@ -54,11 +71,7 @@ def route(x_TD, router_DE, bias_E, cfg: ModelConfig):
         keep_TE = jnp.repeat(keep, e // cfg.n_group, axis=1)
         choice_TE = jnp.where(keep_TE, choice_TE, -jnp.inf)
     _, idx_TK = jax.lax.top_k(choice_TE, cfg.num_experts_per_tok)
-    w_TK = jnp.take_along_axis(scores_TE, idx_TK, axis=1)
-    if cfg.norm_topk_prob:
-        w_TK = w_TK / (jnp.sum(w_TK, axis=-1, keepdims=True) + 1e-20)
-    w_TK = w_TK * cfg.routed_scaling_factor
-    return idx_TK.astype(jnp.int32), w_TK, scores_TE
+    return idx_TK.astype(jnp.int32)
 
 
 class MoE(nnx.Module):
@@ -73,20 +86,26 @@ class MoE(nnx.Module):
         self.shared = MLP(cfg, cfg.moe_shared_expert_intermediate_size, rngs=rngs)
         self.ep_mesh = moe_ep.expert_mesh(mesh)  # None: the single-device backend
 
-    def __call__(self, x_BTD, valid_BT=None):
+    def __call__(self, x_BTD, valid_BT=None, routes_BTK=None):
         """Returns (y_BTD, aux): aux["expert_counts"] [E] counts the routed assignments of valid
-        tokens (the input of the balancing bias update); aux["aux_loss"] is the sequence-level
-        balance loss (unscaled), present when `cfg.moe_aux_loss_coef > 0`."""
+        tokens (the input of the balancing bias update); aux["routes"] [B, T, K] int32 are the
+        experts each token used (to record for routing replay); aux["aux_loss"] is the
+        sequence-level balance loss (unscaled), present when `cfg.moe_aux_loss_coef > 0`.
+        `routes_BTK`: replay these experts instead of choosing (see `route`)."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
         b, t, d = x_BTD.shape
         if valid_BT is None:
             valid_BT = jnp.ones((b, t), bool)
         x_TD = x_BTD.reshape(b * t, d).astype(cd)
-        idx_TK, w_TK, scores_TE = route(x_TD, self.router_DE[...], self.bias_E[...], cfg)
         e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        replay = None if routes_BTK is None else routes_BTK.reshape(b * t, k)
+        idx_TK, w_TK, scores_TE = route(x_TD, self.router_DE[...], self.bias_E[...], cfg, replay)
         # balancing statistics (moe_balance): global counts under jit over sharded tokens
-        aux = {"expert_counts": moe_balance.expert_counts(idx_TK, e, valid_BT.reshape(b * t))}
+        aux = {
+            "expert_counts": moe_balance.expert_counts(idx_TK, e, valid_BT.reshape(b * t)),
+            "routes": idx_TK.reshape(b, t, k),
+        }
         if cfg.moe_aux_loss_coef > 0:
             aux["aux_loss"] = moe_balance.sequence_aux_loss(
                 scores_TE.reshape(b, t, e), idx_TK.reshape(b, t, k), e, k, valid_BT

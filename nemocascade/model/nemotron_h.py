@@ -65,10 +65,15 @@ class NemotronH(nnx.Module):
             )
 
     # ------------------------------------------------------------------ forward
-    def hidden_states(self, input_ids_BT, segment_ids_BT=None, cache=None, return_aux=False):
+    def hidden_states(
+        self, input_ids_BT, segment_ids_BT=None, cache=None, return_aux=False, routes=None
+    ):
         """Final normalised hidden states [B, T, D] (before lm_head), the updated cache, and (with
-        `return_aux`) the MoE statistics:
-        {"expert_counts": [n_moe_layers, E], "aux_loss": scalar}."""
+        `return_aux`) the MoE statistics: {"expert_counts": [n_moe_layers, E], "aux_loss":
+        scalar, "routes": [n_moe_layers, B, T, K] int32, the experts every token used}.
+
+        `routes` ([n_moe_layers, B, T, K], e.g. the "routes" a sampling pass returned): routing
+        replay (R3), every MoE layer uses these experts, with gates recomputed from its router."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
         if segment_ids_BT is None:
@@ -79,20 +84,31 @@ class NemotronH(nnx.Module):
             x = jax.lax.with_sharding_constraint(
                 x, NamedSharding(self.cp_mesh, context_parallel.seq_spec(self.cp_mesh, 3))
             )
+        n_moe = cfg.block_types.count("moe")
+        if routes is not None and (routes.ndim != 4 or routes.shape[:3] != (n_moe,) + x.shape[:2]):
+            raise ValueError(
+                f"NemotronH: routes {routes.shape} do not match [n_moe_layers={n_moe}, "
+                f"B, T, K] for input ids {input_ids_BT.shape}"
+            )
+        replay = [None] * n_moe if routes is None else list(routes)  # per MoE layer, in order
         new_cache, auxes = None, []  # auxes: the MoE layers' statistics, in layer order
         if cache is not None:
             new_cache = []
             for i, block in self.layer_blocks():
-                x, layer_cache, aux = block(x, segment_ids_BT, cache[i])
+                r = replay[len(auxes)] if block.kind == "moe" else None
+                x, layer_cache, aux = block(x, segment_ids_BT, cache[i], r)
                 new_cache.append(layer_cache)
                 auxes += [] if aux is None else [aux]
         elif cfg.scan_layers:
             for group in self.segments:
-                x, group_auxes = group(x, segment_ids_BT, cfg.remat)
+                n = group.segment.letters.count("E")
+                mine = None if routes is None else replay[len(auxes) : len(auxes) + n]
+                x, group_auxes = group(x, segment_ids_BT, cfg.remat, mine)
                 auxes += group_auxes
         else:
             for block in self.layers:
-                x, _, aux = run_block(block, x, segment_ids_BT, cfg.remat)
+                r = replay[len(auxes)] if block.kind == "moe" else None
+                x, _, aux = run_block(block, x, segment_ids_BT, cfg.remat, r)
                 auxes += [] if aux is None else [aux]
         h = self.norm_f(x)
         if not return_aux:
@@ -101,9 +117,15 @@ class NemotronH(nnx.Module):
         aux_loss = jnp.zeros((), jnp.float32)
         for aux in auxes:  # summed in layer order
             aux_loss = aux_loss + aux.get("aux_loss", 0.0)
+        b, t = x.shape[:2]
         stats = {
             "expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, cfg.n_routed_experts)),
             "aux_loss": aux_loss,
+            "routes": (
+                jnp.stack([aux["routes"] for aux in auxes])
+                if auxes
+                else jnp.zeros((0, b, t, cfg.num_experts_per_tok), jnp.int32)
+            ),
         }
         return h, new_cache, stats
 
@@ -133,17 +155,26 @@ class NemotronH(nnx.Module):
         )
 
     def __call__(
-        self, input_ids_BT, segment_ids=None, positions=None, cache=None, return_aux=False
+        self,
+        input_ids_BT,
+        segment_ids=None,
+        positions=None,
+        cache=None,
+        return_aux=False,
+        routes=None,
     ):
         """Logits [B, T, V] fp32.
 
-        `(logits, cache)` with a cache; `(logits, aux)` with return_aux.
+        `(logits, cache)` with a cache; `(logits, aux)` with return_aux. `routes`: routing
+        replay (see `hidden_states`).
         """
         del positions  # NoPE
         if return_aux:
-            h, _, aux = self.hidden_states(input_ids_BT, segment_ids, None, return_aux=True)
+            h, _, aux = self.hidden_states(
+                input_ids_BT, segment_ids, None, return_aux=True, routes=routes
+            )
             return self.logits(h), aux
-        h, new_cache = self.hidden_states(input_ids_BT, segment_ids, cache)
+        h, new_cache = self.hidden_states(input_ids_BT, segment_ids, cache, routes=routes)
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
 
