@@ -38,8 +38,6 @@ from results_io import write_result
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nemocascade.model import ModelConfig, NemotronH  # noqa: E402
-from nemocascade.model.layers import dtype_of  # noqa: E402
-from nemocascade.model.moe import route  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "logprob_mismatch.json"
 
@@ -51,51 +49,31 @@ def tiny_cascade_model() -> ModelConfig:
     return ModelConfig.from_mapping(tiny_cascade.get_config().model.to_dict())
 
 
-def _layers(model, x_BTD, seg_BT, caches):
-    """The blocks in order (the model's own forward, unrolled) with each MoE layer's top-k
-    expert ids [B, T, K]; returns (final hidden, caches, routes)."""
-    cfg = model.cfg
-    routes, new = [], []
-    for i, block in model.layer_blocks():
-        if block.kind == "moe":
-            h = block.norm(x_BTD)
-            b, t, d = h.shape
-            idx, _, _ = route(
-                h.reshape(b * t, d).astype(dtype_of(cfg.compute_dtype)),
-                block.mixer.router_DE[...],
-                block.mixer.bias_E[...],
-                cfg,
-            )
-            routes.append(jnp.sort(idx.reshape(b, t, -1), axis=-1))
-        x_BTD, c, _ = block(x_BTD, seg_BT, None if caches is None else caches[i])
-        new.append(c)
-    return model.norm_f(x_BTD), (None if caches is None else new), routes
-
-
-def _embed(model, ids_BT):
-    return jnp.take(model.embed_VD[...], ids_BT, axis=0).astype(dtype_of(model.cfg.compute_dtype))
+def _hidden(model, ids_BT, caches):
+    """The model's forward (cached when `caches` is given): final hidden states, caches, and
+    each MoE layer's expert set per token ([L, B, T, K], ids sorted: the routes it used)."""
+    seg = jnp.ones(ids_BT.shape, jnp.int32)
+    h, caches, stats = model.hidden_states(ids_BT, seg, caches, return_aux=True)
+    return h, caches, jnp.sort(stats["routes"], axis=-1)
 
 
 @nnx.jit
 def _train_forward(model, ids_BT):
-    seg = jnp.ones(ids_BT.shape, jnp.int32)
-    h, _, routes = _layers(model, _embed(model, ids_BT), seg, None)
-    return jax.nn.log_softmax(model.logits(h), axis=-1), jnp.stack(routes)
+    h, _, routes = _hidden(model, ids_BT, None)
+    return jax.nn.log_softmax(model.logits(h), axis=-1), routes
 
 
 @functools.partial(nnx.jit, static_argnames="cache_len")
 def _prefill(model, ids_BT, cache_len: int):
-    seg = jnp.ones(ids_BT.shape, jnp.int32)
     caches = model.init_cache(ids_BT.shape[0], cache_len)
-    h, caches, routes = _layers(model, _embed(model, ids_BT), seg, caches)
-    return jax.nn.log_softmax(model.logits(h[:, -1:])[:, 0], axis=-1), caches, jnp.stack(routes)
+    h, caches, routes = _hidden(model, ids_BT, caches)
+    return jax.nn.log_softmax(model.logits(h[:, -1:])[:, 0], axis=-1), caches, routes
 
 
 @nnx.jit
 def _decode(model, tok_B, caches):
-    seg = jnp.ones((tok_B.shape[0], 1), jnp.int32)
-    h, caches, routes = _layers(model, _embed(model, tok_B[:, None]), seg, caches)
-    return jax.nn.log_softmax(model.logits(h)[:, 0], axis=-1), caches, jnp.stack(routes)[:, :, 0]
+    h, caches, routes = _hidden(model, tok_B[:, None], caches)
+    return jax.nn.log_softmax(model.logits(h)[:, 0], axis=-1), caches, routes[:, :, 0]
 
 
 def measure(model, *, batch: int, prompt: int, new: int, seed: int = 0) -> dict:
