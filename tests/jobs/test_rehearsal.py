@@ -1,8 +1,9 @@
 """The paper's pipeline rehearsed end to end (issue 14, item 9): the `rehearsal_fast` variant of
 `configs/nemotron_cascade2.py`, every stage of the paper config in order on 8 simulated CPU
 devices (data 2 x expert 4), in a process of its own (the device count is fixed when jax
-starts). Deselected from the suite by the `rehearsal` marker (pyproject's addopts); run alone,
-as `.ci/run` does after the suite:
+starts). Deselected from the suite by the `rehearsal` marker (pyproject's addopts); run it
+alone (`.ci/run` leaves it out for now: its long_context_rl stage hangs with the layer scan's
+optional block, see there):
 
     python -m pytest -q -m rehearsal -s tests/jobs/test_rehearsal.py
 
@@ -26,17 +27,17 @@ ROOT = Path(__file__).parents[2]
 def test_fast_rehearsal_runs_every_paper_stage_on_8_devices(tmp_path):
     work = tmp_path / "rehearsal"
     env = dict(os.environ)
-    # 8 devices on the machine's cores. No persistent compilation cache: with one
-    # (JAX_COMPILATION_CACHE_DIR), the rlhf stage, whose programs were rlhf_teacher's, hung in a
-    # collective twice in two runs (every XLA thread idle, the train step never returning), and
-    # the same workdir resumed without the cache went on. Should a collective still wait for a
-    # participant that never arrives, XLA exits after the termination timeout (long enough for
-    # a slow but live collective on a loaded machine) and the rerun resumes the pipeline from its
-    # finished stages.
+    # 8 devices on the machine's cores. XLA:CPU's simulated devices sometimes leave a stage's
+    # first train step waiting forever in a collective (every XLA thread idle): seen in rlhf
+    # with the persistent compilation cache, twice, and in long_context_rl without it, once in
+    # two whole runs. XLA then exits after the termination timeout (5 minutes: a live collective
+    # among threads of one process, run alone, arrives in seconds) and the rerun resumes the
+    # pipeline from its finished stages. No compilation cache: the rerun recompiles, but the
+    # cache made the hang more frequent (rlhf reuses rlhf_teacher's programs).
     env["XLA_FLAGS"] = (
         "--xla_force_host_platform_device_count=8 "
-        "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
-        "--xla_cpu_collective_timeout_seconds=600 "
+        "--xla_cpu_collective_call_terminate_timeout_seconds=300 "
+        "--xla_cpu_collective_timeout_seconds=300 "
         "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
     )
     env["JAX_PLATFORMS"] = "cpu"

@@ -6,6 +6,8 @@ picks other experts while the replay keeps the recorded ones and still sends gra
 routers. Unrolled and scanned models (one with an optional unit position), the cached prefill,
 and the expert-parallel path on 8 simulated devices."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,17 +46,20 @@ def _batch(cfg, b=4, t=8):
     return ids, seg, r
 
 
-def _value_and_grad(model, ids, seg, r, routes=None, in_shardings=None):
-    """(loss, logits, aux routes, parameter gradients) of mean(logits * r), jitted."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def loss(p, ids, seg, routes):
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_value_and_grad(graphdef, params, rest, ids, seg, r, routes):
+    def loss(p):
         logits, aux = nnx.merge(graphdef, p, rest)(ids, seg, return_aux=True, routes=routes)
         return jnp.mean(logits * r), (logits, aux["routes"])
 
-    (val, (logits, got)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        params, ids, seg, routes
-    )
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+
+def _value_and_grad(model, ids, seg, r, routes=None):
+    """(loss, logits, aux routes, parameter gradients) of mean(logits * r); one compiled program
+    per model structure and replay / no replay, shared by the tests."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    (val, (logits, got)), g = _jitted_value_and_grad(graphdef, params, rest, ids, seg, r, routes)
     return val, logits, got, g
 
 
