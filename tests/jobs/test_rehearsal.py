@@ -2,8 +2,7 @@
 `configs/nemotron_cascade2.py`, every stage of the paper config in order on 8 simulated CPU
 devices (data 2 x expert 4), in a process of its own (the device count is fixed when jax
 starts). Deselected from the suite by the `rehearsal` marker (pyproject's addopts); run it
-alone (`.ci/run` leaves it out for now: its long_context_rl stage hangs with the layer scan's
-optional block, see there):
+alone (`.ci/run` leaves it out for now: an intermittent XLA:CPU collective hang, see there):
 
     python -m pytest -q -m rehearsal -s tests/jobs/test_rehearsal.py
 
