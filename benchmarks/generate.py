@@ -115,16 +115,12 @@ def ours_worker(a: argparse.Namespace) -> dict:
 def transformers_worker(a: argparse.Namespace) -> dict:
     """transformers' handlers: init, select (candidates + guard data), time."""
     import torch
-    import transformers
 
-    sbs.set_torch_threads(a.threads)
-    transformers.utils.logging.disable_progress_bar()
+    sbs.start_transformers_worker(a.threads)
     st: dict = {"impl": {}}
 
     def init(ckpt: str, seed: int) -> dict:
-        t_load, hf = sbs.timed(
-            lambda: transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-        )
+        t_load, hf = sbs.load_transformers(ckpt)
         hf.eval()
         hf.generation_config.eos_token_id = None  # every row generates exactly `new` tokens
         st["hf"] = hf

@@ -144,6 +144,24 @@ def set_torch_threads(threads: int) -> None:
     torch.set_num_interop_threads(threads)
 
 
+def start_transformers_worker(threads: int) -> None:
+    """The transformers worker's setup: torch's thread pools = `threads`, no progress bars."""
+    import transformers
+
+    set_torch_threads(threads)
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_transformers(ckpt: str):
+    """(seconds, model): the checkpoint loaded with `AutoModelForCausalLM` in fp32."""
+    import torch
+    import transformers
+
+    return timed(
+        lambda: transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    )
+
+
 # ----------------------------------------------------------------------------- parent side
 class Worker:
     """One side's worker process (`python <script> --side=<side> <args>`), spoken to by `call`."""

@@ -68,17 +68,11 @@ def transformers_programs(hf, batch: dict):
 
 def transformers_worker(a: argparse.Namespace) -> dict:
     """transformers' request handlers (init, select, warmup, time)."""
-    import torch
-    import transformers
-
-    sbs.set_torch_threads(a.threads)
-    transformers.utils.logging.disable_progress_bar()
+    sbs.start_transformers_worker(a.threads)
     st: dict = {"impl": {}}
 
     def init(ckpt: str, seed: int) -> dict:
-        t_load, hf = sbs.timed(
-            lambda: transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-        )
+        t_load, hf = sbs.load_transformers(ckpt)
         data = make_batch(ModelConfig.small(), a.batch, a.seq, seed)
         train, fwd = transformers_programs(hf, data)
 
