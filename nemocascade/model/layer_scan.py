@@ -213,12 +213,13 @@ class BlockGroup(nnx.Module):
 
     def __call__(self, x_BTD, segment_ids_BT, remat: str, routes=None):
         """Returns (x_BTD, per-MoE-layer aux dicts in layer order). `routes`: None, or the
-        experts to replay for each of the segment's MoE layers in layer order ([B, T, K] each)."""
+        experts to replay for the segment's MoE layers in layer order ([n_moe, B, T, K])."""
         seg = self.segment
         if seg.repeats == 1:
-            auxes, routes = [], None if routes is None else list(routes)
+            auxes = []
             for block in self.blocks:
-                replay = routes.pop(0) if routes is not None and block.kind == "moe" else None
+                moe = routes is not None and block.kind == "moe"
+                replay = routes[len(auxes)] if moe else None
                 x_BTD, _, aux = run_block(block, x_BTD, segment_ids_BT, remat, replay)
                 if aux is not None:
                     auxes.append(aux)
@@ -227,8 +228,8 @@ class BlockGroup(nnx.Module):
         scanned = [st for j, (_, st) in enumerate(parts) if j != seg.optional]
         moe_at = [j for j, b in enumerate(self.blocks) if b.kind == "moe"]
         if routes is not None:  # [R, B, T, K] per MoE unit position (MoE is never optional)
-            n = len(moe_at)
-            routes = [jnp.stack(routes[m::n]) for m in range(n)]
+            per_copy = routes.reshape((seg.repeats, len(moe_at)) + routes.shape[1:])
+            routes = [per_copy[:, m] for m in range(len(moe_at))]
         xs = (scanned, routes)
         if seg.optional is not None:  # its flag and its row (of the copies that have it) per copy
             present = np.asarray(seg.present)

@@ -102,7 +102,7 @@ class NemotronH(nnx.Module):
         elif cfg.scan_layers:
             for group in self.segments:
                 n = group.segment.letters.count("E")
-                mine = None if routes is None else replay[len(auxes) : len(auxes) + n]
+                mine = None if routes is None else routes[len(auxes) : len(auxes) + n]
                 x, group_auxes = group(x, segment_ids_BT, cfg.remat, mine)
                 auxes += group_auxes
         else:
