@@ -12,9 +12,11 @@ sampler path; the sampled sequences then go through the training forward. Over t
 tokens of every row: |log pi_train - log pi_sampler| (mean, max), the fraction of tokens whose
 ratio pi_train / pi_sampler is outside [0.5, 2]; over every (token, MoE layer): the fraction
 whose top-k expert set differs between the two paths (prompt tokens: prefill vs training
-forward; response tokens: decode vs training forward). Without `--checkpoint` the weights are
-random (near-uniform routing scores: the hardest case for expert ties); with it, a trained run's
-stage (`nemocascade.evaluate.load_model`). Writes
+forward; response tokens: decode vs training forward). The same log-prob gaps again with
+routing replay (R3, `_r3` keys): the training forward given the experts the sampler used
+(`NemotronH(..., routes=)`), so only the dense arithmetic differs. Without `--checkpoint` the
+weights are random (near-uniform routing scores: the hardest case for expert ties); with it, a
+trained run's stage (`nemocascade.evaluate.load_model`). Writes
 benchmarks/results/logprob_mismatch[_checkpoint][_quick].json with the issue's keys
 `sampler_trainer_logprob_max_abs_diff_fp32` and `sampler_trainer_tokens_off_band_bf16` (the
 first row's model).
@@ -49,17 +51,17 @@ def tiny_cascade_model() -> ModelConfig:
     return ModelConfig.from_mapping(tiny_cascade.get_config().model.to_dict())
 
 
-def _hidden(model, ids_BT, caches):
-    """The model's forward (cached when `caches` is given): final hidden states, caches, and
-    each MoE layer's expert set per token ([L, B, T, K], ids sorted: the routes it used)."""
+def _hidden(model, ids_BT, caches, replay=None):
+    """The model's forward (cached when `caches` is given; replaying `replay` [L, B, T, K]):
+    final hidden states, caches, and the experts each MoE layer used per token ([L, B, T, K])."""
     seg = jnp.ones(ids_BT.shape, jnp.int32)
-    h, caches, stats = model.hidden_states(ids_BT, seg, caches, return_aux=True)
-    return h, caches, jnp.sort(stats["routes"], axis=-1)
+    h, caches, stats = model.hidden_states(ids_BT, seg, caches, return_aux=True, routes=replay)
+    return h, caches, stats["routes"]
 
 
 @nnx.jit
-def _train_forward(model, ids_BT):
-    h, _, routes = _hidden(model, ids_BT, None)
+def _train_forward(model, ids_BT, replay=None):
+    h, _, routes = _hidden(model, ids_BT, None, replay)
     return jax.nn.log_softmax(model.logits(h), axis=-1), routes
 
 
@@ -95,15 +97,25 @@ def measure(model, *, batch: int, prompt: int, new: int, seed: int = 0) -> dict:
     sample_s = time.perf_counter() - t0
     resp = jnp.stack(toks, axis=1)  # [B, G]
     seq = jnp.concatenate([prompts, resp], axis=1)
+    sampler_lp = np.asarray(jnp.stack(sampler_lp, axis=1))
+
+    def gap_of(logp_BTV):  # the log-prob of response token g comes from position prompt - 1 + g
+        lp = jnp.take_along_axis(logp_BTV[:, prompt - 1 : -1], resp[..., None], axis=2)[..., 0]
+        return np.abs(np.asarray(lp) - sampler_lp)
+
     logp_BTV, train_routes = _train_forward(model, seq)
-    # the log-prob of response token g comes from position prompt - 1 + g
-    train_lp = jnp.take_along_axis(logp_BTV[:, prompt - 1 : -1], resp[..., None], axis=2)[..., 0]
-    gap = np.abs(np.asarray(train_lp) - np.asarray(jnp.stack(sampler_lp, axis=1)))
+    gap = gap_of(logp_BTV)
     log_ratio_bound = np.log(2.0)
     # routes [L, B, T, K]: prompt positions (prefill) and the decoded tokens (fed back: G - 1)
-    flips_prompt = np.any(np.asarray(prompt_routes) != np.asarray(train_routes[:, :, :prompt]), -1)
-    dec = np.stack([np.asarray(r) for r in decode_routes], axis=2)  # [L, B, G-1, K]
-    flips_decode = np.any(dec != np.asarray(train_routes[:, :, prompt : prompt + new - 1]), -1)
+    dec = jnp.stack(decode_routes, axis=2)  # [L, B, G-1, K]
+    train = np.sort(np.asarray(train_routes), -1)
+    flips_prompt = np.any(np.sort(np.asarray(prompt_routes), -1) != train[:, :, :prompt], -1)
+    flips_decode = np.any(
+        np.sort(np.asarray(dec), -1) != train[:, :, prompt : prompt + new - 1], -1
+    )
+    # R3: the sampler's experts at every position but the last (never fed back: -1, fresh)
+    last = jnp.full(dec.shape[:2] + (1, dec.shape[3]), -1, jnp.int32)
+    gap_r3 = gap_of(_train_forward(model, seq, jnp.concatenate([prompt_routes, dec, last], 2))[0])
     return {
         "param_dtype": model.cfg.param_dtype,
         "compute_dtype": model.cfg.compute_dtype,
@@ -115,6 +127,9 @@ def measure(model, *, batch: int, prompt: int, new: int, seed: int = 0) -> dict:
         "tokens_off_band": float(np.mean(gap > log_ratio_bound)),
         "expert_flips_prompt": float(flips_prompt.mean()),
         "expert_flips_decode": float(flips_decode.mean()),
+        "logprob_abs_diff_mean_r3": float(gap_r3.mean()),
+        "logprob_abs_diff_max_r3": float(gap_r3.max()),
+        "tokens_off_band_r3": float(np.mean(gap_r3 > log_ratio_bound)),
         "sample_s": round(sample_s, 2),
     }
 
@@ -163,7 +178,9 @@ def run(
                 f"{name} {dtype}: |dlogp| mean {r['logprob_abs_diff_mean']:.2e} max "
                 f"{r['logprob_abs_diff_max']:.2e}, off band {100 * r['tokens_off_band']:.3f}%, "
                 f"expert flips prompt {100 * r['expert_flips_prompt']:.3f}% decode "
-                f"{100 * r['expert_flips_decode']:.3f}%"
+                f"{100 * r['expert_flips_decode']:.3f}%; with R3 |dlogp| mean "
+                f"{r['logprob_abs_diff_mean_r3']:.2e} max {r['logprob_abs_diff_max_r3']:.2e}, "
+                f"off band {100 * r['tokens_off_band_r3']:.3f}%"
             )
     first = rows[0]["model"]
     res = {

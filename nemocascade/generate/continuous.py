@@ -78,12 +78,23 @@ class SlotState:
     toks_SG: jax.Array  # [S, gen_len] the row's tokens so far, pad_id after
     lps_SG: jax.Array  # log-probs under the sampled distribution
     lprs_SG: jax.Array  # untempered log-probs
+    # [S, gen_len, n_moe, K]: the experts of each token when fed back (record_routes; else None)
+    routes_SG: jax.Array | None = None
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "cache_len", "gen_len", "mesh"))
-def _empty(graphdef, state, pad_id, *, slots: int, cache_len: int, gen_len: int, mesh):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "slots", "cache_len", "gen_len", "mesh", "record_routes")
+)
+def _empty(
+    graphdef, state, pad_id, *, slots: int, cache_len: int, gen_len: int, mesh, record_routes
+):
     model = nnx.merge(graphdef, state)
     zeros = jnp.zeros((slots,), jnp.int32)
+    routes = None
+    if record_routes:
+        cfg = model.cfg
+        shape = (slots, gen_len, cfg.block_types.count("moe"), cfg.num_experts_per_tok)
+        routes = jnp.full(shape, -1, jnp.int32)
     st = SlotState(
         cache=sl.init_slots(model, slots, cache_len),
         tok_S=zeros,
@@ -95,13 +106,16 @@ def _empty(graphdef, state, pad_id, *, slots: int, cache_len: int, gen_len: int,
         toks_SG=jnp.full((slots, gen_len), pad_id, jnp.int32),
         lps_SG=jnp.zeros((slots, gen_len), jnp.float32),
         lprs_SG=jnp.zeros((slots, gen_len), jnp.float32),
+        routes_SG=routes,
     )
     return constrain_batch(st, mesh)
 
 
 def _outputs(st: SlotState, idx=None):
-    """(tokens, logprobs, logprobs_untempered, lengths, reasons) of all slots or of `idx`."""
+    """(tokens, logprobs, logprobs_untempered, lengths, reasons[, routes]) of all slots or of
+    `idx`."""
     out = (st.toks_SG, st.lps_SG, st.lprs_SG, st.length_S, st.reason_S)
+    out += () if st.routes_SG is None else (st.routes_SG,)
     if idx is None:
         return out
     return tuple(jnp.take(a, idx, axis=0, mode="clip") for a in out)
@@ -137,9 +151,13 @@ def _refill(
     """Prefills the P left-padded prompts `ids_PT`; rows `rows_M` enter slots `dest_M` (an index
     >= S is padding, dropped) with prompt `src_M`'s cache (KV positions from 0) and logits, and
     sample their first token (step 0). Returns (state, the outputs of the rows the slots held
-    before)."""
+    before, and when the state records routes the experts of each entering row's prompt
+    positions [M, T, n_moe, K], -1 on padding)."""
     model = nnx.merge(graphdef, state)
-    logits_PV, cache = sl.prefill_rows(model, ids_PT, seg_PT, cache_len, mesh, prefill_chunk)
+    record = st.routes_SG is not None
+    logits_PV, cache, *prompt_routes = sl.prefill_rows(
+        model, ids_PT, seg_PT, cache_len, mesh, prefill_chunk, record
+    )
     evicted = _outputs(st, dest_M)
     keys_M = row_keys(seed, rows_M)
     tok_M, lp_M, lpr_M = sample_step(
@@ -166,7 +184,12 @@ def _refill(
         toks_SG=put(st.toks_SG, row_buf(tok_M, pad_id, jnp.int32)),
         lps_SG=put(st.lps_SG, row_buf(lp_M, 0.0, jnp.float32)),
         lprs_SG=put(st.lprs_SG, row_buf(lpr_M, 0.0, jnp.float32)),
+        routes_SG=put(st.routes_SG, jnp.full((m,) + st.routes_SG.shape[1:], -1))
+        if record
+        else None,
     )
+    if record:
+        evicted += (jnp.take(prompt_routes[0], src_M, axis=0),)
     return constrain_batch(new, mesh), evicted
 
 
@@ -211,7 +234,8 @@ def decode_loop(
         i, st = carry
         model = nnx.merge(graphdef, state)
         ids_S1 = st.tok_S[:, None]
-        h_S1D, cache = sl.forward(model, ids_S1, jnp.ones_like(ids_S1), st.cache)
+        record = st.routes_SG is not None
+        h_S1D, cache, *fed = sl.forward(model, ids_S1, jnp.ones_like(ids_S1), st.cache, record)
         logits_SV = model.logits(h_S1D)[:, 0]
         keys_S = row_keys(seed, jnp.maximum(st.row_S, 0))
         tok_S, lp_S, lpr_S = sample(logits_SV, keys_S, st.step_S)
@@ -219,6 +243,10 @@ def decode_loop(
         if hold_finished:
             cache, tok_S = sl.hold_rows(cache, st.cache, active), jnp.where(active, tok_S, st.tok_S)
         at_SG = active[:, None] & (cols_G == st.step_S[:, None])
+        routes = st.routes_SG
+        if record:  # the token fed back now is the one generated at step - 1
+            fed_at = (active[:, None] & (cols_G == st.step_S[:, None] - 1))[:, :, None, None]
+            routes = jnp.where(fed_at, fed[0], routes)
         code = classify(tok_S, st.step_S, st.budget_S, eos_E, stop_S)
         reason = jnp.where(active, code, st.reason_S)
         ended = active & (reason != RUNNING)
@@ -233,6 +261,7 @@ def decode_loop(
             toks_SG=jnp.where(at_SG, tok_S[:, None], st.toks_SG),
             lps_SG=jnp.where(at_SG, lp_S[:, None], st.lps_SG),
             lprs_SG=jnp.where(at_SG, lpr_S[:, None], st.lprs_SG),
+            routes_SG=routes,
         )
         return i + 1, constrain_batch(new, mesh)
 
@@ -245,18 +274,30 @@ def compiled_program_counts() -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- host loop
-def _collect(req: Request, g_len: int, parts) -> tuple[np.ndarray, ...]:
-    """Host arrays (tokens, logprobs, logprobs_untempered, lengths, reasons) of every row from
-    `parts`: (device outputs of some slots, the row each of those slots held, -1 for none)."""
-    toks = np.full((req.rows, g_len), req.pad_id, np.int32)
-    lps, lprs = np.zeros((req.rows, g_len), np.float32), np.zeros((req.rows, g_len), np.float32)
-    lengths, reasons = np.zeros((req.rows,), np.int32), np.full((req.rows,), LENGTH, np.int32)
+def _collect(req: Request, g_len: int, parts) -> list:
+    """Host outputs (tokens, logprobs, logprobs_untempered, lengths, reasons[, token routes]) of
+    every row from `parts`: (device outputs of some slots, the row each of those slots held, -1
+    for none)."""
+    rows: list = [None] * req.rows
     for out, held in parts:
         out = jax.device_get(out)
         for j, r in enumerate(held):
             if r >= 0:
-                toks[r], lps[r], lprs[r], lengths[r], reasons[r] = (a[j] for a in out)
-    return toks, lps, lprs, lengths, reasons
+                rows[r] = [a[j] for a in out]
+    return [np.stack(col) for col in zip(*rows, strict=True)]
+
+
+def _prompt_routes(req: Request, parts) -> list[np.ndarray]:
+    """Per row, the experts of its prompt's positions ([prompt length, n_moe, K]) from the
+    refill it entered with: `parts` holds (device routes [M, T, n_moe, K] of a refill's entering
+    rows, those rows, -1 for padding)."""
+    out: list = [None] * req.rows
+    for routes, rows in parts:
+        routes = jax.device_get(routes)
+        for j, r in enumerate(rows):
+            if r >= 0:
+                out[r] = routes[j, routes.shape[1] - len(req.prompts[r // req.n]) :]
+    return out
 
 
 def run(req: Request, *, slots: int, chunk_steps: int = CHUNK_STEPS, refill_at: int | None = None):
@@ -277,12 +318,20 @@ def run(req: Request, *, slots: int, chunk_steps: int = CHUNK_STEPS, refill_at: 
 
     t0 = time.perf_counter()
     st = _empty(
-        graphdef, state, args[-1], slots=s, cache_len=p_max + g_len, gen_len=g_len, mesh=mesh
+        graphdef,
+        state,
+        args[-1],
+        slots=s,
+        cache_len=p_max + g_len,
+        gen_len=g_len,
+        mesh=mesh,
+        record_routes=req.record_routes,
     )
     waiting = collections.deque(range(req.rows))
     slot_row = np.full((s,), -1, np.int64)
     free = list(range(s))
     evicted = []  # (device outputs of the slots a refill took over, the rows they held)
+    entered = []  # record_routes: (device prompt routes of a refill's rows, those rows)
     chunks = refills = steps = 0
     prefill_s = None
     while True:
@@ -310,6 +359,9 @@ def run(req: Request, *, slots: int, chunk_steps: int = CHUNK_STEPS, refill_at: 
                 mesh=mesh,
                 prefill_chunk=req.prefill_chunk,
             )
+            if req.record_routes:
+                out, prompt_routes = out[:-1], out[-1]
+                entered.append((prompt_routes, rows + [-1] * pad))
             evicted.append((out, slot_row[dest].copy()))
             slot_row[dest] = rows
             free = free[take:]
@@ -334,7 +386,10 @@ def run(req: Request, *, slots: int, chunk_steps: int = CHUNK_STEPS, refill_at: 
         if not waiting and len(free) == s:
             break
 
-    toks, lps, lprs, lengths, reasons = _collect(req, g_len, evicted + [(_outputs(st), slot_row)])
+    toks, lps, lprs, lengths, reasons, *token_routes = _collect(
+        req, g_len, evicted + [(_outputs(st), slot_row)]
+    )
+    routes = (_prompt_routes(req, entered), token_routes[0]) if req.record_routes else None
     total = time.perf_counter() - t0
     timings = {
         "prefill_s": prefill_s,
@@ -347,4 +402,4 @@ def run(req: Request, *, slots: int, chunk_steps: int = CHUNK_STEPS, refill_at: 
         "prompt_bucket": p_max,
         "gen_bucket": g_len,
     }
-    return finish(req, toks, lps, lprs, lengths, reasons, timings)
+    return finish(req, toks, lps, lprs, lengths, reasons, timings, routes)

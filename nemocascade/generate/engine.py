@@ -8,6 +8,8 @@ static (this module: every row resident until the longest has finished) or conti
     result.logprobs_untempered  # plain log-softmax at temperature 1 (what the trainer computes)
     result.lengths       # [B*n] generated tokens including the eos / stop token
     result.finish_reason # "eos" | "stop" | "length" per row
+    result.routes        # with record_routes=True: per row, the experts of each position a
+                         # training forward runs (routing replay); else None
 
 Prefill: prompts are LEFT-padded to a length bucket with segment id 0 (real tokens: segment 1), so
 attention never looks at padding and the Mamba conv/SSM states carry only the prompt's own
@@ -59,7 +61,9 @@ __all__ = ["GenerateResult", "bucket", "compiled_program_counts", "generate", "p
 
 
 # ----------------------------------------------------------------------------- jitted programs
-@functools.partial(jax.jit, static_argnames=("graphdef", "n", "gen_len", "mode", "mesh"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "n", "gen_len", "mode", "mesh", "record_routes")
+)
 def _decode(
     graphdef,
     state,
@@ -79,12 +83,15 @@ def _decode(
     gen_len: int,
     mode: SamplingMode,
     mesh: Mesh | None,
+    record_routes: bool = False,
 ):
     """Samples up to `max_new_R` (<= gen_len) tokens for each of the B*n rows in one while loop.
 
     Rows at or past `live_rows` are batch padding: they start finished and never hold the loop.
 
-    Returns (tokens [R, gen_len], logprobs, logprobs_untempered, lengths [R], reasons [R], steps).
+    Returns (tokens [R, gen_len], logprobs, logprobs_untempered, lengths [R], reasons [R], steps),
+    and with `record_routes` the experts each generated token used when it was fed back
+    ([R, gen_len, n_moe_layers, K]: column c is token c's; -1 where never fed back).
     """
     if n > 1:  # GRPO groups share the prompt prefill: repeat the prefilled cache per sample
         cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, n, axis=0), cache)
@@ -120,19 +127,32 @@ def _decode(
     out = record(out0, tok_R, lp_R, lpr_R, 0)
 
     def cond(carry):
-        step, _, _, out = carry
+        step, out = carry[0], carry[3]
         return (step < gen_len) & jnp.any(out[4] == RUNNING)
 
     def body(carry):
-        step, tok_R, cache, out = carry
+        step, tok_R, cache, out, routes = carry
         model = nnx.merge(graphdef, state)
         seg_R1 = jnp.ones((r, 1), jnp.int32)
-        logits_R1V, cache = model(tok_R[:, None], segment_ids=seg_R1, cache=cache)
+        if record_routes:  # the experts of the token fed back: generated at step - 1
+            logits_R1V, cache, aux = model(
+                tok_R[:, None], segment_ids=seg_R1, cache=cache, return_aux=True
+            )
+            fed_RLK = jnp.moveaxis(aux["routes"][:, :, 0], 0, 1)  # [R, n_moe, K]
+            routes = jax.lax.dynamic_update_index_in_dim(routes, fed_RLK, step - 1, 1)
+        else:
+            logits_R1V, cache = model(tok_R[:, None], segment_ids=seg_R1, cache=cache)
         tok_R, lp_R, lpr_R = sample(logits_R1V[:, 0], keys_R, step)
-        return step + 1, tok_R, cache, record(out, tok_R, lp_R, lpr_R, step)
+        return step + 1, tok_R, cache, record(out, tok_R, lp_R, lpr_R, step), routes
 
-    steps, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), tok_R, cache, out))
-    return out + (steps,)
+    routes = None
+    if record_routes:  # [R, gen_len, n_moe, K]: row-major like every other row array
+        cfg = nnx.merge(graphdef, state).cfg
+        shape = (r, gen_len, cfg.block_types.count("moe"), cfg.num_experts_per_tok)
+        routes = constrain_batch(jnp.full(shape, -1, jnp.int32), mesh)
+    carry = (jnp.int32(1), tok_R, cache, out, routes)
+    steps, _, _, out, routes = jax.lax.while_loop(cond, body, carry)
+    return out + (steps,) + (() if routes is None else (routes,))
 
 
 def compiled_program_counts() -> dict[str, int]:
@@ -158,6 +178,8 @@ def _static_args(req: Request, bucket_batch: bool):
     budgets = req.put(req.row_budgets(row_ids))
     decode_rest = (req.put(row_ids), jnp.int32(req.rows), budgets, *req.sampling_args())
     decode_kw = {"n": req.n, "gen_len": g_len, "mode": req.mode, "mesh": mesh}
+    if req.record_routes:
+        prefill_kw["record_routes"] = decode_kw["record_routes"] = True
     return prefill_args, prefill_kw, decode_rest, decode_kw
 
 
@@ -170,7 +192,7 @@ def _compile(req: Request, bucket_batch: bool) -> dict[str, float]:
     t1 = time.perf_counter()
     logits, cache = jax.eval_shape(
         lambda st, i, s: prefill(graphdef, st, i, s, **prefill_kw), *prefill_args[1:]
-    )
+    )[:2]
     _decode.lower(graphdef, state, cache, logits, *decode_rest, **decode_kw).compile()
     return {"prefill_compile_s": t1 - t0, "decode_compile_s": time.perf_counter() - t1}
 
@@ -179,11 +201,13 @@ def _run_static(req: Request, bucket_batch: bool) -> GenerateResult:
     """One prefill of every prompt, then one decode loop until the longest row has finished."""
     prefill_args, prefill_kw, decode_rest, decode_kw = _static_args(req, bucket_batch)
     t0 = time.perf_counter()
-    logits, cache = prefill(*prefill_args, **prefill_kw)
+    logits, cache, *prompt_routes = prefill(*prefill_args, **prefill_kw)
     logits = jax.block_until_ready(logits)
     t1 = time.perf_counter()
     out = _decode(req.graphdef, req.state, cache, logits, *decode_rest, **decode_kw)
-    toks, lps, lprs, lengths, reasons, steps = jax.device_get(jax.block_until_ready(out))
+    toks, lps, lprs, lengths, reasons, steps, *token_routes = jax.device_get(
+        jax.block_until_ready(out)
+    )
     t2 = time.perf_counter()
     timings = {
         "prefill_s": t1 - t0,
@@ -192,7 +216,17 @@ def _run_static(req: Request, bucket_batch: bool) -> GenerateResult:
         "prompt_bucket": prefill_kw["cache_len"] - decode_kw["gen_len"],
         "gen_bucket": decode_kw["gen_len"],
     }
-    return finish(req, toks, lps, lprs, lengths, reasons, timings)
+    routes = None
+    if req.record_routes:  # the prefill's rows are prompts (before the n-fold repeat)
+        per_prompt = jax.device_get(prompt_routes[0])
+        p_len = per_prompt.shape[1]
+        rows = [
+            per_prompt[i, p_len - len(req.prompts[i]) :]
+            for i in range(len(req.prompts))
+            for _ in range(req.n)
+        ]
+        routes = (rows, token_routes[0])
+    return finish(req, toks, lps, lprs, lengths, reasons, timings, routes)
 
 
 def precompile(model, prompt_ids: Sequence[Sequence[int]], **kwargs) -> dict[str, float]:
@@ -226,6 +260,7 @@ def generate(
     chunk_steps: int = continuous.CHUNK_STEPS,
     refill_at: int | None = None,
     prefill_chunk: int = 0,
+    record_routes: bool = False,
     _compile_only: bool = False,
 ) -> GenerateResult:
     """Continues each prompt `n` times; see the module docstring for the layout of the result.
@@ -259,6 +294,11 @@ def generate(
     `prefill_chunk` > 0: chunked prefill (`slots.prefill_rows`): prompts enter the cache in
     slices of that many positions, so a long prompt never needs a whole-prompt activation or a
     [T, T] score block; the same tokens and log-probs up to fp32 summation order. 0: one pass.
+
+    `record_routes`: also record the experts every MoE layer used for each position a training
+    forward on the row runs (prompt, then each generated token but the last, as it was fed
+    back): `.routes`, per row [prompt length + length - 1, n_moe_layers, K] int16, for routing
+    replay (R3: `NemotronH(..., routes=)`).
     """
     req = make_request(
         model,
@@ -276,6 +316,7 @@ def generate(
         pad_id=pad_id,
         mesh=mesh,
         prefill_chunk=prefill_chunk,
+        record_routes=record_routes,
     )
     if slots is not None:
         if _compile_only:

@@ -38,6 +38,9 @@ class GenerateResult:
     finish_reason: list[str]  # "eos" | "stop" | "length"
     prompt_index: np.ndarray  # [R] index of the prompt each row continues
     timings: dict[str, float]  # prefill_s, decode_s (wall, including any compile), steps
+    # with record_routes: per row, the experts each position of prompt + tokens[:length - 1]
+    # used ([positions, n_moe_layers, K] int16): the inputs of a training forward on the row
+    routes: list[np.ndarray] | None = None
 
 
 def bucket(length: int, minimum: int = MIN_BUCKET) -> int:
@@ -209,6 +212,7 @@ class Request:
     pad_id: int
     mesh: Mesh | None
     prefill_chunk: int = 0  # > 0: chunked prefill (`slots.prefill_rows`)
+    record_routes: bool = False  # record each token's experts (routing replay)
 
     @property
     def rows(self) -> int:
@@ -285,6 +289,7 @@ def make_request(
     pad_id: int,
     mesh: Mesh | None,
     prefill_chunk: int = 0,
+    record_routes: bool = False,
 ) -> Request:
     """Checks `generate`'s arguments (clear errors) and resolves the sampling mode."""
     graphdef, state = split_model(model)
@@ -331,13 +336,19 @@ def make_request(
         pad_id=pad_id,
         mesh=mesh,
         prefill_chunk=prefill_chunk,
+        record_routes=bool(record_routes),
     )
 
 
-def finish(req: Request, toks, lps, lprs, lengths, reasons, timings: dict) -> GenerateResult:
+def finish(
+    req: Request, toks, lps, lprs, lengths, reasons, timings: dict, routes=None
+) -> GenerateResult:
     """The result of `req` from its rows' outputs ([R, >= max_new] host arrays, prompt-major):
     cut to the largest budget, stop strings applied (a row is cut after the first token that
-    completes one: reason "stop")."""
+    completes one: reason "stop"). `routes` (record_routes): `(prompt_routes, token_routes)`,
+    per row the experts of its prompt's positions ([prompt length, n_moe, K], from the prefill
+    the row started from) and [R, >= max_new, n_moe, K] of the generated tokens as they were
+    fed back; each row's are its prompt's and those of its tokens but the last."""
     keep, max_new, pad_id = req.rows, req.max_new, req.pad_id
     toks, lps, lprs = (np.array(a[:keep, :max_new]) for a in (toks, lps, lprs))
     lengths, reasons = np.array(lengths[:keep]), np.array(reasons[:keep])
@@ -347,12 +358,21 @@ def finish(req: Request, toks, lps, lprs, lengths, reasons, timings: dict) -> Ge
             if k is not None and (k < lengths[r] or reasons[r] == LENGTH):
                 toks[r, k:], lps[r, k:], lprs[r, k:] = pad_id, 0.0, 0.0
                 lengths[r], reasons[r] = k, STOP
+    prompt_index = np.repeat(np.arange(len(req.prompts)), req.n).astype(np.int32)
+    row_routes = None
+    if routes is not None:
+        prompt_routes, token_routes = routes
+        row_routes = []
+        for r in range(keep):
+            fed = token_routes[r, : max(int(lengths[r]) - 1, 0)]
+            row_routes.append(np.concatenate([prompt_routes[r], fed]).astype(np.int16))
     return GenerateResult(
         tokens=toks,
         logprobs=lps,
         logprobs_untempered=lprs,
         lengths=lengths.astype(np.int32),
         finish_reason=[REASONS[int(c)] for c in reasons],
-        prompt_index=np.repeat(np.arange(len(req.prompts)), req.n).astype(np.int32),
+        prompt_index=prompt_index,
         timings=timings,
+        routes=row_routes,
     )

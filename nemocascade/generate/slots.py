@@ -43,38 +43,79 @@ from nemocascade.model.attention import KVCache
 from nemocascade.model.layers import dtype_of
 
 
-def prefill_rows(model, ids_BT, seg_BT, cache_len: int, mesh: Mesh | None, chunk: int = 0):
+def prefill_rows(
+    model,
+    ids_BT,
+    seg_BT,
+    cache_len: int,
+    mesh: Mesh | None,
+    chunk: int = 0,
+    record_routes: bool = False,
+):
     """Runs left-padded prompts through a fresh cache of `cache_len` positions (the model's own
-    layout: one scalar index); returns (last-position logits [B, V], cache).
+    layout: one scalar index); returns (last-position logits [B, V], cache), and with
+    `record_routes` the experts every prompt position used ([B, T, n_moe_layers, K] int32, -1 on
+    padding), for routing replay.
 
     `chunk` > 0 (chunked prefill, for long prompts): the prompt goes through the cache in slices
     of `chunk` positions (the first slice takes the remainder of T / chunk), a `fori_loop` over
     equal slices, so no activation, attention score or SSD block spans more than one slice of the
     prompt: the same cache and logits as one pass up to fp32 summation order."""
-    cache = constrain_batch(model.init_cache(ids_BT.shape[0], cache_len), mesh)
-    t = ids_BT.shape[1]
+    b, t = ids_BT.shape
+    cache = constrain_batch(model.init_cache(b, cache_len), mesh)
+    k = model.cfg.num_experts_per_tok
+    routes = None
+    if record_routes:
+        routes = jnp.full((b, t, model.cfg.block_types.count("moe"), k), -1, jnp.int32)
+
+    def run(ids, seg, cache, routes, start):
+        if not record_routes:
+            h, cache = model.hidden_states(ids, seg, cache)
+            return h, cache, routes
+        h, cache, aux = model.hidden_states(ids, seg, cache, return_aux=True)
+        mine = jnp.where(seg[:, :, None, None] > 0, jnp.moveaxis(aux["routes"], 0, 2), -1)
+        return h, cache, jax.lax.dynamic_update_slice_in_dim(routes, mine, start, 1)
+
+    ids_rest, seg_rest, start = ids_BT, seg_BT, 0
     if 0 < chunk < t:
         head, n = t % chunk, t // chunk
         if head:
-            _, cache = model.hidden_states(ids_BT[:, :head], seg_BT[:, :head], cache)
+            _, cache, routes = run(ids_BT[:, :head], seg_BT[:, :head], cache, routes, 0)
 
-        def body(i, cache):
+        def body(i, carry):
+            cache, routes = carry
             start = head + i * chunk
             ids = jax.lax.dynamic_slice_in_dim(ids_BT, start, chunk, 1)
             seg = jax.lax.dynamic_slice_in_dim(seg_BT, start, chunk, 1)
-            return constrain_batch(model.hidden_states(ids, seg, cache)[1], mesh)
+            _, cache, routes = run(ids, seg, cache, routes, start)
+            return constrain_batch(cache, mesh), routes
 
-        cache = jax.lax.fori_loop(0, n - 1, body, cache)
-        ids_BT, seg_BT = ids_BT[:, t - chunk :], seg_BT[:, t - chunk :]
-    h_BTD, cache = model.hidden_states(ids_BT, seg_BT, cache)
+        cache, routes = jax.lax.fori_loop(0, n - 1, body, (cache, routes))
+        ids_rest, seg_rest, start = ids_BT[:, t - chunk :], seg_BT[:, t - chunk :], t - chunk
+    h_BTD, cache, routes = run(ids_rest, seg_rest, cache, routes, start)
     logits_BV = model.logits(h_BTD[:, -1:])[:, 0]
+    if record_routes:
+        return logits_BV, constrain_batch(cache, mesh), constrain_batch(routes, mesh)
     return logits_BV, constrain_batch(cache, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh", "chunk"))
-def prefill(graphdef, state, ids_BT, seg_BT, *, cache_len: int, mesh: Mesh | None, chunk: int = 0):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "cache_len", "mesh", "chunk", "record_routes")
+)
+def prefill(
+    graphdef,
+    state,
+    ids_BT,
+    seg_BT,
+    *,
+    cache_len: int,
+    mesh: Mesh | None,
+    chunk: int = 0,
+    record_routes: bool = False,
+):
     """`prefill_rows` as one program (the static engine's prefill)."""
-    return prefill_rows(nnx.merge(graphdef, state), ids_BT, seg_BT, cache_len, mesh, chunk)
+    model = nnx.merge(graphdef, state)
+    return prefill_rows(model, ids_BT, seg_BT, cache_len, mesh, chunk, record_routes)
 
 
 def _is_kv(x) -> bool:
@@ -137,27 +178,36 @@ def _attention_per_row(block, x_BTD, seg_BT, cache: KVCache):
     return jax.vmap(one)(x_BTD, seg_BT, cache)
 
 
-def forward(model, ids_BT: jax.Array, seg_BT: jax.Array, cache: list):
+def forward(model, ids_BT: jax.Array, seg_BT: jax.Array, cache: list, record_routes=False):
     """`model.hidden_states(ids, seg, cache)` for a slot cache: returns (final normalised hidden
-    states [B, T, D], new slot cache); row b's new tokens go to positions index[b]...+T."""
+    states [B, T, D], new slot cache), and with `record_routes` the experts of every new token
+    ([B, T, n_moe_layers, K]); row b's new tokens go to positions index[b]...+T."""
     x = jnp.take(model.embed_VD[...], ids_BT, axis=0).astype(dtype_of(model.cfg.compute_dtype))
-    new = []
+    new, routes = [], []
     for i, block in model.layer_blocks():
         if _is_kv(cache[i]):
             x, c = _attention_per_row(block, x, seg_BT, cache[i])
         else:
-            x, c, _ = block(x, seg_BT, cache[i])
+            x, c, aux = block(x, seg_BT, cache[i])
+            routes += [] if aux is None else [aux["routes"]]
         new.append(c)
-    return model.norm_f(x), new
+    if not record_routes:
+        return model.norm_f(x), new
+    b, t = ids_BT.shape
+    k = model.cfg.num_experts_per_tok
+    stacked = jnp.stack(routes, axis=2) if routes else jnp.zeros((b, t, 0, k), jnp.int32)
+    return model.norm_f(x), new, stacked
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames=("cache",))
-def _extend(graphdef, state, cache, slots_M, ids_MT, *, all_logits: bool):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "all_logits", "record_routes"), donate_argnames=("cache",)
+)
+def _extend(graphdef, state, cache, slots_M, ids_MT, *, all_logits: bool, record_routes: bool):
     model = nnx.merge(graphdef, state)
     rows = take_rows(cache, slots_M)
-    h_MTD, rows = forward(model, ids_MT, jnp.ones_like(ids_MT), rows)
+    h_MTD, rows, *routes = forward(model, ids_MT, jnp.ones_like(ids_MT), rows, record_routes)
     logits = model.logits(h_MTD if all_logits else h_MTD[:, -1:])
-    return logits, put_rows(cache, slots_M, rows)
+    return logits, put_rows(cache, slots_M, rows), *routes
 
 
 def pieces(length: int) -> list[int]:
@@ -172,12 +222,15 @@ def extend(
     new_ids: np.ndarray | Sequence[Sequence[int]],
     *,
     all_logits: bool = False,
-) -> tuple[jax.Array, list]:
+    record_routes: bool = False,
+) -> tuple:
     """Runs `new_ids` [M, T] (T >= 1 real tokens per row, no padding) on top of what slots
     `slots` [M] hold, each at its own position; returns (logits, new cache): logits [M, T, V]
     with `all_logits`, else those of the last position [M, 1, V] (what the next token is sampled
     from). The caller keeps every slot's length + T within the cache length (a write past the
     end is clamped onto the last position). `cache` is donated (updated in place).
+    `record_routes`: also return the experts of every new token ([M, T, n_moe_layers, K], for
+    routing replay).
 
     T is cut into power-of-two pieces, so any length reuses the programs of at most
     log2(T) + 1 sizes; the pieces continue each other exactly as one call would (a cached call
@@ -189,16 +242,21 @@ def extend(
             f"extend: new_ids must be [len(slots)={len(slots)}, T >= 1], got {ids.shape}"
         )
     slots_M = jnp.asarray(np.asarray(slots, np.int32))
-    outs, start = [], 0
+    outs, routes, start = [], [], 0
     for size in pieces(ids.shape[1]):
-        logits, cache = _extend(
+        logits, cache, *r = _extend(
             graphdef,
             state,
             cache,
             slots_M,
             jnp.asarray(ids[:, start : start + size]),
             all_logits=all_logits,
+            record_routes=record_routes,
         )
         outs.append(logits)
+        routes += r
         start += size
-    return (jnp.concatenate(outs, axis=1) if all_logits else outs[-1]), cache
+    logits = jnp.concatenate(outs, axis=1) if all_logits else outs[-1]
+    if record_routes:
+        return logits, cache, jnp.concatenate(routes, axis=1)
+    return logits, cache

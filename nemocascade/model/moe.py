@@ -39,8 +39,9 @@ def route(x_TD, router_DE, bias_E, cfg: ModelConfig, replay_TK=None):
     """Returns (idx_TK int32, w_TK fp32, scores_TE fp32) for tokens `x_TD`.
 
     `replay_TK` (routing replay, R3): the experts to use, e.g. those the sampler chose; the
-    choice step is skipped and the weights are recomputed from this router's scores of those
-    experts (so gradients reach the router as with a fresh choice)."""
+    weights are recomputed from this router's scores of those experts (so gradients reach the
+    router as with a fresh choice). A token whose row of `replay_TK` starts with a negative id
+    (-1: nothing recorded, e.g. a position the sampler never ran) chooses afresh."""
     logits_TE = jnp.einsum(
         "td,de->te",
         x_TD.astype(jnp.float32),
@@ -48,10 +49,10 @@ def route(x_TD, router_DE, bias_E, cfg: ModelConfig, replay_TK=None):
         precision=jax.lax.Precision.HIGHEST,
     )
     scores_TE = jax.nn.sigmoid(logits_TE)
+    idx_TK = _choose(scores_TE, bias_E, cfg)
     if replay_TK is not None:
-        idx_TK = replay_TK.astype(jnp.int32)
-    else:
-        idx_TK = _choose(scores_TE, bias_E, cfg)
+        replay_TK = replay_TK.astype(jnp.int32)
+        idx_TK = jnp.where(replay_TK[:, :1] >= 0, replay_TK, idx_TK)
     w_TK = jnp.take_along_axis(scores_TE, idx_TK, axis=1)
     if cfg.norm_topk_prob:
         w_TK = w_TK / (jnp.sum(w_TK, axis=-1, keepdims=True) + 1e-20)
@@ -89,8 +90,10 @@ class MoE(nnx.Module):
     def __call__(self, x_BTD, valid_BT=None, routes_BTK=None):
         """Returns (y_BTD, aux): aux["expert_counts"] [E] counts the routed assignments of valid
         tokens (the input of the balancing bias update); aux["routes"] [B, T, K] int32 are the
-        experts each token used (to record for routing replay); aux["aux_loss"] is the
-        sequence-level balance loss (unscaled), present when `cfg.moe_aux_loss_coef > 0`.
+        experts each token used (to record for routing replay); aux["route_changes"] counts
+        the valid tokens whose replayed experts differ (as a set) from this router's own choice
+        (0 without replay); aux["aux_loss"] is the sequence-level balance loss (unscaled),
+        present when `cfg.moe_aux_loss_coef > 0`.
         `routes_BTK`: replay these experts instead of choosing (see `route`)."""
         cfg = self.cfg
         cd = dtype_of(cfg.compute_dtype)
@@ -105,7 +108,12 @@ class MoE(nnx.Module):
         aux = {
             "expert_counts": moe_balance.expert_counts(idx_TK, e, valid_BT.reshape(b * t)),
             "routes": idx_TK.reshape(b, t, k),
+            "route_changes": jnp.zeros((), jnp.float32),
         }
+        if replay is not None:  # the router's own choice, for the drift statistic only
+            own_TK = jax.lax.stop_gradient(_choose(scores_TE, self.bias_E[...], cfg))
+            changed_T = jnp.any(jnp.sort(own_TK, -1) != jnp.sort(idx_TK, -1), axis=-1)
+            aux["route_changes"] = jnp.sum(changed_T & valid_BT.reshape(b * t), dtype=jnp.float32)
         if cfg.moe_aux_loss_coef > 0:
             aux["aux_loss"] = moe_balance.sequence_aux_loss(
                 scores_TE.reshape(b, t, e), idx_TK.reshape(b, t, k), e, k, valid_BT

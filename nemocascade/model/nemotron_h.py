@@ -70,7 +70,9 @@ class NemotronH(nnx.Module):
     ):
         """Final normalised hidden states [B, T, D] (before lm_head), the updated cache, and (with
         `return_aux`) the MoE statistics: {"expert_counts": [n_moe_layers, E], "aux_loss":
-        scalar, "routes": [n_moe_layers, B, T, K] int32, the experts every token used}.
+        scalar, "routes": [n_moe_layers, B, T, K] int32, the experts every token used,
+        "route_changes": (token, layer) pairs whose replayed experts differ from the router's
+        own choice (0 without `routes`)}.
 
         `routes` ([n_moe_layers, B, T, K], e.g. the "routes" a sampling pass returned): routing
         replay (R3), every MoE layer uses these experts, with gates recomputed from its router."""
@@ -114,9 +116,10 @@ class NemotronH(nnx.Module):
         if not return_aux:
             return h, new_cache
         counts = [aux["expert_counts"] for aux in auxes]
-        aux_loss = jnp.zeros((), jnp.float32)
+        aux_loss = changes = jnp.zeros((), jnp.float32)
         for aux in auxes:  # summed in layer order
             aux_loss = aux_loss + aux.get("aux_loss", 0.0)
+            changes = changes + aux["route_changes"]
         b, t = x.shape[:2]
         stats = {
             "expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, cfg.n_routed_experts)),
@@ -126,6 +129,7 @@ class NemotronH(nnx.Module):
                 if auxes
                 else jnp.zeros((0, b, t, cfg.num_experts_per_tok), jnp.int32)
             ),
+            "route_changes": changes,
         }
         return h, new_cache, stats
 
@@ -165,15 +169,17 @@ class NemotronH(nnx.Module):
     ):
         """Logits [B, T, V] fp32.
 
-        `(logits, cache)` with a cache; `(logits, aux)` with return_aux. `routes`: routing
-        replay (see `hidden_states`).
+        `(logits, cache)` with a cache; `(logits, aux)` with return_aux; `(logits, cache, aux)`
+        with both (a sampler recording the experts of each decoded token: aux["routes"]).
+        `routes`: routing replay (see `hidden_states`).
         """
         del positions  # NoPE
         if return_aux:
-            h, _, aux = self.hidden_states(
-                input_ids_BT, segment_ids, None, return_aux=True, routes=routes
+            h, new_cache, aux = self.hidden_states(
+                input_ids_BT, segment_ids, cache, return_aux=True, routes=routes
             )
-            return self.logits(h), aux
+            logits = self.logits(h)
+            return (logits, aux) if cache is None else (logits, new_cache, aux)
         h, new_cache = self.hidden_states(input_ids_BT, segment_ids, cache, routes=routes)
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)

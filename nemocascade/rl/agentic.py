@@ -61,10 +61,12 @@ def sample_episodes(
     slots: int = 0,
     mesh=None,
     sandbox: SandboxConfig | None = None,
+    record_routes: bool = False,
 ) -> list[Trajectory]:
     """`n` episodes of each record (prompt-major: record i's episodes are rows i*n .. i*n+n-1)
     in environment `env.name` with `env`'s limits; `max_new_tokens` bounds each assistant turn.
-    `slots` episodes decode at once (0: all of them), rounded up to the mesh's batch shards."""
+    `slots` episodes decode at once (0: all of them), rounded up to the mesh's batch shards.
+    `record_routes`: keep each position's experts for routing replay (`Trajectory.routes`)."""
     limits = env.limits()
     episodes = [r for r in records for _ in range(n)]
     shards = batch_shards(mesh)
@@ -85,6 +87,7 @@ def sample_episodes(
         slots=s,
         mesh=mesh,
         make_env=lambda record: make_env(env.name, record, limits, sandbox),
+        record_routes=record_routes,
     )
 
 

@@ -133,8 +133,9 @@ def assemble(
     if short < 0:
         raise ValueError(f"assemble: {batch['input_ids'].shape[0]} rows > rows={rows}")
     if short:
+        fill = {"routes": -1}  # a padding row's routes: none recorded (the router chooses)
         batch = {
-            k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
+            k: np.concatenate([v, np.full((short,) + v.shape[1:], fill.get(k, 0), v.dtype)])
             for k, v in batch.items()
         }
     return batch

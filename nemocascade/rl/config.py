@@ -97,6 +97,11 @@ class RLStageConfig:
     # chunked prefill of the rollout prompts (long context): slices of this many positions
     # enter the cache in turn (`generate(..., prefill_chunk=)`); 0: the whole prompt at once
     rollout_prefill_chunk: int = 0
+    # routing replay (R3): the sampler records every position's experts and the policy's
+    # training forward uses them (gates recomputed by its router), so a token is trained
+    # through the experts it was sampled with; `route_change_frac` logs how often the router
+    # would now choose otherwise. Single-turn rollouts and multi-turn episodes alike.
+    routing_replay: bool = False
     # GRPO reward: "verifier" (rule-based, per record) or a learned reward model kind of
     # `rewards.reward_models` ("bt": a Bradley-Terry scorer, "genrm": a pairwise judge) at
     # `reward_model_path` (a checkpoint directory, or "stage:<name>" for a reward_model stage of

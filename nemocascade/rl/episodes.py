@@ -53,6 +53,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from nemocascade import sharding as shd
@@ -92,7 +93,7 @@ def _env_turn(env, text: str):
     return turn, (env.reward() if turn.done else None)
 
 
-def _finish(ep: _Episode, reason: str, reward=None) -> Trajectory:
+def _finish(ep: _Episode, reason: str, reward=None, routes=None) -> Trajectory:
     value, info = reward if reward is not None else (0.0, {})
     try:
         ep.env.close()
@@ -114,6 +115,7 @@ def _finish(ep: _Episode, reason: str, reward=None) -> Trajectory:
         turns=ep.turns,
         tool_calls=ep.calls,
         tool_errors=ep.errors,
+        routes=None if routes is None else routes[: len(ids) - 1].astype(np.int16),
     )
 
 
@@ -139,13 +141,16 @@ def run_episodes(
     episode_ids: Sequence[int] | None = None,
     max_piece: int | None = None,
     timings: dict | None = None,
+    record_routes: bool = False,
 ) -> list[Trajectory]:
     """Runs one episode per environment (see the module docstring); returns the trajectories in
     the order of `envs`. `envs` are environments, or records when `make_env(record) -> env` is
     given (an environment is then built when its episode enters a slot). `limits.max_turns`
     bounds the assistant turns; the environments apply their own limits. `episode_ids`: each
     episode's sampling key (default its index; e.g. unique over a stage's rounds); `max_piece`:
-    see `feed`; `timings`, if given, receives the loop's counters."""
+    see `feed`; `timings`, if given, receives the loop's counters. `record_routes`: each
+    trajectory keeps the experts of every position but its last (`Trajectory.routes`, for
+    routing replay)."""
     s = int(slots)
     if s < 1 or s % shd.batch_shards(mesh):
         raise ValueError(f"run_episodes: slots={slots} must be a positive multiple of the shards")
@@ -170,7 +175,14 @@ def run_episodes(
     body_prefix = generation_prefix_body(thinking)
     parts = (graphdef, state)
     t0 = time.perf_counter()
-    st = tr.empty_state(graphdef, state, slots=s, length=int(max_episode_tokens), mesh=mesh)
+    st = tr.empty_state(
+        graphdef,
+        state,
+        slots=s,
+        length=int(max_episode_tokens),
+        mesh=mesh,
+        record_routes=record_routes,
+    )
     waiting = collections.deque(range(len(envs)))
     free = list(range(s))
     ready: collections.deque[tuple[_Episode, list[int]]] = collections.deque()
@@ -182,7 +194,10 @@ def run_episodes(
     live: dict[int, _Episode] = {}  # started, not finished: closed here if the loop raises
 
     def end(ep: _Episode, reason: str, reward=None):
-        out[ep.index] = _finish(ep, reason, reward)
+        routes = None
+        if record_routes:  # the slot still holds the episode's positions (refilled later)
+            routes = jax.device_get(st.routes_SG[ep.slot, : len(ep.builder)])
+        out[ep.index] = _finish(ep, reason, reward, routes)
         free.append(ep.slot)
         live.pop(ep.index)
 
@@ -236,8 +251,8 @@ def run_episodes(
                 ready.append((ep, prompt))
             while ready:  # feed new tokens, sample each turn's first token
                 ep, ids = ready.popleft()
-                logits, st = tr.feed(parts, st, ep.slot, ids, max_piece, feed_rows)
-                pos = len(ep.builder)
+                pos = len(ep.builder)  # the fed ids end at pos - 1
+                logits, st = tr.feed(parts, st, ep.slot, ids, max_piece, feed_rows, pos - len(ids))
                 budget = min(pos + max_new_tokens, max_episode_tokens)
                 st = tr.start_turn(
                     st,

@@ -13,6 +13,8 @@ A training batch holds, for every rollout row, the sequence `prompt + response` 
     loss_mask [R, T]  1 where the target is a response token (eos included)
     segment_ids [R,T] 1 on real tokens, 0 on padding
     sampler_logprobs [R, T]  the sampler's log-prob of each response target (0 elsewhere)
+    routes [R, T, n_moe_layers, K]  only when sampled with `record_routes`: the experts each
+                     input position used in sampling (routing replay; -1 on padding)
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class Rollouts:
     n: int
     timings: dict[str, float]
     reward_metrics: dict[str, Any]
+    # per row [len(prompt) + len(response) - 1, n_moe, K]: the experts of each input position in
+    # sampling (`generate(record_routes=True)`), for routing replay; None when not recorded
+    routes: list[np.ndarray] | None = None
 
     @property
     def domains(self) -> list[str]:
@@ -74,6 +79,7 @@ class Generations:
     finished: np.ndarray  # [R] bool: ended with eos / stop (not cut at the limit)
     logprobs: list[np.ndarray]  # per row, log-prob of each response token (sampled dist.)
     timings: dict[str, float]  # the engine's (`generate`)
+    routes: list[np.ndarray] | None = None  # with record_routes (see `Rollouts.routes`)
 
 
 def generate_rollouts(
@@ -92,12 +98,14 @@ def generate_rollouts(
     mesh=None,
     slots: int = 0,
     prefill_chunk: int = 0,
+    record_routes: bool = False,
 ) -> Generations:
     """Renders each prompt record (`render_prompts`), generates `n` responses per prompt (eos:
     the chat template's end of turn) and decodes them. `slots` > 0: continuous batching with at
     most that many rows resident (`generate(..., slots=)`: the same tokens, long-tailed lengths
     no longer hold the whole batch), used when the rows outnumber the slots; otherwise (and
-    with 0) one static batch. `prefill_chunk` > 0: chunked prefill (`generate`)."""
+    with 0) one static batch. `prefill_chunk` > 0: chunked prefill (`generate`).
+    `record_routes`: keep each row's experts for routing replay (`Generations.routes`)."""
     prompts = render_prompts(tokenizer, records, thinking=thinking)
     eos = tokenizer.im_end_id
     if slots < 0:
@@ -116,6 +124,7 @@ def generate_rollouts(
         mesh=mesh,
         slots=slots if 0 < slots < len(prompts) * n else None,
         prefill_chunk=prefill_chunk,
+        record_routes=record_routes,
     )
     rows = len(prompts) * n
     recs = [records[i] for i in res.prompt_index]
@@ -127,7 +136,7 @@ def generate_rollouts(
         for ids, fin in zip(r_ids, finished, strict=True)
     ]
     lps = [res.logprobs[r, : res.lengths[r]].astype(np.float32) for r in range(rows)]
-    return Generations(recs, p_ids, r_ids, texts, finished, lps, dict(res.timings))
+    return Generations(recs, p_ids, r_ids, texts, finished, lps, dict(res.timings), res.routes)
 
 
 def sample(
@@ -150,13 +159,15 @@ def sample(
     scorer=None,
     slots: int = 0,
     prefill_chunk: int = 0,
+    record_routes: bool = False,
 ) -> Rollouts:
     """Generates `n` responses per prompt record (`generate_rollouts`) and scores them with the
     records' verifiers (in thinking mode a response is judged as if it began with `<think>`: an
     unclosed reasoning block has no final answer), or with `scorer`, a learned reward
     (`rewards.reward_models`: `score_group_rows` over groups of `n`); then records that have a
     verifier also get their ground-truth score in `reward_metrics["ground_truth"]` [R] (NaN
-    where there is none), so reward hacking shows."""
+    where there is none), so reward hacking shows. `record_routes`: keep each row's experts
+    (`Rollouts.routes`) for a training step that replays them."""
     g = generate_rollouts(
         graphdef,
         state,
@@ -172,6 +183,7 @@ def sample(
         mesh=mesh,
         slots=slots,
         prefill_chunk=prefill_chunk,
+        record_routes=record_routes,
     )
     cache = reward_cache or rw.RewardCache()
     t0 = time.perf_counter()
@@ -222,6 +234,7 @@ def sample(
         n=n,
         timings=timings,
         reward_metrics=metrics,
+        routes=g.routes,
     )
 
 
@@ -239,6 +252,9 @@ def training_batch(
     `sampler_logprobs` are the log-probs of the distribution each token was drawn from (after
     temperature / top-k / top-p): the behaviour policy of mismatch metrics, GRPO's off-policy
     correction and MOPD's importance weights.
+
+    With recorded routes (`roll.routes`), `routes` [rows, T, n_moe, K] int32 holds each input
+    position's experts (-1 on padding: the trainer's router chooses there).
 
     `num_rows` pads the batch with empty rows (loss_mask 0) to a fixed count, and the length is
     rounded up to a power of two >= `seq_bucket`, so the train step compiles once per bucket;
@@ -262,6 +278,8 @@ def training_batch(
         "segment_ids": np.zeros((num_rows, t), np.int32),
         "sampler_logprobs": np.zeros((num_rows, t), np.float32),
     }
+    if roll.routes is not None and rows:
+        out["routes"] = np.full((num_rows, t) + roll.routes[rows[0]].shape[1:], -1, np.int32)
     for i, (r, s) in enumerate(zip(rows, seqs, strict=True)):
         n_in = len(s) - 1
         p = len(roll.prompt_ids[r])
@@ -270,6 +288,13 @@ def training_batch(
         out["segment_ids"][i, :n_in] = 1
         out["loss_mask"][i, p - 1 : n_in] = 1.0  # targets that are response tokens
         out["sampler_logprobs"][i, p - 1 : n_in] = roll.sampler_logprobs[r]
+        if "routes" in out:
+            if len(roll.routes[r]) != n_in:
+                raise ValueError(
+                    f"training_batch: row {r} has routes for {len(roll.routes[r])} positions, "
+                    f"its sequence {n_in}"
+                )
+            out["routes"][i, :n_in] = roll.routes[r]
     return out
 
 

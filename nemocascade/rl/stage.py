@@ -238,6 +238,7 @@ class RLStage:
             scorer=self.reward_model,
             slots=c.rollout_slots,
             prefill_chunk=c.rollout_prefill_chunk,
+            record_routes=c.routing_replay,
         )
 
     def _episodes(self, state: TrainState, step: int, round_: int) -> list:
@@ -257,6 +258,7 @@ class RLStage:
             thinking=c.thinking,
             slots=c.rollout_slots,
             mesh=self.mesh,
+            record_routes=c.routing_replay,
         )
 
     def next_batch(self, state: TrainState, step: int) -> tuple[dict | None, dict[str, Any]]:

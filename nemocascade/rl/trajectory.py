@@ -61,6 +61,9 @@ class Trajectory:
     turns: int
     tool_calls: int
     tool_errors: int
+    # [T - 1, n_moe_layers, K] int16: the experts of each position but the last in sampling
+    # (`run_episodes(record_routes=True)`, routing replay); None when not recorded
+    routes: np.ndarray | None = None
 
     @property
     def tokens(self) -> int:
@@ -172,6 +175,8 @@ def trajectories_to_batch(
         loss_mask [B, T] = trajectory loss_mask[1:] (a target is a model token) x sample weight
         sampler_logprobs [B, T] = the sampler's log-prob of each model target (0 elsewhere)
         advantages [B]   GRPO advantages per trajectory (`cfg.advantage_estimator`)
+        routes [B, T, n_moe, K]  with recorded routes: each input position's experts (-1 on
+                                 padding), replayed by the policy's forward
 
     The advantages come from `rl.advantages.prepare_advantages` over each group's rewards;
     groups dynamic filtering drops and truncated episodes under overlong filtering (cut by a
@@ -214,4 +219,8 @@ def trajectories_to_batch(
         batch["loss_mask"][i, :n] = t.loss_mask[1:] * weight[i]
         batch["sampler_logprobs"][i, :n] = t.logprobs[1:]
     batch["advantages"][: len(trajs)] = np.asarray(prep["advantages"], np.float32)
+    if all(t.routes is not None for t in trajs):
+        batch["routes"] = np.full((rows, seq_len) + trajs[0].routes.shape[1:], -1, np.int32)
+        for i, t in enumerate(trajs):
+            batch["routes"][i, : t.tokens - 1] = t.routes
     return batch, prep

@@ -3,7 +3,9 @@ at its own position and turn.
 
 The slot state is `generate.continuous.SlotState` with one change of meaning: `step_S` is the
 position in the episode of the token sampled next (the sampling key's step), and `toks_SG` /
-`lps_SG` / `lprs_SG` [S, max_episode_tokens] hold each sampled token at its position.
+`lps_SG` / `lprs_SG` [S, max_episode_tokens] hold each sampled token at its position, and
+`routes_SG` (routing replay) the experts of every position the slot has run: fed tokens by
+`feed`, sampled ones by the decode loop as they are fed back.
 
     empty_state   S empty slots
     reset_rows    zero some slots (a new episode)
@@ -26,15 +28,24 @@ from jax.sharding import Mesh
 
 from nemocascade.generate import slots as sl
 from nemocascade.generate.continuous import SlotState
-from nemocascade.generate.request import LENGTH, RUNNING, classify, constrain_batch
+from nemocascade.generate.request import LENGTH, RUNNING, bucket, classify, constrain_batch
 from nemocascade.generate.sampling import SamplingMode, row_keys, sample_step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "slots", "length", "mesh"))
-def empty_state(graphdef, state, *, slots: int, length: int, mesh: Mesh | None) -> SlotState:
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "slots", "length", "mesh", "record_routes")
+)
+def empty_state(
+    graphdef, state, *, slots: int, length: int, mesh: Mesh | None, record_routes: bool = False
+) -> SlotState:
     zeros = jnp.zeros((slots,), jnp.int32)
+    model = nnx.merge(graphdef, state)
+    routes = None
+    if record_routes:
+        n_moe, k = model.cfg.block_types.count("moe"), model.cfg.num_experts_per_tok
+        routes = jnp.full((slots, length, n_moe, k), -1, jnp.int32)
     st = SlotState(
-        cache=sl.init_slots(nnx.merge(graphdef, state), slots, length),
+        cache=sl.init_slots(model, slots, length),
         tok_S=zeros,
         step_S=zeros,
         row_S=zeros - 1,
@@ -44,6 +55,7 @@ def empty_state(graphdef, state, *, slots: int, length: int, mesh: Mesh | None) 
         toks_SG=jnp.zeros((slots, length), jnp.int32),
         lps_SG=jnp.zeros((slots, length), jnp.float32),
         lprs_SG=jnp.zeros((slots, length), jnp.float32),
+        routes_SG=routes,
     )
     return constrain_batch(st, mesh)
 
@@ -100,6 +112,14 @@ def start_turn(
     return constrain_batch(new, mesh)
 
 
+@functools.partial(jax.jit, donate_argnames=("routes_SG",))
+def _write_routes(routes_SG, slot, start, routes_TLK):
+    """routes_SG[slot, start + t] = routes_TLK[t]; positions past the end are dropped (T is a
+    power-of-two bucket: the padding lands on positions the slot has not run yet)."""
+    pos_T = start + jnp.arange(routes_TLK.shape[0])
+    return routes_SG.at[slot, pos_T].set(routes_TLK, mode="drop")
+
+
 def feed(
     model_parts,
     st: SlotState,
@@ -107,6 +127,7 @@ def feed(
     ids: Sequence[int],
     max_piece: int | None = None,
     rows: int = 1,
+    start: int = 0,
 ) -> tuple[jax.Array, SlotState]:
     """Runs `ids` on top of slot `slot`'s cached state (only these tokens); returns (logits of
     the last position [1, 1, V], state). `max_piece` cuts `ids` into blocks of at most that many
@@ -114,11 +135,19 @@ def feed(
     + 1), more calls (a cached call continues exactly, so the result is the same). `rows` > 1
     runs the slot as that many identical rows (written back to the same slot, all equal): a
     sharded model needs its token count to divide over the batch shards (expert parallelism
-    splits tokens over them), which one row of 1, 2 or 4 tokens does not."""
+    splits tokens over them), which one row of 1, 2 or 4 tokens does not. When the state records
+    routes, the fed tokens' experts go to positions `start`... of the slot."""
     ids = [int(t) for t in ids]
     step = len(ids) if max_piece is None else int(max_piece)
-    cache = st.cache
+    cache, routes = st.cache, st.routes_SG
+    record = routes is not None
     for a in range(0, len(ids), step):
         piece = ids[a : a + step]
-        logits, cache = sl.extend(model_parts, cache, [slot] * rows, [piece] * rows)
-    return logits[:1], st.replace(cache=cache)
+        logits, cache, *r = sl.extend(
+            model_parts, cache, [slot] * rows, [piece] * rows, record_routes=record
+        )
+        if record:  # padded to a power of two: one write program per bucket
+            pad = bucket(len(piece), 1) - len(piece)
+            r_TLK = jnp.pad(r[0][0], ((0, pad), (0, 0), (0, 0)), constant_values=-1)
+            routes = _write_routes(routes, jnp.int32(slot), jnp.int32(start + a), r_TLK)
+    return logits[:1], st.replace(cache=cache, routes_SG=routes)

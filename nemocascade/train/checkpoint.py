@@ -18,13 +18,36 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 log = logging.getLogger(__name__)
 
 BEST_MODES = ("min", "max")
 CORRUPT_DIR = "corrupt"  # unreadable checkpoints are moved here, never deleted
+
+
+def _type_handlers():
+    """Orbax's default leaf handlers, except that arrays are written without replica-parallel
+    slicing in a single process: there every replica's slice would be written by the same
+    process anyway, and each slice is a small program XLA compiles per shape (144 programs,
+    10 of a tiny SFT job's 50 s on 8 CPU devices). Across hosts it still spreads the writing."""
+    array = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=jax.process_count() > 1,
+        array_metadata_store=array_metadata_store.Store(),
+    )
+    scalar = ocp.type_handlers.ScalarHandler()
+    return ocp.type_handlers.create_type_handler_registry(
+        (int, scalar),
+        (float, scalar),
+        (bytes, scalar),
+        (np.number, scalar),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (jax.Array, array),
+        (str, ocp.type_handlers.StringHandler()),
+    )
 
 
 class CheckpointSaveError(RuntimeError):
@@ -72,7 +95,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={
-                "state": ocp.PyTreeCheckpointHandler(),
+                "state": ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
                 "data": ocp.JsonCheckpointHandler(),
                 "extra": ocp.JsonCheckpointHandler(),
             },

@@ -45,6 +45,7 @@ from nemocascade.train.steps import (
     check_batch,
     common_stats,
     loss_denominator,
+    replay_stats,
     step_metrics,
 )
 from nemocascade.typed_config import from_mapping
@@ -159,7 +160,8 @@ def distill_loss(
     the whole batch) + aux_loss_coef * MoE aux loss / num_micro; differentiable in params."""
     model = nnx.merge(graphdef, params, model_state)
     mask_BT = batch["loss_mask"].astype(jnp.float32)
-    h_BTD, w_DV, aux = losses.model_hidden_and_head(model, batch)
+    # the student replays the sampler's experts with batch["routes"] (R3); teachers route freely
+    h_BTD, w_DV, aux = losses.model_hidden_and_head(model, batch, batch.get("routes"))
     logp_BT, ent_BT = losses.token_logprobs_and_entropy(
         h_BTD,
         w_DV,
@@ -196,6 +198,7 @@ def distill_loss(
         common_stats(logp_BT, ent_BT, mask_BT, batch["sampler_logprobs"], aux["expert_counts"])
         | extra
         | {"loss_sum": jax.lax.stop_gradient(num)}
+        | replay_stats(batch, aux)
     )
     return loss, stats
 

@@ -38,6 +38,7 @@ from nemocascade.train.steps import (
     check_batch,
     common_stats,
     loss_denominator,
+    replay_stats,
     response_spans,
     step_metrics,
 )
@@ -197,7 +198,9 @@ def grpo_loss(
 
     Log-probs are those of the sampled distribution's temperature (logits / `temperature`).
     With `ref_state` (the reference policy's `(params, model_state)`), its log-probs are computed
-    here (no gradient, chunked over the vocabulary) for the k3 KL penalty."""
+    here (no gradient, chunked over the vocabulary) for the k3 KL penalty. With
+    `batch["routes"]` the policy's forward replays the sampler's experts (R3); the reference
+    routes by its own router (it is not the policy that sampled)."""
     model = nnx.merge(graphdef, params, model_state)
     logp_BT, ent_BT, aux = losses.model_token_logprobs(
         model,
@@ -205,6 +208,7 @@ def grpo_loss(
         chunk_size=cfg.logprob_chunk,
         with_entropy=cfg.compute_entropy,
         temperature=temperature,
+        routes_BTLK=batch.get("routes"),
     )
     if ref_state is not None:
         ref_logp_BT = losses.model_token_logprobs(
@@ -230,7 +234,7 @@ def grpo_loss(
         "kl_sum": jnp.sum(jax.lax.stop_gradient(diag["kl"]) * mask_BT),
         "is_weight_sum": jnp.sum(diag["weight"] * mask_BT),
     }
-    return loss, stats
+    return loss, stats | replay_stats(batch, aux)
 
 
 def grpo_train_step(
@@ -260,7 +264,9 @@ def grpo_train_step(
     metrics: loss (the policy objective incl. KL, without the MoE aux loss), entropy (mean over
     response tokens), clip_fraction, kl (k3, mean), response_length (tokens per response),
     tokens, the sampler / trainer mismatch (logp_gap_mean / logp_gap_max: |logp_train -
-    logp_sampler| on sampled tokens; logp_off_band_frac: tokens with the ratio outside [0.5, 2]),
+    logp_sampler| on sampled tokens; logp_off_band_frac: tokens with the ratio outside [0.5, 2];
+    with batch["routes"], replayed by the policy's forward, route_change_frac: the fraction of
+    (position, MoE layer) pairs where the policy's router would now choose other experts),
     is_weight_mean (mean off-policy correction weight), grad_norm (before clipping), skipped;
     moe_max_violation with MoE layers; lr with `lr_fn`.
     """

@@ -291,12 +291,16 @@ def naive_reverse_kl(
 
 
 # ----------------------------------------------------------------------------- model glue
-def model_hidden_and_head(model: nnx.Module, batch) -> tuple[jax.Array, jax.Array, dict]:
+def model_hidden_and_head(
+    model: nnx.Module, batch, routes_BTLK: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, dict]:
     """(final hidden states [B, T, D], lm_head weight [D, V], MoE aux), both cast to the model's
-    compute dtype exactly as `NemotronH.logits` does, so chunked log-probs equal the model's."""
+    compute dtype exactly as `NemotronH.logits` does, so chunked log-probs equal the model's.
+    `routes_BTLK` ([B, T, n_moe_layers, K], a batch's "routes"): routing replay (R3)."""
     cd = dtype_of(model.cfg.compute_dtype)
+    routes = None if routes_BTLK is None else jnp.moveaxis(routes_BTLK, 2, 0)
     h_BTD, _, aux = model.hidden_states(
-        batch["input_ids"], batch.get("segment_ids"), return_aux=True
+        batch["input_ids"], batch.get("segment_ids"), return_aux=True, routes=routes
     )
     return h_BTD.astype(cd), model.lm_head_weight().astype(cd), aux
 
@@ -308,11 +312,13 @@ def model_token_logprobs(
     chunk_size: int = DEFAULT_CHUNK,
     with_entropy: bool = False,
     temperature: float = 1.0,
+    routes_BTLK: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, dict]:
     """(log p(targets) [B, T], entropy [B, T] (zeros unless `with_entropy`), MoE aux) of a batch
     under `model`, without materialising the logits. `temperature` != 1 gives the log-probs of
-    softmax(logits / temperature) (the head weight is scaled in fp32)."""
-    h_BTD, w_DV, aux = model_hidden_and_head(model, batch)
+    softmax(logits / temperature) (the head weight is scaled in fp32). `routes_BTLK`: routing
+    replay (`model_hidden_and_head`)."""
+    h_BTD, w_DV, aux = model_hidden_and_head(model, batch, routes_BTLK)
     if temperature != 1.0:
         w_DV = (w_DV.astype(jnp.float32) / temperature).astype(w_DV.dtype)
     logp, ent = token_logprobs_and_entropy(

@@ -96,6 +96,18 @@ def common_stats(logp_BT, ent_BT, mask_BT, sampler_logp_BT, expert_counts_LE) ->
     }
 
 
+def replay_stats(batch: Batch, aux: dict) -> dict:
+    """With routing replay (`batch["routes"]`): the (position, MoE layer) pairs whose replayed
+    experts differ from the router's own choice, and all such pairs; else nothing."""
+    if "routes" not in batch:
+        return {}
+    positions = jnp.sum(batch["segment_ids"] > 0, dtype=jnp.float32)
+    return {
+        "route_changes_sum": aux["route_changes"],
+        "routed_sum": positions * aux["expert_counts"].shape[0],
+    }
+
+
 def combine_stats(a: Any, b: Any) -> Any:
     """Leafwise sum of two stats pytrees, except dict keys ending in `_max` (combined by max)."""
     if isinstance(a, Mapping):
@@ -155,6 +167,10 @@ def step_metrics(state: TrainState, stats: dict, lr_fn: Callable | None) -> dict
     if stats["expert_counts"].shape[0]:
         out["moe_max_violation"] = jnp.max(
             load_metrics(stats["expert_counts"])["moe/max_violation"]
+        )
+    if "routed_sum" in stats:  # routing replay (`replay_stats`)
+        out["route_change_frac"] = stats["route_changes_sum"] / jnp.maximum(
+            stats["routed_sum"], 1.0
         )
     if lr_fn is not None:
         out["lr"] = lr_fn(schedule_count(state.opt_state))

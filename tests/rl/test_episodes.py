@@ -387,3 +387,38 @@ def test_sharded_slots_same_episodes(run, model, tok):
         assert a.finish_reason == b.finish_reason
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)  # measured ~5e-7
+
+
+# ----------------------------------------------------------------------------- routing replay
+def test_episodes_record_the_routes_of_every_position(tok):
+    """With `record_routes`, a trajectory keeps the experts of every position but its last (the
+    prompt and tool continuations from `feed`, the sampled tokens as the decode loop fed them
+    back), equal to a fresh forward's over the whole conversation up to fp32 near-ties (at most
+    1% of (position, layer) pairs: a position off by one would miss most), and the GRPO batch
+    carries them to the same positions (-1 on padding)."""
+    cfg = ModelConfig.tiny(
+        pattern="M*E", vocab_size=tok.vocab_size, chunk_size=8, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=1,
+    )  # fmt: skip
+    graphdef, state = nnx.split(NemotronH(cfg, rngs=nnx.Rngs(0)))
+    envs = [ScriptedEnv(r) for r in RECORDS[:4]]
+    trajs = epi.run_episodes(graphdef, state, tok, envs, record_routes=True, **KW)
+    ids = np.zeros((len(trajs), KW["max_episode_tokens"]), np.int32)
+    for i, t in enumerate(trajs):
+        assert t.routes.shape == (t.tokens - 1, 1, 2) and t.routes.min() >= 0
+        ids[i, : t.tokens] = t.ids
+    fresh = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, return_aux=True)[1]["routes"])(
+        state, jnp.asarray(ids)
+    )
+    fresh = np.sort(np.asarray(fresh)[0], -1)  # [B, T, K] of the one MoE layer
+    worst = max(
+        float(np.mean(np.any(np.sort(t.routes[:, 0], -1) != fresh[i, : t.tokens - 1], -1)))
+        for i, t in enumerate(trajs)
+    )
+    assert worst <= 0.01, worst
+    batch, _ = tj.trajectories_to_batch(
+        trajs, group_size=2, cfg=grpo.GRPOConfig(), seq_len=KW["max_episode_tokens"]
+    )
+    for i, t in enumerate(trajs):
+        np.testing.assert_array_equal(batch["routes"][i, : t.tokens - 1], t.routes)
+        assert np.all(batch["routes"][i, t.tokens - 1 :] == -1)
