@@ -313,6 +313,9 @@ def _quiet_orbax() -> None:
 
 def main(argv: Sequence[str]) -> None:
     _quiet_orbax()
+    from nemocascade.sharding import reserve_cpu_collective_threads
+
+    reserve_cpu_collective_threads()  # simulated CPU devices: no collective starves (see there)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None or _CONFIG.value is None:

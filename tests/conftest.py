@@ -24,6 +24,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 
+from nemocascade.sharding import reserve_cpu_collective_threads  # noqa: E402
+
+reserve_cpu_collective_threads()  # 8 devices: a pool no collective can starve (see there)
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from nemocascade.rewards.sandbox import WEAK_SANDBOX_ENV, SandboxConfig, sandbox_status  # noqa: E402
