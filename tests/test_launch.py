@@ -140,3 +140,36 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert final["step"] == last >= 3
     assert os.listdir(workdir / "checkpoints") == [str(last)]
+
+
+def test_simulated_cpu_devices_get_a_thread_pool_no_collective_can_starve(monkeypatch):
+    """With N simulated CPU devices XLA's intra-op pool must hold more threads than collectives
+    can keep waiting at once (`sharding.reserve_cpu_collective_threads`: NPROC = 8 N); a
+    user's NPROC is kept, and one device changes nothing. The pool really takes that size (a
+    fresh process: XLA reads NPROC when its CPU client starts)."""
+    from nemocascade.sharding import reserve_cpu_collective_threads
+
+    monkeypatch.delenv("NPROC", raising=False)
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_cpu_x=1")
+    assert reserve_cpu_collective_threads() == max(os.cpu_count(), 32) == int(os.environ["NPROC"])
+    monkeypatch.setenv("NPROC", "5")
+    assert reserve_cpu_collective_threads() is None and os.environ["NPROC"] == "5"
+    monkeypatch.delenv("NPROC")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert reserve_cpu_collective_threads() is None and "NPROC" not in os.environ
+    code = (
+        "import os, jax\n"
+        "from nemocascade.sharding import reserve_cpu_collective_threads\n"
+        "n = reserve_cpu_collective_threads(); jax.devices()\n"
+        "pool = [t for t in os.listdir('/proc/self/task')\n"
+        "        if 'XLAEigen' in open(f'/proc/self/task/{t}/comm').read()]\n"
+        "print(n, len(pool))\n"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env.pop("NPROC", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    n, pool = map(int, out.stdout.split())
+    assert n == max(os.cpu_count(), 64) and pool == n

@@ -184,11 +184,10 @@ def _refill(
         toks_SG=put(st.toks_SG, row_buf(tok_M, pad_id, jnp.int32)),
         lps_SG=put(st.lps_SG, row_buf(lp_M, 0.0, jnp.float32)),
         lprs_SG=put(st.lprs_SG, row_buf(lpr_M, 0.0, jnp.float32)),
-        routes_SG=put(st.routes_SG, jnp.full((m,) + st.routes_SG.shape[1:], -1))
-        if record
-        else None,
+        routes_SG=st.routes_SG,
     )
-    if record:
+    if record:  # an entering row has no generated tokens yet; its prompt's routes go out
+        new = new.replace(routes_SG=put(st.routes_SG, jnp.full((m,) + st.routes_SG.shape[1:], -1)))
         evicted += (jnp.take(prompt_routes[0], src_M, axis=0),)
     return constrain_batch(new, mesh), evicted
 
