@@ -28,9 +28,18 @@ def test_sharded_generation_matches_single_device(models):
     kw = {"max_new_tokens": 10, "n": 2, "seed": 5, "temperature": 0.8, "top_k": 40, "top_p": 0.9}
     ref = generate(model, PROMPTS, **kw)
     got = generate(
-        (graphdef, sharded), PROMPTS, mesh=mesh, **kw
+        (graphdef, sharded), PROMPTS, mesh=mesh, record_routes=True, **kw
     )  # 3 prompts -> 4 rows on 4 data shards
     np.testing.assert_array_equal(got.tokens, ref.tokens)
+    # routing replay: the experts recorded on the mesh are a forward's on one device (up to
+    # fp32 near-ties of two router scores: at most 1% of (position, layer) pairs)
+    differ = []
+    for r, routes in enumerate(got.routes):
+        seq = PROMPTS[got.prompt_index[r]] + got.tokens[r, : got.lengths[r] - 1].tolist()
+        fresh = model(np.asarray([seq]), return_aux=True)[1]["routes"][:, 0]  # [n_moe, T, K]
+        fresh = np.sort(np.moveaxis(np.asarray(fresh), 0, 1), -1)
+        differ += np.any(np.sort(routes, -1) != fresh, -1).ravel().tolist()
+    assert np.mean(differ) <= 0.01
     np.testing.assert_array_equal(got.lengths, ref.lengths)
     # (`.logprobs` under the nucleus is not compared: a token within 1e-6 of the top-p boundary
     # may fall on either side of it, a discontinuity of the renormaliser, not an error)
