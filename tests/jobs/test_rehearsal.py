@@ -2,7 +2,7 @@
 `configs/nemotron_cascade2.py`, every stage of the paper config in order on 8 simulated CPU
 devices (data 2 x expert 4), in a process of its own (the device count is fixed when jax
 starts). Deselected from the suite by the `rehearsal` marker (pyproject's addopts); run it
-alone (`.ci/run` leaves it out for now: an intermittent XLA:CPU collective hang, see there):
+alone, as `.ci/run` does after the suite:
 
     python -m pytest -q -m rehearsal -s tests/jobs/test_rehearsal.py
 
@@ -26,13 +26,16 @@ ROOT = Path(__file__).parents[2]
 def test_fast_rehearsal_runs_every_paper_stage_on_8_devices(tmp_path):
     work = tmp_path / "rehearsal"
     env = dict(os.environ)
-    # 8 devices on the machine's cores. XLA:CPU's simulated devices sometimes leave a stage's
-    # first train step waiting forever in a collective (every XLA thread idle): seen in rlhf
-    # with the persistent compilation cache, twice, and in long_context_rl without it, once in
-    # two whole runs. XLA then exits after the termination timeout (5 minutes: a live collective
-    # among threads of one process, run alone, arrives in seconds) and the rerun resumes the
-    # pipeline from its finished stages. No compilation cache: the rerun recompiles, but the
-    # cache made the hang more frequent (rlhf reuses rlhf_teacher's programs).
+    # 8 devices on the machine's cores. The stage steps that used to hang forever in a collective
+    # (rlhf, long_context_rl: 3 of 5 whole runs) were starved of threads: XLA:CPU ran every
+    # device's program on a pool of max(cores, 8) = 8 threads, one device's independent
+    # collectives at once, each holding its thread until all 8 devices arrive; with all 8
+    # threads waiting (7 in an all-reduce, 1 in an all-gather) device 7 had none left. The
+    # launcher now sizes the pool (`sharding.reserve_cpu_collective_threads`: NPROC = 64). Kept
+    # as a guard: a collective still stuck after 5 minutes ends the run (XLA's termination
+    # timeout: a live collective among threads of one process arrives in seconds) and the rerun
+    # resumes from the finished stages, saying so in the output. No compilation cache: each
+    # stage compiles as a user's first run does.
     env["XLA_FLAGS"] = (
         "--xla_force_host_platform_device_count=8 "
         "--xla_cpu_collective_call_terminate_timeout_seconds=300 "
