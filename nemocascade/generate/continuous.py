@@ -56,6 +56,7 @@ from nemocascade.generate.request import (
     bucket,
     classify,
     constrain_batch,
+    empty_routes,
     finish,
     left_pad,
 )
@@ -90,11 +91,7 @@ def _empty(
 ):
     model = nnx.merge(graphdef, state)
     zeros = jnp.zeros((slots,), jnp.int32)
-    routes = None
-    if record_routes:
-        cfg = model.cfg
-        shape = (slots, gen_len, cfg.block_types.count("moe"), cfg.num_experts_per_tok)
-        routes = jnp.full(shape, -1, jnp.int32)
+    routes = empty_routes(model.cfg, slots, gen_len) if record_routes else None
     st = SlotState(
         cache=sl.init_slots(model, slots, cache_len),
         tok_S=zeros,

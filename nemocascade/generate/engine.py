@@ -50,6 +50,7 @@ from nemocascade.generate.request import (
     bucket,
     classify,
     constrain_batch,
+    empty_routes,
     finish,
     left_pad,
     make_request,
@@ -147,9 +148,7 @@ def _decode(
 
     routes = None
     if record_routes:  # [R, gen_len, n_moe, K]: row-major like every other row array
-        cfg = nnx.merge(graphdef, state).cfg
-        shape = (r, gen_len, cfg.block_types.count("moe"), cfg.num_experts_per_tok)
-        routes = constrain_batch(jnp.full(shape, -1, jnp.int32), mesh)
+        routes = constrain_batch(empty_routes(nnx.merge(graphdef, state).cfg, r, gen_len), mesh)
     carry = (jnp.int32(1), tok_R, cache, out, routes)
     steps, _, _, out, routes = jax.lax.while_loop(cond, body, carry)
     return out + (steps,) + (() if routes is None else (routes,))

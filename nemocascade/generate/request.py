@@ -71,6 +71,11 @@ def classify(tok_R, step, max_new, eos_E, stop_S):
     return jnp.where(is_eos, EOS, jnp.where(is_stop, STOP, jnp.where(at_len, LENGTH, RUNNING)))
 
 
+def empty_routes(cfg, *lead: int) -> jax.Array:
+    """A routing-replay buffer [*lead, n_moe_layers, K] of -1: no position recorded yet."""
+    return jnp.full(lead + (cfg.block_types.count("moe"), cfg.num_experts_per_tok), -1, jnp.int32)
+
+
 # ----------------------------------------------------------------------------- host side
 def split_model(model) -> tuple[Any, Any]:
     if isinstance(model, nnx.Module):

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from nemocascade.generate.request import constrain_batch
+from nemocascade.generate.request import constrain_batch, empty_routes
 from nemocascade.model.attention import KVCache
 from nemocascade.model.layers import dtype_of
 
@@ -63,10 +63,7 @@ def prefill_rows(
     prompt: the same cache and logits as one pass up to fp32 summation order."""
     b, t = ids_BT.shape
     cache = constrain_batch(model.init_cache(b, cache_len), mesh)
-    k = model.cfg.num_experts_per_tok
-    routes = None
-    if record_routes:
-        routes = jnp.full((b, t, model.cfg.block_types.count("moe"), k), -1, jnp.int32)
+    routes = empty_routes(model.cfg, b, t) if record_routes else None
 
     def run(ids, seg, cache, routes, start):
         if not record_routes:

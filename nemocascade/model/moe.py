@@ -36,7 +36,9 @@ ROUTER_PARAM_NAMES = ("router_DE",)
 
 
 def route(x_TD, router_DE, bias_E, cfg: ModelConfig, replay_TK=None):
-    """Returns (idx_TK int32, w_TK fp32, scores_TE fp32) for tokens `x_TD`.
+    """Returns (idx_TK int32, w_TK fp32, scores_TE fp32, own_TK int32) for tokens `x_TD`:
+    the experts used, their weights, the router's scores and its own top-k choice (= idx_TK
+    without replay).
 
     `replay_TK` (routing replay, R3): the experts to use, e.g. those the sampler chose; the
     weights are recomputed from this router's scores of those experts (so gradients reach the
@@ -49,15 +51,15 @@ def route(x_TD, router_DE, bias_E, cfg: ModelConfig, replay_TK=None):
         precision=jax.lax.Precision.HIGHEST,
     )
     scores_TE = jax.nn.sigmoid(logits_TE)
-    idx_TK = _choose(scores_TE, bias_E, cfg)
+    own_TK = idx_TK = _choose(scores_TE, bias_E, cfg)
     if replay_TK is not None:
         replay_TK = replay_TK.astype(jnp.int32)
-        idx_TK = jnp.where(replay_TK[:, :1] >= 0, replay_TK, idx_TK)
+        idx_TK = jnp.where(replay_TK[:, :1] >= 0, replay_TK, own_TK)
     w_TK = jnp.take_along_axis(scores_TE, idx_TK, axis=1)
     if cfg.norm_topk_prob:
         w_TK = w_TK / (jnp.sum(w_TK, axis=-1, keepdims=True) + 1e-20)
     w_TK = w_TK * cfg.routed_scaling_factor
-    return idx_TK, w_TK, scores_TE
+    return idx_TK, w_TK, scores_TE, own_TK
 
 
 def _choose(scores_TE, bias_E, cfg: ModelConfig):
@@ -103,15 +105,16 @@ class MoE(nnx.Module):
         x_TD = x_BTD.reshape(b * t, d).astype(cd)
         e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
         replay = None if routes_BTK is None else routes_BTK.reshape(b * t, k)
-        idx_TK, w_TK, scores_TE = route(x_TD, self.router_DE[...], self.bias_E[...], cfg, replay)
+        idx_TK, w_TK, scores_TE, own_TK = route(
+            x_TD, self.router_DE[...], self.bias_E[...], cfg, replay
+        )
         # balancing statistics (moe_balance): global counts under jit over sharded tokens
         aux = {
             "expert_counts": moe_balance.expert_counts(idx_TK, e, valid_BT.reshape(b * t)),
             "routes": idx_TK.reshape(b, t, k),
             "route_changes": jnp.zeros((), jnp.float32),
         }
-        if replay is not None:  # the router's own choice, for the drift statistic only
-            own_TK = jax.lax.stop_gradient(_choose(scores_TE, self.bias_E[...], cfg))
+        if replay is not None:  # replayed experts the router would not choose now
             changed_T = jnp.any(jnp.sort(own_TK, -1) != jnp.sort(idx_TK, -1), axis=-1)
             aux["route_changes"] = jnp.sum(changed_T & valid_BT.reshape(b * t), dtype=jnp.float32)
         if cfg.moe_aux_loss_coef > 0:

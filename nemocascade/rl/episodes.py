@@ -196,7 +196,9 @@ def run_episodes(
     def end(ep: _Episode, reason: str, reward=None):
         routes = None
         if record_routes:  # the slot still holds the episode's positions (refilled later)
-            routes = jax.device_get(st.routes_SG[ep.slot, : len(ep.builder)])
+            # the whole row (one program for every slot and length), cut on the host
+            row = jax.lax.dynamic_index_in_dim(st.routes_SG, jnp.int32(ep.slot), 0, False)
+            routes = jax.device_get(row)[: len(ep.builder)]
         out[ep.index] = _finish(ep, reason, reward, routes)
         free.append(ep.slot)
         live.pop(ep.index)

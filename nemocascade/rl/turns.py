@@ -28,7 +28,14 @@ from jax.sharding import Mesh
 
 from nemocascade.generate import slots as sl
 from nemocascade.generate.continuous import SlotState
-from nemocascade.generate.request import LENGTH, RUNNING, bucket, classify, constrain_batch
+from nemocascade.generate.request import (
+    LENGTH,
+    RUNNING,
+    bucket,
+    classify,
+    constrain_batch,
+    empty_routes,
+)
 from nemocascade.generate.sampling import SamplingMode, row_keys, sample_step
 
 
@@ -40,10 +47,7 @@ def empty_state(
 ) -> SlotState:
     zeros = jnp.zeros((slots,), jnp.int32)
     model = nnx.merge(graphdef, state)
-    routes = None
-    if record_routes:
-        n_moe, k = model.cfg.block_types.count("moe"), model.cfg.num_experts_per_tok
-        routes = jnp.full((slots, length, n_moe, k), -1, jnp.int32)
+    routes = empty_routes(model.cfg, slots, length) if record_routes else None
     st = SlotState(
         cache=sl.init_slots(model, slots, length),
         tok_S=zeros,
