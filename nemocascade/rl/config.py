@@ -74,7 +74,8 @@ class RLStageConfig:
     """One GRPO or MOPD stage. Every step draws `prompts_per_step` prompts of `domains` (mixed by
     `domain_weights`, default uniform), samples `samples_per_prompt` responses each at
     `temperature` / `top_p` (thinking mode if `thinking`), scores them (GRPO: `reward`;
-    MOPD: each domain's teacher), and makes one optimizer update (strictly on-policy)."""
+    MOPD: each domain's teacher), and makes one optimizer update (strictly on-policy unless
+    `rollout_lag`)."""
 
     type: Literal["grpo", "mopd"]
     domains: tuple[str, ...]
@@ -102,6 +103,12 @@ class RLStageConfig:
     # through the experts it was sampled with; `route_change_frac` logs how often the router
     # would now choose otherwise. Single-turn rollouts and multi-turn episodes alike.
     routing_replay: bool = False
+    # 0: strictly on-policy (the paper): each step samples from the weights it trains. 1: one
+    # step off-policy (`rl.ahead`): step n + 1's rollouts are sampled and scored in the
+    # background from step n's weights while step n trains, so the rows are one update stale;
+    # pair it with `loss.importance_correction` ("tis" or "icepop"). Records `rollout_lag`,
+    # `rollout_wait_s`, `rollout_ahead_s` per step.
+    rollout_lag: int = 0
     # GRPO reward: "verifier" (rule-based, per record) or a learned reward model kind of
     # `rewards.reward_models` ("bt": a Bradley-Terry scorer, "genrm": a pairwise judge) at
     # `reward_model_path` (a checkpoint directory, or "stage:<name>" for a reward_model stage of
@@ -142,6 +149,8 @@ class RLStageConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.rollout_slots < 0:
             raise ValueError(f"rollout_slots must be >= 0, got {self.rollout_slots}")
+        if self.rollout_lag not in (0, 1):
+            raise ValueError(f"rollout_lag must be 0 or 1, got {self.rollout_lag}")
         if self.rollout_prefill_chunk < 0:
             raise ValueError(
                 f"rollout_prefill_chunk must be >= 0, got {self.rollout_prefill_chunk}"

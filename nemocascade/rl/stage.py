@@ -2,7 +2,7 @@
 
 `RLStage` is the stage's batch source for the one train loop (`train.loop.train_loop`) and
 builds its pure step. Each step (strictly on-policy, one update per rollout batch, as in
-Cascade 2):
+Cascade 2; `rollout_lag=1` samples each batch one update ahead instead, see `rl.ahead`):
   1. draw `prompts_per_step` prompts of the stage's domains (deterministic in seed and step);
   2. sample `samples_per_prompt` responses each from the current policy;
   3. GRPO: verifier rewards -> group-normalised advantages; dynamic filtering drops groups whose
@@ -33,6 +33,7 @@ from flax import nnx
 from nemocascade import rewards as rw
 from nemocascade.rl import agentic, batching
 from nemocascade.rl import rollouts as ro
+from nemocascade.rl.ahead import SampleAhead
 from nemocascade.rl.config import RLStageConfig
 from nemocascade.sharding import device_batch
 from nemocascade.train import distill, grpo
@@ -42,6 +43,7 @@ from nemocascade.train.state import TrainState
 
 log = logging.getLogger(__name__)
 SEQ_MULTIPLE = 16  # the train step's sequence length is a multiple of this
+Weights = tuple[nnx.State, nnx.State]  # (params, model_state): what rollouts are sampled from
 
 
 class RewardErrors(RuntimeError):
@@ -84,6 +86,13 @@ class RLStage:
         self.reward_model = reward_model  # a `rewards.reward_models` scorer, or None
         self.num_workers, self.mesh = num_workers, mesh
         self.rows = cfg.rows
+        if cfg.rollout_lag and jax.process_count() > 1:
+            raise ValueError(
+                f"stages.{name}.rollout_lag={cfg.rollout_lag}: the one-step-ahead sampler is a "
+                f"thread of the one process; this run has {jax.process_count()} processes, whose "
+                "threads could order their collectives differently (use rollout_lag=0)"
+            )
+        self._ahead: SampleAhead | None = None  # set by `run` when rollout_lag=1
         # One sequence length for the whole stage (longest prompt + max_new_tokens - 1 inputs,
         # rounded up to a multiple of 16, not a power of two: up to 1.9x less work per step), so
         # the train step compiles once. An episode is at most `env.max_episode_tokens` long.
@@ -190,19 +199,28 @@ class RLStage:
             progress=progress,
             async_checkpoint=False,
         )
-        return train_loop(
-            config=loop_cfg,
-            workdir=os.fspath(stage_dir),
-            mesh=self.mesh,
-            init=self.initial_state(params, model_state),
-            step_fn=self.step_fn,
-            source=self,
-            eval_fn=eval_fn if self.cfg.eval_every else None,
-            eval_on_checkpoint=False,
-            step_args=self._step_args(params, model_state),
-            progress_keys=("reward_mean", "loss"),
-            name=self.name,
-        )
+        if self.cfg.rollout_lag:
+            self._ahead = SampleAhead(self._make_batch, last_step=self.cfg.steps, name=self.name)
+            if eval_fn is not None:  # the evaluation shares the reward cache: one at a time
+                eval_fn = _after(self._ahead.settle, eval_fn)
+        try:
+            return train_loop(
+                config=loop_cfg,
+                workdir=os.fspath(stage_dir),
+                mesh=self.mesh,
+                init=self.initial_state(params, model_state),
+                step_fn=self.step_fn,
+                source=self,
+                eval_fn=eval_fn if self.cfg.eval_every else None,
+                eval_on_checkpoint=False,
+                step_args=self._step_args(params, model_state),
+                progress_keys=("reward_mean", "loss"),
+                name=self.name,
+            )
+        finally:
+            if self._ahead is not None:
+                self._ahead.close()
+                self._ahead = None
 
     # ------------------------------------------------------------------ the batch source
     def get_state(self) -> dict:
@@ -219,11 +237,11 @@ class RLStage:
             self.cfg.domain_weights,
         )
 
-    def _sample(self, state: TrainState, records: list[dict], seed: int) -> ro.Rollouts:
+    def _sample(self, weights: Weights, records: list[dict], seed: int) -> ro.Rollouts:
         c = self.cfg
         return ro.sample(
             self.graphdef,
-            nnx.merge_state(state.params, state.model_state),
+            nnx.merge_state(*weights),
             self.tokenizer,
             records,
             n=c.samples_per_prompt,
@@ -241,12 +259,12 @@ class RLStage:
             record_routes=c.routing_replay,
         )
 
-    def _episodes(self, state: TrainState, step: int, round_: int) -> list:
+    def _episodes(self, weights: Weights, step: int, round_: int) -> list:
         """One round of an agentic stage: `samples_per_prompt` episodes of each drawn record."""
         c = self.cfg
         return agentic.sample_episodes(
             self.graphdef,
-            nnx.merge_state(state.params, state.model_state),
+            nnx.merge_state(*weights),
             self.tokenizer,
             self._draw(step, round_),
             env=c.env,
@@ -262,9 +280,16 @@ class RLStage:
         )
 
     def next_batch(self, state: TrainState, step: int) -> tuple[dict | None, dict[str, Any]]:
+        weights = (state.params, state.model_state)
+        if self._ahead is None:  # strictly on-policy: sampled from the weights being trained
+            return self._make_batch(weights, step)
+        return self._ahead.next(weights, step)  # rollout_lag=1: sampled one update ahead
+
+    def _make_batch(self, weights: Weights, step: int) -> tuple[dict | None, dict[str, Any]]:
+        """Step `step`'s batch and rollout record, sampled and scored from `weights`."""
         if self.cfg.env.name:  # agentic GRPO: multi-turn episodes (`rl.agentic`)
             batch, record = agentic.episode_batch(
-                lambda r: self._episodes(state, step, r),
+                lambda r: self._episodes(weights, step, r),
                 rows=self.rows,
                 group_size=self.cfg.samples_per_prompt,
                 rounds=self.cfg.max_gen_batches if self.cfg.loss.dynamic_filtering else 1,
@@ -276,7 +301,9 @@ class RLStage:
             n = self.cfg.samples_per_prompt
             parts, rolls, metrics = batching.collect_groups(
                 lambda r: self._sample(
-                    state, self._draw(step, r), batching.stable_seed(self.seed, self.name, step, r)
+                    weights,
+                    self._draw(step, r),
+                    batching.stable_seed(self.seed, self.name, step, r),
                 ),
                 rows=self.rows,
                 group_size=n,
@@ -287,7 +314,7 @@ class RLStage:
             record = {**_rollout_metrics(rolls), **metrics}
         else:
             seed = batching.stable_seed(self.seed, self.name, step)
-            roll = self._sample(state, self._draw(step, 0), seed)
+            roll = self._sample(weights, self._draw(step, 0), seed)
             rolls, metrics = [roll], {}
             batch = self._assemble([batching.Part(roll, np.arange(len(roll.records)), None)])
             self._add_teacher_inputs(batch, roll.domains)
@@ -326,6 +353,14 @@ class RLStage:
             domains_B=np.asarray(domains),
         )
         batch["teacher_logprobs"] = np.asarray(lp)
+
+
+def _after(first: Callable[[], None], fn: Callable) -> Callable:
+    def wrapped(*args, **kwargs):
+        first()
+        return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _rollout_metrics(rolls: list[ro.Rollouts]) -> dict[str, float]:
