@@ -121,9 +121,7 @@ def expert_parallel_mlp(
     if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) == 1:
         y = moe_backends.expert_mlp(x_TD, idx_TK, w_TK, up_EDF, down_EFD, backend=backend)
         return y, jnp.zeros((), jnp.int32)
-    ep = mesh.shape[EXPERT_AXIS]
-    if E % ep:
-        raise ValueError(f"moe_ep: {E} experts do not divide over expert axis of size {ep}")
+    ep = _expert_shards(E, mesh)
     axes = sharding.batch_axes(mesh)
     if EXPERT_AXIS not in axes:
         raise ValueError(
@@ -141,6 +139,14 @@ def expert_parallel_mlp(
     return fn(x_TD, idx_TK, w_TK, up_EDF, down_EFD)
 
 
+def _expert_shards(n_experts: int, mesh: Mesh) -> int:
+    """The mesh's expert-axis size, which must divide the expert count."""
+    ep = mesh.shape[EXPERT_AXIS]
+    if n_experts % ep:
+        raise ValueError(f"moe_ep: {n_experts} experts do not divide over expert axis of size {ep}")
+    return ep
+
+
 def _sequence_parallel_mlp(x_BTD, idx_BTK, w_BTK, up_EDF, down_EFD, mesh, capacity_factor, backend):
     """`expert_parallel_mlp` of [B, T, ...] tokens sharded over the batch axes and `context`."""
     (B, T, D), K, E = x_BTD.shape, idx_BTK.shape[-1], up_EDF.shape[0]
@@ -156,9 +162,7 @@ def _sequence_parallel_mlp(x_BTD, idx_BTK, w_BTK, up_EDF, down_EFD, mesh, capaci
             backend=backend,
         )
         return y.reshape(B, T, D), dropped
-    ep = mesh.shape[EXPERT_AXIS]
-    if E % ep:
-        raise ValueError(f"moe_ep: {E} experts do not divide over expert axis of size {ep}")
+    ep = _expert_shards(E, mesh)
     spec = sharding.logical_to_spec(("batch", "seq"), mesh=mesh)
     c_sh = mesh.shape.get("context", 1)
     axes = sharding.batch_axes(mesh) + (("context",) if c_sh > 1 else ())

@@ -16,10 +16,12 @@ step n's update: on one device group the two threads' programs share the devices
 them concurrently), and every host-side part of a rollout runs while the device trains. Run on
 XLA:CPU, on one device and on a data mesh of simulated devices (tests); not yet on an
 accelerator, where two threads' multi-device programs must reach every device in one order
-(one process only: `RLStage` refuses a lag with several processes). The rows of step n are then one update stale against the weights they train:
-the step's `sampler_logprobs` are those of W(n-2), so the GRPO step's mismatch metrics measure
-the staleness, and the token-level correction against them (`loss.importance_correction`: TIS
-or the ICE-POP mask) is what keeps the update sound.
+(one process only: `RLStage` refuses a lag with several processes).
+
+The rows of step n are one update stale against the weights they train: the step's
+`sampler_logprobs` are those of W(n-2), so the GRPO step's mismatch metrics measure the
+staleness, and the token-level correction against them (`loss.importance_correction`: TIS or the
+ICE-POP mask) is what keeps the update sound.
 
 Every record gets `rollout_lag` (updates between the sampling weights and the trained ones: 0
 or 1), `rollout_wait_s` (how long the step waited for its batch: all of the sampling at lag 0,
