@@ -68,6 +68,24 @@ def test_sft_then_swe_rl_pipeline(tmp_path):
     assert "| swe_rl | swe |" in Path(work, "report.md").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sandbox_status().usable, reason="the swe environment needs the sandbox")
+def test_swe_rl_episodes_sampled_one_step_ahead(tmp_path):
+    """The asynchronous mode (`rollout_lag=1`) on the agentic stage: each step's episodes run in
+    the sandbox from a background thread while the previous update trains."""
+    c = _config()
+    c.stages.swe_rl.update(steps=3, checkpoint_every=3, rollout_lag=1)
+    c.stages.swe_rl.loss.importance_correction = "tis"
+    work = str(tmp_path / "run")
+    Cascade(c, work).run()
+    rows = _lines(os.path.join(work, "stages", "swe_rl", "metrics.jsonl"))
+    assert [r["rollout_lag"] for r in rows] == [0, 1, 1]
+    for r in rows:
+        assert 1 <= r["turns"] <= 2 and r["reward_error_frac"] == 0.0 and r["skipped"] == 0
+        assert sum(v for k, v in r.items() if k.startswith("finish/")) == 4
+        assert r["is_weight_mean"] > 0 and r["rollout_wait_s"] >= 0
+
+
 def test_env_problems_are_named(tmp_path, monkeypatch):
     c = _config()
     c.stages.swe_rl.env.name = "nope"
