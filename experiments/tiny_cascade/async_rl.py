@@ -37,16 +37,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fork_run import fork  # noqa: E402
+from seeds import _T95  # noqa: E402
 
 from nemocascade.jobs.evaluation import PROBLEM_SCORES, paired_ci95  # noqa: E402
+from nemocascade.train.metrics import read_metrics  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
-
-
-def _lines(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _mean_ci(values: list[float]) -> list[float | None]:
@@ -95,7 +91,7 @@ def child(spec: dict) -> None:
 def read_run(dst: str, stage: str) -> dict:
     with open(os.path.join(dst, "summary.json")) as f:
         st = {s["name"]: s for s in json.load(f)["stages"]}[stage]
-    rows = _lines(os.path.join(dst, "stages", stage, "metrics.jsonl"))
+    rows = read_metrics(os.path.join(dst, "stages", stage))
     later = rows[1:] or rows
 
     def mean(key):  # over the steps after the first (which compiles)

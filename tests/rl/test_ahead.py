@@ -94,20 +94,8 @@ def test_settle_waits_for_the_batch_in_flight_and_keeps_it():
     ahead.close()
 
 
-def test_rollout_lag_is_a_stage_option():
-    base = dict(
-        type="grpo",
-        domains=("math",),
-        steps=1,
-        prompts_per_step=1,
-        samples_per_prompt=2,
-        max_new_tokens=8,
-        temperature=1.0,
-        top_p=1.0,
-        thinking=False,
-        loss={},
-        optim={},
-    )
+def test_rollout_lag_is_a_stage_option(grpo_stage_section):
+    base = grpo_stage_section
     assert RLStageConfig.from_mapping(base, "stages.x").rollout_lag == 0  # on-policy default
     assert RLStageConfig.from_mapping(dict(base, rollout_lag=1), "stages.x").rollout_lag == 1
     with pytest.raises(ValueError, match="rollout_lag must be 0 or 1"):

@@ -178,20 +178,8 @@ def test_grpo_step_replays_the_samplers_routes():
     assert abs(float(m_moved["logp_gap_max"]) - float(m_fresh["logp_gap_max"])) > 1e-4
 
 
-def test_routing_replay_is_a_stage_option():
-    base = dict(
-        type="grpo",
-        domains=("swe",),
-        steps=1,
-        prompts_per_step=1,
-        samples_per_prompt=2,
-        max_new_tokens=8,
-        temperature=1.0,
-        top_p=1.0,
-        thinking=False,
-        loss={},
-        optim={},
-    )
+def test_routing_replay_is_a_stage_option(grpo_stage_section):
+    base = grpo_stage_section
     assert not RLStageConfig.from_mapping(base, "stages.x").routing_replay  # off by default
     on = RLStageConfig.from_mapping(dict(base, routing_replay=True), "stages.x")
     assert on.routing_replay
