@@ -84,6 +84,21 @@ HEADLINES = {
         "plan_transient_ratio": "plan_transient_ratio",
     },
 }
+# the issues' goals: key -> (comparison, target, issue). `goals_table` marks each key of a run
+GOALS = {
+    "decode_speedup_vs_transformers": (">=", 10.0, 19),
+    "prefill_speedup_vs_transformers": (">=", 1.5, 19),
+    "train_speedup_vs_transformers": (">=", 1.5, 19),
+    "train_mfu": (">=", 0.55, 19),
+    "continuous_batching_speedup": (">=", 2.0, 19),
+    "transformers_separate_process": ("==", True, 19),
+    "compile_s_nano_52_layers": ("<=", 60.0, 14),
+    "sampler_trainer_logprob_max_abs_diff_fp32": ("<=", 1e-5, 20),
+    "sampler_trainer_tokens_off_band_bf16": ("<=", 1e-3, 20),
+    "context_parallel_max_logit_err": ("<=", 1e-5, 18),
+    "context_parallel_max_rel_grad_err": ("<=", 1e-5, 18),
+}
+MET = {True: "yes", False: "**no**", None: "-"}
 # run in a child process (simulated devices are set before jax is imported): extra arguments
 # and the name of the JSON they write. compile_time: the 52-layer model with the layer scan, in
 # --quick too (~2 CPU-minutes)
@@ -146,6 +161,27 @@ def run_all(quick: bool, only: list[str] | None = None) -> dict:
     return out
 
 
+def goals_table(res: dict) -> tuple[dict, str]:
+    """({key: {value, goal, met}} for every headline key, the same as a markdown table). `met`
+    is None for a key without a goal or without a value (its benchmark failed or did not run)."""
+    goals, lines = {}, ["| key | value | goal | met |", "|---|---|---|---|"]
+    for key, value in res.items():
+        if key in ("details", "errors", "seconds", "quick", "goals"):
+            continue
+        cmp, target, issue = GOALS.get(key, (None, None, None))
+        met = None
+        if cmp is not None and value is not None:
+            met = {">=": value >= target, "<=": value <= target, "==": value == target}[cmp]
+        goals[key] = {"value": value, "goal": f"{cmp} {target}" if cmp else None, "met": met}
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        goal = "-"
+        if cmp is not None:
+            goal = f"{cmp} {target if isinstance(target, bool) else format(target, 'g')}"
+            goal += f" (issue {issue})"
+        lines.append(f"| `{key}` | {shown} | {goal} | {MET[met]} |")
+    return goals, "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -153,12 +189,12 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma list of " + ",".join(HEADLINES))
     a = p.parse_args()
     res = run_all(a.quick, a.only.split(",") if a.only else None)
+    res["goals"], table = goals_table(res)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
-    print("\n===== headline =====")
-    for k, v in res.items():
-        if k not in ("details", "errors", "seconds", "quick"):
-            print(f"{k:<44}{v}")
+    Path(a.json).with_suffix(".md").write_text(table + "\n")
+    print("\n===== headline against the goals =====")
+    print(table)
     if res["errors"]:
         print(f"errors: {res['errors']}")
     print(f"wrote {a.json}")

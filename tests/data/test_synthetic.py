@@ -57,20 +57,22 @@ def test_unknown_domain_and_exhausted_split():
         tasks.problems("instruction", "test", 1_000)
 
 
-def test_reference_responses_fit_the_tiny_cascade_token_budgets(tmp_path):
-    """Every reference answer (+ eos) fits the main job's eval and RL `max_new_tokens` with the
-    tokenizer the job trains: a shorter cap makes correct answers impossible and caps the score."""
+@pytest.mark.parametrize("arg", ["", "long"])
+def test_reference_responses_fit_the_tiny_cascade_token_budgets(arg):
+    """Every reference answer (+ eos) fits the job's eval and RL `max_new_tokens` with the
+    tokenizer the job trains (a shorter cap makes correct answers impossible and caps the score),
+    and every SFT record its `seq_len`: the main job and its long-context variant."""
     import importlib.util
     import pathlib
 
-    from nemocascade.data import train_bpe
+    from nemocascade.data import render_chat, train_bpe
 
     path = pathlib.Path(__file__).parents[2] / "configs" / "tiny_cascade.py"
     spec = importlib.util.spec_from_file_location("tiny_cascade_cfg", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    cfg = mod.get_config()
-    stages = {n: cfg.stages[n] for n in cfg.stage_order.split(",")}  # the main job's stages
+    cfg = mod.get_config(arg)
+    stages = {n: cfg.stages[n] for n in cfg.stage_order.split(",")}  # the job's stages
     domains = sorted({d.strip() for st in stages.values() for d in str(st.domains).split(",")})
     tok = train_bpe(  # the tokenizer the job trains: on its own domains' texts
         tasks.all_texts(seed=cfg.seed, domains=domains),
@@ -91,9 +93,18 @@ def test_reference_responses_fit_the_tiny_cascade_token_budgets(tmp_path):
             assert longest <= cap, (
                 f"{d}: a reference answer needs {longest} tokens, {where} allows {cap}"
             )
+        sft = cfg.stages.sft
+        if d in str(sft.domains).split(","):
+            rendered = max(
+                len(render_chat(tok, tasks.sft_record(p)["messages"], thinking=sft.thinking)[0])
+                for p in ps
+            )
+            assert rendered <= sft.seq_len, f"{d}: an SFT record of {rendered} tokens"
 
 
-@pytest.mark.parametrize("domain", ["mcqa", "structured_output", "workplace", "long_context"])
+@pytest.mark.parametrize(
+    "domain", ["mcqa", "structured_output", "workplace", "long_context", "long_document"]
+)
 def test_paper_domains_reference_verifies_and_wrong_fails(domain):
     from nemocascade.data import render_tool_calls
 
@@ -111,6 +122,12 @@ def test_paper_domains_reference_verifies_and_wrong_fails(domain):
         assert sft["tools"] and sft["messages"][1]["tool_calls"] == [dict(call)]
     if domain == "long_context":  # the answer is one fact among many in the document
         assert p.prompt.count("has the number") == 12 and p.response[7:-1] in p.prompt
+    if domain == "long_document":  # 1-16 facts, the question before and after the document
+        facts = [q.prompt.count("has the number") for q in tasks.problems(domain, "train", 400)]
+        assert min(facts) == 1 and max(facts) == 16 and facts.count(1) > facts.count(8)
+        question, *_, last = p.prompt.split("\n")
+        assert question == last and question.startswith("What number does the")
+        assert p.domain == "long_document" and p.response[7:-1] in p.prompt
 
 
 def test_all_texts_can_be_limited_to_a_run_domains():

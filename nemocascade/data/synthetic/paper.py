@@ -9,11 +9,15 @@ workplace          a request that one of three declared tools serves ("What is t
                    tool_call verifier parses the call against the declared tools
 long_context       a document of numbered facts among filler sentences, then a question about
                    one fact  -> \\boxed{number}  (retrieval over the whole context; math verifier)
+long_document      the tiny Cascade's long-context domain: the same facts, 1 to 16 of them
+                   (log-uniform), with the question before the document and again after it
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
 
 from nemocascade.data.synthetic.base import WORDS, Problem, register_domain
@@ -98,9 +102,12 @@ def _workplace(rng: random.Random) -> Problem:
     return Problem("workplace", prompt, "", verifier, tools=TOOLS, tool_calls=(call,))
 
 
-def long_context(rng: random.Random, *, facts: int = 12, filler: int = 1) -> Problem:
+def long_context(
+    rng: random.Random, *, facts: int = 12, filler: int = 1, question_first: bool = False
+) -> Problem:
     """A document of `facts` facts ("The red fox has the number 417."), each followed by
-    `filler` filler sentences, then a question about one fact chosen uniformly."""
+    `filler` filler sentences, then a question about one fact chosen uniformly (also before the
+    document when `question_first`: the reader knows what to look for while it reads)."""
     keys = rng.sample([(a, w) for a in ADJECTIVES for w in WORDS], facts)
     numbers = [rng.randint(100, 999) for _ in keys]
     lines = []
@@ -109,7 +116,8 @@ def long_context(rng: random.Random, *, facts: int = 12, filler: int = 1) -> Pro
         lines += [f"Nothing happened on {rng.choice(DAYS)}." for _ in range(filler)]
     i = rng.randrange(facts)
     adj, noun = keys[i]
-    prompt = " ".join(lines) + f"\nWhat number does the {adj} {noun} have?"
+    question = f"What number does the {adj} {noun} have?"
+    prompt = (f"{question}\n" if question_first else "") + " ".join(lines) + f"\n{question}"
     answer = str(numbers[i])
     return Problem(
         "long_context", prompt, f"\\boxed{{{answer}}}", {"type": "math", "answer": answer}
@@ -117,3 +125,16 @@ def long_context(rng: random.Random, *, facts: int = 12, filler: int = 1) -> Pro
 
 
 register_domain("long_context")(long_context)
+
+
+@register_domain("long_document")
+def _long_document(rng: random.Random, max_facts: int = 16) -> Problem:
+    """`long_context` sized for a ~1M-parameter model to learn on a CPU: 1 to `max_facts` facts,
+    log-uniform (as many documents of 1 fact as of 2-3, 4-7, 8-15 and 16), the question before
+    and after the document. Measured (tiny Cascade model, SFT on this domain alone): documents
+    of 32 facts, of 2-32 or 1-16 facts drawn uniformly (question after), and of 2-16 facts with
+    the question first left the loss at chance for 300-700 steps; a 1-fact document teaches
+    copying the number in ~90 steps, and this mixture moves the loss from step ~600."""
+    n = min(max_facts, int(2 ** rng.uniform(0, math.log2(max_facts) + 1)))
+    p = long_context(rng, facts=n, filler=1, question_first=True)
+    return dataclasses.replace(p, domain="long_document")
