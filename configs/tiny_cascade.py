@@ -13,7 +13,7 @@ count); each GRPO stage trains one domain (strictly on-policy, group-normalised 
 token-level loss, dynamic filtering), MOPD distils every domain from its best checkpoint so far,
 RLHF trains against the reward model with KL to its start, then code RL. `:fast` is a 2-stage
 smoke run; `:swe` is SFT on whole repair episodes -> agentic SWE RL; `:long` is SFT on long
-documents -> long-context RL (retrieving one fact among up to 16).
+documents -> long-context RL (a needle among up to 60 filler sentences).
 
 Writes DIR/summary.json, DIR/report.md and DIR/scores.png (see nemocascade/jobs/cascade.py).
 Measured results over seeds 0-2: experiments/tiny_cascade/README.md and seeds.md.
@@ -237,9 +237,9 @@ def get_config(arg: str = "") -> ConfigDict:
             "chat", 16, 3e-4, max_new=24, reward="bt", reward_model_path="stage:rm", kl=0.03
         ),
         code_rl=_grpo("code", 40, 3e-4, max_new=32),
-        # long-context RL (C2 §4.6) in miniature: one fact among 1-16 in a document of up to
-        # ~320 tokens (`long_document`); the answer \boxed{417} is 7 tokens of this BPE
-        long_context_rl=_grpo("long_document", 30, 3e-4, max_new=16),
+        # long-context RL (C2 §4.6) in miniature: one fact at a random place among 0-60 filler
+        # sentences, up to ~400 tokens (`long_needle`); the answer \boxed{417} is 7 tokens
+        long_context_rl=_grpo("long_needle", 30, 3e-4, max_new=16),
         # SWE RL (C2 §4.8) in miniature: repository repair episodes in the sandbox (`swe`
         # domain: the failing helper is found only by running the tests or reading the code);
         # the opening prompt (system turn with the five tool declarations + task) is ~1.3K
@@ -267,16 +267,16 @@ def get_config(arg: str = "") -> ConfigDict:
     if arg == "long":  # not yet part of the main job: its SFT would change every other stage
         c.stage_order = "sft,long_context_rl"
         sft = c.stages.sft
-        sft.domains = "long_document"
+        sft.domains = "long_needle"
         sft.records_per_domain = {}  # (assigned: a ConfigDict `update` would merge the dicts)
         sft.domain_repeats = {}
-        sft.stop_at = {"long_document": 30.0}
-        sft.seq_len = 640  # up to ~320 tokens a record: rows hold 2-10 packed documents
+        sft.stop_at = {"long_needle": 40.0}
+        sft.seq_len = 640  # up to ~400 tokens a record: a row holds one or more packed documents
         sft.batch_size = 8
         sft.steps = 3000
-        # distinct documents enough for every SFT record to be new: with 1000 the model learnt
-        # the training documents (loss 0.12) and held-out retrieval stayed at ~10% (the 1-fact
-        # documents)
+        # enough distinct documents for every SFT record to be new: with 1000 (`long_document`)
+        # the model learnt the training documents (loss 0.12) while held-out retrieval stayed
+        # at ~10%
         c.data.train_per_domain = 60_000
         c.eval.max_new_tokens = 16
     if arg == "swe":  # not yet part of the main job: its lift target needs more SFT data

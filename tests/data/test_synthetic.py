@@ -103,7 +103,8 @@ def test_reference_responses_fit_the_tiny_cascade_token_budgets(arg):
 
 
 @pytest.mark.parametrize(
-    "domain", ["mcqa", "structured_output", "workplace", "long_context", "long_document"]
+    "domain",
+    ["mcqa", "structured_output", "workplace", "long_context", "long_document", "long_needle"],
 )
 def test_paper_domains_reference_verifies_and_wrong_fails(domain):
     from nemocascade.data import render_tool_calls
@@ -128,6 +129,19 @@ def test_paper_domains_reference_verifies_and_wrong_fails(domain):
         question, *_, last = p.prompt.split("\n")
         assert question == last and question.startswith("What number does the")
         assert p.domain == "long_document" and p.response[7:-1] in p.prompt
+    if domain == "long_needle":  # one fact among 0-60 filler sentences, anywhere
+        ps = tasks.problems(domain, "train", 400)
+        filler = [q.prompt.count("Nothing happened") for q in ps]
+        assert min(filler) <= 2 and max(filler) >= 58 and max(filler) <= 60
+        assert all(q.prompt.count("has the number") == 1 for q in ps)
+        depth = []  # where the fact is, as a fraction of the document's sentences
+        for q in ps:
+            sentences = q.prompt.split("\n")[1].split(". ")
+            at = next(i for i, t in enumerate(sentences) if t.startswith("The "))
+            depth.append(at / max(1, len(sentences) - 1))
+        assert sum(d < 0.25 for d in depth) > 50 and sum(d > 0.75 for d in depth) > 50
+        question, *_, last = p.prompt.split("\n")
+        assert question == last and p.response[7:-1] in p.prompt
 
 
 def test_all_texts_can_be_limited_to_a_run_domains():

@@ -9,8 +9,10 @@ workplace          a request that one of three declared tools serves ("What is t
                    tool_call verifier parses the call against the declared tools
 long_context       a document of numbered facts among filler sentences, then a question about
                    one fact  -> \\boxed{number}  (retrieval over the whole context; math verifier)
-long_document      the tiny Cascade's long-context domain: the same facts, 1 to 16 of them
-                   (log-uniform), with the question before the document and again after it
+long_document      the same facts, 1 to 16 of them (log-uniform), with the question before the
+                   document and again after it
+long_needle        one fact at a random place among 0-60 filler sentences (a needle in a
+                   haystack of up to ~400 tokens), the question before and after the document
 """
 
 from __future__ import annotations
@@ -129,12 +131,27 @@ register_domain("long_context")(long_context)
 
 @register_domain("long_document")
 def _long_document(rng: random.Random, max_facts: int = 16) -> Problem:
-    """`long_context` sized for a ~1M-parameter model to learn on a CPU: 1 to `max_facts` facts,
-    log-uniform (as many documents of 1 fact as of 2-3, 4-7, 8-15 and 16), the question before
-    and after the document. Measured (tiny Cascade model, SFT on this domain alone): documents
-    of 32 facts, of 2-32 or 1-16 facts drawn uniformly (question after), and of 2-16 facts with
-    the question first left the loss at chance for 300-700 steps; a 1-fact document teaches
-    copying the number in ~90 steps, and this mixture moves the loss from step ~600."""
+    """`long_context` with 1 to `max_facts` facts, log-uniform (as many documents of 1 fact as
+    of 2-3, 4-7, 8-15 and 16), the question before and after the document. Measured on the tiny
+    Cascade model (experiments/tiny_cascade/README.md): after 1876 SFT steps it copies the number
+    of a 1-fact document (85%) but does not pick the asked fact among several (4 or more facts:
+    under 1%), and RL does not change that; `long_needle` is what it learns."""
     n = min(max_facts, int(2 ** rng.uniform(0, math.log2(max_facts) + 1)))
     p = long_context(rng, facts=n, filler=1, question_first=True)
     return dataclasses.replace(p, domain="long_document")
+
+
+@register_domain("long_needle")
+def _long_needle(rng: random.Random, max_filler: int = 60) -> Problem:
+    """One fact at a uniformly random place among 0 to `max_filler` filler sentences (uniform),
+    the question before and after the document: the single needle of long-context retrieval
+    tests, which the tiny Cascade model learns where it does not learn `long_document`'s
+    choice among several facts."""
+    adj, noun = rng.choice(ADJECTIVES), rng.choice(WORDS)
+    number = rng.randint(100, 999)
+    lines = [f"Nothing happened on {rng.choice(DAYS)}." for _ in range(rng.randint(0, max_filler))]
+    lines.insert(rng.randint(0, len(lines)), f"The {adj} {noun} has the number {number}.")
+    question = f"What number does the {adj} {noun} have?"
+    prompt = f"{question}\n" + " ".join(lines) + f"\n{question}"
+    verifier = {"type": "math", "answer": str(number)}
+    return Problem("long_needle", prompt, f"\\boxed{{{number}}}", verifier)
