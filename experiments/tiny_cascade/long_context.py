@@ -64,8 +64,8 @@ def by_length(workdir: str) -> dict:
         idx = [i for i, k in enumerate(lengths) if lo <= k <= hi]
         if not idx:
             continue
-        name = "all" if (lo, hi) == everything else _name(lo, hi)
-        row = {"length": name, "problems": len(idx)}
+        label = "all" if (lo, hi) == everything else _name(lo, hi)
+        row = {"length": label, "problems": len(idx)}
         for name in stages:
             row[name] = round(100 * sum(scores[name][i] for i in idx) / len(idx), 1)
         row["delta_ci95"] = paired_ci95(
