@@ -130,7 +130,7 @@ def profile(name: str, batch: int, repeats: int, gbps: float) -> dict:
     full = NemotronH(full_cfg, rngs=nnx.Rngs(0))
     nbytes = bytes_per_step(full, batch)
     counts = {kind: full_cfg.pattern.count(kind) for kind in "ME*"}
-    measured = {"full": step_ms(full, batch, repeats)}
+    step = step_ms(full, batch, repeats)
     base = step_ms(NemotronH(make(pattern="*"), rngs=nnx.Rngs(0)), batch, repeats)
     per_block = {}
     for kind in "ME*":
@@ -166,11 +166,11 @@ def profile(name: str, batch: int, repeats: int, gbps: float) -> dict:
     res = {
         "config": name,
         "batch": batch,
-        "step_ms": measured["full"],
+        "step_ms": step,
         "floor_ms": floor,
         "mb_per_step": total_bytes / 1e6,
-        "fraction": floor / measured["full"],
-        "new_tokens_per_s": 1e3 * batch / measured["full"],
+        "fraction": floor / step,
+        "new_tokens_per_s": 1e3 * batch / step,
         "floor_new_tokens_per_s": 1e3 * batch / floor,
         "sum_of_parts_ms": sum(p["blocks"] * p["ms_per_block"] for p in parts.values()),
         "parts": parts,

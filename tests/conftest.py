@@ -23,6 +23,7 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
+import pytest  # noqa: E402
 
 from nemocascade.sharding import reserve_cpu_collective_threads  # noqa: E402
 
@@ -43,3 +44,24 @@ def pytest_report_header(config):
     return (
         f"sandbox: no working bubblewrap; tests run code with {WEAK_SANDBOX_ENV}=1 (rlimits only)"
     )
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """Loads `benchmarks/<name>.py` as a module; the benchmarks put `benchmarks/` first on
+    `sys.path` (their modules are named moe, generate, ...), which is kept out of the other tests
+    in this process."""
+    import importlib.util
+    import pathlib
+    import sys
+    from unittest import mock
+
+    def load(name: str):
+        path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_for_test", path)
+        mod = importlib.util.module_from_spec(spec)
+        with mock.patch.object(sys, "path", list(sys.path)):
+            spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -1,10 +1,5 @@
 """benchmarks/decode_profile.py: the bytes a decode step must read, block type by block type."""
 
-import importlib.util
-import pathlib
-import sys
-from unittest import mock
-
 import jax
 import pytest
 from flax import nnx
@@ -13,13 +8,8 @@ from nemocascade.model import ModelConfig, NemotronH
 
 
 @pytest.fixture(scope="module")
-def profile():
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "decode_profile.py"
-    spec = importlib.util.spec_from_file_location("decode_profile_for_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    with mock.patch.object(sys, "path", list(sys.path)):  # it puts benchmarks/ on sys.path
-        spec.loader.exec_module(mod)
-    return mod
+def profile(load_benchmark):
+    return load_benchmark("decode_profile")
 
 
 def _bytes(tree) -> int:

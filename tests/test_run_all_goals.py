@@ -1,23 +1,11 @@
 """benchmarks/run_all.py marks every headline key against the issues' goals."""
 
-import importlib.util
-import pathlib
-import sys
-from unittest import mock
-
 import pytest
 
 
 @pytest.fixture(scope="module")
-def run_all():
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "run_all.py"
-    spec = importlib.util.spec_from_file_location("run_all_for_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    # run_all puts benchmarks/ first on sys.path (its modules are named moe, generate, ...):
-    # keep that out of the other tests in this process
-    with mock.patch.object(sys, "path", list(sys.path)):
-        spec.loader.exec_module(mod)
-    return mod
+def run_all(load_benchmark):
+    return load_benchmark("run_all")
 
 
 def test_goals_table_marks_met_missed_and_unknown(run_all):

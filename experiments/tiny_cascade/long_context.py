@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 
+from nemocascade.config_files import read_json
 from nemocascade.data import synthetic
 from nemocascade.jobs.evaluation import PROBLEM_SCORES, paired_ci95
 
@@ -37,10 +38,8 @@ def _name(lo: int, hi: int) -> str:
 
 
 def by_length(workdir: str) -> dict:
-    with open(os.path.join(workdir, "config.json")) as f:
-        cfg = json.load(f)
-    with open(os.path.join(workdir, "summary.json")) as f:
-        stages = [s["name"] for s in json.load(f)["stages"]]
+    cfg = read_json(os.path.join(workdir, "config.json"))
+    stages = [s["name"] for s in read_json(os.path.join(workdir, "summary.json"))["stages"]]
     domain = cfg["stages"]["long_context_rl"]["domains"]
     if domain not in LENGTH:
         raise SystemExit(f"{workdir}: long_context_rl trains {domain!r}; known: {sorted(LENGTH)}")
@@ -52,8 +51,7 @@ def by_length(workdir: str) -> dict:
     scores = {}
     for name in stages:
         path = os.path.join(workdir, "stages", name, PROBLEM_SCORES)
-        with open(path) as f:
-            per_problem = json.load(f)[domain]
+        per_problem = read_json(path)[domain]
         if len(per_problem) != len(lengths):
             raise SystemExit(f"{path}: {len(per_problem)} problems, the config has {len(lengths)}")
         scores[name] = per_problem
