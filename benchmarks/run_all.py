@@ -14,6 +14,7 @@ its keys and its error under `errors`, and the others still run. Headline keys:
   decode_speedup_vs_transformers (and generate's prefill speedup as generate_prefill_speedup)
                                                                                (generate.py)
   decode_floor_fraction (bandwidth floor / measured decode step)              (decode_profile.py)
+  train_matmul_time_fraction (share of the step's thunk time in matmuls)      (train_profile.py)
   moe_best_vs_equal_flop_dense                                                 (moe.py)
   logprob_peak_memory_reduction                                                (logprob_memory.py)
   attention_peak_memory_reduction                                              (attention_memory.py)
@@ -60,6 +61,7 @@ HEADLINES = {
         "generate_prefill_speedup_vs_transformers": "prefill_speedup_vs_transformers",
     },
     "decode_profile": {"decode_floor_fraction": "decode_floor_fraction"},
+    "train_profile": {"train_matmul_time_fraction": "matmul_time_fraction"},
     "moe": {"moe_best_vs_equal_flop_dense": "moe_best_vs_equal_flop_dense"},
     "logprob_memory": {"logprob_peak_memory_reduction": "logprob_peak_memory_reduction"},
     "attention_memory": {"attention_peak_memory_reduction": "attention_peak_memory_reduction"},

@@ -91,11 +91,10 @@ def make_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> dict[st
     }
 
 
-def ours_programs(model, batch: dict, loss_chunk: int = 1024):
-    """(train_step() -> metrics, prefill() -> logits) closures over our jitted programs."""
+def ours_step(model, loss_chunk: int = 1024):
+    """(jitted SFT step (state, batch) -> (state, metrics), graphdef, initial train state): the
+    step this benchmark times (AdamW + clipping + the MoE routing-bias update, donated state)."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
     from nemocascade.train.optim import make_optimizer
     from nemocascade.train.sft import sft_step
@@ -114,6 +113,16 @@ def ours_programs(model, batch: dict, loss_chunk: int = 1024):
         ),
         donate_argnums=0,
     )
+    return step, graphdef, state
+
+
+def ours_programs(model, batch: dict, loss_chunk: int = 1024):
+    """(train_step() -> metrics, prefill() -> logits) closures over our jitted programs."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    step, graphdef, state = ours_step(model, loss_chunk)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     holder = {"state": state}
 
