@@ -3,6 +3,7 @@ packing pipelines, and the synthetic task generators (`data.synthetic`)."""
 
 from nemocascade.data.chat import render_chat, render_prompt, render_text, split_reasoning
 from nemocascade.data.pipeline import (
+    mixed_length_dataset,
     pack_documents,
     prompt_dataset,
     sft_dataset,
@@ -47,6 +48,7 @@ __all__ = [
     "render_tool_responses",
     "MissingSpecialTokensError",
     "Tokenizer",
+    "mixed_length_dataset",
     "pack_documents",
     "prompt_dataset",
     "read_chat_jsonl",

@@ -47,7 +47,7 @@ JSON-serialisable dict and `set_state(state)` resumes exactly after it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -201,6 +201,47 @@ def sft_dataset(
         overlong=overlong,
     )
     return rows.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def mixed_length_dataset(
+    records: Sequence[Mapping],
+    tokenizer: Tokenizer,
+    shapes: Sequence[tuple[int, int]],
+    make: Callable[[list[Mapping], int, int], grain.IterDataset],
+    *,
+    thinking: bool = True,
+    repeat: bool = True,
+) -> grain.IterDataset:
+    """Batches of several row shapes from one record list (sequence-length bucketing).
+
+    `shapes` are `(seq_len, batch_size)` pairs; each record goes to the shortest shape whose rows
+    hold it as rendered (`thinking`: the longer rendering), a record longer than every shape to
+    the longest (where `overlong` applies). `make(records, seq_len, batch_size)` builds one
+    shape's dataset (e.g. `sft_dataset`). With `repeat` (infinite datasets from `make`) the
+    shapes are mixed with weights proportional to their records' tokens per batch (tokens /
+    (seq_len x batch_size)), so every record is drawn at the same rate whatever its shape;
+    grain's mix is deterministic and its iterator state resumes exactly. Without `repeat`, the
+    shapes follow one another, shortest first (every batch once: evaluation)."""
+    seq_lens = sorted(s for s, _ in shapes)
+    if len(set(seq_lens)) != len(seq_lens):
+        raise ValueError(f"two shapes with one seq_len: {list(shapes)}")
+    batch_of = dict(shapes)
+    groups: dict[int, list[Mapping]] = {s: [] for s in seq_lens}
+    tokens: dict[int, int] = dict.fromkeys(seq_lens, 0)
+    for r in records:
+        n = len(tokenize_chat_record(r, tokenizer, thinking=thinking)["inputs"])
+        fit = next((s for s in seq_lens if n <= s), seq_lens[-1])
+        groups[fit].append(r)
+        tokens[fit] += min(n, fit)
+    parts = {f"seq_len_{s}": make(groups[s], s, batch_of[s]) for s in seq_lens if groups[s]}
+    if not parts:
+        raise ValueError("no records to batch")
+    if not repeat:
+        return grain_exp.InterleaveIterDataset(
+            grain.MapDataset.source(list(parts.values())), cycle_length=1
+        )
+    weights = {f"seq_len_{s}": tokens[s] / (s * batch_of[s]) for s in seq_lens if groups[s]}
+    return grain.IterDataset.mix(parts, weights)
 
 
 def _shuffled_shard(

@@ -261,6 +261,7 @@ class Cascade:
             thinking=cfg.thinking,
             non_thinking_fraction=cfg.non_thinking_fraction,
             overlong=cfg.overlong,
+            buckets=cfg.buckets,
         )
         return run_sft_stage(
             workdir=self._stage_dir(name),

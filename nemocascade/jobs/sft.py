@@ -26,6 +26,7 @@ from nemocascade.data.synthetic import arithmetic_records
 from nemocascade.jobs.identity import model_identity, tokenizer_identity
 from nemocascade.jobs.preflight import PreflightError, check_disk, state_bytes
 from nemocascade.jobs.registry import register_job
+from nemocascade.jobs.stages import check_buckets
 from nemocascade.model import ModelConfig, NemotronH, save_hf_checkpoint
 from nemocascade.sharding import MeshConfig, batch_shards, device_batch, make_mesh
 from nemocascade.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -61,12 +62,23 @@ class PackingConfig:
     non_thinking_fraction: float = 0.0
     overlong: Literal["truncate", "split"] = "truncate"
     shard_by: Literal["process", "row"] = "process"
+    # longer row shapes, (seq_len, global_batch) each, beside (seq_len, global_batch): a record
+    # is packed into the shortest shape that holds it, and each step is one shape's batch,
+    # drawn in proportion to its records' tokens (`data.mixed_length_dataset`): long documents
+    # train in long rows without making every short one pay for their attention
+    buckets: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if self.seq_len < 2 or self.global_batch < 1:
             raise ValueError(
                 f"need seq_len >= 2 and global_batch >= 1, got {self.seq_len}, {self.global_batch}"
             )
+        check_buckets(self.seq_len, self.buckets)
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int], ...]:
+        """Every row shape, (seq_len, global_batch), shortest first."""
+        return ((self.seq_len, self.global_batch), *sorted(self.buckets))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +97,7 @@ class SFTDataConfig:
     non_thinking_fraction: float
     overlong: Literal["truncate", "split"]
     shard_by: Literal["process", "row"]
+    buckets: tuple[tuple[int, int], ...] = ()  # longer (seq_len, global_batch) row shapes
 
     @property
     def packing(self) -> PackingConfig:
@@ -101,7 +114,26 @@ def sft_batches(
     shuffle: bool,
     num_epochs: int | None,
 ):
-    """A grain dataset of this process's rows of each packed global batch."""
+    """A grain dataset of this process's rows of each packed global batch (of several row
+    shapes with `packing.buckets`: see `PackingConfig`)."""
+    if not packing.buckets:
+        return _one_shape(records, tokenizer, packing, seed, shuffle, num_epochs)
+
+    def make(recs, seq_len: int, batch: int):
+        one = dataclasses.replace(packing, seq_len=seq_len, global_batch=batch, buckets=())
+        return _one_shape(recs, tokenizer, one, seed, shuffle, num_epochs)
+
+    return nc_data.mixed_length_dataset(
+        list(records),
+        tokenizer,
+        packing.shapes,
+        make,
+        thinking=packing.thinking,
+        repeat=num_epochs is None,
+    )
+
+
+def _one_shape(records, tokenizer, packing: PackingConfig, seed, shuffle, num_epochs):
     n_proc, index = jax.process_count(), jax.process_index()
     if packing.global_batch % n_proc:
         raise ValueError(

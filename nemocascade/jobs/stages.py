@@ -15,6 +15,20 @@ from nemocascade.train.optim import OptimConfig
 from nemocascade.typed_config import ConfigError, from_mapping
 
 
+def check_buckets(seq_len: int, buckets) -> None:
+    """Longer row shapes (seq_len, batch) beside `seq_len`: each longer, none repeated."""
+    lens = [s for s, _ in buckets]
+    if (
+        any(s <= seq_len for s in lens)
+        or len(set(lens)) != len(lens)
+        or any(b < 1 for _, b in buckets)
+    ):
+        raise ValueError(
+            f"buckets={[list(b) for b in buckets]}: each (seq_len, batch) needs a seq_len longer "
+            f"than seq_len={seq_len}, not repeated, and a batch >= 1"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class SFTStageConfig:
     """An SFT stage of the cascade: `steps` updates on packed rows of `seq_len` tokens,
@@ -43,6 +57,9 @@ class SFTStageConfig:
     loss_chunk_size: int = 0  # 0: full logits; N: chunked cross-entropy (large vocabularies)
     non_thinking_fraction: float = 0.0
     overlong: Literal["truncate", "split"] = "truncate"
+    # longer row shapes [(seq_len, batch_size), ...]: each record trains in the shortest shape
+    # that holds it, each step is one shape's batch (`PackingConfig.buckets`)
+    buckets: tuple[tuple[int, int], ...] = ()
     checkpoint_every: int = 100
     start_from: str = ""  # "" continues the main chain; a stage name: a side branch from it
     eval_every: int = 0  # 0: held-out scores only after the stage
@@ -53,6 +70,7 @@ class SFTStageConfig:
         for key in ("steps", "seq_len", "batch_size", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        check_buckets(self.seq_len, self.buckets)
         if not self.domains:
             raise ValueError("domains is empty")
         unknown = sorted(set(self.records_per_domain) - set(self.domains))

@@ -7,7 +7,13 @@ import grain
 import numpy as np
 import pytest
 
-from nemocascade.data import pack_documents, render_chat, sft_dataset, tokenize_chat_record
+from nemocascade.data import (
+    mixed_length_dataset,
+    pack_documents,
+    render_chat,
+    sft_dataset,
+    tokenize_chat_record,
+)
 
 SEQ_LEN = 96
 
@@ -272,3 +278,73 @@ def test_records_with_tools_declare_them(tokenizer):
     prompt = {"prompt": "Weather?", "tools": tools, "domain": "t", "verifier": {"type": "t"}}
     (batch,) = prompt_dataset([prompt], tokenizer, batch_size=1, seed=0, num_epochs=1)
     assert "<name>get_weather</name>" in tokenizer.decode(batch[0]["prompt_ids"])
+
+
+# ------------------------------------------------------------ several row shapes (buckets)
+SHAPES = ((48, 4), (SEQ_LEN, 2), (256, 1))
+
+
+def _mixed(records, tokenizer, repeat=True, seed=0):
+    def make(recs, seq_len, batch):
+        return sft_dataset(
+            recs,
+            tokenizer,
+            seq_len=seq_len,
+            batch_size=batch,
+            seed=seed,
+            num_epochs=None if repeat else 1,
+            overlong="split",
+            drop_remainder=repeat,  # every record once, the last batches partial
+        )
+
+    return mixed_length_dataset(records, tokenizer, SHAPES, make, repeat=repeat)
+
+
+def test_mixed_lengths_put_each_record_in_the_shortest_shape_that_holds_it(
+    records, docs, tokenizer
+):
+    lengths = [len(d["inputs"]) for d in docs]
+    fit = [next((s for s, _ in SHAPES if n <= s), SHAPES[-1][0]) for n in lengths]
+    assert len(set(fit)) == 3  # the test data fills every shape
+    batches = list(_mixed(records, tokenizer, repeat=False))
+    shapes = [b["input_ids"].shape for b in batches]
+    assert {s[1] for s in shapes} == {s for s, _ in SHAPES}
+    assert all(b <= dict(SHAPES)[s] for b, s in shapes)
+    assert [s[1] for s in shapes] == sorted(s[1] for s in shapes)  # one shape after another
+    # every record once in the rows of its shape (split there if longer than the longest)
+    assert max(lengths) > SHAPES[-1][0]
+    for seq_len, _ in SHAPES:
+        rows = _rows([b for b in batches if b["input_ids"].shape[1] == seq_len])
+        want = collections.Counter(
+            doc_tuples(d, s, s + seq_len)
+            for d, f in zip(docs, fit, strict=True)
+            if f == seq_len
+            for s in range(0, len(d["inputs"]), seq_len)
+        )
+        assert collections.Counter(segments(rows)) == want, seq_len
+
+
+def test_mixed_lengths_draw_shapes_by_tokens_and_resume_exactly(records, docs, tokenizer):
+    lengths = [len(d["inputs"]) for d in docs]
+    fit = [next((s for s, _ in SHAPES if n <= s), SHAPES[-1][0]) for n in lengths]
+    weight = {
+        s: sum(n for n, f in zip(lengths, fit, strict=True) if f == s) / (s * b) for s, b in SHAPES
+    }
+    it = iter(_mixed(records, tokenizer))
+    drawn = collections.Counter(next(it)["input_ids"].shape[1] for _ in range(300))
+    for s, _ in SHAPES:
+        assert drawn[s] / 300 == pytest.approx(weight[s] / sum(weight.values()), abs=0.02), s
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(10)]
+    it2 = iter(_mixed(records, tokenizer))
+    next(it2)
+    it2.set_state(state)
+    _assert_same([next(it2) for _ in range(10)], expected)
+    # another seed: another order of shapes' contents, the same shapes' proportions
+    other = iter(_mixed(records, tokenizer, seed=5))
+    assert not all(np.array_equal(a["input_ids"], next(other)["input_ids"]) for a in expected[:5])
+
+
+def test_mixed_lengths_reject_a_repeated_seq_len(records, tokenizer):
+    with pytest.raises(ValueError, match="one seq_len"):
+        mixed_length_dataset(records, tokenizer, ((48, 4), (48, 2)), lambda *a: None)

@@ -210,6 +210,39 @@ def test_sft_stops_at_measured_scores_and_stays_stopped(tmp_path, monkeypatch):
             Cascade(c, str(tmp_path / "bad"))
 
 
+def test_sft_trains_rows_of_several_lengths(tmp_path, monkeypatch):
+    """`buckets`: records longer than `seq_len` train in the longer rows, the short ones in
+    `seq_len` rows; both shapes are trained in one stage (one step function, two programs)."""
+    import nemocascade.jobs.sft as sft_module
+
+    shapes = []
+
+    class Spy(sft_module.IteratorSource):
+        def next_batch(self, state, step):
+            batch, host = super().next_batch(state, step)
+            shapes.append(batch["input_ids"].shape)
+            return batch, host
+
+    monkeypatch.setattr(sft_module, "IteratorSource", Spy)
+    monkeypatch.setattr(Cascade, "evaluate", lambda self, *a, **k: {d: 1.0 for d in self.eval_sets})
+    c = _config()
+    c.stage_order = "sft"
+    c.stages.sft.update(steps=12, seq_len=64, batch_size=4, checkpoint_every=12)
+    c.stages.sft.buckets = [(160, 2)]
+    work = str(tmp_path / "run")
+    Cascade(c, work).run()
+    assert set(shapes) == {(4, 64), (2, 160)}
+    metrics = _lines(os.path.join(work, "stages", "sft", "metrics.jsonl"))
+    assert len(metrics) == 12 and all(np.isfinite(r["loss"]) for r in metrics)
+
+    for bad in ([(48, 2)], [(96, 2), (96, 1)], [(96, 0)]):
+        c = _config()
+        c.stages.sft.seq_len = 48
+        c.stages.sft.buckets = bad
+        with pytest.raises(ValueError, match="buckets"):
+            Cascade(c, str(tmp_path / "bad"))
+
+
 class _SigtermAfter:
     """A data iterator that sends this process SIGTERM when its `n`-th batch is taken."""
 
