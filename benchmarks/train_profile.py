@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flops import active_matmul_params, matmul_peak_flops, model_flops_per_token
 from results_io import write_result
-from train_step import make_batch, ours_step
+from train_step import PEAK_SIZES, make_batch, ours_step
 
 from nemocascade.model import ModelConfig, NemotronH
 
@@ -100,9 +100,10 @@ _FRAME = re.compile(r"stack_frame_id=(\d+)")
 
 
 def parse_hlo(text: str) -> dict:
-    """Instructions of a compiled HLO module: name -> {opcode, calls, op_name, frame} and
-    computation -> opcodes, plus the source-frame tables (file of each frame, parent frame)."""
-    instrs, comps, files, locs, frames = {}, {}, {}, {}, {}
+    """Instructions of a compiled HLO module: name -> {opcode, calls, op_name, frame};
+    computation -> its opcodes and the computations it calls; the source-frame tables (file of
+    each frame, parent frame)."""
+    instrs, comps, callees, files, locs, frames = {}, {}, {}, {}, {}, {}
     section, comp = None, None
     for line in text.splitlines():
         if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
@@ -124,26 +125,28 @@ def parse_hlo(text: str) -> dict:
         m = _COMP.match(line)
         if m and line.rstrip().endswith("{"):
             comp = m.group(1)
-            comps[comp] = []
+            comps[comp], callees[comp] = [], []
             continue
         m = _INSTR.match(line)
         if m and comp is not None:
             name, opcode = m.groups()
             op_name = _OPNAME.search(line)
             frame = _FRAME.search(line)
+            calls = _CALLS.findall(line)
             instrs[name] = {
                 "opcode": opcode,
-                "calls": _CALLS.findall(line),
+                "calls": calls,
                 "op_name": op_name.group(1) if op_name else "",
                 "frame": int(frame.group(1)) if frame else 0,
             }
             comps[comp].append(opcode)
-            comps.setdefault("__calls__" + comp, []).extend(_CALLS.findall(line))
+            callees[comp].extend(calls)
     frame_file = {i: files.get(locs.get(loc, 0), "") for i, (loc, _) in frames.items()}
     frame_parent = {i: parent for i, (_, parent) in frames.items()}
     return {
         "instrs": instrs,
         "comps": comps,
+        "callees": callees,
         "frame_file": frame_file,
         "frame_parent": frame_parent,
     }
@@ -156,7 +159,7 @@ def _opcodes(hlo: dict, comp: str, seen: set | None = None) -> set[str]:
         return set()
     seen.add(comp)
     out = set(hlo["comps"].get(comp, ()))
-    for callee in hlo["comps"].get("__calls__" + comp, ()):
+    for callee in hlo["callees"].get(comp, ()):
         out |= _opcodes(hlo, callee, seen)
     return out
 
@@ -166,7 +169,7 @@ def kind_of(hlo: dict, name: str) -> str:
     ops = {ins["opcode"]}
     for callee in ins["calls"]:
         ops |= _opcodes(hlo, callee)
-    if ops & {"dot", "convolution"} or ins["opcode"] == "custom-call" and "ynn" in name:
+    if ops & {"dot", "convolution"}:
         return "matmul"
     if "sort" in ops:
         return "sort"
@@ -256,14 +259,8 @@ def profile(config: str, batch: int, seq: int, steps: int) -> dict:
     thunk_s = sum(table.values())
     flops = model_flops_per_token(cfg, seq)
     matmul_s = sum(s for (_, k, _), s in table.items() if k == "matmul")
-    peak = max(matmul_peak_flops(n) for n in (1024, 2048))
+    peak = max(matmul_peak_flops(n) for n in PEAK_SIZES)
     tokens = batch * seq
-
-    def group(idx: int) -> dict[str, float]:
-        g: dict[str, float] = collections.defaultdict(float)
-        for key, s in table.items():
-            g[key[idx]] += s
-        return dict(sorted(g.items(), key=lambda kv: -kv[1]))
 
     res = {
         "config": config,
@@ -273,12 +270,10 @@ def profile(config: str, batch: int, seq: int, steps: int) -> dict:
         "wall_s_per_step": wall,
         "thunk_s_per_step": thunk_s,
         "unmatched_thunk_s": unknown / steps,
-        "by_part_s": group(0),
-        "by_kind_s": group(1),
-        "by_pass_s": group(2),
-        "by_part_kind_s": {
-            f"{p}/{k}": s for (p, k), s in sorted(_sum_pairs(table).items(), key=lambda kv: -kv[1])
-        },
+        "by_part_s": _group(table, 0),
+        "by_kind_s": _group(table, 1),
+        "by_pass_s": _group(table, 2),
+        "by_part_kind_s": _group(table, 0, 1),
         "top_instructions": sorted(top, key=lambda t: -t["s"])[:TOP],
         "top_non_matmul_instructions": sorted(
             (t for t in top if t["kind"] != "matmul"), key=lambda t: -t["s"]
@@ -297,11 +292,11 @@ def profile(config: str, batch: int, seq: int, steps: int) -> dict:
         "attention": 6 * mm["attention"] * tokens + flops["attention"] * tokens,
         "loss": 6 * mm["lm_head"] * tokens,
     }
-    pairs = _sum_pairs(table)
+    pairs = res["by_part_kind_s"]
     res["matmul_gflops_by_part"] = {
-        part: f / pairs[(part, "matmul")] / 1e9
+        part: f / pairs[f"{part}/matmul"] / 1e9
         for part, f in part_flops.items()
-        if pairs.get((part, "matmul"))
+        if pairs.get(f"{part}/matmul")
     }
     res["matmul_thunk_fraction_of_peak"] = (
         res["matmul_thunk_flops_per_s"] / peak if matmul_s else None
@@ -313,18 +308,20 @@ def _spread(top: list[dict]) -> dict[str, int]:
     """How concentrated the non-matmul time is: its instruction count and how many of the
     slowest ones make half of it."""
     rest = sorted((t["s"] for t in top if t["kind"] != "matmul"), reverse=True)
-    acc, half = 0.0, 0
-    while rest and acc < sum(rest) / 2:
+    acc, half, total = 0.0, 0, sum(rest)
+    while rest and acc < total / 2:
         acc += rest[half]
         half += 1
     return {"non_matmul_instructions": len(rest), "non_matmul_instructions_for_half": half}
 
 
-def _sum_pairs(table: dict) -> dict[tuple[str, str], float]:
-    out: dict[tuple[str, str], float] = collections.defaultdict(float)
-    for (part, kind, _), s in table.items():
-        out[(part, kind)] += s
-    return out
+def _group(table: dict, *idx: int) -> dict[str, float]:
+    """Seconds summed over the (part, kind, pass) keys' fields `idx` ("part/kind" for 0, 1),
+    slowest first."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for key, s in table.items():
+        out["/".join(key[i] for i in idx)] += s
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def print_report(res: dict) -> None:
