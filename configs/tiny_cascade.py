@@ -133,6 +133,7 @@ def get_config(arg: str = "") -> ConfigDict:
         train_per_domain=600 if fast else 1000,
         eval_per_domain=64 if fast else 150,
         paths={},
+        train_counts={} if fast else {"long_needle": 6_000},
     )
     # pass@1 estimated from 16 samples per prompt at temperature 1 (the paper's avg@k protocol).
     # At T = 1 a prompt's own sampling noise dominates: with 4 samples the paired 95% interval of
@@ -147,21 +148,30 @@ def get_config(arg: str = "") -> ConfigDict:
         thinking=False,
         slots=0,
     )
-    c.stage_order = "sft,math_rl" if fast else "sft,if_rl,math_rl,mopd,rm,rlhf,code_rl"
+    c.stage_order = (
+        "sft,math_rl" if fast else "sft,if_rl,math_rl,mopd,rm,rlhf,long_context_rl,code_rl"
+    )
     c.stages = dict(
         # SFT sized by measured accuracy: column addition is learnt all at once (held-out math
         # 6 -> 29 -> 62% in 200 steps, seed 0), so a fixed step count lands on either side of
         # that cliff depending on the CPU and the seed. The stage is scored every 50 steps (one
         # sample per held-out prompt) and
         # ends at the first check where every domain has reached its `stop_at` score, leaving
-        # each RL stage headroom (1400 steps at most); math is 1/7 of the mixture (every other
-        # domain's records twice per pass) so that it rises after the others, not before
+        # each RL stage headroom (2800 steps at most); math is 1/7 of the short records (every
+        # other short domain's records twice per pass) so that it rises after the others.
+        # The long-context documents (`long_needle`, up to ~400 tokens) are packed into rows of
+        # 640 (the bucket), the short records into rows of 128: a step is one shape's batch,
+        # drawn by tokens, so 6,000 documents (data.train_counts: with 1,000 the model learnt
+        # the documents, not the lookup) take about half the steps
         sft=dict(
             type="sft",
-            domains="instruction,math,code,chat",
-            steps=40 if fast else 1400,
+            domains="instruction,math,code,chat"
+            if fast
+            else "instruction,math,code,chat,long_needle",
+            steps=40 if fast else 2800,
             seq_len=128,
             batch_size=16,
+            buckets=() if fast else ((640, 8),),
             thinking=False,
             records_per_domain={"math": 400} if fast else {},
             domain_repeats={} if fast else {"instruction": 2, "code": 2, "chat": 2},
@@ -170,7 +180,15 @@ def get_config(arg: str = "") -> ConfigDict:
             start_from="",
             eval_every=0 if fast else 50,
             eval_samples=1,  # one sample per held-out prompt for the stop checks (600 answers)
-            stop_at={} if fast else {"instruction": 30.0, "math": 15.0, "code": 30.0, "chat": 30.0},
+            stop_at={}
+            if fast
+            else {
+                "instruction": 30.0,
+                "math": 15.0,
+                "code": 30.0,
+                "chat": 30.0,
+                "long_needle": 40.0,
+            },
             optim=_optim(3e-3, warmup=20),
         ),
         # GRPO: 32 prompts x 8 samples per step. The gradient is noisy at this size (two 128-sample
@@ -245,9 +263,9 @@ def get_config(arg: str = "") -> ConfigDict:
         # SWE RL (C2 §4.8) in miniature: repository repair episodes in the sandbox (`swe`
         # domain: the failing helper is found only by running the tests or reading the code);
         # the opening prompt (system turn with the five tool declarations + task) is ~1.3K
-        # tokens of this BPE. The SFT demonstration (run tests, read, write the fix, run tests,
-        # submit: 5 turns) is 2.2K tokens (median; max 2.5K), its longest turn (a whole module
-        # written) 308 tokens and its longest tool output 744 characters (60 tasks, seed 0)
+        # tokens of this BPE. The SFT demonstration (run tests, list files, read, write the fix,
+        # run tests, submit: 6 turns) is 2.3K tokens (median of 200; max 2.63K), its longest
+        # turn (a whole module written) 308 tokens and its longest tool output 744 characters
         swe_rl=_grpo(
             "swe",
             30,
@@ -257,7 +275,7 @@ def get_config(arg: str = "") -> ConfigDict:
             max_new=384,
             env=dict(
                 name="swe",
-                max_turns=6,
+                max_turns=8,
                 max_calls_per_turn=4,
                 max_tool_calls=8,
                 tool_timeout_s=10.0,
@@ -266,10 +284,11 @@ def get_config(arg: str = "") -> ConfigDict:
             ),
         ),
     )
-    if arg == "long":  # not yet part of the main job: its SFT would change every other stage
+    if arg == "long":  # the main job's long-context stage studied apart (SFT on documents only)
         c.stage_order = "sft,long_context_rl"
         sft = c.stages.sft
         sft.domains = "long_needle"
+        sft.buckets = ()
         sft.records_per_domain = {}  # (assigned: a ConfigDict `update` would merge the dicts)
         sft.domain_repeats = {}
         sft.stop_at = {"long_needle": 40.0}
@@ -280,27 +299,29 @@ def get_config(arg: str = "") -> ConfigDict:
         # the model learnt the training documents (loss 0.12) while held-out retrieval stayed
         # at ~10%
         c.data.train_per_domain = 60_000
+        c.data.train_counts = {}
         c.eval.max_new_tokens = 16
     if arg == "swe":  # not yet part of the main job: its lift target needs more SFT data
         c.stage_order = "sft,swe_rl"
         c.stages.sft.domains = "swe"
+        c.stages.sft.buckets = ()
         c.stages.sft.records_per_domain = {}
         c.stages.sft.domain_repeats = {}
         c.stages.sft.eval_every = 0
         c.stages.sft.stop_at = {}
-        c.stages.sft.seq_len = 2560  # a whole repair episode with its tool declarations
+        c.stages.sft.seq_len = 2688  # a whole repair episode with its tool declarations
         # 8 x 2560 tokens a step; the online-softmax attention (the same function) is 1.9x
         # faster than the [T, T] one at this length on CPU (16 x 2560: 9.8 vs 18.9 s a step)
         c.stages.sft.batch_size = 8
         c.model.attention_impl = "blockwise"
         c.stages.sft.steps = 300
-        # distinct tasks (package names): with 400, 300 steps drove the loss to 0.07 while every
-        # held-out episode named a training task's package in its paths (recalled, not read:
-        # 16 of 16, 0% success; experiments/tiny_cascade/README.md). 6,000 of the ~7,000
-        # distinct tasks the generator has (20,000 is refused by the validation: 7,011)
-        # (measured: 1,000 steps with 6,000 still name a training package in 16 of 16 held-out
-        # episodes, held-out 0%; experiments/tiny_cascade/README.md)
+        # distinct tasks: with packages named by two random words (~8,800 names), 400 and then
+        # 6,000 tasks (1,000 steps) left every held-out episode naming another task's package
+        # in its paths (recalled, not copied: 16 of 16, 0% success), so the tasks now come from
+        # twelve repositories, as SWE-bench's from a dozen projects
+        # (experiments/tiny_cascade/README.md)
         c.data.train_per_domain = 6_000
+        c.data.train_counts = {}
         c.data.eval_per_domain = 32
         c.eval.n_samples = 1
         c.eval.max_new_tokens = 384

@@ -9,8 +9,8 @@ Loads a stage's checkpoint of a Cascade run (`--step`, default the newest; read-
 run's `swe_rl` limits (the sandbox, as in training), prints the first `--show` transcripts and
 counts, over the episodes: successes, finish reasons, and for the first `read_file` /
 `write_file` call of each episode whether the package it names is the task's own, another
-training task's (recalled, not read from the conversation) or neither. `--json` writes the
-counts.
+training task's (recalled, not read from the conversation) or neither, and whether its module
+holds the failing helper. `--json` writes the counts.
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ def main() -> None:
             counts["first_path/a_training_package"] += 1
         else:
             counts["first_path/other"] += 1
+        if path is not None and path in r["verifier"]["files"]:
+            counts["first_path/an_existing_file"] += 1
         if i < a.show:
             print(f"===== episode {i}: package {own}, {t.finish_reason}, reward {t.reward}")
             for m in t.messages[1:]:

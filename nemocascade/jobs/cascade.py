@@ -8,7 +8,8 @@ Config (see configs/tiny_cascade.py for a complete example; every section is typ
     to the tokenizer's if needed), mesh (MeshConfig),
     tokenizer  {path: "" -> train a BPE on the task texts, vocab_size, split_digits}
     data       {source: "synthetic" (`data.synthetic`) | "jsonl", train_per_domain,
-                eval_per_domain, paths: {domain: {sft, rl, eval}} for jsonl}
+                train_counts: {domain: n} (another count for some domains), eval_per_domain,
+                paths: {domain: {sft, rl, eval}} for jsonl}
     eval       EvalConfig {n_samples, temperature, top_p, max_new_tokens, thinking}
     stage_order  comma-separated stage names, run in this order
     stages.<name>  SFTStageConfig (type sft) or RLStageConfig (type grpo | mopd; a grpo stage
@@ -115,6 +116,9 @@ class CascadePlan:
         if not tokenizer.path and data.source != "synthetic":
             raise ValueError("tokenizer.path is required unless data.source='synthetic'")
         domains = sorted({d for st in stages.values() for d in st.domains})
+        unused = sorted(set(data.train_counts) - set(domains))
+        if unused:
+            raise ValueError(f"data.train_counts names domains no stage trains: {unused}")
         mesh = make_mesh(from_mapping(MeshConfig, config.mesh, "mesh"))
         records = DomainRecords(data, int(config.seed))
         validate_stages(

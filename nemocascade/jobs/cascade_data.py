@@ -37,6 +37,18 @@ class CascadeDataConfig:
     train_per_domain: int  # synthetic: SFT / RL problems per domain
     eval_per_domain: int  # synthetic: held-out prompts per domain
     paths: dict[str, DomainPaths] = dataclasses.field(default_factory=dict)
+    # synthetic: {domain: problems} for the domains that need another count than
+    # train_per_domain (a domain learnt only from many distinct records, such as long_needle)
+    train_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        bad = {d: n for d, n in self.train_counts.items() if int(n) != n or n < 1}
+        if bad:
+            raise ValueError(f"data.train_counts must be integers >= 1, got {bad}")
+
+    def train_count(self, domain: str) -> int:
+        """Synthetic training problems of `domain`."""
+        return int(self.train_counts.get(domain, self.train_per_domain))
 
 
 class DomainRecords:
@@ -63,7 +75,7 @@ class DomainRecords:
                     f"data.source='synthetic' has preference pairs only for domain "
                     f"{preference.DOMAIN!r}, not {domain!r}"
                 )
-            return preference.records("pairs", cfg.train_per_domain, seed=self.seed)
+            return preference.records("pairs", cfg.train_count(domain), seed=self.seed)
         if cfg.source == "synthetic":
             if domain not in synthetic.DOMAINS:
                 raise ValueError(
@@ -71,7 +83,7 @@ class DomainRecords:
                     f"known: {sorted(synthetic.DOMAINS)}"
                 )
             split = "test" if kind == "eval" else "train"
-            n = cfg.eval_per_domain if kind == "eval" else cfg.train_per_domain
+            n = cfg.eval_per_domain if kind == "eval" else cfg.train_count(domain)
             probs = synthetic.problems(domain, split, n, seed=self.seed)
             make = synthetic.sft_record if kind == "sft" else synthetic.prompt_record
             return [make(p) for p in probs]

@@ -61,7 +61,8 @@ def test_unknown_domain_and_exhausted_split():
 def test_reference_responses_fit_the_tiny_cascade_token_budgets(arg):
     """Every reference answer (+ eos) fits the job's eval and RL `max_new_tokens` with the
     tokenizer the job trains (a shorter cap makes correct answers impossible and caps the score),
-    and every SFT record its `seq_len`: the main job and its long-context variant."""
+    and every SFT record its longest row (`seq_len` or a bucket's): the main job and its
+    long-context variant."""
     import importlib.util
     import pathlib
 
@@ -85,9 +86,10 @@ def test_reference_responses_fit_the_tiny_cascade_token_budgets(arg):
             for d in str(st.domains).split(","):
                 caps[d.strip()].append((name, int(st.max_new_tokens)))
     for d, limits in caps.items():
-        ps = tasks.problems(
-            d, "train", int(cfg.data.train_per_domain), seed=cfg.seed
-        ) + tasks.problems(d, "test", int(cfg.data.eval_per_domain), seed=cfg.seed)
+        n_train = int(cfg.data.get("train_counts", {}).get(d, cfg.data.train_per_domain))
+        ps = tasks.problems(d, "train", n_train, seed=cfg.seed) + tasks.problems(
+            d, "test", int(cfg.data.eval_per_domain), seed=cfg.seed
+        )
         longest = max(len(tok.encode(p.response)) + 1 for p in ps)
         for where, cap in limits:
             assert longest <= cap, (
@@ -99,7 +101,8 @@ def test_reference_responses_fit_the_tiny_cascade_token_budgets(arg):
                 len(render_chat(tok, tasks.sft_record(p)["messages"], thinking=sft.thinking)[0])
                 for p in ps
             )
-            assert rendered <= sft.seq_len, f"{d}: an SFT record of {rendered} tokens"
+            longest_row = max([sft.seq_len] + [b[0] for b in sft.get("buckets", ())])
+            assert rendered <= longest_row, f"{d}: an SFT record of {rendered} tokens"
 
 
 @pytest.mark.parametrize(

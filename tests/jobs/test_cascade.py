@@ -11,7 +11,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs.tiny_cascade import get_config
-from nemocascade.jobs.cascade import Cascade
+from nemocascade.jobs.cascade import Cascade, CascadePlan
 
 
 def _config():
@@ -164,6 +164,23 @@ def test_bad_stage_config_is_named(tmp_path):
     c.stages.sft.type = "dpo"
     with pytest.raises(ValueError, match="stages.sft.type"):
         Cascade(c, str(tmp_path))
+
+
+def test_train_counts_size_one_domain():
+    """`data.train_counts`: the named domain gets its own count of synthetic problems (the first
+    ones of the same stream), the others `train_per_domain`; bad counts and domains no stage
+    trains are refused naming the key."""
+    c = _config()
+    c.data.train_counts = {"code": 20}
+    records = CascadePlan.check(c).records
+    assert len(records("code", "sft")) == 20 and len(records("code", "rl")) == 20
+    assert len(records("math", "sft")) == 64
+    c.data.train_counts = {}
+    assert CascadePlan.check(c).records("code", "sft")[:20] == records("code", "sft")
+    for bad in ({"code": 0}, {"code": 2.5}, {"poetry": 5}):
+        c.data.train_counts = bad
+        with pytest.raises(ValueError, match="train_counts"):
+            CascadePlan.check(c)
 
 
 def test_sft_stops_at_measured_scores_and_stays_stopped(tmp_path, monkeypatch):

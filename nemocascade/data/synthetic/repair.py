@@ -1,25 +1,30 @@
 """Repository repair tasks for the tiny SWE stage (domain `swe`): a small helper package with one
 injected bug, visible tests that expose it, and hidden tests that check it is really fixed.
 
-A task is a package `<name>lib/` of one or two modules (plus `__init__.py`), each holding two or
-three helpers drawn from a pool (arithmetic, text, sequences), a visible test file
-`tests/test_<name>lib.py` with one case per helper, and a hidden test file with several more per
-helper. One helper is broken by one of its mutations (a changed operator, an off-by-one range, a
-dropped normalisation). The prompt names only the repository, never the helper: which function
-is wrong is found by running the tests or reading the code. Every mutation is checked at
-generation time (in-process: this is our own code) to fail its visible case while the original
-passes everything, so each task has a solution (`RepairTask.solution`, the original files).
+A task is an issue in one of twelve repositories (`REPOSITORIES`: as SWE-bench's 2,294 tasks come
+from a dozen projects, the model learns the projects' names; the issue number keeps every task's
+prompt distinct). Its package `<repository>/` has one or two modules (plus `__init__.py`), each
+holding two or three helpers drawn from a pool (arithmetic, text, sequences), a visible test file
+`tests/test_<repository>.py` with one case per helper, and a hidden test file with several more
+per helper. One helper is broken by one of its mutations (a changed operator, an off-by-one range,
+a dropped normalisation). The prompt names only the repository and the issue number, never the
+helper: which function is wrong is found by running the tests or reading the code. Every
+mutation is checked at generation time (in-process: this is our own code) to fail its visible
+case while the original passes everything, so each task has a solution (`RepairTask.solution`,
+the original files).
 
 `repair_task(rng) -> RepairTask`; `record` is the repository record of
 `nemocascade.rl.envs.repo` (what the `swe` environment reads), and the registered domain wraps
 it as a `Problem` whose verifier is `{"type": "swe", **record}`.
 
 The domain's SFT target is a whole agentic episode (`demonstration`), as the `swe` environment
-would play it: run the tests (the failure names the helper), read its module, write the fix, run
-the tests again, submit. Its tool messages are what the environment answers: file texts and
-write acknowledgements exactly, and the test runs through the same unittest runner, in-process
-(our own code), with the sandbox's report format; a test replays every demonstration's calls in
-the real environment and compares.
+would play it: run the tests (the failure names the helper), list the files (the module's path,
+package name included, is then in the last tool message: copied from a few tokens back, not from
+the prompt ~1K tokens back), read the module, write the fix, run the tests again, submit. Its
+tool messages are what the environment answers: file texts and write acknowledgements exactly,
+and the test runs through the same unittest runner, in-process (our own code), with the
+sandbox's report format; a test replays every demonstration's calls in the real environment and
+compares.
 """
 
 from __future__ import annotations
@@ -32,13 +37,23 @@ import sys
 import tempfile
 import unittest
 
-from nemocascade.data.synthetic.base import WORDS, Problem, register_domain
+from nemocascade.data.synthetic.base import Problem, register_domain
 
 TEST_COMMAND = "python -m unittest discover -s tests"
 SWE_SYSTEM = (
     "You are working in a small Python repository. Use the tools to list, read and write its "
     "files and to run its tests; when the tests pass, call submit()."
 )
+# The repositories the tasks come from: single names of this domain's tokenizer (with names of two
+# random words, ~8,800 of them, a 128-wide model did not learn to copy the task's own name into
+# its paths from the prompt or the file list in 1,000 SFT steps: experiments/tiny_cascade)
+REPOSITORIES = tuple(
+    f"{tree}lib"
+    for tree in (
+        "acorn", "birch", "cedar", "elm", "hazel", "larch",
+        "maple", "oak", "pine", "rowan", "spruce", "willow",
+    )
+)  # fmt: skip
 SANDBOX_REPO = "/tmp/repo"  # where the sandbox materialises a repository (tracebacks name it)
 
 # name -> (source, [(mutated substring, replacement)], visible case, hidden cases); a case is
@@ -198,7 +213,8 @@ def _test_file(pkg: str, modules: dict[str, list[str]], hidden: bool) -> str:
 
 def repair_task(rng: random.Random) -> RepairTask:
     """A repair task drawn from `rng` (deterministic in its state)."""
-    pkg = f"{rng.choice(WORDS)}{rng.choice(WORDS)}lib"
+    pkg = rng.choice(REPOSITORIES)
+    issue = rng.randint(1000, 9999)
     groups = sorted(rng.sample(sorted(_POOL), rng.randint(1, 2)))
     modules = {g: sorted(rng.sample(sorted(_POOL[g]), rng.randint(2, 3))) for g in groups}
     solution = {f"{pkg}/__init__.py": f'"""Small helpers: {", ".join(groups)}."""\n'}
@@ -216,10 +232,10 @@ def repair_task(rng: random.Random) -> RepairTask:
     files = dict(solution)
     files[path] = solution[path].replace(source, mutated, 1)
     record = {
-        "id": f"{pkg}-{name}-{mutations.index((old, new))}",
+        "id": f"{pkg}-{issue}-{name}-{mutations.index((old, new))}",
         "prompt": (
-            f"A test fails in the repository `{pkg}`. Find the bug and fix it in the package "
-            "(do not change the tests), then submit."
+            f"Issue #{issue}: a test fails in the repository `{pkg}`. Find the bug and fix it in "
+            "the package (do not change the tests), then submit."
         ),
         "files": files,
         "hidden_tests": {f"tests/test_{pkg}_hidden.py": _test_file(pkg, modules, hidden=True)},
@@ -285,8 +301,9 @@ def demonstration(task: RepairTask) -> tuple[dict, ...]:
     steps = [
         turn("I will run the tests first.", "run_tests", failing),
         turn(
-            f"`test_{name}` fails; `{name}` is in `{path}`.", "read_file", broken[path], path=path
+            f"`test_{name}` fails. Which files are there?", "list_files", "\n".join(sorted(broken))
         ),
+        turn(f"`{name}` is in `{path}`.", "read_file", broken[path], path=path),
         turn(
             f"`{task.bug['mutated'].strip()}` should be `{task.bug['original'].strip()}`.",
             "write_file",

@@ -85,7 +85,7 @@ def test_demonstration_is_what_the_environment_answers():
     for seed in range(3):
         task = repair.repair_task(random.Random(seed))
         demo = repair.demonstration(task)
-        assert [m["role"] for m in demo] == ["assistant", "tool"] * 4 + ["assistant"]
+        assert [m["role"] for m in demo] == ["assistant", "tool"] * 5 + ["assistant"]
         limits = EnvLimits(max_tool_output_chars=1 << 20)
         with make_env("swe", task.record, limits) as env:
             assert env.initial_messages()[0]["content"] == repair.SWE_SYSTEM
@@ -101,9 +101,9 @@ def test_domain_sft_record_is_the_multi_turn_episode():
     rec = synthetic.sft_record(p)
     validate_chat_record(rec)
     roles = [m["role"] for m in rec["messages"]]
-    assert roles == ["system", "user"] + ["assistant", "tool"] * 4 + ["assistant"]
+    assert roles == ["system", "user"] + ["assistant", "tool"] * 5 + ["assistant"]
     assert rec["messages"][0]["content"] == repair.SWE_SYSTEM
     calls = [m["tool_calls"][0]["name"] for m in rec["messages"] if m["role"] == "assistant"]
-    assert calls == ["run_tests", "read_file", "write_file", "run_tests", "submit"]
+    assert calls == ["run_tests", "list_files", "read_file", "write_file", "run_tests", "submit"]
     assert rec["messages"][3]["content"].startswith("exit status 1")  # the failing run
-    assert rec["messages"][9]["content"].startswith("exit status 0")  # after the fix
+    assert rec["messages"][11]["content"].startswith("exit status 0")  # after the fix
