@@ -7,9 +7,8 @@ Config (see configs/tiny_cascade.py for a complete example; every section is typ
     seed, progress, num_workers, export_hf, model_path, model (ModelConfig; vocab_size is raised
     to the tokenizer's if needed), mesh (MeshConfig),
     tokenizer  {path: "" -> train a BPE on the task texts, vocab_size, split_digits}
-    data       {source: "synthetic" (`data.synthetic`) | "jsonl", train_per_domain,
-                train_counts: {domain: n} (another count for some domains), eval_per_domain,
-                paths: {domain: {sft, rl, eval}} for jsonl}
+    data       {source: "synthetic" | "jsonl", train_per_domain, train_counts: {domain: n},
+                eval_per_domain, paths: {domain: {sft, rl, eval}} for jsonl}
     eval       EvalConfig {n_samples, temperature, top_p, max_new_tokens, thinking}
     stage_order  comma-separated stage names, run in this order
     stages.<name>  SFTStageConfig (type sft) or RLStageConfig (type grpo | mopd; a grpo stage
