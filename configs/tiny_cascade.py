@@ -310,7 +310,7 @@ def get_config(arg: str = "") -> ConfigDict:
         c.stages.sft.eval_every = 0
         c.stages.sft.stop_at = {}
         c.stages.sft.seq_len = 2688  # a whole repair episode with its tool declarations
-        # 8 x 2560 tokens a step; the online-softmax attention (the same function) is 1.9x
+        # 8 x 2688 tokens a step; the online-softmax attention (the same function) is 1.9x
         # faster than the [T, T] one at this length on CPU (16 x 2560: 9.8 vs 18.9 s a step)
         c.stages.sft.batch_size = 8
         c.model.attention_impl = "blockwise"
